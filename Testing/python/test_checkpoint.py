@@ -1,0 +1,96 @@
+"""Checkpoints round-trip, carry their metadata, and refuse anything tampered or foreign."""
+import json
+
+import pytest
+import torch
+
+from ssanet import checkpoint as ckpt
+from ssanet.model import SSANet
+
+
+def _small():
+    torch.manual_seed(0)
+    return SSANet(2, 3, layers=(1, 1, 1, 1), sc_kernel_size=3).eval()
+
+
+def test_round_trip_with_metadata(tmp_path):
+    m = _small()
+    p = tmp_path / "m.safetensors"
+    digest = ckpt.save_checkpoint(p, m, {"preprocessing": {"size": 64}, "val_metrics": {"ggo": 0.5}})
+    m2, meta = ckpt.load_checkpoint(p, expected_sha256=digest)
+    assert meta["sha256"] == digest and meta["class_names"] == ["background", "ggo", "consolidation"]
+    assert meta["preprocessing"]["size"] == 64 and meta["model"]["layers"] == [1, 1, 1, 1]
+    x = torch.randn(1, 2, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(m(x), m2(x), atol=1e-6)
+    assert not (tmp_path / "m.safetensors.part").exists()
+
+
+def test_half_precision_storage_is_smaller_and_close(tmp_path):
+    m = _small()
+    ckpt.save_checkpoint(tmp_path / "f.safetensors", m)
+    ckpt.save_checkpoint(tmp_path / "h.safetensors", m, half=True)
+    assert (tmp_path / "h.safetensors").stat().st_size < 0.6 * (tmp_path / "f.safetensors").stat().st_size
+    m2, meta = ckpt.load_checkpoint(tmp_path / "h.safetensors")
+    assert meta["storage_dtype"] == "float16"
+    x = torch.randn(1, 2, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(m(x), 1), torch.softmax(m2(x), 1), atol=2e-2)
+
+
+def test_sha_mismatch_is_refused(tmp_path):
+    p = tmp_path / "m.safetensors"
+    ckpt.save_checkpoint(p, _small())
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 mismatch"):
+        ckpt.load_checkpoint(p, expected_sha256="0" * 64)
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    p = tmp_path / "m.safetensors"
+    ckpt.save_checkpoint(p, _small())
+    data = bytearray(p.read_bytes())
+    data[-100:] = b"\x00" * 100   # bytes change, size stays: only the hash notices
+    p.write_bytes(bytes(data))
+    # without an expected hash the weights still load (they are just numbers) ...
+    ckpt.load_checkpoint(p)
+    # ... with the registered hash they are refused
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_checkpoint(p, expected_sha256=ckpt.sha256_of(p)[::-1])
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x80\x04\x95pickle"])
+def test_foreign_or_corrupt_files_are_refused(tmp_path, content):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match="not an SSA-Net checkpoint"):
+        ckpt.load_checkpoint(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        ckpt.load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_architecture_mismatch_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    p = tmp_path / "m.safetensors"
+    ckpt.save_checkpoint(p, _small())
+    meta = ckpt.read_meta(p)
+    meta["model"]["num_classes"] = 1          # header says binary, weights are 3-class
+    save_file(load_file(str(p)), str(p), metadata={"ssanet": json.dumps(meta)})
+    with pytest.raises(ckpt.CheckpointError, match="do not match the architecture"):
+        ckpt.load_checkpoint(p)
+
+
+def test_resolution_order(tmp_path, monkeypatch):
+    p = tmp_path / "env.safetensors"
+    ckpt.save_checkpoint(p, _small())
+    monkeypatch.setenv("SSALESIONSEG_MODEL", str(p))
+    assert ckpt.resolve_checkpoint(None) == (p, None)
+    assert ckpt.resolve_checkpoint("explicit.safetensors")[0].name == "explicit.safetensors"
+    monkeypatch.delenv("SSALESIONSEG_MODEL")
+    monkeypatch.setenv("SSALESIONSEG_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "models" / "default.safetensors"
+    cached.parent.mkdir(parents=True)
+    ckpt.save_checkpoint(cached, _small())
+    assert ckpt.resolve_checkpoint(None) == (cached, None)

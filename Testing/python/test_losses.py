@@ -1,0 +1,91 @@
+"""Losses against hand computations: Dice, attention maps, SAD, re-weighted CE."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssanet.losses import (SSANetLoss, attention_map, class_weights, pixel_counts,
+                           reweighted_cross_entropy, sad_loss, soft_dice_loss)
+
+
+def test_binary_dice_hand_case():
+    logits = torch.full((1, 1, 2, 2), 50.0)   # sigmoid -> 1 everywhere
+    target = torch.tensor([[[1, 0], [0, 0]]])
+    # dice = (2*1 + 1) / (4 + 1 + 1) = 0.5
+    assert soft_dice_loss(logits, target).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_multiclass_dice_perfect_and_ignores_background():
+    target = torch.tensor([[[0, 1], [2, 2]]])
+    logits = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 100
+    assert soft_dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+    # predict all background: class1 dice = 1/(1+1), class2 = 1/(2+1)
+    bad = torch.zeros(1, 3, 2, 2); bad[:, 0] = 100
+    expected = 1 - (0.5 + 1 / 3) / 2
+    assert soft_dice_loss(bad, target).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_attention_map_hand_computation():
+    f = torch.zeros(1, 2, 2, 2)
+    f[0, 0] = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    f[0, 1] = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    a = attention_map(f)                              # sum_c A^2 = [[2,1],[0,4]]
+    e = np.exp([2.0, 1.0, 0.0, 4.0])
+    assert np.allclose(a.numpy()[0], e / e.sum(), atol=1e-6)
+    assert a.shape == (1, 4)
+
+
+def test_sad_loss_hand_computation():
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4), torch.randn(2, 5, 2, 2), torch.randn(2, 6, 1, 1)]
+    expected = 0.0
+    for s, d in zip(feats[:-1], feats[1:]):
+        a_s = torch.softmax((s ** 2).sum(1).flatten(1), 1)
+        up = F.interpolate((d ** 2).sum(1, keepdim=True), size=s.shape[-2:], mode="bilinear", align_corners=False)
+        a_d = torch.softmax(up.flatten(1), 1)
+        expected += ((a_s - a_d) ** 2).mean().item()
+    assert sad_loss(feats).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sad_detach_stops_gradient_into_deeper_stage():
+    s = torch.randn(1, 2, 4, 4, requires_grad=True)
+    d = torch.randn(1, 2, 2, 2, requires_grad=True)
+    sad_loss([s, d], detach_target=True).backward()
+    assert d.grad is None and s.grad is not None
+    s2 = s.detach().requires_grad_(); d2 = d.detach().requires_grad_()
+    sad_loss([s2, d2], detach_target=False).backward()
+    assert d2.grad is not None and d2.grad.abs().sum() > 0
+
+
+def test_class_weights_paper_formula():
+    counts = pixel_counts([np.array([[0, 0, 0, 1], [0, 0, 2, 1]])], 3)   # 5, 2, 1 of 8
+    assert counts.tolist() == [5, 2, 1]
+    w = class_weights(counts)
+    assert np.allclose(w, [1 / (3 * 5 / 8), 1 / (3 * 2 / 8), 1 / (3 * 1 / 8)])
+    assert class_weights([4, 0, 4]).tolist() == [1 / (3 * 0.5), 0.0, 1 / (3 * 0.5)]
+    with pytest.raises(ValueError):
+        class_weights([0, 0, 0])
+
+
+def test_reweighted_cross_entropy_value():
+    logits = torch.tensor([[[[2.0]], [[0.0]], [[0.0]]], [[[0.0]], [[1.0]], [[0.0]]]])  # (2,3,1,1)
+    target = torch.tensor([[[0]], [[1]]])
+    w = [0.5, 2.0, 1.0]
+    l0 = -math.log(math.exp(2) / (math.exp(2) + 2))
+    l1 = -math.log(math.e / (math.e + 2))
+    expected = (0.5 * l0 + 2.0 * l1) / (0.5 + 2.0)
+    assert reweighted_cross_entropy(logits, target, w).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_total_loss_switches_sad_on_at_start_epoch():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 8, 8)
+    target = torch.randint(0, 3, (1, 8, 8))
+    feats = [torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)]
+    fn = SSANetLoss(sad_start_epoch=40)
+    before, after = fn(logits, target, feats, epoch=39), fn(logits, target, feats, epoch=40)
+    assert "sad" not in before and "sad" in after
+    assert after["sad"].item() == pytest.approx(0.1 * sad_loss(feats).item())
+    assert after["total"].item() == pytest.approx(before["total"].item() + after["sad"].item(), rel=1e-6)

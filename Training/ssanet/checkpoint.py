@@ -1,0 +1,165 @@
+"""Checkpoints: one safetensors file with the weights and a JSON header; never executes code.
+
+The JSON (safetensors ``__metadata__["ssanet"]``) carries the architecture config, class
+names, preprocessing parameters, training-data description and validation metrics, so
+a checkpoint is self-describing for training, evaluation, the CLI and Slicer.
+
+Default-model resolution (first hit wins): explicit path -> env ``SSALESIONSEG_MODEL`` ->
+user cache (``$SSALESIONSEG_CACHE`` or ``~/.cache/ssalesionseg/models/default.safetensors``)
+-> the bundled model listed in ``SSALesionSeg/Resources/Models/models.json``. The bundled
+file's SHA-256 is recorded there and verified at load time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import SSANet, SSANetConfig
+
+FORMAT = "ssanet-checkpoint/1"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "SSALesionSeg" / "Resources" / "Models"
+REGISTRY = MODELS_DIR / "models.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, tampered with or does not fit the network."""
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model: SSANet, meta: dict | None = None, half: bool = False) -> str:
+    """Write ``model`` + ``meta`` atomically; returns the file's SHA-256.
+
+    ``half=True`` stores floating-point tensors as float16 (they are cast back to float32
+    at load time) to keep bundled models small.
+    """
+    path = Path(path)
+    meta = dict(meta or {})
+    meta["format"] = FORMAT
+    meta["model"] = model.config.to_dict()
+    meta.setdefault("class_names", default_class_names(model.config.num_classes))
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if half and v.is_floating_point():
+            v = v.half()
+        state[k] = v
+    meta["storage_dtype"] = "float16" if half else "float32"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    save_file(state, str(tmp), metadata={"ssanet": json.dumps(meta)})
+    os.replace(tmp, path)
+    return sha256_of(path)
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    if num_classes == 1:
+        return ["background", "infection"]
+    if num_classes == 3:
+        return ["background", "ggo", "consolidation"]
+    return ["background"] + [f"class{i}" for i in range(1, num_classes)]
+
+
+def read_meta(path) -> dict:
+    """The JSON header only (cheap): raises CheckpointError for anything that is not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not an SSA-Net checkpoint (not a readable safetensors file: {e}). "
+            "Train one with `ssalesionseg train` or omit --checkpoint to use the default model."
+        ) from None
+    if "ssanet" not in header:
+        raise CheckpointError(f"{path} is a safetensors file but has no SSA-Net header; "
+                              "it was not written by ssanet.save_checkpoint")
+    try:
+        meta = json.loads(header["ssanet"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt SSA-Net header ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    return meta
+
+
+def _registry_entry() -> dict | None:
+    if not REGISTRY.is_file():
+        return None
+    entries = json.loads(REGISTRY.read_text())
+    return next((e for e in entries.get("models", []) if e.get("default")), None)
+
+
+def resolve_checkpoint(path=None) -> tuple[Path, str | None]:
+    """(path, expected SHA-256 or None) following the documented resolution order."""
+    if path:
+        return Path(path), None
+    env = os.environ.get("SSALESIONSEG_MODEL")
+    if env:
+        return Path(env), None
+    cache = Path(os.environ.get("SSALESIONSEG_CACHE", Path.home() / ".cache" / "ssalesionseg"))
+    cached = cache / "models" / "default.safetensors"
+    if cached.is_file():
+        return cached, None
+    entry = _registry_entry()
+    if entry is None:
+        raise CheckpointError(
+            "no model given and no default model is available: pass --checkpoint PATH, set "
+            "SSALESIONSEG_MODEL, or place a model at " + str(cached))
+    return MODELS_DIR / entry["file"], entry["sha256"]
+
+
+def load_checkpoint(path=None, expected_sha256: str | None = None,
+                    map_location="cpu") -> tuple[SSANet, dict]:
+    """Build the network from the header and load the weights (strictly). Returns (model, meta).
+
+    The model is returned in eval mode on ``map_location``. ``meta`` gains ``path``,
+    ``name`` and ``sha256``.
+    """
+    path, registered = resolve_checkpoint(path)
+    expected = expected_sha256 or registered
+    meta = read_meta(path)
+    digest = sha256_of(path)
+    if expected and digest.lower() != expected.lower():
+        raise CheckpointError(
+            f"{path}: SHA-256 mismatch (file {digest[:12]}…, expected {expected[:12]}…). The file "
+            "is corrupt or was replaced; restore it or pass the intended file with --checkpoint.")
+    try:
+        model = SSANet.from_config(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid architecture config in header ({e})") from None
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt weights ({e})") from None
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise CheckpointError(f"{path}: weights do not match the architecture in its header: "
+                              + " ".join(first)) from None
+    model.eval().to(map_location)
+    meta.update(path=str(path), name=path.name, sha256=digest)
+    return model, meta
+
+
+def load_state_for_resume(path) -> dict:
+    """A training-state file (optimizer, epoch) written by the trainer: tensors only."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,293 @@
+"""SSA-Net (Wang et al., Medical Image Analysis 2022): the one definition of the network.
+
+Layout in the shape of segmentation_models_pytorch: an encoder returns its stage
+features, the bottleneck applies the spatial convolution, a LinkNet-style decoder
+consumes the features, and a head maps to classes.
+
+- Encoder: ResNet34 (3, 4, 6, 3 basic blocks), trained from scratch (no ImageNet here).
+- Self-attention distillation (SAD) needs the four stage outputs: ``forward(x,
+  return_attention=True)`` returns them; the loss lives in :mod:`ssanet.losses`.
+- Spatial convolution (SCNN-style message passing) on the stage-4 map.
+- Decoder: four LinkNet blocks (1x1 conv, 3x3 transposed conv stride 2, 1x1 conv) with
+  additive skip connections, then a final upsampling head back to the input size.
+
+Table 3 ablation variants: ``SSANet(spatial_conv=False, sad=False)`` is the backbone,
+``sad=True`` adds SA (the flag only records that the model is trained with SAD; the
+architecture is unchanged), ``spatial_conv=True`` adds SC.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+RESNET34_LAYERS = (3, 4, 6, 3)
+STAGE_CHANNELS = (64, 128, 256, 512)
+
+
+@dataclass
+class SSANetConfig:
+    """Everything needed to rebuild the architecture; stored in every checkpoint."""
+
+    in_channels: int = 2
+    num_classes: int = 3
+    spatial_conv: bool = True
+    sad: bool = True
+    layers: tuple = RESNET34_LAYERS
+    sc_kernel_size: int = 9
+    width: tuple = field(default=STAGE_CHANNELS)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["width"] = list(self.width)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SSANetConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown SSA-Net config keys: {sorted(unknown)}")
+        for k in ("layers", "width"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+def _conv_bn_relu(cin, cout, k, stride=1, padding=0):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity, inplace=True)
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet stem + four residual stages; returns the four stage outputs (strides 4..32)."""
+
+    def __init__(self, in_channels=2, layers=RESNET34_LAYERS, width=STAGE_CHANNELS):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width[0], 7, 2, 3, bias=False),
+            nn.BatchNorm2d(width[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        stages, cin = [], width[0]
+        for i, (n, cout) in enumerate(zip(layers, width)):
+            stride = 1 if i == 0 else 2
+            blocks = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.out_channels = tuple(width)
+
+    def forward(self, x):
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class SpatialConv(nn.Module):
+    """SCNN message passing: rows (or columns) updated in sequence, in four directions.
+
+    For the "down" pass over rows r_0..r_{H-1}: out[0] = in[0],
+    out[i] = in[i] + ReLU(conv(out[i-1])) with a 1 x k kernel over all channels; "up" is the
+    same from the bottom row, "right"/"left" over columns with a k x 1 kernel. Each direction
+    has its own kernel and they are applied one after the other (down, up, right, left), so
+    information from any pixel can reach every other pixel. Built out of place (lists +
+    ``torch.cat``) so autograd sees every step.
+    """
+
+    DIRECTIONS = ("down", "up", "right", "left")
+
+    def __init__(self, channels: int, kernel_size: int = 9):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError("spatial convolution kernel size must be odd")
+        p = kernel_size // 2
+        self.convs = nn.ModuleDict({
+            "down": nn.Conv2d(channels, channels, (1, kernel_size), padding=(0, p), bias=False),
+            "up": nn.Conv2d(channels, channels, (1, kernel_size), padding=(0, p), bias=False),
+            "right": nn.Conv2d(channels, channels, (kernel_size, 1), padding=(p, 0), bias=False),
+            "left": nn.Conv2d(channels, channels, (kernel_size, 1), padding=(p, 0), bias=False),
+        })
+
+    @staticmethod
+    def _pass(x, conv, dim, reverse):
+        slices = list(torch.split(x, 1, dim=dim))
+        order = range(len(slices) - 1, -1, -1) if reverse else range(len(slices))
+        out = [None] * len(slices)
+        prev = None
+        for i in order:
+            cur = slices[i] if prev is None else slices[i] + F.relu(conv(prev))
+            out[i] = cur
+            prev = cur
+        return torch.cat(out, dim=dim)
+
+    def forward(self, x):
+        x = self._pass(x, self.convs["down"], dim=2, reverse=False)
+        x = self._pass(x, self.convs["up"], dim=2, reverse=True)
+        x = self._pass(x, self.convs["right"], dim=3, reverse=False)
+        x = self._pass(x, self.convs["left"], dim=3, reverse=True)
+        return x
+
+
+class LinkNetDecoderBlock(nn.Module):
+    """1x1 conv (C -> C/4), 3x3 transposed conv stride 2, 1x1 conv (C/4 -> out)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        mid = cin // 4
+        self.reduce = _conv_bn_relu(cin, mid, 1)
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(mid, mid, 3, stride=2, padding=1, output_padding=1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+        )
+        self.expand = _conv_bn_relu(mid, cout, 1)
+
+    def forward(self, x):
+        return self.expand(self.up(self.reduce(x)))
+
+
+class LinkNetDecoder(nn.Module):
+    """Four decoder blocks; stage skips are added (LinkNet), ending at stride 2."""
+
+    def __init__(self, encoder_channels=STAGE_CHANNELS):
+        super().__init__()
+        c1, c2, c3, c4 = encoder_channels
+        self.blocks = nn.ModuleList([
+            LinkNetDecoderBlock(c4, c3),
+            LinkNetDecoderBlock(c3, c2),
+            LinkNetDecoderBlock(c2, c1),
+            LinkNetDecoderBlock(c1, c1),
+        ])
+
+    def forward(self, feats):
+        e1, e2, e3, e4 = feats
+        d = self.blocks[0](e4) + e3
+        d = self.blocks[1](d) + e2
+        d = self.blocks[2](d) + e1
+        return self.blocks[3](d)
+
+
+class SegmentationHead(nn.Sequential):
+    """Stride 2 -> full size: transposed conv, conv, 1x1 to classes (as in LinkNet)."""
+
+    def __init__(self, cin, num_classes):
+        super().__init__(
+            nn.ConvTranspose2d(cin, 32, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, num_classes, 1),
+        )
+
+
+class SSANet(nn.Module):
+    """SSA-Net. ``forward(x)`` -> logits (N, C, H, W); H and W must be divisible by 32.
+
+    ``num_classes=1`` is the binary infection model (sigmoid), ``num_classes>=2`` is
+    multi-class with background as class 0 (softmax). See :func:`probabilities`.
+    """
+
+    def __init__(self, in_channels=2, num_classes=3, spatial_conv=True, sad=True,
+                 layers=RESNET34_LAYERS, sc_kernel_size=9, width=STAGE_CHANNELS):
+        super().__init__()
+        self.config = SSANetConfig(in_channels, num_classes, spatial_conv, sad,
+                                   tuple(layers), sc_kernel_size, tuple(width))
+        self.encoder = ResNetEncoder(in_channels, layers, width)
+        self.spatial_conv = SpatialConv(width[-1], sc_kernel_size) if spatial_conv else None
+        self.decoder = LinkNetDecoder(width)
+        self.head = SegmentationHead(width[0], num_classes)
+
+    @classmethod
+    def from_config(cls, config: SSANetConfig | dict) -> "SSANet":
+        if isinstance(config, dict):
+            config = SSANetConfig.from_dict(config)
+        return cls(config.in_channels, config.num_classes, config.spatial_conv, config.sad,
+                   config.layers, config.sc_kernel_size, config.width)
+
+    def forward(self, x, return_attention: bool = False):
+        h, w = x.shape[-2:]
+        if h % 32 or w % 32:
+            raise ValueError(f"SSA-Net input height and width must be divisible by 32, got {h}x{w}")
+        feats = self.encoder(x)
+        stage_maps = list(feats)
+        if self.spatial_conv is not None:
+            feats = feats[:3] + [self.spatial_conv(feats[3])]
+        logits = self.head(self.decoder(feats))
+        if return_attention:
+            return logits, stage_maps
+        return logits
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities including background as channel 0, for binary and multi-class."""
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, size: int = 512) -> int:
+    """Multiply-accumulates x 2 of one forward pass of a (1, C, size, size) input.
+
+    Counted with forward hooks on every convolution / transposed convolution, which carry
+    essentially all of SSA-Net's arithmetic (BN, ReLU and additions are ignored, as in
+    the usual FLOP tables).
+    """
+    total = 0
+
+    def hook(mod, inp, out):
+        nonlocal total
+        kernel = mod.kernel_size[0] * mod.kernel_size[1]
+        if isinstance(mod, nn.ConvTranspose2d):
+            # every input value is scattered into a kernel-sized patch of each output channel
+            total += 2 * inp[0].numel() * kernel * mod.out_channels // mod.groups
+        else:
+            total += 2 * out.numel() * kernel * mod.in_channels // mod.groups
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, model.config.in_channels, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total
