@@ -1,0 +1,70 @@
+"""A tiny real training run: loss goes down, checkpoints load, an interrupted run resumes."""
+import csv
+import json
+
+import pytest
+import torch
+
+from ssanet import checkpoint as ckpt
+from ssanet import data
+from ssanet.cli import main as cli_main
+from ssanet.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def few_slices(data_root):
+    torch.set_num_threads(1)
+    splits = data.default_splits(data_root)
+    return splits["train"][:4], splits["val"][:2]
+
+
+def _rows(run):
+    with open(run / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_loss_goes_down_and_run_resumes(few_slices, tmp_path):
+    train_s, val_s = few_slices
+    cfg = TrainConfig(size=64, epochs=6, batch_size=4, lr=2e-3, sad_start_epoch=3, val_every=3,
+                      device="cpu", time_limit_min=1e-6)
+    run = tmp_path / "run"
+    train(cfg, train_s, val_s, run, log=lambda *_: None)
+    assert [r["epoch"] for r in _rows(run)] == ["1"], "time limit must stop after the first epoch"
+    cfg.time_limit_min = 0.0
+    train(cfg, train_s, val_s, run, log=lambda *_: None)        # resumes at epoch 2
+    rows = _rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    losses = [float(r["dice"]) + float(r["ce"]) for r in rows]
+    assert min(losses[-2:]) < losses[0]
+    assert float(rows[3]["sad"]) > 0 and float(rows[1]["sad"]) == 0   # SAD on from epoch index 3
+    model, meta = ckpt.load_checkpoint(run / "best.safetensors")
+    assert meta["preprocessing"]["size"] == 64 and meta["class_names"][1] == "ggo"
+    assert set(meta["val_metrics"]) == {"infection", "ggo", "consolidation"}
+    assert (run / "curves.png").stat().st_size > 1000
+    # another configuration in the same folder is refused instead of silently mixed
+    with pytest.raises(SystemExit, match="another configuration"):
+        train(TrainConfig(size=64, epochs=7, device="cpu"), train_s, val_s, run, log=lambda *_: None)
+
+
+def test_evaluate_cli_writes_the_documented_json(data_root, tmp_path, few_slices, capsys):
+    from ssanet.model import SSANet
+    torch.manual_seed(0)
+    p = tmp_path / "m.safetensors"
+    ckpt.save_checkpoint(p, SSANet(2, 3, layers=(1, 1, 1, 1)), {"preprocessing": {"size": 64}})
+    out = tmp_path / "eval.json"
+    rc = cli_main(["evaluate", "--data", str(data_root), "--checkpoint", str(p), "--split", "val",
+                   "--json", str(out), "--device", "cpu"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["n_slices"] == 6 and len(res["per_slice"]) == 6
+    for c in ("infection", "ggo", "consolidation"):
+        assert set(res["classes"][c]) == {"dsc", "hd95_mm", "mae", "nsd_3mm"}
+        assert 0.0 <= res["classes"][c]["dsc"] <= 1.0
+    assert "infection" in capsys.readouterr().out
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    rc = cli_main(["evaluate", "--checkpoint", str(tmp_path / "x.safetensors"), "--device", "cuda"])
+    assert rc == 2

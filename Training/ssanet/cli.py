@@ -1,0 +1,196 @@
+"""``ssalesionseg`` / ``python -m ssanet``: train, evaluate, ablation, info (+ the engine's
+segment / stats / bench and the semi-supervised loop when those packages are present)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .train import TrainConfig
+
+
+def _add_data_args(p):
+    p.add_argument("--data", help="data root holding covid-semiseg/ and medseg100/ "
+                   "(default: $SSALESIONSEG_DATA)")
+
+
+def _add_train_args(p):
+    d = TrainConfig()
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+    p.add_argument("--classes", default=d.classes, choices=["infection", "ggo,consolidation"])
+    p.add_argument("--size", type=int, default=d.size, help="training slice size (paper: 512)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--sad-start", type=int, default=d.sad_start_epoch, dest="sad_start_epoch",
+                   help="epoch at which SAD is switched on (paper: 40 of 150)")
+    p.add_argument("--no-sad", dest="sad", action="store_false")
+    p.add_argument("--no-spatial-conv", dest="spatial_conv", action="store_false")
+    p.add_argument("--detach-sad-target", action="store_true",
+                   help="treat the deeper attention map as a fixed target (Hou et al. 2019)")
+    p.add_argument("--no-reweight", dest="reweight", action="store_false")
+    p.add_argument("--keep-outside-lung", dest="blank_outside_lung", action="store_false",
+                   help="do not blank the CT channel outside the lung mask")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--time-limit-min", type=float, default=0.0,
+                   help="stop cleanly after this many minutes (rerun to continue)")
+
+
+def _config_from_args(a) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(a).items() if k in names})
+
+
+def cmd_train(a):
+    from . import data
+    splits = data.default_splits(data.data_root(a.data))
+    cfg = _config_from_args(a)
+    cfg.data_description = {"train": f"MedSeg-100 train subset, {len(splits['train'])} slices",
+                            "val": [s.id for s in splits["val"]]}
+    best = train_run(cfg, splits, a.out)
+    print(json.dumps({"best_epoch": best["epoch"], "best_val_score": best["score"]}))
+
+
+def train_run(cfg, splits, out):
+    from .train import train
+    return train(cfg, splits["train"], splits["val"], out)
+
+
+def cmd_evaluate(a):
+    from . import checkpoint, data
+    from .evaluate import evaluate_samples, format_table, write_json
+    from .inference import Predictor, select_device
+
+    model, meta = checkpoint.load_checkpoint(a.checkpoint)
+    samples = load_split(data, a.data, a.dataset, a.split)
+    res = evaluate_samples(Predictor(model, select_device(a.device), a.batch_size), samples, meta,
+                           overlay_dir=a.overlays)
+    print(f"{meta['name']} on {a.dataset}/{a.split}")
+    print(format_table(res))
+    if a.json:
+        write_json(res, a.json, {"checkpoint": meta["name"], "sha256": meta["sha256"],
+                                 "dataset": a.dataset, "split": a.split})
+
+
+def load_split(data, root, dataset, split):
+    root = data.data_root(root)
+    if dataset == "medseg100":
+        if split in ("train", "val", "test"):
+            return data.default_splits(root)[split]
+        return data.load_medseg100(root, split)
+    if dataset == "covid-semiseg":
+        return data.load_covid_semiseg(root, split)
+    raise SystemExit(f"unknown dataset {dataset!r}")
+
+
+def cmd_info(a):
+    from .model import SSANet, count_flops, count_parameters
+    rows = []
+    for name, kw in ABLATION_VARIANTS.items():
+        m = SSANet(2, a.num_classes, **kw)
+        rows.append((name, count_parameters(m), count_flops(m, a.size)))
+    print(f"SSA-Net variants, {a.num_classes} output classes, one {a.size}x{a.size} slice")
+    print(f"{'variant':<12}{'params (M)':>12}{'GFLOPs':>10}")
+    for name, p, f in rows:
+        print(f"{name:<12}{p / 1e6:>12.2f}{f / 1e9:>10.2f}")
+
+
+# The paper's Table 3: SA is a training-time switch, SC an architectural one.
+ABLATION_VARIANTS = {
+    "backbone": {"spatial_conv": False, "sad": False},
+    "+SA": {"spatial_conv": False, "sad": True},
+    "+SC": {"spatial_conv": True, "sad": False},
+    "+SC+SA": {"spatial_conv": True, "sad": True},
+}
+
+
+def cmd_ablation(a):
+    from . import checkpoint, data
+    from .evaluate import evaluate_samples, write_json
+    from .inference import Predictor, select_device
+
+    root = data.data_root(a.data)
+    splits = data.default_splits(root)
+    test = load_split(data, a.data, a.eval_dataset, a.eval_split)
+    base = _config_from_args(a)
+    out = Path(a.out)
+    table = {}
+    for name, kw in ABLATION_VARIANTS.items():
+        cfg = TrainConfig(**{**vars(base), **kw})
+        run_dir = out / name.replace("+", "plus_")
+        print(f"== {name} -> {run_dir}")
+        train_run(cfg, splits, run_dir)
+        model, meta = checkpoint.load_checkpoint(run_dir / "best.safetensors")
+        res = evaluate_samples(Predictor(model, select_device(a.device)), test, meta)
+        write_json(res, run_dir / f"eval_{a.eval_split}.json")
+        table[name] = res["classes"]
+    lines = ["| variant | class | DSC | HD95 (mm) | MAE | NSD@3mm |", "|---|---|---|---|---|---|"]
+    for name, classes in table.items():
+        for c, m in classes.items():
+            lines.append(f"| {name} | {c} | {m['dsc']:.3f} | {m['hd95_mm']:.2f} | {m['mae']:.4f} | {m['nsd_3mm']:.3f} |")
+    md = "\n".join(lines)
+    (out / "ablation.md").write_text(md + "\n")
+    (out / "ablation.json").write_text(json.dumps(table, indent=1))
+    print(md)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssalesionseg", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train SSA-Net on the labeled data (resumable)")
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="DSC / HD95 / MAE / NSD per class on a split")
+    _add_data_args(e)
+    e.add_argument("--checkpoint", help="model file (default: the bundled default model)")
+    e.add_argument("--dataset", default="medseg100", choices=["medseg100", "covid-semiseg"],
+                   help="medseg100: the COVID-SemiSeg slices at full 512² with lung mask "
+                        "(same GT pixels); covid-semiseg: the original crops")
+    e.add_argument("--split", default="test")
+    e.add_argument("--json", help="write the results as JSON here")
+    e.add_argument("--overlays", help="write prediction-vs-GT PNGs into this folder")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=None)
+    e.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("info", help="parameter count and FLOPs of the Table-3 variants")
+    i.add_argument("--size", type=int, default=512)
+    i.add_argument("--num-classes", type=int, default=3)
+    i.set_defaults(func=cmd_info)
+
+    ab = sub.add_parser("ablation", help="train + evaluate the four Table-3 variants")
+    _add_train_args(ab)
+    ab.add_argument("--eval-dataset", default="medseg100", choices=["medseg100", "covid-semiseg"])
+    ab.add_argument("--eval-split", default="test")
+    ab.set_defaults(func=cmd_ablation)
+
+    for modname in ("ssalesionseg.cli", "ssanet.semisup"):
+        try:
+            mod = __import__(modname, fromlist=["add_subcommands"])
+        except ImportError:
+            continue
+        if hasattr(mod, "add_subcommands"):
+            mod.add_subcommands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    try:
+        rc = args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,578 @@
+"""Datasets for SSA-Net: the public 8-bit COVID-19 CT slice sets, CT volumes and the
+torch dataset that feeds training.
+
+Data location
+-------------
+Nothing is bundled with the code. Every loader takes the data root explicitly;
+:func:`data_root` resolves it from a ``--data`` argument or the ``SSALESIONSEG_DATA``
+environment variable. Expected layout under the root::
+
+    medseg100/tr_mask.nii.gz, medseg100/images/i001.png ... i100.png, medseg100/split.csv
+    covid-semiseg/Dataset/TrainingSet/..., covid-semiseg/Dataset/TestingSet/...
+
+All slices are returned in the canonical orientation of :mod:`ssanet.preprocess`
+(anterior at the top, patient right on the image left) as :class:`Sample` objects.
+
+Standard experiment (:func:`default_splits`)
+--------------------------------------------
+MedSeg-100 full 512x512 slices with the approximate lung mask, split as COVID-SemiSeg:
+
+* train: the 50 MedSeg slices COVID-SemiSeg trains on, minus 4 drawn with a fixed seed;
+* val:   those 4 plus MedSeg slices 23 and 49 (in neither COVID-SemiSeg split);
+* test:  the 48 MedSeg slices COVID-SemiSeg tests on. These are the COVID-SemiSeg test
+  images at full size with pixel-identical GT, so results are comparable with papers
+  that use that split. Never train, select or tune on them.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+try:
+    from torch.utils.data import Dataset as _TorchDataset
+except ImportError:  # the loaders stay usable where PyTorch is not installed (e.g. Slicer)
+    _TorchDataset = object
+
+from .preprocess import (LUNG_WINDOW_HU, canonical_from_source, make_input, resize_image,
+                         window_hu)
+
+ENV_VAR = "SSALESIONSEG_DATA"
+
+# The 8-bit sets carry no pixel spacing. 0.7 mm is a typical in-plane spacing of adult
+# chest CT reconstructed at 512x512 (about 360 mm field of view); it only scales
+# distance metrics (HD95, NSD) and must not be read as a measured value.
+NOMINAL_SPACING_MM = 0.7
+
+MEDSEG_DIR = "medseg100"
+SEMISEG_DIR = Path("covid-semiseg") / "Dataset"
+
+# torch.nn.CrossEntropyLoss's default ignore_index: the target of an unlabeled sample.
+IGNORE_INDEX = -100
+
+_GET_DATA = (
+    "The public data: MedSeg COVID-19 segmentation (medicalsegmentation.com/covid19; "
+    "tr_mask.nii.gz plus 512x512 PNG renderings from github.com/adnan-saood/covid-19) as "
+    "<root>/medseg100/, and COVID-SemiSeg (the Dataset/ folder of "
+    "github.com/DengPingFan/Inf-Net, commit c17e524) as <root>/covid-semiseg/Dataset/.")
+
+
+def data_root(path=None) -> Path:
+    """The data root: ``path`` if given, else ``$SSALESIONSEG_DATA``; it must exist."""
+    src = "the given path"
+    if path is None or str(path) == "":
+        path = os.environ.get(ENV_VAR)
+        src = f"${ENV_VAR}"
+        if not path:
+            raise FileNotFoundError(
+                f"No data location: pass --data /path/to/data or set {ENV_VAR}. " + _GET_DATA)
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data root {root} ({src}) is not a directory. " + _GET_DATA)
+    return root
+
+
+@dataclass
+class Sample:
+    """One axial slice in canonical orientation.
+
+    ``image`` uint8 (H, W) lung-window rendering; ``lung`` bool (H, W); ``label`` uint8
+    (H, W) with 0 background, 1 ground-glass opacity, 2 consolidation (pleural effusion
+    and any other value -> 0), or None when unlabeled; ``spacing`` (sy, sx) in mm.
+    ``meta`` holds source-specific details (file, slice number, offsets).
+    """
+    id: str
+    image: np.ndarray
+    lung: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple
+    source: str
+    meta: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------- helpers
+
+def _read_gray(path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.array(im.convert("L"), dtype=np.uint8)
+
+
+def _read_index(path) -> np.ndarray:
+    """Palette / grey PNG as stored values (a palette PNG gives its indices)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L"):
+            im = im.convert("L")
+        return np.array(im, dtype=np.uint8)
+
+
+def _clean_label(lab) -> np.ndarray:
+    lab = np.asarray(lab).astype(np.uint8)
+    return np.where(lab <= 2, lab, 0).astype(np.uint8)
+
+
+def _fill_holes_per_component(mask) -> np.ndarray:
+    # Filling each component on its own keeps the mediastinum out when the two lungs
+    # touch above and below it, which a global fill would close over.
+    from scipy import ndimage as ndi
+    lab, _ = ndi.label(mask)
+    out = np.zeros(mask.shape, bool)
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is not None:
+            out[sl] |= ndi.binary_fill_holes(lab[sl] == i)
+    return out
+
+
+def medseg_lung_mask(image_u8) -> np.ndarray:
+    """Approximate lung mask of a MedSeg-100 rendering (everything outside the lungs is 0).
+
+    Dense consolidation inside the lung is non-zero in these renderings; the hole filling
+    only closes the few zero pixels enclosed by lung. Over all 100 slices 130 of the
+    1,785,671 GGO/consolidation pixels (0.007 %, on slices 33, 40, 48, 81, 95) fall
+    outside this mask, all within 4 px of its edge where the rendering cut the pleural
+    border tighter than the annotation.
+    """
+    return _fill_holes_per_component(np.asarray(image_u8) > 0)
+
+
+def _default_lung_fn(kind: str) -> Callable:
+    # Imported on use so this module stays importable without the lung step.
+    import importlib
+    return getattr(importlib.import_module(".lungs", __package__), f"lung_mask_from_{kind}")
+
+
+def _read_split_csv(root: Path) -> list[dict]:
+    p = Path(root) / MEDSEG_DIR / "split.csv"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing; it maps COVID-SemiSeg files to MedSeg slices")
+    with open(p, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@functools.lru_cache(maxsize=2)
+def _medseg_label_volume(path: str) -> np.ndarray:
+    """Raw-array-order label volume (i, j, k) as in the NIfTI file, read-only, uint8."""
+    import SimpleITK as sitk
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(path))  # (k, j, i)
+    vol = np.ascontiguousarray(np.transpose(arr, (2, 1, 0))).astype(np.uint8)
+    vol.flags.writeable = False  # shared by the cache
+    return vol
+
+
+# ------------------------------------------------------------------------ MedSeg-100
+
+MEDSEG_SUBSETS = ("train", "test", "free", "all")
+
+
+def medseg_subset_slices(root, subset: str) -> list[int]:
+    """1-based MedSeg slice numbers of ``subset`` (see :func:`load_medseg100`)."""
+    if subset not in MEDSEG_SUBSETS:
+        raise ValueError(f"subset must be one of {MEDSEG_SUBSETS}, got {subset!r}")
+    if subset == "all":
+        return list(range(1, 101))
+    rows = _read_split_csv(Path(root))
+    used = {int(r["medseg_slice"]): r["infnet_set"] for r in rows}
+    if subset == "free":
+        return [k for k in range(1, 101) if k not in used]
+    return sorted(k for k, s in used.items() if s == subset)
+
+
+def load_medseg100(root, subset: str = "all") -> list[Sample]:
+    """MedSeg-100 slices at full 512x512.
+
+    ``subset``: "train" (50) / "test" (48) = the slices COVID-SemiSeg's train / test
+    images were cut from (``split.csv``), "free" = slices 23 and 49 (in neither), "all".
+    Labels: ``tr_mask.nii.gz`` slice k-1 for ``images/iNNN.png`` with k = NNN; pleural
+    effusion (3) -> background. Lung: :func:`medseg_lung_mask`.
+    """
+    root = Path(root)
+    d = root / MEDSEG_DIR
+    vol = _medseg_label_volume(str(d / "tr_mask.nii.gz"))
+    split_of = {int(r["medseg_slice"]): r for r in _read_split_csv(root)}
+    out = []
+    for k in medseg_subset_slices(root, subset):
+        img = canonical_from_source(_read_gray(d / "images" / f"i{k:03d}.png"), "medseg")
+        lab = _clean_label(canonical_from_source(vol[:, :, k - 1], "medseg"))
+        r = split_of.get(k)
+        meta = {"slice": k, "subset": r["infnet_set"] if r else "free"}
+        if r:
+            meta["infnet_file"] = r["infnet_file"]
+        out.append(Sample(id=f"medseg100_{k:03d}", image=img, lung=medseg_lung_mask(img), label=lab,
+                          spacing=(NOMINAL_SPACING_MM, NOMINAL_SPACING_MM), source="medseg100",
+                          meta=meta))
+    return out
+
+
+# --------------------------------------------------------------------- COVID-SemiSeg
+
+_SEMISEG_DIRS = {
+    ("train", "multiclass"): ("TrainingSet/MultiClassInfection-Train/Imgs",
+                              "TrainingSet/MultiClassInfection-Train/GT"),
+    ("test", "multiclass"): ("TestingSet/MultiClassInfection-Test/Imgs",
+                             "TestingSet/MultiClassInfection-Test/GT"),
+    ("train", "binary"): ("TrainingSet/LungInfection-Train/Doctor-label/Imgs",
+                          "TrainingSet/LungInfection-Train/Doctor-label/GT"),
+    ("test", "binary"): ("TestingSet/LungInfection-Test/Imgs", "TestingSet/LungInfection-Test/GT"),
+}
+
+
+def _num_key(p: Path):
+    m = re.search(r"(\d+)$", p.stem)
+    return (int(m.group(1)) if m else -1, p.name)
+
+
+def load_covid_semiseg(root, split: str, task: str = "multiclass",
+                       lung_fn: Callable | None = None) -> list[Sample]:
+    """COVID-SemiSeg labeled crops (train: 50, test: 48), canonical orientation.
+
+    ``task`` "multiclass": labels 0/1/2 from the palette GT; "binary": the LungInfection GT
+    (0/255) as 0/1. No lung masks ship with the set: ``lung_fn(image_u8) -> bool mask``
+    derives them, by default ``ssanet.lungs.lung_mask_from_window``.
+
+    ``meta["medseg_slice"]`` and ``meta["canonical_offset"] = (row, col)`` locate the crop
+    in the canonical MedSeg-100 slice: ``crop == full[row:row + h, col:col + w]``.
+    """
+    if (split, task) not in _SEMISEG_DIRS:
+        raise ValueError(f"split must be 'train' or 'test' and task 'multiclass' or 'binary', "
+                         f"got {split!r}, {task!r}")
+    root = Path(root)
+    img_dir, gt_dir = (root / SEMISEG_DIR / p for p in _SEMISEG_DIRS[(split, task)])
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"{img_dir} not found. " + _GET_DATA)
+    lung_fn = lung_fn or _default_lung_fn("window")
+    try:
+        where = {r["infnet_file"]: r for r in _read_split_csv(root) if r["infnet_set"] == split}
+    except FileNotFoundError:
+        where = {}
+    out = []
+    for ip in sorted(img_dir.glob("*.jpg"), key=_num_key):
+        img = canonical_from_source(_read_gray(ip), "covid-semiseg")
+        gt = canonical_from_source(_read_index(gt_dir / f"{ip.stem}.png"), "covid-semiseg")
+        lab = (gt > 127).astype(np.uint8) if task == "binary" else _clean_label(gt)
+        meta = {"file": ip.name, "task": task}
+        r = where.get(ip.name)
+        if r:
+            # split.csv offsets are in raw (transposed) order: x is the canonical row.
+            meta["medseg_slice"] = int(r["medseg_slice"])
+            meta["canonical_offset"] = (int(r["offset_x"]), int(r["offset_y"]))
+        out.append(Sample(id=f"semiseg_{split}_{ip.stem}", image=img,
+                          lung=np.asarray(lung_fn(img), dtype=bool), label=lab,
+                          spacing=(NOMINAL_SPACING_MM, NOMINAL_SPACING_MM),
+                          source="covid-semiseg", meta=meta))
+    return out
+
+
+# ---------------------------------------------------------- unlabeled pool intensity
+
+# Intensity anchors (lung-parenchyma peak, soft-tissue peak) measured with
+# histogram_anchors on histograms aggregated over a whole group: LABELED over the 50
+# COVID-SemiSeg training crops (the MedSeg rendering), CORONACASES over the 1119
+# coronacases slices (per volume: lung 13-20, soft tissue 84-103). The radiopaedia
+# slices (all: 73, 222; per series: lung 23-93, soft tissue 211-249) lie inside the
+# spread of the labeled crops themselves (per crop: lung 31-100, soft tissue 198-225)
+# and are left unchanged.
+LABELED_ANCHORS = (45.0, 210.0)
+CORONACASES_ANCHORS = (14.0, 99.0)
+
+
+def histogram_anchors(hist) -> tuple[float, float]:
+    """(lung peak, soft-tissue peak) grey levels of a 256-bin histogram.
+
+    The lung peak is the mode below 128; the soft-tissue peak the mode between 40 levels
+    above it and 250 (saturated pixels excluded). Meant for histograms aggregated over
+    many slices; single slices with little lung give unreliable anchors.
+    """
+    h = np.convolve(np.asarray(hist, dtype=float), np.ones(9) / 9.0, mode="same")
+    lo = 4 + int(np.argmax(h[4:128]))
+    hi = lo + 40 + int(np.argmax(h[lo + 40:250]))
+    return float(lo), float(hi)
+
+
+def match_intensity(img_u8, src_anchors, dst_anchors=LABELED_ANCHORS) -> np.ndarray:
+    """Linear grey-level map sending ``src_anchors`` to ``dst_anchors`` (clipped, uint8).
+
+    A linear map of two tissue anchors undoes a different display window without the
+    content dependence of full histogram matching (lesion load and the amount of body in
+    a crop change a slice's histogram, not its window).
+    """
+    (s0, s1), (d0, d1) = src_anchors, dst_anchors
+    v = (np.asarray(img_u8, dtype=np.float32) - s0) * np.float32((d1 - d0) / (s1 - s0)) + np.float32(d0)
+    return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class UnlabeledSlice:
+    """A lazily loaded slice of the unlabeled pool; :meth:`load` reads it."""
+    id: str
+    path: Path
+    source: str  # "coronacases" or "radiopaedia"
+    volume: str
+    index: int
+    normalize: bool = True
+
+    def load(self, lung_fn: Callable | None = None) -> Sample:
+        """Read the slice: canonical orientation, intensity matched to the labeled set
+        (coronacases only, when ``normalize``), lung mask from ``lung_fn`` (default
+        ``ssanet.lungs.lung_mask_from_window``); ``label`` is None."""
+        img = canonical_from_source(_read_gray(self.path), self.source)
+        if self.normalize and self.source == "coronacases":
+            img = match_intensity(img, CORONACASES_ANCHORS, LABELED_ANCHORS)
+        lung_fn = lung_fn or _default_lung_fn("window")
+        return Sample(id=self.id, image=img, lung=np.asarray(lung_fn(img), dtype=bool), label=None,
+                      spacing=(NOMINAL_SPACING_MM, NOMINAL_SPACING_MM), source=self.source,
+                      meta={"file": self.path.name, "volume": self.volume, "index": self.index,
+                            "normalized": self.normalize and self.source == "coronacases"})
+
+
+_UNLABELED_NAME = re.compile(r"^(?P<volume>.*)_(?P<index>\d+)$")
+
+
+def load_unlabeled(root, normalize: bool = True) -> list[UnlabeledSlice]:
+    """The 1600 unlabeled COVID-SemiSeg slices (10 coronacases + 10 radiopaedia series
+    of COVID-19-CT-Seg) as lazy records, sorted by volume and slice index.
+
+    The coronacases slices use a much wider display window than the labeled set (soft
+    tissue at grey ~99 instead of ~210); with ``normalize`` they are mapped onto the
+    labeled set's intensities by :func:`match_intensity` with fixed per-source anchors.
+    """
+    d = Path(root) / SEMISEG_DIR / "TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} not found. " + _GET_DATA)
+    recs = []
+    for p in d.glob("*.jpg"):
+        m = _UNLABELED_NAME.match(p.stem)
+        if "coronacases" in p.name:
+            source = "coronacases"
+        elif "radiopaedia" in p.name:
+            source = "radiopaedia"
+        else:
+            raise ValueError(f"cannot tell the source (coronacases/radiopaedia) of {p.name}")
+        recs.append(UnlabeledSlice(id=p.stem, path=p, source=source,
+                                   volume=m.group("volume") if m else p.stem,
+                                   index=int(m.group("index")) if m else 0, normalize=normalize))
+    recs.sort(key=lambda r: (r.volume, r.index))
+    return recs
+
+
+# -------------------------------------------------------------------------- volumes
+
+_VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _volume_files(d: Path) -> dict[str, Path]:
+    out = {}
+    for p in sorted(Path(d).iterdir()):
+        for ext in _VOLUME_EXTS:
+            if p.name.lower().endswith(ext):
+                out[p.name[: -len(ext)]] = p
+                break
+    return out
+
+
+def _read_lps(path, pixel_type=None):
+    import SimpleITK as sitk
+    img = sitk.ReadImage(str(path), pixel_type) if pixel_type is not None else sitk.ReadImage(str(path))
+    return sitk.DICOMOrient(img, "LPS")
+
+
+def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_WINDOW_HU,
+                      lung_fn: Callable | None = None) -> list[Sample]:
+    """One :class:`Sample` per axial slice with lung, from CT volumes in HU.
+
+    Files pair by name (COVID-19-CT-Seg layout: the same file name in ``image_dir``,
+    ``label_dir`` and ``lung_dir``; any of .nii.gz, .nii, .nrrd, .mha, .mhd). Volumes
+    are reoriented with ``sitk.DICOMOrient(img, "LPS")`` so that ``arr[z]`` is in canonical
+    orientation, and windowed with :func:`~ssanet.preprocess.window_hu`.
+
+    ``label_dir`` None gives unlabeled samples. Label values 1 and 2 are kept (a binary
+    infection mask thus reads as class 1: use it with ``num_classes=1``), others -> 0.
+    Lung: ``lung_dir`` volumes (> 0), else ``lung_fn(hu (Z, Y, X) float32) -> bool``,
+    by default ``ssanet.lungs.lung_mask_from_hu``. Spacing (sy, sx) comes from the image.
+    """
+    import SimpleITK as sitk
+
+    images = _volume_files(Path(image_dir))
+    if not images:
+        raise FileNotFoundError(f"no CT volumes ({', '.join(_VOLUME_EXTS)}) in {image_dir}")
+    labels = _volume_files(Path(label_dir)) if label_dir is not None else {}
+    lungs = _volume_files(Path(lung_dir)) if lung_dir is not None else {}
+    out = []
+    for stem, ip in images.items():
+        if label_dir is not None and stem not in labels:
+            raise FileNotFoundError(f"no label volume named like {ip.name} in {label_dir}")
+        if lung_dir is not None and stem not in lungs:
+            raise FileNotFoundError(f"no lung volume named like {ip.name} in {lung_dir}")
+        img = _read_lps(ip, sitk.sitkFloat32)
+        hu = sitk.GetArrayFromImage(img)
+
+        def companion(path, what):
+            arr = sitk.GetArrayFromImage(_read_lps(path))
+            if arr.shape != hu.shape:
+                raise ValueError(f"{what} {path.name} has shape {arr.shape}, image {hu.shape}")
+            return arr
+
+        lab = _clean_label(companion(labels[stem], "label")) if label_dir is not None else None
+        if lung_dir is not None:
+            lung = companion(lungs[stem], "lung mask") > 0
+        else:
+            lung = np.asarray((lung_fn or _default_lung_fn("hu"))(hu), dtype=bool)
+            if lung.shape != hu.shape:
+                raise ValueError(f"lung_fn returned {lung.shape} for a volume of shape {hu.shape}")
+        sx, sy = img.GetSpacing()[:2]
+        for z in np.flatnonzero(lung.reshape(len(lung), -1).any(axis=1)):
+            out.append(Sample(
+                id=f"{stem}_z{z:03d}",
+                image=np.rint(window_hu(hu[z], window)).astype(np.uint8),
+                lung=lung[z].copy(), label=None if lab is None else lab[z].copy(),
+                spacing=(float(sy), float(sx)), source="volume",
+                meta={"volume": stem, "z": int(z), "path": str(ip)}))
+        del hu, lab, lung
+    return out
+
+
+# --------------------------------------------------------------------------- splits
+
+def split_train_val(samples, n_val: int, seed: int):
+    """Deterministic split into (train, val) lists; both keep the input order."""
+    n = len(samples)
+    if not 0 <= n_val <= n:
+        raise ValueError(f"n_val={n_val} out of range for {n} samples")
+    val_idx = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    train = [s for i, s in enumerate(samples) if i not in val_idx]
+    val = [s for i, s in enumerate(samples) if i in val_idx]
+    return train, val
+
+
+def default_splits(root, n_val: int = 4, seed: int = 0) -> dict[str, list[Sample]]:
+    """The project's standard experiment (module docstring): ``{"train": 46, "val": 6,
+    "test": 48}`` MedSeg-100 slices with the defaults."""
+    train, val = split_train_val(load_medseg100(root, "train"), n_val, seed)
+    return {"train": train, "val": val + load_medseg100(root, "free"),
+            "test": load_medseg100(root, "test")}
+
+
+# ---------------------------------------------------------------- torch dataset
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Few-shot CT augmentation: geometry jointly on image/lung/label, intensity on lung."""
+    flip_p: float = 0.5
+    max_rotation_deg: float = 10.0
+    scale: tuple = (0.9, 1.1)
+    contrast: tuple = (0.9, 1.1)
+    brightness: float = 10.0
+    gamma: tuple = (0.8, 1.25)
+
+
+def augment_slice(image, lung, label, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()):
+    """Randomly flip left-right, rotate, scale (about the centre) and jitter intensity.
+
+    ``image`` float (0..255), ``lung`` bool, ``label`` integer or None, all (H, W).
+    Returns new arrays (float32, bool, uint8 / None). All random numbers are drawn in a
+    fixed order so the result depends only on the generator state.
+    """
+    from scipy import ndimage as ndi
+
+    flip = rng.random() < cfg.flip_p
+    angle = np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
+    scale = rng.uniform(*cfg.scale)
+    contrast = rng.uniform(*cfg.contrast)
+    brightness = rng.uniform(-cfg.brightness, cfg.brightness)
+    gamma = float(np.exp(rng.uniform(np.log(cfg.gamma[0]), np.log(cfg.gamma[1]))))
+
+    image = np.asarray(image, dtype=np.float32)
+    lung = np.asarray(lung).astype(np.uint8)
+    label = None if label is None else np.asarray(label).astype(np.uint8)
+    if flip:
+        image, lung = image[:, ::-1], lung[:, ::-1]
+        label = None if label is None else label[:, ::-1]
+
+    # affine_transform maps output to input coordinates: the inverse rotation, and 1/scale
+    # so that scale > 1 enlarges the anatomy.
+    c, s = np.cos(angle), np.sin(angle)
+    mat = np.array([[c, s], [-s, c]]) / scale
+    centre = (np.array(image.shape, dtype=float) - 1.0) / 2.0
+    offset = centre - mat @ centre
+    image = ndi.affine_transform(image, mat, offset, order=1, mode="constant", cval=0.0,
+                                 output=np.float32)
+    lung = ndi.affine_transform(lung, mat, offset, order=0, mode="constant", cval=0) > 0
+    if label is not None:
+        label = ndi.affine_transform(label, mat, offset, order=0, mode="constant", cval=0)
+
+    if lung.any():
+        v = image[lung] * np.float32(1.0 / 255.0)
+        v = np.power(np.clip(v, 0.0, 1.0), np.float32(gamma)) * np.float32(255.0)
+        # Contrast about the lung mean so it does not double as a brightness change.
+        m = v.mean()
+        v = (v - m) * np.float32(contrast) + m + np.float32(brightness)
+        image[lung] = np.clip(v, 0.0, 255.0)
+    return image, lung, label
+
+
+class SliceDataset(_TorchDataset):
+    """Torch dataset of :class:`Sample` slices: ``(x float32 (2, size, size),
+    y int64 (size, size))``.
+
+    ``x`` is :func:`~ssanet.preprocess.make_input` of the resized slice and lung mask.
+    ``y`` holds the classes 0/1/2 for ``num_classes=3``, the binary infection mask
+    (label > 0) for ``num_classes`` 1 or 2, and :data:`IGNORE_INDEX` everywhere for
+    unlabeled samples. Resizing happens once here (bilinear image, nearest masks).
+
+    With ``augment`` every item is augmented with a generator seeded by
+    ``(seed, epoch, index)``: call :meth:`set_epoch` before each epoch. DataLoader workers
+    copy the dataset when an epoch's iterator starts, so do not use persistent workers.
+    """
+
+    def __init__(self, samples, size: int = 256, augment: bool = False, seed: int = 0,
+                 num_classes: int = 3, blank_outside_lung: bool = True,
+                 augment_config: AugmentConfig = AugmentConfig()):
+        if num_classes not in (1, 2, 3):
+            raise ValueError(f"num_classes must be 1, 2 or 3, got {num_classes}")
+        self.ids = [s.id for s in samples]
+        self.size = int(size)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        self.num_classes = num_classes
+        self.blank_outside_lung = blank_outside_lung
+        self.augment_config = augment_config
+        sz = (self.size, self.size)
+        self.images = [resize_image(s.image, sz, order=1) for s in samples]
+        self.lungs = [resize_image(np.asarray(s.lung, bool), sz, order=0) for s in samples]
+        self.labels = [None if s.label is None else resize_image(np.asarray(s.label, np.uint8), sz, order=0)
+                       for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def arrays(self, index: int):
+        """(image float32, lung bool, label uint8 / None) of item ``index`` as fed to the model."""
+        image, lung, label = self.images[index], self.lungs[index], self.labels[index]
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            image, lung, label = augment_slice(image, lung, label, rng, self.augment_config)
+        return image, lung, label
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image, lung, label = self.arrays(index)
+        x = make_input(image, lung, blank_outside_lung=self.blank_outside_lung)
+        if label is None:
+            y = np.full(image.shape, IGNORE_INDEX, np.int64)
+        elif self.num_classes < 3:
+            y = (label > 0).astype(np.int64)
+        else:
+            y = label.astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)

@@ -1,0 +1,223 @@
+"""Supervised SSA-Net training: Dice (+ re-weighted CE) + 0.1 * SAD after a warm-up.
+
+A run directory holds: ``config.json``, ``log.csv`` (one row per epoch), ``best.safetensors``
+(best validation score), ``last.safetensors`` + ``train_state.pt`` (resume), ``curves.png``.
+Re-running the same command on the same directory resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from .evaluate import evaluate_samples
+from .inference import Predictor, configure_cpu_threads, select_device
+from .losses import SSANetLoss, class_weights, pixel_counts
+from .model import SSANet
+
+
+@dataclass
+class TrainConfig:
+    classes: str = "ggo,consolidation"      # or "infection" (binary, sigmoid)
+    size: int = 256
+    epochs: int = 150
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    sad: bool = True
+    sad_start_epoch: int = 40
+    sad_alpha: float = 0.1
+    detach_sad_target: bool = False
+    spatial_conv: bool = True
+    reweight: bool = True                    # class weights 1/(C*P_c) in the CE term (multi-class)
+    blank_outside_lung: bool = True
+    seed: int = 0
+    device: str = "auto"
+    val_every: int = 5
+    time_limit_min: float = 0.0              # 0 = no limit; stops cleanly after the epoch in progress
+    nominal_spacing_mm: float = 0.7
+    data_description: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return 1 if self.classes == "infection" else 3
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _meta(cfg: TrainConfig, val: dict | None, epoch: int) -> dict:
+    return {
+        "class_names": ckpt.default_class_names(cfg.num_classes),
+        "preprocessing": {
+            "size": cfg.size,
+            "window_hu": [-1250.0, 250.0],
+            "blank_outside_lung": cfg.blank_outside_lung,
+            "pixel_spacing_mm": cfg.nominal_spacing_mm,
+            "fov_px": 512,
+            "orientation": "LPS axial slice: rows anterior->posterior, columns patient right->left",
+        },
+        "training": {"config": asdict(cfg), "epoch": epoch},
+        "val_metrics": val or {},
+    }
+
+
+def _score(val: dict) -> float:
+    """Model-selection score: mean DSC of the lesion classes (infection for binary models)."""
+    c = val["classes"]
+    names = [n for n in ("ggo", "consolidation") if n in c] or ["infection"]
+    return float(np.mean([c[n]["dsc"] for n in names]))
+
+
+def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> dict:
+    """Train (or resume) into ``out_dir``; returns the best validation result."""
+    from .data import SliceDataset
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed_all(cfg.seed)
+    device = select_device(cfg.device)
+    if device.type == "cpu":
+        configure_cpu_threads()
+    model = SSANet(2, cfg.num_classes, spatial_conv=cfg.spatial_conv, sad=cfg.sad).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    weights = None
+    if cfg.num_classes > 1 and cfg.reweight:
+        weights = class_weights(pixel_counts([s.label for s in train_samples], cfg.num_classes)).tolist()
+    loss_fn = SSANetLoss(alpha=cfg.sad_alpha, sad_start_epoch=cfg.sad_start_epoch, use_sad=cfg.sad,
+                         detach_target=cfg.detach_sad_target, ce_weights=weights)
+
+    start_epoch, best = 0, {"score": -1.0, "epoch": -1, "val": None}
+    state_path = out / "train_state.pt"
+    if state_path.is_file() and (out / "last.safetensors").is_file():
+        saved_cfg = json.loads((out / "config.json").read_text())
+        if {k: v for k, v in saved_cfg.items() if k not in ("time_limit_min", "device")} != \
+                {k: v for k, v in asdict(cfg).items() if k not in ("time_limit_min", "device")}:
+            raise SystemExit(f"{out} holds a run with another configuration; use a new --out "
+                             "directory (or the same options) to resume")
+        last, _ = ckpt.load_checkpoint(out / "last.safetensors")
+        model.load_state_dict(last.state_dict())
+        st = ckpt.load_state_for_resume(state_path)
+        opt.load_state_dict(st["optimizer"])
+        start_epoch = int(st["epoch"]) + 1
+        best = {"score": float(st["best_score"]), "epoch": int(st["best_epoch"]), "val": None}
+        torch.set_rng_state(st["torch_rng"])
+        log(f"resuming {out} at epoch {start_epoch}")
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    ds = SliceDataset(train_samples, size=cfg.size, augment=True, seed=cfg.seed,
+                      num_classes=cfg.num_classes, blank_outside_lung=cfg.blank_outside_lung)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
+                        generator=gen, num_workers=0)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = cfg.epochs * steps_per_epoch
+
+    def lr_at(step):  # linear warm-up (1 epoch) then cosine decay
+        if step < steps_per_epoch:
+            return cfg.lr * (step + 1) / steps_per_epoch
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total_steps))
+
+    log_path = out / "log.csv"
+    fields = ["epoch", "loss", "dice", "ce", "sad", "lr", "seconds", "val_infection", "val_ggo",
+              "val_consolidation", "val_score"]
+    if start_epoch == 0 or not log_path.is_file():
+        with open(log_path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+
+    t_start = time.time()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency; keep training usable without it in Slicer
+        tqdm = None
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        model.train()
+        ds.set_epoch(epoch)
+        gen.manual_seed(cfg.seed * 1000003 + epoch)
+        sums = {"total": 0.0, "dice": 0.0, "ce": 0.0, "sad": 0.0}
+        it = loader if tqdm is None else tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for step, (x, y) in enumerate(it):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch * steps_per_epoch + step)
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+                logits, stages = model(x, return_attention=True)
+            terms = loss_fn(logits.float(), y, [s.float() for s in stages], epoch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(terms["total"]).backward()
+            scaler.step(opt)
+            scaler.update()
+            for k in sums:
+                if k in terms:
+                    sums[k] += float(terms[k].detach())
+        row = {"epoch": epoch + 1, "loss": sums["total"] / steps_per_epoch,
+               "dice": sums["dice"] / steps_per_epoch, "ce": sums["ce"] / steps_per_epoch,
+               "sad": sums["sad"] / steps_per_epoch, "lr": opt.param_groups[0]["lr"]}
+        last_epoch = epoch == cfg.epochs - 1
+        out_of_time = cfg.time_limit_min > 0 and (time.time() - t_start) / 60 > cfg.time_limit_min
+        if (epoch + 1) % cfg.val_every == 0 or last_epoch or out_of_time:
+            val = evaluate_samples(Predictor(model, device), val_samples, _meta(cfg, None, epoch))
+            model.train()
+            score = _score(val)
+            row.update(val_score=score, **{f"val_{k}": v["dsc"] for k, v in val["classes"].items()})
+            if score > best["score"]:
+                best = {"score": score, "epoch": epoch + 1, "val": val["classes"]}
+                ckpt.save_checkpoint(out / "best.safetensors", model, _meta(cfg, val["classes"], epoch + 1))
+        row["seconds"] = time.time() - t0
+        with open(log_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerow(row)
+        ckpt.save_checkpoint(out / "last.safetensors", model, _meta(cfg, None, epoch + 1))
+        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "best_score": best["score"],
+                    "best_epoch": best["epoch"], "torch_rng": torch.get_rng_state()},
+                   out / "train_state.pt.part")
+        (out / "train_state.pt.part").replace(state_path)
+        msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} ({row['seconds']:.0f}s)"
+        if "val_score" in row:
+            msg += f"  val {row['val_score']:.3f} (best {best['score']:.3f} @ {best['epoch']})"
+        log(msg)
+        if out_of_time and not last_epoch:
+            log(f"time limit of {cfg.time_limit_min} min reached; stopping (rerun to continue)")
+            break
+    plot_curves(log_path, out / "curves.png")
+    return best
+
+
+def plot_curves(log_path, png_path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    ep = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for k in ("loss", "dice", "ce", "sad"):
+        vals = [float(r[k]) if r.get(k) else np.nan for r in rows]
+        if not np.all(np.isnan(vals)) and np.nanmax(vals) > 0:
+            a.plot(ep, vals, label=k)
+    a.set_xlabel("epoch"); a.set_ylabel("training loss"); a.set_yscale("log"); a.legend()
+    for k in ("val_infection", "val_ggo", "val_consolidation"):
+        pts = [(int(r["epoch"]), float(r[k])) for r in rows if r.get(k)]
+        if pts:
+            b.plot(*zip(*pts), marker="o", label=k[4:])
+    b.set_xlabel("epoch"); b.set_ylabel("validation DSC"); b.set_ylim(0, 1); b.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
