@@ -31,7 +31,9 @@ def _add_train_args(p):
     p.add_argument("--no-spatial-conv", dest="spatial_conv", action="store_false")
     p.add_argument("--detach-sad-target", action="store_true",
                    help="treat the deeper attention map as a fixed target (Hou et al. 2019)")
-    p.add_argument("--no-reweight", dest="reweight", action="store_false")
+    p.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=d.reweight,
+                   help="weight the CE term by 1/(C*P_c) (the paper's re-weighting; default off "
+                        "for supervised training: with 46 slices it drives over-segmentation)")
     p.add_argument("--keep-outside-lung", dest="blank_outside_lung", action="store_false",
                    help="do not blank the CT channel outside the lung mask")
     p.add_argument("--seed", type=int, default=d.seed)

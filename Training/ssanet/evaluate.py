@@ -29,10 +29,14 @@ def gt_for(sample, binary: bool) -> np.ndarray:
 
 def evaluate_samples(predictor: Predictor, samples, meta: dict, batch_size: int | None = None,
                      overlay_dir: str | Path | None = None) -> dict:
-    """Per-slice metrics and their means. Returns {"n_slices", "classes", "per_slice"}."""
+    """Per-slice metrics and their means (plus the pooled Dice over all slices).
+
+    Returns {"n_slices", "classes": {name: {dsc, hd95_mm, mae, nsd_3mm, dsc_pooled}}, "per_slice"}.
+    """
     cmap = class_map_for(meta)
     binary = cmap is BINARY_MAP
     per_slice = []
+    pooled = {name: [0, 0] for name in cmap}   # intersection, |pred| + |gt| over all slices
     bs = batch_size or 8
     for i in range(0, len(samples), bs):
         chunk = samples[i:i + bs]
@@ -43,22 +47,33 @@ def evaluate_samples(predictor: Predictor, samples, meta: dict, batch_size: int 
                                    np.stack([s.lung for s in group]), meta)
             for s, p in zip(group, probs):
                 pred = p.argmax(0).astype(np.uint8)
-                res = metrics.evaluate_labelmap(pred, gt_for(s, binary), cmap, spacing=s.spacing)
+                gt = gt_for(s, binary)
+                res = metrics.evaluate_labelmap(pred, gt, cmap, spacing=s.spacing)
+                for name, values in cmap.items():
+                    pm, gm = np.isin(pred, values), np.isin(gt, values)
+                    pooled[name][0] += int((pm & gm).sum())
+                    pooled[name][1] += int(pm.sum() + gm.sum())
                 res["id"] = s.id
                 per_slice.append(res)
                 if overlay_dir is not None:
-                    save_overlay(s, pred, gt_for(s, binary), Path(overlay_dir) / f"{s.id}.png")
+                    save_overlay(s, pred, gt, Path(overlay_dir) / f"{s.id}.png")
     classes = {}
     for name in cmap:
         classes[name] = {k: float(np.nanmean([r[name][k] for r in per_slice]))
                          for k in ("dsc", "hd95_mm", "mae", "nsd_3mm")}
+        # Dice of all slices pooled: stable on small sets, where the per-slice mean is
+        # dominated by the empty-slice convention (absent in GT and prediction = 1).
+        inter, total = pooled[name]
+        classes[name]["dsc_pooled"] = 2 * inter / total if total else 1.0
     return {"n_slices": len(per_slice), "classes": classes, "per_slice": per_slice}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'class':<15}{'DSC':>8}{'HD95 mm':>10}{'MAE':>9}{'NSD@3mm':>9}   (mean of {result['n_slices']} slices)"]
+    lines = [f"{'class':<15}{'DSC':>8}{'HD95 mm':>10}{'MAE':>9}{'NSD@3mm':>9}{'pooled DSC':>12}"
+             f"   (means over {result['n_slices']} slices)"]
     for name, m in result["classes"].items():
-        lines.append(f"{name:<15}{m['dsc']:>8.3f}{m['hd95_mm']:>10.2f}{m['mae']:>9.4f}{m['nsd_3mm']:>9.3f}")
+        lines.append(f"{name:<15}{m['dsc']:>8.3f}{m['hd95_mm']:>10.2f}{m['mae']:>9.4f}{m['nsd_3mm']:>9.3f}"
+                     f"{m['dsc_pooled']:>12.3f}")
     return "\n".join(lines)
 
 

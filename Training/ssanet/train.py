@@ -38,7 +38,7 @@ class TrainConfig:
     sad_alpha: float = 0.1
     detach_sad_target: bool = False
     spatial_conv: bool = True
-    reweight: bool = True                    # class weights 1/(C*P_c) in the CE term (multi-class)
+    reweight: bool = False                   # paper re-weighting 1/(C*P_c) of the CE term (semi-supervised loop)
     blank_outside_lung: bool = True
     seed: int = 0
     device: str = "auto"
@@ -75,10 +75,12 @@ def _meta(cfg: TrainConfig, val: dict | None, epoch: int) -> dict:
 
 
 def _score(val: dict) -> float:
-    """Model-selection score: mean DSC of the lesion classes (infection for binary models)."""
-    c = val["classes"]
-    names = [n for n in ("ggo", "consolidation") if n in c] or ["infection"]
-    return float(np.mean([c[n]["dsc"] for n in names]))
+    """Model-selection score: mean pooled validation Dice over the reported classes.
+
+    Pooled rather than per-slice: with six validation slices the per-slice mean mostly
+    counts slices where a class is absent and predicted absent.
+    """
+    return float(np.mean([m["dsc_pooled"] for m in val["classes"].values()]))
 
 
 def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> dict:

@@ -1,0 +1,376 @@
+"""Semi-supervised loop (ssanet.semisup) on synthetic slices with a tiny network.
+
+Rounds that only need *a* model use a scripted trainer that writes constant-output
+checkpoints, so pseudo labels and validation scores are known exactly; the resume test
+runs the real trainer (tiny SSA-Net, 32 px, one epoch).
+"""
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ssanet.train as train_mod
+from ssanet import checkpoint as ckpt
+from ssanet import semisup as S
+from ssanet.data import Sample
+from ssanet.losses import class_weights, pixel_counts
+from ssanet.model import SSANet
+from ssanet.train import TrainConfig
+
+SIZE = 32
+TINY = dict(layers=(1, 1, 1, 1), width=(8, 16, 32, 64), sc_kernel_size=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # the trainer and the predictor size their thread pools from OMP_NUM_THREADS
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+def _disk(shape, cy, cx, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def make_sample(i, size=48, labeled=True, classes=(1, 2), prefix="lab"):
+    rng = np.random.default_rng(i)
+    lung = _disk((size, size), size / 2, size / 2, size * 0.42)
+    img = np.where(lung, rng.integers(30, 60, (size, size)), 0).astype(np.uint8)
+    lab = np.zeros((size, size), np.uint8)
+    for c, value in ((1, 130), (2, 220)):
+        if c in classes:
+            cy, cx = rng.integers(int(size * 0.3), int(size * 0.7), 2)
+            blob = _disk((size, size), cy, cx, size * 0.12) & lung
+            lab[blob] = c
+            img[blob] = value
+    return Sample(id=f"{prefix}_{i:02d}", image=img, lung=lung, label=lab if labeled else None,
+                  spacing=(0.7, 0.7), source="synthetic")
+
+
+def make_data(n_lab=6, n_val=2, n_pool=5):
+    labeled = [make_sample(i) for i in range(n_lab)]
+    val = [make_sample(100 + i, prefix="val") for i in range(n_val)]
+    pool = [make_sample(200 + i, labeled=False, prefix="pool") for i in range(n_pool)]
+    return labeled, val, pool
+
+
+def small_config(**kw):
+    tcfg = TrainConfig(size=SIZE, epochs=1, batch_size=4, sad_start_epoch=0, val_every=1,
+                       device="cpu", seed=3)
+    return S.SemiSupConfig(**{"t": 2, "eta": 0.95, "max_rounds": 3, "patience": 2,
+                              "train": tcfg, **kw})
+
+
+def const_model(cls):
+    """A tiny SSA-Net whose output is the same logits everywhere, favouring ``cls``."""
+    torch.manual_seed(0)
+    m = SSANet(2, 3, **TINY)
+    last = m.head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 0.0, 0.0]))
+        last.bias[cls] = 6.0  # softmax 0.995 > 0.95
+    return m.eval()
+
+
+class ScriptedTrainer:
+    """Stands in for ssanet.train.train: round r's model predicts ``favour[r]`` everywhere
+    and reports validation DSC ``scores[r]``; records what each round was trained on."""
+
+    def __init__(self, scores, favour=None):
+        self.scores, self.favour, self.calls = scores, favour or {}, []
+
+    def __call__(self, cfg, train_samples, val_samples, out_dir):
+        r = cfg.data_description["semisup_round"]
+        self.calls.append({"round": r, "cfg": cfg, "ids": [s.id for s in train_samples],
+                           "labels": {s.id: s.label.copy() for s in train_samples}})
+        s = float(self.scores[r])
+        val = {n: {"dsc": s, "hd95_mm": 1.0, "mae": 0.1, "nsd_3mm": s, "dsc_pooled": s}
+               for n in ("infection", "ggo", "consolidation")}
+        ckpt.save_checkpoint(Path(out_dir) / "best.safetensors", const_model(self.favour.get(r, 1)),
+                             {"preprocessing": {"size": cfg.size, "blank_outside_lung": True},
+                              "val_metrics": val, "training": {"epoch": cfg.epochs}})
+        return {"score": s}
+
+
+# ------------------------------------------------------------------ paper pieces
+
+def test_reweighting_hand_made():
+    lab = np.array([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 2, 0], [0, 0, 0, 0]], np.uint8)  # 12/3/1
+    pseudo = np.zeros((4, 4), np.uint8)
+    pseudo[0, :2] = 1                                                                # 14/2/0
+    w = S.reweighting([lab, pseudo])
+    # 32 pixels: background 26, GGO 5, consolidation 1; w_c = 1 / (3 * P_c)
+    np.testing.assert_allclose(w, [32 / (3 * 26), 32 / (3 * 5), 32 / 3])
+    np.testing.assert_allclose(S.reweighting([lab]), [16 / 36, 16 / 9, 16 / 3])
+    # the loss function of ssanet.train gets exactly these weights for the same labels
+    np.testing.assert_allclose(w, class_weights(pixel_counts([lab, pseudo], 3)))
+
+
+def test_trust_filter_eta_boundary_and_lung():
+    eta = 0.95
+    above = np.nextafter(np.float32(eta), np.float32(1))
+    for dtype in (np.float32, np.float64):
+        p = np.zeros((3, 2, 3), dtype)
+        def put(y, x, cls, v):
+            p[:, y, x] = (1 - v) / 2
+            p[cls, y, x] = v
+        put(0, 0, 1, dtype(eta))      # exactly eta: rejected
+        put(0, 1, 1, above)           # just above: kept
+        put(0, 2, 2, 0.99)            # confident consolidation: kept
+        put(1, 0, 2, 0.6)             # argmax consolidation, not trusted
+        put(1, 1, 2, 0.999)           # confident but outside the lung
+        put(1, 2, 0, 0.99)            # background
+        lung = np.array([[1, 1, 1], [1, 0, 1]], bool)
+        lab = S.trust_filter(p, lung, eta)
+        assert lab.dtype == np.uint8
+        assert lab.tolist() == [[0, 1, 2], [0, 0, 0]]
+        # without the trust module: plain argmax, still never outside the lung
+        assert S.argmax_labels(p, lung).tolist() == [[1, 1, 2], [2, 0, 0]]
+        # batched input
+        lab2 = S.trust_filter(np.stack([p, p]), np.stack([lung, ~lung]), eta)
+        assert lab2[0].tolist() == [[0, 1, 2], [0, 0, 0]] and lab2[1].tolist() == [[0, 0, 0], [0, 2, 0]]
+    with pytest.raises(ValueError):
+        S.trust_filter(np.zeros((3, 2, 3)), np.ones((3, 2), bool))
+
+
+def test_addition_schedule_fewer_than_t_then_only_renew_and_seeded():
+    ids = [f"u{i}" for i in range(5)]
+    sch = S.AdditionSchedule(ids, t=2, seed=7)
+    r1, r2 = sch.next(), sch.next()
+    assert len(r1) == len(r2) == 2 and not set(r1) & set(r2)
+    r3 = sch.next()                               # one left (< t): all of it
+    assert r3 == sorted(set(ids) - set(r1) - set(r2))
+    assert sch.exhausted and sorted(sch.added) == ids and sch.added == r1 + r2 + r3
+    assert sch.next() == [] and sch.next() == []  # all used: only renewal from now on
+    assert sch.added == r1 + r2 + r3
+
+    big = [f"u{i:03d}" for i in range(100)]
+    a, b, c = (S.AdditionSchedule(big, 10, seed=s) for s in (1, 1, 2))
+    seq_a = [a.next() for _ in range(4)]
+    assert seq_a == [b.next() for _ in range(4)]
+    assert seq_a != [c.next() for _ in range(4)]
+    # the saved state continues the same sequence (what a resumed run relies on)
+    d = S.AdditionSchedule(big, 10, seed=1)
+    d.next()
+    saved = json.loads(json.dumps(d.state_dict()))
+    e = S.AdditionSchedule(big, 10, seed=1)
+    e.load_state_dict(saved)
+    assert [e.next() for _ in range(3)] == [d.next() for _ in range(3)] == seq_a[1:]
+
+
+def test_stop_criterion_patience():
+    st = S.StopCriterion(patience=2)
+    seq = [(1, 0.5, True), (2, 0.6, True), (3, 0.6, False), (4, 0.7, True), (5, 0.65, False)]
+    for r, score, improved in seq:
+        assert st.update(r, score) is improved and not st.should_stop
+    assert not st.update(6, 0.69) and st.should_stop
+    assert (st.best_round, st.best_score, st.counter) == (4, 0.7, 2)
+    with pytest.raises(ValueError):
+        S.StopCriterion(patience=0)
+
+
+def test_refuses_labeled_set_without_a_class(tmp_path):
+    labeled, val, pool = make_data()
+    no_cons = [make_sample(i, classes=(1,)) for i in range(4)]
+    with pytest.raises(ValueError, match="consolidation"):
+        S.check_labeled_classes([s.label for s in no_cons])
+    trainer = ScriptedTrainer({1: 0.5})
+    with pytest.raises(ValueError, match=r"'consolidation' \(label 2\)"):
+        S.run_semisup(small_config(), no_cons, val, pool, tmp_path / "run", train_fn=trainer,
+                      log=lambda *_: None)
+    assert trainer.calls == [] and not (tmp_path / "run" / "state.json").exists()
+
+
+# --------------------------------------------------------------- renewal, weights
+
+def test_renew_pseudo_labels_uses_the_new_model():
+    _, _, pool = make_data(n_pool=3)
+    slices = S.SlicePool(pool, SIZE)
+    ids = [s.id for s in pool]
+    by_ggo = S.renew_pseudo_labels(const_model(1), ids, slices, batch_size=2)
+    by_cons = S.renew_pseudo_labels(const_model(2), ids, slices, batch_size=2)
+    for i in ids:
+        lung = slices[i].lung
+        assert by_ggo[i].shape == (SIZE, SIZE) and by_ggo[i].dtype == np.uint8
+        assert np.all(by_ggo[i][lung] == 1) and np.all(by_cons[i][lung] == 2)
+        assert np.all(by_ggo[i][~lung] == 0) and np.all(by_cons[i][~lung] == 0)
+    # probability 0.995 is not trusted at eta 0.999
+    strict = S.renew_pseudo_labels(const_model(2), ids, slices, eta=0.999)
+    assert all(not m.any() for m in strict.values())
+
+
+def test_loop_renews_stores_reweights_and_stops(tmp_path):
+    labeled, val, pool = make_data(n_pool=5)
+    # M1 and M3 say GGO, M2 consolidation; validation peaks at round 2
+    trainer = ScriptedTrainer(scores={1: 0.5, 2: 0.6, 3: 0.55, 4: 0.58, 5: 0.9},
+                              favour={1: 1, 2: 2, 3: 1, 4: 2})
+    out = tmp_path / "run"
+    state = S.run_semisup(small_config(max_rounds=10, patience=2), labeled, val, pool, out,
+                          train_fn=trainer, log=lambda *_: None)
+    # stop criterion: no improvement in rounds 3 and 4 -> stop, round 5 never trained
+    assert [c["round"] for c in trainer.calls] == [1, 2, 3, 4]
+    assert state["finished"] and "did not improve" in state["stop_reason"]
+    assert (state["best_round"], state["patience_counter"]) == (2, 2)
+    assert ckpt.sha256_of(out / "best.safetensors") == ckpt.sha256_of(out / "round_02" / "best.safetensors")
+    # schedule: 2, 2, then the last one (fewer than t)
+    assert [r["n_new"] for r in state["rounds"]] == [0, 2, 2, 1]
+    assert [r["n_pseudo"] for r in state["rounds"]] == [0, 2, 4, 5]
+    assert len(set(state["added"])) == 5
+
+    p2 = S.load_pseudo_labels(out / "round_02" / "pseudo_labels.npz")
+    p3 = S.load_pseudo_labels(out / "round_03" / "pseudo_labels.npz")
+    p4 = S.load_pseudo_labels(out / "round_04" / "pseudo_labels.npz")
+    assert list(p2) == state["added"][:2] and list(p3) == state["added"][:4]
+    slices = S.SlicePool(pool, SIZE)
+    for i in state["added"][:2]:
+        lung = slices[i].lung
+        # labeled by M1 (GGO) when added, renewed by M2 (consolidation), then by M3 (GGO)
+        assert np.all(p2[i][lung] == 1) and np.all(p3[i][lung] == 2) and np.all(p4[i][lung] == 1)
+    r3 = trainer.calls[2]
+    assert r3["ids"][:len(labeled)] == [s.id for s in labeled]
+    for i in state["added"][:4]:
+        np.testing.assert_array_equal(r3["labels"][i], p3[i])  # trained on the renewed labels
+
+    # class weights recomputed every round from labeled + current pseudo labels, and
+    # identical to what the trainer derives from the samples it is given
+    lab_small = [S.at_size(s, SIZE).label for s in labeled]
+    np.testing.assert_allclose(state["class_weights"][0], S.reweighting(lab_small))
+    np.testing.assert_allclose(state["class_weights"][2], S.reweighting(lab_small + list(p3.values())))
+    for call, w in zip(trainer.calls, state["class_weights"]):
+        np.testing.assert_allclose(class_weights(pixel_counts(list(call["labels"].values()), 3)), w)
+        assert call["cfg"].reweight is True
+    assert len({tuple(w) for w in state["class_weights"]}) == 4
+
+    for name in ("rounds.csv", "rounds.json", "val_dsc.png", "class_weights.png",
+                 "pseudo_round_02.png", "pseudo_round_04.png"):
+        assert (out / name).is_file(), name
+    assert len((out / "rounds.csv").read_text().strip().splitlines()) == 5
+
+    # a finished run reruns as a no-op
+    S.run_semisup(small_config(max_rounds=10, patience=2), labeled, val, pool, out,
+                  train_fn=trainer, log=lambda *_: None)
+    assert len(trainer.calls) == 4
+
+
+def test_all_used_then_only_renew(tmp_path):
+    labeled, val, pool = make_data(n_pool=3)
+    trainer = ScriptedTrainer(scores={r: 0.1 * r for r in range(1, 6)}, favour={1: 1, 2: 2, 3: 1, 4: 2})
+    state = S.run_semisup(small_config(t=2, max_rounds=5), labeled, val, pool, tmp_path / "r",
+                          train_fn=trainer, log=lambda *_: None)
+    assert [r["n_new"] for r in state["rounds"]] == [0, 2, 1, 0, 0]
+    assert [r["n_pseudo"] for r in state["rounds"]] == [0, 2, 3, 3, 3]
+    assert state["stop_reason"].startswith("max_rounds")
+    p4 = S.load_pseudo_labels(tmp_path / "r" / "round_04" / "pseudo_labels.npz")
+    p5 = S.load_pseudo_labels(tmp_path / "r" / "round_05" / "pseudo_labels.npz")
+    assert set(p4) == set(p5) == set(state["added"])
+    assert all(not np.array_equal(p4[i], p5[i]) for i in p4)   # renewed by M3 vs M4
+
+
+def test_wrong_settings_do_not_resume(tmp_path):
+    labeled, val, pool = make_data(n_pool=3)
+    trainer = ScriptedTrainer(scores={1: 0.5, 2: 0.6})
+    S.run_semisup(small_config(max_rounds=1), labeled, val, pool, tmp_path / "r",
+                  train_fn=trainer, log=lambda *_: None)
+    with pytest.raises(ValueError, match="other settings"):
+        S.run_semisup(small_config(max_rounds=2, eta=0.9), labeled, val, pool, tmp_path / "r",
+                      train_fn=trainer, log=lambda *_: None)
+    # a larger round budget is a continuation
+    st = S.run_semisup(small_config(max_rounds=2), labeled, val, pool, tmp_path / "r",
+                       train_fn=trainer, log=lambda *_: None)
+    assert st["round"] == 2 and [c["round"] for c in trainer.calls] == [1, 2]
+
+
+# ------------------------------------------------------------- resume, real trainer
+
+class Interrupt(Exception):
+    pass
+
+
+def _without_timings(state):
+    state = json.loads(json.dumps(state))
+    for r in state["rounds"]:
+        r.pop("timing")
+    return state
+
+
+def test_resume_after_interruption_gives_the_same_state(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "SSANet", functools.partial(SSANet, **TINY))
+    labeled, val, pool = make_data(n_lab=5, n_val=2, n_pool=5)
+    cfg = small_config(max_rounds=3, patience=3)
+    quiet = lambda *_: None
+
+    full = S.run_semisup(cfg, labeled, val, pool, tmp_path / "full", log=quiet)
+    assert full["round"] == 3
+
+    def stop_after_2(r, state):
+        if r == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        S.run_semisup(cfg, labeled, val, pool, tmp_path / "cut", log=quiet, on_round_end=stop_after_2)
+    cut = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert cut["round"] == 2 and not (tmp_path / "cut" / "round_03").exists()
+
+    trained = []
+    real_train = train_mod.train
+    def counting_train(cfg_, *a, **k):
+        trained.append(cfg_.data_description["semisup_round"])
+        return real_train(cfg_, *a, **k)
+    messages = []
+    resumed = S.run_semisup(cfg, labeled, val, pool, tmp_path / "cut", log=messages.append,
+                            train_fn=counting_train)
+    assert trained == [3] and any("resuming" in m for m in messages)
+
+    a = json.loads((tmp_path / "full" / "state.json").read_text())
+    b = json.loads((tmp_path / "cut" / "state.json").read_text())
+    assert _without_timings(a) == _without_timings(b) == _without_timings(resumed)
+    pa = S.load_pseudo_labels(tmp_path / "full" / "round_03" / "pseudo_labels.npz")
+    pb = S.load_pseudo_labels(tmp_path / "cut" / "round_03" / "pseudo_labels.npz")
+    assert list(pa) == list(pb) and all(np.array_equal(pa[k], pb[k]) for k in pa)
+
+    # the loop's model is an ordinary 3-class ssanet checkpoint
+    model, meta = ckpt.load_checkpoint(tmp_path / "full" / "best.safetensors")
+    assert model.config.num_classes == 3 and meta["class_names"] == ["background", "ggo", "consolidation"]
+    assert meta["preprocessing"]["size"] == SIZE
+    assert not (tmp_path / "full" / "round_01" / "train_state.pt").exists()
+
+
+# ------------------------------------------------------------------ ablation, CLI
+
+def test_run_ablation_table(tmp_path):
+    labeled, val, pool = make_data(n_pool=3)
+    test = [make_sample(300 + i, prefix="test") for i in range(2)]
+    trainer = ScriptedTrainer(scores={1: 0.5, 2: 0.6}, favour={1: 1, 2: 2})
+    table = S.run_ablation(small_config(max_rounds=2), labeled, val, pool, test, tmp_path / "ab",
+                           train_fn=trainer, log=lambda *_: None)
+    assert list(table) == ["supervised", "S1", "S2", "S3", "S4"]
+    for entry in table.values():
+        assert list(entry["classes"]) == ["ggo", "consolidation", "average"]
+        m = entry["classes"]
+        assert m["average"]["dsc"] == pytest.approx((m["ggo"]["dsc"] + m["consolidation"]["dsc"]) / 2)
+        assert {"dsc", "hd95_mm", "mae", "nsd_3mm"} <= set(m["average"])
+    # round 1 depends only on re-weighting: S3 and S4 reuse it from S1 and S2
+    rounds = [(c["round"], c["cfg"].reweight) for c in trainer.calls]
+    assert rounds == [(1, False), (2, False), (1, True), (2, True), (2, False), (2, True)]
+    for v, flags in S.ABLATION_VARIANTS.items():
+        st = json.loads((tmp_path / "ab" / v / "state.json").read_text())
+        assert {k: st["config"][k] for k in flags} == flags
+    md = (tmp_path / "ab" / "ablation.md").read_text()
+    assert "| S4 | average |" in md and "| supervised | ggo |" in md
+    assert (tmp_path / "ab" / "ablation.csv").is_file()
+
+
+def test_cli_subcommands_parse():
+    from ssanet.cli import build_parser
+    p = build_parser()
+    a = p.parse_args(["semisup", "--data", "D", "--out", "R", "--t", "20", "--no-trust",
+                      "--size", "128", "--epochs-per-round", "15", "--unlabeled-limit", "60"])
+    cfg = S.config_from_args(a)
+    assert (cfg.t, cfg.trust, cfg.reweight, cfg.unlabeled_limit) == (20, False, True, 60)
+    assert (cfg.train.size, cfg.train.epochs, cfg.train.sad_start_epoch) == (128, 15, 4)
+    b = p.parse_args(["semisup-ablation", "--out", "R", "--no-reweight", "--patience", "3"])
+    assert b.reweight is False and b.trust is True and b.patience == 3 and b.func is S.cmd_semisup_ablation
