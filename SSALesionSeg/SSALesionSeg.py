@@ -1,0 +1,440 @@
+import enum
+import logging
+import os
+import pathlib
+import shutil
+import sys
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# Slicer puts module folders on sys.path; this keeps the import working when the
+# file is run some other way (e.g. by path from the Python console).
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
+
+from SSALesionSegLib import dependencies, engine, mrml, phantom  # noqa: E402
+from SSALesionSegLib.logic import ProcessingLogic  # noqa: E402
+
+
+#
+# SSALesionSeg
+#
+
+
+class SSALesionSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "COVID-19 Lesions (SSA-Net)"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SSALesionSeg contributors"]
+        self.parent.helpText = """
+Segments COVID-19 lesions - ground-glass opacity (GGO) and consolidation - in chest CT
+with SSA-Net, inside lungs found by lungmask (or a classical fallback), and reports
+lesion volumes, percentage of lung involved, attenuation and a CT severity score.
+Correct the result in the Segment Editor, recompute the statistics, and export corrected
+cases for fine-tuning the model.
+"""
+        self.parent.acknowledgementText = """
+SSA-Net: Wang et al., "SSA-Net: Spatial self-attention network for COVID-19 pneumonia
+infection segmentation with semi-supervised few-shot learning", Medical Image Analysis 2022.
+Lung masks: lungmask (Hofmanninger et al., European Radiology Experimental 2020).
+"""
+        slicer.app.connect("startupCompleted()", loadTerminology)
+
+
+def loadTerminology():
+    """Make the lesion types known to Slicer's terminology selector."""
+    path = os.path.join(_MODULE_DIR, "Resources", "Terminology", "SSALesionSeg.term.json")
+    try:
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(path)
+    except Exception as e:  # segments still show names and colours without it
+        logging.warning(f"SSALesionSeg: could not load terminology {path}: {e}")
+
+
+#
+# Parameter node
+#
+
+
+class LungMethod(enum.Enum):
+    AUTO = "auto"
+    LUNGMASK = "lungmask"
+    LOBES = "lobes"
+    CLASSICAL = "classical"
+    EXISTING = "existing"
+
+    def label(self):
+        return engine.LUNG_METHODS[self.value]
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    def label(self):
+        return engine.DEVICES[self.value]
+
+
+@parameterNodeWrapper
+class SSALesionSegParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    lungMethod: LungMethod = LungMethod.AUTO
+    lungSegmentation: vtkMRMLSegmentationNode
+    useBundledModel: bool = True
+    checkpointPath: pathlib.Path
+    device: Device = Device.AUTO
+    outputSegmentation: vtkMRMLSegmentationNode
+    statisticsTable: vtkMRMLTableNode
+    exportDirectory: pathlib.Path = pathlib.Path.home() / "SSALesionSeg-training-cases"
+
+
+#
+# SSALesionSegWidget
+#
+
+
+class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the panel to the parameter node and calls the logic; nothing more."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._pollTimer = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SSALesionSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SSALesionSegLogic()
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(200)
+        self._pollTimer.timeout.connect(self.onPollRun)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.showSegmentEditorButton.connect("clicked(bool)", self.onShowSegmentEditor)
+        self.ui.recomputeStatisticsButton.connect("clicked(bool)", self.onRecomputeStatistics)
+        self.ui.exportTrainingCaseButton.connect("clicked(bool)", self.onExportTrainingCase)
+        self.ui.progressBar.setVisible(False)
+
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.cancelRun()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        # A run keeps going while another module is shown; only the bindings go.
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event):
+        self.cancelRun()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._markUnavailableDevices()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._updateGui()
+
+    def _markUnavailableDevices(self):
+        # connectGui refills the combo box, so this runs after every connection.
+        if cudaAvailable():
+            return
+        index = [d for d in Device].index(Device.CUDA)
+        item = self.ui.deviceComboBox.model().item(index)
+        if item is not None:
+            item.setEnabled(False)
+        self.ui.deviceComboBox.setItemData(
+            index, "No CUDA GPU is available to this Slicer's PyTorch.", qt.Qt.ToolTipRole)
+
+    def _updateGui(self, caller=None, event=None):
+        parameters = self._parameterNode
+        running = self._run is not None
+        haveInput = bool(parameters and parameters.inputVolume)
+        self.ui.lungSegmentationSelector.enabled = bool(parameters) and parameters.lungMethod == LungMethod.EXISTING
+        self.ui.checkpointPathLineEdit.enabled = bool(parameters) and not parameters.useBundledModel
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.outputsCollapsibleButton):
+            widget.enabled = not running
+        if running:
+            self.ui.applyButton.text = "Cancel"
+            self.ui.applyButton.toolTip = "Stop the segmentation; the scene is left as it was."
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = "Apply"
+            self.ui.applyButton.toolTip = ("Segment ground-glass opacity and consolidation."
+                                           if haveInput else "Select an input CT volume.")
+            self.ui.applyButton.enabled = haveInput
+        haveResult = haveInput and bool(parameters.outputSegmentation) and not running
+        for button in (self.ui.showSegmentEditorButton, self.ui.recomputeStatisticsButton,
+                       self.ui.exportTrainingCaseButton):
+            button.enabled = haveResult
+
+    # -- run ----------------------------------------------------------------------
+
+    def onApplyButton(self):
+        if self._run is not None:
+            self.cancelRun()
+            return
+        parameters = self._parameterNode
+        output = parameters.outputSegmentation
+        if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"The result segments in '{output.GetName()}', including any edits, will be replaced.\n\n"
+                    "To keep them, choose 'Create new segmentation' as output instead.",
+                    windowTitle="Replace segmentation?"):
+                return
+        with slicer.util.tryWithErrorDisplay("Failed to start the segmentation.", waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            checkpoint = None if parameters.useBundledModel else str(parameters.checkpointPath)
+            self._run = self.logic.process(
+                parameters.inputVolume, output, parameters.lungMethod.value, checkpoint, parameters.device.value,
+                progressCallback=self.onProgress, waitForCompletion=False,
+                lungSegmentation=parameters.lungSegmentation, statisticsTable=parameters.statisticsTable)
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.format = "Starting: %p%"
+            self.ui.progressBar.setVisible(True)
+            self.ui.statusLabel.text = "Running in the background..."
+            self._pollTimer.start()
+        self._updateGui()
+
+    def onProgress(self, stage, fraction):
+        self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, fraction))))
+        self.ui.progressBar.format = f"{stage}: %p%"
+
+    def onPollRun(self):
+        run = self._run
+        if run is None:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay("Segmentation failed."):
+                result = run.poll()
+        except Exception:
+            self._endRun("Failed. See the error message.")
+            raise
+        if result is not None:
+            self._endRun("Done.")
+            self._showResult(result)
+
+    def cancelRun(self):
+        if self._run is None:
+            return
+        self._run.cancel()
+        self._endRun("Cancelled. The scene was left unchanged.")
+
+    def _endRun(self, status):
+        self._pollTimer.stop()
+        self._run = None
+        self.ui.progressBar.setVisible(False)
+        self.ui.statusLabel.text = status
+        self._updateGui()
+
+    def _showResult(self, result):
+        parameters = self._parameterNode
+        parameters.outputSegmentation = result.segmentationNode
+        parameters.statisticsTable = result.tableNode
+        self.ui.summaryLabel.text = result.summary
+        self.ui.resultsCollapsibleButton.collapsed = False
+        showResultInViews(parameters.inputVolume, result.tableNode)
+
+    # -- correction loop ----------------------------------------------------------
+
+    def onShowSegmentEditor(self):
+        with slicer.util.tryWithErrorDisplay("Failed to open the Segment Editor."):
+            parameters = self._parameterNode
+            slicer.util.selectModule("SegmentEditor")
+            editor = slicer.modules.SegmentEditorWidget.editor
+            editor.setSegmentationNode(parameters.outputSegmentation)
+            if hasattr(editor, "setSourceVolumeNode"):
+                editor.setSourceVolumeNode(parameters.inputVolume)
+            else:  # Slicer < 5.2
+                editor.setMasterVolumeNode(parameters.inputVolume)
+
+    def onRecomputeStatistics(self):
+        with slicer.util.tryWithErrorDisplay("Failed to recompute the statistics.", waitCursor=True):
+            parameters = self._parameterNode
+            result = self.logic.recomputeStatistics(
+                parameters.inputVolume, parameters.outputSegmentation, parameters.statisticsTable)
+            parameters.statisticsTable = result.tableNode
+            self.ui.summaryLabel.text = result.summary
+            showResultInViews(parameters.inputVolume, result.tableNode)
+
+    def onExportTrainingCase(self):
+        parameters = self._parameterNode
+        outputDir = str(parameters.exportDirectory)
+        overwrite = False
+        caseName = mrml.safe_case_name(parameters.inputVolume.GetName())
+        if os.path.exists(os.path.join(outputDir, "labels", caseName + ".nii.gz")):
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"Case '{caseName}' already exists in {outputDir}. Overwrite it?"):
+                return
+            overwrite = True
+        with slicer.util.tryWithErrorDisplay("Failed to export the training case.", waitCursor=True):
+            written = self.logic.exportTrainingCase(
+                parameters.inputVolume, parameters.outputSegmentation, outputDir, caseName, overwrite)
+            self.ui.statusLabel.text = f"Exported training case '{caseName}' ({len(written)} files) to {outputDir}"
+
+
+def showResultInViews(volumeNode, tableNode):
+    slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is not None:
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+    selectionNode = slicer.app.applicationLogic().GetSelectionNode()
+    selectionNode.SetActiveTableID(tableNode.GetID())
+    slicer.app.applicationLogic().PropagateTableSelection()
+
+
+_cudaAvailable = None
+
+
+def cudaAvailable():
+    global _cudaAvailable
+    if _cudaAvailable is None:
+        _cudaAvailable = False
+        if dependencies.is_installed("torch"):
+            try:
+                import torch
+                _cudaAvailable = bool(torch.cuda.is_available())
+            except Exception:
+                pass
+    return _cudaAvailable
+
+
+#
+# SSALesionSegLogic
+#
+
+
+class SSALesionSegLogic(ScriptedLoadableModuleLogic, ProcessingLogic):
+    """Slicer's face of SSALesionSegLib.logic.ProcessingLogic.
+
+    ``process(inputVolume, outputSegmentation, lungMethod, checkpoint, device,
+    progressCallback=None, waitForCompletion=True)`` is the single entry point used by
+    the panel, the self-test and SSALesionSegBatch.py.
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        ProcessingLogic.__init__(self, slicer.mrmlScene, moduleDir=_MODULE_DIR,
+                                 pythonExecutable=shutil.which("PythonSlicer") or sys.executable)
+
+    def getParameterNode(self):
+        return SSALesionSegParameterNode(super().getParameterNode())
+
+    def ensureDependencies(self):
+        """Ask, then install missing Python packages. False if the user declined."""
+        if slicer.app.testingEnabled():
+            return True
+        return dependencies.ensure_dependencies(
+            confirm=lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle="Install Python packages"),
+            pipInstall=slicer.util.pip_install,
+            installTorch=installTorch)
+
+
+def installTorch():
+    try:
+        import PyTorchUtils
+    except ImportError:
+        return None
+    return PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
+
+
+#
+# SSALesionSegTest
+#
+
+
+class SSALesionSegTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PhantomWithBundledModel()
+
+    def test_PhantomWithBundledModel(self):
+        self.delayDisplay("Building a phantom CT")
+        ct, _, _ = phantom.make_phantom()
+        volumeNode = mrml.add_volume_node_from_image(slicer.mrmlScene, ct, "Phantom CT")
+
+        logic = SSALesionSegLogic()
+        stages = []
+        self.delayDisplay("Segmenting with the bundled model")
+        result = logic.process(volumeNode, None, "auto", None, "auto",
+                               progressCallback=lambda stage, fraction: stages.append(stage),
+                               waitForCompletion=True)
+        self.assertTrue(stages)
+
+        segmentation = result.segmentationNode.GetSegmentation()
+        specs = mrml.segment_specs(result.classNames)
+        for spec in specs:
+            segment = segmentation.GetSegment(spec.segmentId)
+            self.assertIsNotNone(segment, spec.name)
+            self.assertEqual(segment.GetName(), spec.name)
+            self.assertEqual(segment.GetTerminology(), spec.terminology)
+            for actual, expected in zip(segment.GetColor(), spec.color):
+                self.assertAlmostEqual(actual, expected, places=5)
+
+        values = mrml.table_values(result.tableNode)
+        for key, value in mrml.flatten_stats(result.stats):
+            if key in values:
+                self.assertAlmostEqual(values[key], float(value), places=4)
+        self.assertIn("lesions.infection.volume_ml", values)
+
+        self.delayDisplay("Re-running into the same segmentation")
+        again = logic.process(volumeNode, result.segmentationNode, "auto", None, "auto", waitForCompletion=True)
+        self.assertIs(again.segmentationNode, result.segmentationNode)
+        self.assertIs(again.tableNode, result.tableNode)
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(specs))
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTableNode"), 1)
+        self.delayDisplay("Test passed")

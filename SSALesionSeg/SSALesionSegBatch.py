@@ -1,0 +1,198 @@
+"""Segment COVID-19 lesions in every CT of a folder, without the Slicer GUI.
+
+Desktop Slicer:
+  Slicer --no-main-window --python-script <module dir>/SSALesionSegBatch.py -- --input DIR --output DIR
+Python with the slicer-core wheel:
+  python <module dir>/SSALesionSegBatch.py --input DIR --output DIR
+
+Each NIfTI/NRRD/MHA file and each folder of DICOM files in --input is one case;
+--output receives <case>.seg.nrrd and <case>_stats.json. A failing case is reported
+and the rest continue; the exit code is 1 if any case failed.
+
+Slicer also loads every .py file of a module folder as a module; this file therefore
+does its work only when run as a script (see the hidden module class at the end).
+Outside the Slicer application it imports neither Qt nor, until it runs, slicer.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+import traceback
+
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _use_module_dir():
+    if _MODULE_DIR not in sys.path:
+        sys.path.insert(0, _MODULE_DIR)
+
+
+def parse_args(argv):
+    # Slicer forwards everything after the script path; "--" only separates
+    # Slicer's own options from ours.
+    argv = list(argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    _use_module_dir()
+    from SSALesionSegLib import engine
+
+    parser = argparse.ArgumentParser(
+        prog="SSALesionSegBatch.py", description="Segment GGO and consolidation in every CT of a folder.")
+    parser.add_argument("--input", required=True, help="folder of CT files and/or DICOM series folders")
+    parser.add_argument("--output", required=True, help="folder for <case>.seg.nrrd and <case>_stats.json")
+    parser.add_argument("--checkpoint", help="SSA-Net checkpoint (default: the bundled model)")
+    parser.add_argument("--lungs", default="auto", choices=[m for m in engine.LUNG_METHODS if m != "existing"],
+                        help="lung segmentation method (default: auto)")
+    parser.add_argument("--device", default="auto", choices=list(engine.DEVICES), help="default: auto")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.input):
+        parser.error(f"--input is not a folder: {args.input}")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint not found: {args.checkpoint}")
+    return args
+
+
+def _strip_suffix(name):
+    lower = name.lower()
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def dicom_series_files(folder):
+    """Files of the DICOM series with the most slices in a folder, in slice order; [] if none."""
+    import SimpleITK as sitk
+
+    best = []
+    for seriesId in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or []:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, seriesId)
+        if len(files) > len(best):
+            best = list(files)
+    return best
+
+
+def find_cases(inputDir):
+    """[(case name, [files])]: image files, and DICOM folders directly under inputDir."""
+    cases = []
+    for entry in sorted(os.listdir(inputDir)):
+        path = os.path.join(inputDir, entry)
+        if os.path.isfile(path) and entry.lower().endswith(IMAGE_SUFFIXES) and not entry.startswith("."):
+            cases.append((_strip_suffix(entry), [path]))
+        elif os.path.isdir(path):
+            files = dicom_series_files(path)
+            if files:
+                cases.append((entry, files))
+    return cases
+
+
+def load_volume(volumesLogic, name, files):
+    """Scalar volume node through Slicer's own reader (NIfTI, NRRD, MHA or a DICOM series)."""
+    import vtk
+
+    fileList = vtk.vtkStringArray()
+    for path in files:
+        fileList.InsertNextValue(path)
+    node = volumesLogic.AddArchetypeVolume(files[0], name, 0, fileList if len(files) > 1 else None)
+    if node is None:
+        raise RuntimeError(f"Slicer could not read {files[0]}")
+    return node
+
+
+class _Context:
+    """Scene, volumes logic and processing logic, in or outside desktop Slicer."""
+
+    def __init__(self):
+        import slicer
+        from SSALesionSegLib import mrml
+        from SSALesionSegLib.logic import ProcessingLogic
+
+        if getattr(slicer, "mrmlScene", None) is not None and hasattr(slicer, "modules"):
+            self.scene = slicer.mrmlScene
+            self.volumesLogic = slicer.modules.volumes.logic()
+            import shutil
+            python = shutil.which("PythonSlicer")
+        else:
+            self.headless = mrml.HeadlessScene()
+            self.scene = self.headless.scene
+            self.volumesLogic = self.headless.volumesLogic
+            python = None
+        self.logic = ProcessingLogic(self.scene, moduleDir=_MODULE_DIR, pythonExecutable=python)
+
+
+def run_batch(args, context=None, out=print):
+    """Process every case; returns the exit code (0 if all cases succeeded)."""
+    _use_module_dir()
+    from SSALesionSegLib import mrml
+
+    context = context or _Context()
+    cases = find_cases(args.input)
+    if not cases:
+        out(f"No CT files or DICOM folders found in {args.input}")
+        return 1
+    os.makedirs(args.output, exist_ok=True)
+    failed = []
+    for index, (name, files) in enumerate(cases, start=1):
+        caseName = mrml.safe_case_name(name)
+        segPath = os.path.join(args.output, caseName + ".seg.nrrd")
+        statsPath = os.path.join(args.output, caseName + "_stats.json")
+        prefix = f"[{index}/{len(cases)}] {caseName}"
+        if not args.overwrite and os.path.exists(segPath) and os.path.exists(statsPath):
+            out(f"{prefix}: outputs exist, skipped (use --overwrite to redo)")
+            continue
+        nodes = []
+        started = time.time()
+        try:
+            volume = load_volume(context.volumesLogic, caseName, files)
+            nodes.append(volume)
+            lastStage = [None]
+
+            def progress(stage, fraction, lastStage=lastStage):
+                if stage != lastStage[0]:
+                    out(f"{prefix}: {stage}")
+                    lastStage[0] = stage
+
+            result = context.logic.process(volume, None, args.lungs, args.checkpoint, args.device,
+                                           progressCallback=progress, waitForCompletion=True)
+            nodes += [result.segmentationNode, result.tableNode]
+            context.logic.saveResults(result, args.output, caseName)
+            out(f"{prefix}: {result.summary} ({time.time() - started:.1f} s)")
+        except Exception as e:
+            failed.append(caseName)
+            out(f"{prefix}: FAILED: {type(e).__name__}: {e}")
+            logging.debug(traceback.format_exc())
+        finally:
+            mrml.remove_nodes(context.scene, nodes)
+    if failed:
+        out(f"{len(failed)} of {len(cases)} cases failed: {', '.join(failed)}")
+        return 1
+    out(f"All {len(cases)} cases done; results in {args.output}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_batch(args)
+
+
+# Slicer's module scan loads this file and expects a module class named after it;
+# a hidden one keeps the scan quiet. Only inside the Slicer application, which has
+# Qt anyway: elsewhere nothing here imports slicer or Qt.
+if getattr(sys.modules.get("slicer"), "app", None) is not None:
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModule
+
+    class SSALesionSegBatch(ScriptedLoadableModule):
+        def __init__(self, parent):
+            ScriptedLoadableModule.__init__(self, parent)
+            self.parent.title = "SSALesionSeg batch script"
+            self.parent.categories = ["Segmentation"]
+            self.parent.hidden = True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The one processing entry point shared by the panel, the self-test and the batch script.
+
+No Qt: the panel drives a background run by calling ``BackgroundRun.poll`` from a
+timer; headless callers pass ``waitForCompletion=True``.
+"""
+
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+
+import SimpleITK as sitk
+
+from . import engine as engine_
+from . import mrml
+
+WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+
+
+class Cancelled(Exception):
+    """Raised by a waiting ``process`` call when its run was cancelled."""
+
+
+class ProcessResult:
+    def __init__(self, segmentationNode, tableNode, stats, info, summary, classNames=None):
+        self.segmentationNode = segmentationNode
+        self.tableNode = tableNode
+        self.stats = stats
+        self.info = info
+        self.summary = summary
+        self.classNames = classNames
+
+
+def check_choices(lungMethod, checkpoint, device):
+    """Validate the panel's choices before anything runs; returns the checkpoint path or None."""
+    if lungMethod not in engine_.LUNG_METHODS:
+        raise ValueError(f"Unknown lung method '{lungMethod}'; expected one of {sorted(engine_.LUNG_METHODS)}")
+    if device not in engine_.DEVICES:
+        raise ValueError(f"Unknown device '{device}'; expected one of {sorted(engine_.DEVICES)}")
+    checkpoint = os.fspath(checkpoint) if checkpoint else None
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"Model checkpoint not found: {checkpoint}")
+    return checkpoint
+
+
+class ProcessingLogic:
+    """Runs the engine on a volume node and puts the results into the scene."""
+
+    def __init__(self, scene, engine=None, pythonExecutable=None, moduleDir=None):
+        self.scene = scene
+        self._engine = engine
+        self.moduleDir = moduleDir or engine_.module_dir()
+        # Desktop Slicer sets this to PythonSlicer; elsewhere the current interpreter.
+        self.pythonExecutable = pythonExecutable or sys.executable
+        self.workerEnvironment = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = engine_.load_engine(self.moduleDir)
+        return self._engine
+
+    @engine.setter
+    def engine(self, value):
+        self._engine = value
+
+    # -- entry point --------------------------------------------------------
+
+    def process(self, inputVolume, outputSegmentation, lungMethod="auto", checkpoint=None, device="auto",
+                progressCallback=None, waitForCompletion=True, lungSegmentation=None,
+                statisticsTable=None, cancelRequested=None):
+        """Segment GGO and consolidation in ``inputVolume``.
+
+        ``outputSegmentation`` None creates a new segmentation node; an existing one has
+        its result segments replaced in place. ``progressCallback(stage, fraction)``
+        reports progress.
+
+        With ``waitForCompletion`` the engine runs in this process and a ProcessResult is
+        returned (``cancelRequested()`` returning True stops it; Cancelled is raised).
+        Otherwise a started BackgroundRun is returned: the engine runs in a separate
+        Python process, and nothing in the scene changes until ``poll()`` sees it finish,
+        so cancelling leaves the scene as it was.
+        """
+        if inputVolume is None:
+            raise ValueError("Select an input CT volume")
+        checkpoint = check_choices(lungMethod, checkpoint, device)
+        ct = mrml.image_from_volume_node(inputVolume)
+        lungMask = None
+        if lungMethod == "existing":
+            if lungSegmentation is None:
+                raise ValueError("Select the segmentation that holds the lungs")
+            lungMask = mrml.lung_mask_from_segmentation(lungSegmentation, inputVolume)
+
+        if not waitForCompletion:
+            run = BackgroundRun(self, inputVolume, outputSegmentation, statisticsTable, progressCallback)
+            run.start(ct, lungMask, lungMethod, checkpoint, device)
+            return run
+
+        try:
+            result = engine_.run_segmentation(self.engine, ct, lungMethod, checkpoint, device, lungMask,
+                                              progressCallback, cancelRequested)
+        except self.engine.Cancelled as e:
+            raise Cancelled(str(e) or "Cancelled") from e
+        return self.applyResult(inputVolume, outputSegmentation, result.labels, result.lungs, result.stats,
+                                getattr(result, "info", None), statisticsTable, getattr(result, "class_names", None))
+
+    def applyResult(self, inputVolume, outputSegmentation, labels, lungs, stats, info=None, statisticsTable=None,
+                    classNames=None):
+        segmentationNode = mrml.import_result_to_segmentation(
+            self.scene, inputVolume, labels, lungs, outputSegmentation, classNames)
+        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
+        mrml.stats_to_table(stats, tableNode)
+        if info:
+            tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
+        return ProcessResult(segmentationNode, tableNode, stats, info or {}, mrml.summary_line(stats), classNames)
+
+    # -- correction loop -------------------------------------------------------
+
+    def recomputeStatistics(self, inputVolume, segmentationNode, statisticsTable=None):
+        """Statistics from the (edited) segments, written to the segmentation's table."""
+        labels, lungs = mrml.labelmaps_from_result_segments(segmentationNode, inputVolume)
+        classNames = mrml.class_names_of(segmentationNode)
+        ct = mrml.image_from_volume_node(inputVolume)
+        stats = self.engine.compute_stats(ct, labels, lungs, label_names=self.engine.label_names_for(classNames))
+        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
+        mrml.stats_to_table(stats, tableNode)
+        return ProcessResult(segmentationNode, tableNode, stats, {}, mrml.summary_line(stats), classNames)
+
+    def exportTrainingCase(self, inputVolume, segmentationNode, outputDir, caseName=None, overwrite=False):
+        return mrml.export_training_case(inputVolume, segmentationNode, outputDir, caseName, overwrite)
+
+    def saveResults(self, result, outputDir, caseName):
+        """``<case>.seg.nrrd`` and ``<case>_stats.json`` (as the engine's CLI names them)."""
+        os.makedirs(outputDir, exist_ok=True)
+        segPath = os.path.join(outputDir, caseName + ".seg.nrrd")
+        statsPath = os.path.join(outputDir, caseName + "_stats.json")
+        partial = segPath + ".partial.seg.nrrd"
+        try:
+            mrml.save_segmentation(result.segmentationNode, partial)
+            os.replace(partial, segPath)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+        write_text_atomically(statsPath, mrml.stats_to_json(result.stats))
+        return segPath, statsPath
+
+
+def write_text_atomically(path, text):
+    temporary = path + ".partial"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)
+    return path
+
+
+class BackgroundRun:
+    """One engine run in a separate Python process (see worker.py for the protocol).
+
+    ``poll()`` is called from the GUI thread (a QTimer in the panel). It forwards
+    progress, and when the worker has finished it reads the outputs and writes them
+    into the scene, in that same thread.
+    """
+
+    RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
+
+    def __init__(self, logic, inputVolume, outputSegmentation, statisticsTable, progressCallback):
+        self.logic = logic
+        self.inputVolume = inputVolume
+        self.outputSegmentation = outputSegmentation
+        self.statisticsTable = statisticsTable
+        self.progressCallback = progressCallback
+        self.state = None
+        self.result = None
+        self.error = None
+        self.log = []
+        self.process = None
+        self.workDir = None
+        self._lines = queue.Queue()
+        self._reader = None
+        self._done = None
+
+    def command(self, inputPath, outputDir, lungMaskPath, lungMethod, checkpoint, device):
+        command = [self.logic.pythonExecutable, WORKER_SCRIPT, "--input", inputPath, "--output-dir", outputDir,
+                   "--lungs", lungMethod, "--device", device, "--module-dir", self.logic.moduleDir]
+        if checkpoint:
+            command += ["--checkpoint", checkpoint]
+        if lungMaskPath:
+            command += ["--lung-mask", lungMaskPath]
+        return command
+
+    def start(self, ct, lungMask, lungMethod, checkpoint, device):
+        self.workDir = tempfile.mkdtemp(prefix="SSALesionSeg-")
+        try:
+            inputPath = os.path.join(self.workDir, "input.nrrd")
+            sitk.WriteImage(ct, inputPath)
+            lungMaskPath = None
+            if lungMask is not None:
+                lungMaskPath = os.path.join(self.workDir, "lung_mask.nrrd")
+                sitk.WriteImage(lungMask, lungMaskPath, True)
+            outputDir = os.path.join(self.workDir, "output")
+            self.process = launch(self.command(inputPath, outputDir, lungMaskPath, lungMethod, checkpoint, device),
+                                  self.logic.workerEnvironment)
+        except BaseException:
+            self._cleanup()
+            raise
+        self.outputDir = outputDir
+        self.state = self.RUNNING
+        self._reader = threading.Thread(target=self._readOutput, daemon=True)
+        self._reader.start()
+
+    def _readOutput(self):
+        # A thread, because reading a pipe blocks and the GUI thread must not.
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def poll(self):
+        """Handle new output. Returns the ProcessResult once the run has finished and its
+        results are in the scene, None while it runs (or after a cancel). Raises
+        RuntimeError if the worker failed."""
+        if self.state != self.RUNNING:
+            return self.result if self.state == self.FINISHED else None
+        finished = False
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                finished = True
+                break
+            self._handleLine(line)
+        if not finished:
+            return None
+        returnCode = self.process.wait()
+        try:
+            if returnCode != 0 or self._done is None:
+                message = self.error or f"The segmentation process exited with code {returnCode}"
+                tail = "\n".join(self.log[-20:])
+                raise RuntimeError(message + (f"\n\nProcess output:\n{tail}" if tail else ""))
+            self.result = self._applyOutputs()
+            self.state = self.FINISHED
+            return self.result
+        except BaseException:
+            self.state = self.FAILED
+            raise
+        finally:
+            self._cleanup()
+
+    def wait(self, pollInterval=0.1):
+        """Block until finished (for scripts and tests)."""
+        import time
+        while True:
+            result = self.poll()
+            if result is not None or self.state != self.RUNNING:
+                return result
+            time.sleep(pollInterval)
+
+    def _handleLine(self, line):
+        message = None
+        if line.startswith("{"):
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = None
+        if not isinstance(message, dict) or "event" not in message:
+            self.log.append(line)
+            logging.debug("SSALesionSeg worker: %s", line)
+            return
+        event = message["event"]
+        if event == "progress" and self.progressCallback:
+            self.progressCallback(message.get("stage", ""), float(message.get("fraction", 0.0)))
+        elif event == "done":
+            self._done = message
+        elif event == "error":
+            self.error = message.get("message", "The segmentation failed")
+
+    def _applyOutputs(self):
+        labels = sitk.ReadImage(os.path.join(self.outputDir, self._done["labels"]))
+        lungsFile = self._done.get("lungs")
+        lungs = sitk.ReadImage(os.path.join(self.outputDir, lungsFile)) if lungsFile else None
+        with open(os.path.join(self.outputDir, self._done["stats"]), encoding="utf-8") as f:
+            stats = json.load(f)
+        info = self._done.get("info", {})
+        # Files drop the geometry's last few bits; the CT's grid is the reference.
+        mrml.check_same_grid(labels, self.inputVolume)
+        reference = mrml.image_from_volume_node(self.inputVolume)
+        labels.CopyInformation(reference)
+        if lungs is not None:
+            lungs.CopyInformation(reference)
+        return self.logic.applyResult(self.inputVolume, self.outputSegmentation, labels, lungs, stats, info,
+                                      self.statisticsTable, self._done.get("class_names"))
+
+    def cancel(self):
+        """Stop the worker (and anything it started); the scene is not touched."""
+        if self.state != self.RUNNING:
+            return
+        self.state = self.CANCELLED
+        kill_process_tree(self.process)
+        self._cleanup()
+
+    def _cleanup(self):
+        if self.process is not None and self.process.poll() is None:
+            kill_process_tree(self.process)
+        if self.workDir:
+            shutil.rmtree(self.workDir, ignore_errors=True)
+            self.workDir = None
+
+
+def launch(command, environment=None):
+    """Start the worker in its own process group, so that cancelling can stop the
+    whole tree (slicer.util.launchConsoleProcess offers no process group)."""
+    kwargs = {}
+    if os.name == "nt":
+        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+    else:
+        kwargs["start_new_session"] = True
+    env = None
+    if environment:
+        env = os.environ.copy()
+        env.update(environment)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, **kwargs)
+
+
+def kill_process_tree(process):
+    if process.poll() is not None:
+        return
+    try:
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        process.kill()
+    process.wait()

@@ -1,0 +1,652 @@
+"""MRML side of SSALesionSeg: conversions between Slicer nodes and SimpleITK images.
+
+No Qt and no ``slicer.app``: everything here runs on a plain ``vtkMRMLScene``, so
+it works in desktop Slicer, in ``Slicer --no-main-window`` and with the
+``slicer-core`` wheel.
+
+Coordinate conventions: Slicer nodes are in RAS, SimpleITK images in LPS; Slicer
+arrays are indexed (k, j, i), as are SimpleITK arrays from GetArrayFromImage.
+"""
+
+import importlib
+import json
+import os
+import re
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+from . import engine as _engine
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+DEFAULT_CLASS_NAMES = ("background", "ggo", "consolidation")
+CLASS_NAMES_ATTRIBUTE = "SSALesionSeg.ClassNames"
+
+
+class SegmentSpec:
+    """How one engine label becomes one segment."""
+
+    def __init__(self, name, source, labelValue, color, terminology, fillOpacity2D=None, visible3D=True):
+        self.name = name
+        # The ID rule of the engine's .seg.nrrd writer, so its files match by ID too.
+        self.segmentId = name.replace(" ", "_").replace("-", "_")
+        self.source = source  # "labels" or "lungs": which engine labelmap holds it
+        self.labelValue = labelValue
+        self.color = tuple(color)
+        self.terminology = terminology
+        self.fillOpacity2D = fillOpacity2D
+        self.visible3D = visible3D
+
+
+def _engine_catalog():
+    """The engine's segment naming and terminology (light modules: no torch)."""
+    _engine.import_engine_package()
+    return (importlib.import_module(_engine.ENGINE_PACKAGE + ".segfile"),
+            importlib.import_module(_engine.ENGINE_PACKAGE + ".terminology"))
+
+
+def lesion_specs(classNames=None):
+    segfile, terminology = _engine_catalog()
+    return [SegmentSpec(name, "labels", value, terminology.color(name), terminology.terminology_entry(name))
+            for name, value in segfile.lesion_segments(list(classNames or DEFAULT_CLASS_NAMES))]
+
+
+def lung_specs():
+    segfile, terminology = _engine_catalog()
+    # Lungs are context for the lesions: faint in slices, absent from 3D so they do
+    # not hide the lesions.
+    return [SegmentSpec(name, "lungs", value, terminology.color(name), terminology.terminology_entry(name),
+                        fillOpacity2D=0.15, visible3D=False)
+            for name, value, _ in segfile.LUNG_SEGMENTS]
+
+
+def segment_specs(classNames=None):
+    """Lesion then lung segments, as the engine names, colours and codes them."""
+    return lesion_specs(classNames) + lung_specs()
+
+
+STATISTICS_REFERENCE_ROLE = "SSALesionSegStatistics"
+STATS_ATTRIBUTE = "SSALesionSeg.Stats"
+
+
+# ---------------------------------------------------------------------------
+# Scene set-up outside desktop Slicer
+# ---------------------------------------------------------------------------
+
+class HeadlessScene:
+    """A vtkMRMLScene with the module logics the segmentation code relies on.
+
+    The order matters: the segmentations logic registers the binary-labelmap
+    representation converters, which must exist before any segment is added.
+    The logic objects are kept referenced here so they outlive the set-up.
+    """
+
+    def __init__(self):
+        self.scene = slicer.vtkMRMLScene()
+        self.applicationLogic = slicer.vtkSlicerApplicationLogic()
+        self.applicationLogic.SetMRMLScene(self.scene)
+        self.colorLogic = slicer.vtkSlicerColorLogic()
+        self.colorLogic.SetMRMLApplicationLogic(self.applicationLogic)
+        self.colorLogic.SetMRMLScene(self.scene)
+        self.segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+        self.segmentationsLogic.SetMRMLApplicationLogic(self.applicationLogic)
+        self.segmentationsLogic.SetMRMLScene(self.scene)
+        self.volumesLogic = slicer.vtkSlicerVolumesLogic()
+        self.volumesLogic.SetMRMLApplicationLogic(self.applicationLogic)
+        self.volumesLogic.SetMRMLScene(self.scene)
+        # Logics find each other through the application logic (e.g. the volumes logic
+        # asks for "Colors" when it sets up a display node).
+        for name, logic in (("Colors", self.colorLogic), ("Segmentations", self.segmentationsLogic),
+                            ("Volumes", self.volumesLogic)):
+            self.applicationLogic.SetModuleLogic(name, logic)
+
+
+# ---------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------
+
+def ijk_to_ras_from_image(image):
+    """4x4 IJK-to-RAS matrix (numpy) of a SimpleITK image."""
+    direction = np.array(image.GetDirection(), float).reshape(3, 3)
+    spacing = np.array(image.GetSpacing(), float)
+    origin = np.array(image.GetOrigin(), float)
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
+    matrix[:3, 3] = LPS_TO_RAS @ origin
+    return matrix
+
+
+def vtk_matrix(array):
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, float(array[row][column]))
+    return matrix
+
+
+def numpy_matrix(vtkMatrix):
+    return np.array([[vtkMatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def set_image_geometry_from_ijk_to_ras(image, ijkToRas):
+    ijkToRas = np.asarray(ijkToRas, float)
+    axes = ijkToRas[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError("Degenerate IJK-to-RAS matrix (zero spacing)")
+    directionLps = LPS_TO_RAS @ (axes / spacing)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in directionLps.ravel()])
+    image.SetOrigin([float(v) for v in LPS_TO_RAS @ ijkToRas[:3, 3]])
+    return image
+
+
+def image_from_volume_node(volumeNode):
+    """SimpleITK image (a copy) of a scalar volume node, geometry converted to LPS.
+
+    A parent transform is not applied: results are put back under the same
+    transform, so they line up with the volume wherever it is.
+    """
+    if volumeNode is None or volumeNode.GetImageData() is None:
+        raise ValueError("The input volume has no image data")
+    if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"'{volumeNode.GetName()}' is not a single-component (grayscale) volume")
+    array = slicer.util.arrayFromVolume(volumeNode)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
+
+
+def update_volume_node_from_image(volumeNode, image):
+    """Replace voxels and geometry of a volume node with those of a SimpleITK image."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("Expected a 3D single-component image")
+    slicer.util.updateVolumeFromArray(volumeNode, sitk.GetArrayFromImage(image))
+    volumeNode.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras_from_image(image)))
+    return volumeNode
+
+
+def add_volume_node_from_image(scene, image, name, labelmap=False):
+    className = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    volumeNode = scene.AddNewNodeByClass(className, name)
+    update_volume_node_from_image(volumeNode, image)
+    volumeNode.CreateDefaultDisplayNodes()
+    return volumeNode
+
+
+def oriented_image_from_array(array, ijkToRas):
+    """vtkOrientedImageData (unsigned char) from a (k, j, i) numpy array."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    imageData = slicer.vtkOrientedImageData()
+    imageData.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    imageData.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars())[:] = array.ravel()
+    imageData.SetImageToWorldMatrix(vtk_matrix(ijkToRas))
+    return imageData
+
+
+def array_from_oriented_image(imageData):
+    dims = imageData.GetDimensions()
+    scalars = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars())
+    return scalars.reshape(dims[2], dims[1], dims[0]).copy()
+
+
+def reference_geometry_image(volumeNode):
+    """Empty vtkOrientedImageData with the volume's grid (for resampling onto it)."""
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(volumeNode.GetImageData().GetExtent())
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    reference.SetImageToWorldMatrix(matrix)
+    return reference
+
+
+def check_same_grid(image, volumeNode, tolerance=1e-3):
+    """Raise if a SimpleITK image is not on the volume's voxel grid."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    if tuple(image.GetSize()) != tuple(dims):
+        raise ValueError(f"Labelmap size {image.GetSize()} differs from the CT size {dims}")
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    if not np.allclose(ijk_to_ras_from_image(image), numpy_matrix(matrix), atol=tolerance):
+        raise ValueError("Labelmap geometry (origin, spacing or direction) differs from the CT's")
+
+
+# ---------------------------------------------------------------------------
+# Segmentation node
+# ---------------------------------------------------------------------------
+
+def find_segment_id(segmentation, spec):
+    """Segment of a spec in a segmentation: by our ID, else by name (files loaded
+    from .seg.nrrd get new IDs but keep names)."""
+    if segmentation.GetSegment(spec.segmentId):
+        return spec.segmentId
+    segmentId = segmentation.GetSegmentIdBySegmentName(spec.name)
+    return segmentId or None
+
+
+def ensure_segmentation_node(scene, segmentationNode, referenceVolumeNode, name=None):
+    if segmentationNode is None:
+        segmentationNode = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", name or f"{referenceVolumeNode.GetName()} lesions")
+    if segmentationNode.GetDisplayNode() is None:
+        segmentationNode.CreateDefaultDisplayNodes()
+    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+    segmentationNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+    return segmentationNode
+
+
+def set_segment_from_array(segmentationNode, spec, mask, ijkToRas):
+    """Create or update one segment from a binary (k, j, i) mask; returns its ID."""
+    segmentation = segmentationNode.GetSegmentation()
+    segmentId = find_segment_id(segmentation, spec)
+    if segmentId is None:
+        segmentId = segmentation.AddEmptySegment(spec.segmentId, spec.name, spec.color)
+    segment = segmentation.GetSegment(segmentId)
+    segment.SetName(spec.name)
+    segment.SetColor(*spec.color)
+    segment.SetTerminology(spec.terminology)
+    labelmap = oriented_image_from_array(mask, ijkToRas)
+    if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            labelmap, segmentationNode, segmentId,
+            slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
+        raise RuntimeError(f"Could not write segment '{spec.name}'")
+    displayNode = segmentationNode.GetDisplayNode()
+    if displayNode is not None:
+        if spec.fillOpacity2D is not None:
+            displayNode.SetSegmentOpacity2DFill(segmentId, spec.fillOpacity2D)
+        displayNode.SetSegmentVisibility3D(segmentId, spec.visible3D)
+    return segmentId
+
+
+def import_result_to_segmentation(scene, volumeNode, labels, lungs, segmentationNode=None, classNames=None,
+                                  specs=None):
+    """Write the engine's labelmaps into segments of a (new or existing) segmentation.
+
+    Re-running updates the same segments in place; segments the user added
+    themselves are left alone. ``classNames`` are the model's (binary models give
+    one "Infection" segment instead of GGO and consolidation).
+    """
+    sources = {"labels": labels, "lungs": lungs}
+    for source in sources.values():
+        if source is not None:
+            check_same_grid(source, volumeNode)
+    specs = specs if specs is not None else segment_specs(classNames)
+    segmentationNode = ensure_segmentation_node(scene, segmentationNode, volumeNode)
+    wasModifying = segmentationNode.StartModify()
+    try:
+        arrays = {key: sitk.GetArrayViewFromImage(img) for key, img in sources.items() if img is not None}
+        for spec in specs:
+            if spec.source not in arrays:
+                continue
+            ijkToRas = ijk_to_ras_from_image(sources[spec.source])
+            set_segment_from_array(segmentationNode, spec, arrays[spec.source] == spec.labelValue, ijkToRas)
+        if labels is not None:
+            segmentationNode.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps(list(classNames or DEFAULT_CLASS_NAMES)))
+    finally:
+        segmentationNode.EndModify(wasModifying)
+    return segmentationNode
+
+
+def class_names_of(segmentationNode):
+    """The model classes a result segmentation was made with (stored at import; else
+    guessed from the segment names, e.g. for a .seg.nrrd written by the engine's CLI)."""
+    stored = segmentationNode.GetAttribute(CLASS_NAMES_ATTRIBUTE)
+    if stored:
+        return json.loads(stored)
+    segmentation = segmentationNode.GetSegmentation()
+    binary = lesion_specs(["background", "infection"])[0]
+    if find_segment_id(segmentation, binary) and not any(find_segment_id(segmentation, s) for s in lesion_specs()):
+        return ["background", "infection"]
+    return list(DEFAULT_CLASS_NAMES)
+
+
+def segment_mask_array(segmentationNode, segmentId, referenceVolumeNode):
+    """Binary (k, j, i) uint8 array of one segment on the reference volume's grid."""
+    segmentImage = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentationNode, segmentId, segmentImage, False):
+        raise RuntimeError(f"Segment '{segmentId}' has no binary labelmap")
+    reference = reference_geometry_image(referenceVolumeNode)
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            segmentImage, reference, resampled, False, True):
+        raise RuntimeError(f"Could not resample segment '{segmentId}' onto the CT grid")
+    dims = referenceVolumeNode.GetImageData().GetDimensions()
+    if resampled.GetPointData().GetScalars() is None or resampled.GetDimensions() != dims:
+        # An empty segment resamples to an empty image.
+        return np.zeros(dims[::-1], np.uint8)
+    # Segments may share one labelmap layer, each under its own label value.
+    labelValue = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    return (array_from_oriented_image(resampled) == labelValue).astype(np.uint8)
+
+
+def labelmap_from_segments(segmentationNode, referenceVolumeNode, idsToValues):
+    """SimpleITK uint8 labelmap on the CT grid; later entries win where segments overlap."""
+    dims = referenceVolumeNode.GetImageData().GetDimensions()
+    labels = np.zeros(dims[::-1], np.uint8)
+    for segmentId, value in idsToValues:
+        labels[segment_mask_array(segmentationNode, segmentId, referenceVolumeNode) > 0] = value
+    image = sitk.GetImageFromArray(labels)
+    matrix = vtk.vtkMatrix4x4()
+    referenceVolumeNode.GetIJKToRASMatrix(matrix)
+    return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
+
+
+def labelmaps_from_result_segments(segmentationNode, referenceVolumeNode, requireLungs=True):
+    """(labels, lungs) as the engine would return them, rebuilt from (edited) segments.
+    A missing lesion segment counts as empty; missing lung segments are an error
+    unless ``requireLungs`` is False (then lungs may be None)."""
+    segmentation = segmentationNode.GetSegmentation()
+
+    def ids(specs, required):
+        found = []
+        for spec in specs:
+            segmentId = find_segment_id(segmentation, spec)
+            if segmentId is None:
+                if required:
+                    raise ValueError(f"Segment '{spec.name}' is missing from '{segmentationNode.GetName()}'")
+                continue
+            found.append((segmentId, spec.labelValue))
+        return found
+
+    lesions = ids(lesion_specs(class_names_of(segmentationNode)), False)
+    labels = labelmap_from_segments(segmentationNode, referenceVolumeNode, lesions)
+    lungIds = ids(lung_specs(), requireLungs)
+    lungs = labelmap_from_segments(segmentationNode, referenceVolumeNode, lungIds) if lungIds else None
+    return labels, lungs
+
+
+def lung_mask_from_segmentation(segmentationNode, referenceVolumeNode):
+    """Lung labelmap (1 right, 2 left) from a user's segmentation for the engine's
+    ``lung_mask``: segments named like right/left lung keep their side; if there
+    are none, every visible segment counts as lung (label 1)."""
+    segmentation = segmentationNode.GetSegmentation()
+    sided = []
+    allIds = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(index)
+        name = segmentation.GetSegment(segmentId).GetName().lower()
+        allIds.append(segmentId)
+        for spec in lung_specs():
+            side = spec.name.split()[0].lower()  # "right" / "left"
+            if "lung" in name and side in name:
+                sided.append((segmentId, spec.labelValue))
+    if not allIds:
+        raise ValueError(f"'{segmentationNode.GetName()}' has no segments to use as lung mask")
+    idsToValues = sided or [(segmentId, 1) for segmentId in allIds]
+    return labelmap_from_segments(segmentationNode, referenceVolumeNode, idsToValues)
+
+
+def save_segmentation(segmentationNode, path):
+    """Write a .seg.nrrd with Slicer's own storage node (names, colours, terminology)."""
+    scene = segmentationNode.GetScene()
+    storageNode = slicer.vtkMRMLSegmentationStorageNode()
+    if scene is not None:
+        scene.AddNode(storageNode)
+    try:
+        storageNode.SetFileName(os.fspath(path))
+        if not storageNode.WriteData(segmentationNode):
+            raise RuntimeError(f"Could not write {path}")
+    finally:
+        if scene is not None:
+            scene.RemoveNode(storageNode)
+    return os.fspath(path)
+
+
+# ---------------------------------------------------------------------------
+# Statistics table
+# ---------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("Structure", "Measurement", "Value", "Unit", "Key")
+# The clinical part of the engine's statistics; the rest (input, timings, model) stays
+# in the JSON attribute of the table.
+TABLE_SECTIONS = ("lesions", "lungs", "lobes", "severity")
+
+_STRUCTURES = {
+    "lesions.ggo": "Ground-glass opacity",
+    "lesions.consolidation": "Consolidation",
+    "lesions.infection": "Infection (all lesions)",
+    "lungs.right": "Right lung",
+    "lungs.left": "Left lung",
+    "lungs.total": "Both lungs",
+    "severity": "Severity score",
+}
+_FIELDS = {
+    "volume_ml": ("Volume", "mL"),
+    "percent_of_lung": ("% of both lungs", "%"),
+    "percent_of_right_lung": ("% of right lung", "%"),
+    "percent_of_left_lung": ("% of left lung", "%"),
+    "right_volume_ml": ("Volume in right lung", "mL"),
+    "left_volume_ml": ("Volume in left lung", "mL"),
+    "mean_hu": ("Mean attenuation", "HU"),
+    "std_hu": ("Attenuation std. dev.", "HU"),
+    "percent_involved": ("% involved", "%"),
+    "score": ("score", "points"),
+    "total": ("total", "points"),
+    "max": ("maximum", "points"),
+}
+
+
+def flatten_stats(stats, sections=TABLE_SECTIONS):
+    """[(dotted key, value)] of a nested stats dict, in section order."""
+    items = []
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}", child)
+        else:
+            items.append((prefix, value))
+
+    for section in sections:
+        if isinstance(stats.get(section), dict):
+            walk(section, stats[section])
+    return items
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _words(key):
+    return key.replace("_", " ")
+
+
+def describe_stat(key):
+    """(structure, measurement, unit) shown in the table for a dotted stats key."""
+    parts = key.split(".")
+    field, unit = _FIELDS.get(parts[-1], (_words(parts[-1]), ""))
+    if len(parts) >= 2 and ".".join(parts[:2]) in _STRUCTURES:
+        structure, middle = _STRUCTURES[".".join(parts[:2])], parts[2:-1]
+    elif parts[0] in _STRUCTURES:
+        structure, middle = _STRUCTURES[parts[0]], parts[1:-1]
+    elif parts[0] == "lobes" and len(parts) >= 3:
+        structure, middle = f"Lobe: {_words(parts[1])}", parts[2:-1]
+    else:
+        structure, middle = parts[0].capitalize(), parts[1:-1]
+    if parts[0] == "severity" and middle[:1] == ["regions"]:
+        middle = middle[1:]  # severity.regions.right_lung.score -> "right lung score"
+    measurement = " ".join([_words(m) for m in middle] + [field]).strip()
+    return structure, measurement[:1].upper() + measurement[1:], unit
+
+
+def stats_to_table(stats, tableNode):
+    """Fill a table node with the clinical part of the engine's statistics.
+
+    One row per numeric value; the Key column holds the dotted JSON path so scripts
+    can find a value. Text values (e.g. the severity scheme) and the full JSON go
+    into node attributes.
+    """
+    tableNode.RemoveAllColumns()
+    table = tableNode.GetTable()
+    columns = {}
+    for name in TABLE_COLUMNS:
+        column = vtk.vtkDoubleArray() if name == "Value" else vtk.vtkStringArray()
+        column.SetName(name)
+        table.AddColumn(column)
+        columns[name] = column
+    for key, value in flatten_stats(stats):
+        if _is_number(value):
+            structure, measurement, unit = describe_stat(key)
+            columns["Structure"].InsertNextValue(structure)
+            columns["Measurement"].InsertNextValue(measurement)
+            columns["Value"].InsertNextValue(float(value))
+            columns["Unit"].InsertNextValue(unit)
+            columns["Key"].InsertNextValue(key)
+        elif isinstance(value, str):
+            tableNode.SetAttribute(f"SSALesionSeg.{key}", value)
+    tableNode.SetAttribute(STATS_ATTRIBUTE, json.dumps(stats, default=_json_default))
+    table.Modified()
+    tableNode.Modified()
+    return tableNode
+
+
+def table_values(tableNode):
+    """{dotted key: value} read back from a statistics table."""
+    table = tableNode.GetTable()
+    keys = table.GetColumnByName("Key")
+    values = table.GetColumnByName("Value")
+    return {keys.GetValue(row): values.GetValue(row) for row in range(table.GetNumberOfRows())}
+
+
+def ensure_statistics_table(scene, segmentationNode, tableNode=None, name=None):
+    """The statistics table of a segmentation: the given one, the one referenced by
+    the segmentation from an earlier run, or a new one."""
+    if tableNode is None:
+        tableNode = segmentationNode.GetNodeReference(STATISTICS_REFERENCE_ROLE)
+    if tableNode is None:
+        tableNode = scene.AddNewNodeByClass(
+            "vtkMRMLTableNode", name or f"{segmentationNode.GetName()} statistics")
+    segmentationNode.SetNodeReferenceID(STATISTICS_REFERENCE_ROLE, tableNode.GetID())
+    return tableNode
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def stats_to_json(stats):
+    return json.dumps(stats, indent=2, default=_json_default)
+
+
+def _number(value):
+    if isinstance(value, dict):
+        value = value.get("total")
+    return float(value) if _is_number(value) else None
+
+
+def summary_line(stats):
+    """One line for the panel, e.g.
+    'Infection 12.4 mL (3.1 % of lungs): GGO 10.0 mL, consolidation 2.4 mL. Severity 4/10.'"""
+    lesions = stats.get("lesions") or {}
+
+    def lesion(name, field):
+        return _number((lesions.get(name) or {}).get(field))
+
+    head = ""
+    infection = lesion("infection", "volume_ml")
+    if infection is not None:
+        head = f"Infection {infection:.1f} mL"
+        percent = lesion("infection", "percent_of_lung")
+        if percent is not None:
+            head += f" ({percent:.1f} % of lungs)"
+    details = ", ".join(f"{label} {value:.1f} mL" for label, value in
+                        (("GGO", lesion("ggo", "volume_ml")), ("consolidation", lesion("consolidation", "volume_ml")))
+                        if value is not None)
+    line = ": ".join(part for part in (head, details) if part)
+    severity = stats.get("severity")
+    score = _number(severity)
+    if score is not None:
+        maximum = _number(severity.get("max")) if isinstance(severity, dict) else None
+        text = f"Severity {score:g}" + (f"/{maximum:g}" if maximum is not None else "")
+        line = f"{line}. {text}" if line else text
+    return f"{line}." if line else "No statistics."
+
+
+# ---------------------------------------------------------------------------
+# Training-case export
+# ---------------------------------------------------------------------------
+
+def safe_case_name(name):
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
+    return cleaned or "case"
+
+
+def ct_image_for_export(volumeNode):
+    """CT as SimpleITK image, int16 when the values are whole HU (they nearly always are)."""
+    image = image_from_volume_node(volumeNode)
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size and np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            return sitk.Cast(image, sitk.sitkFloat32)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if -32768 <= low and high <= 32767:
+        return sitk.Cast(image, sitk.sitkInt16)
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None, overwrite=False):
+    """Write ``<outputDir>/images/<case>.nii.gz`` (CT in HU) and ``<outputDir>/labels/<case>.nii.gz``
+    (0 background, 1 GGO, 2 consolidation), the layout ``ssanet.data.load_volume_pairs``
+    reads; also ``lungs/<case>.nii.gz`` (1 right, 2 left) when the lung segments exist, so
+    fine-tuning sees the corrected lungs too. Returns the written paths."""
+    caseName = safe_case_name(caseName or volumeNode.GetName())
+    paths = {folder: os.path.join(outputDir, folder, caseName + ".nii.gz") for folder in ("images", "labels", "lungs")}
+    if not overwrite:
+        existing = [p for p in paths.values() if os.path.exists(p)]
+        if existing:
+            raise FileExistsError(f"Training case '{caseName}' already exists: {existing[0]}")
+    labels, lungs = labelmaps_from_result_segments(segmentationNode, volumeNode, requireLungs=False)
+    images = {"images": ct_image_for_export(volumeNode), "labels": labels, "lungs": lungs}
+    written = []
+    for folder, image in images.items():
+        if image is None:
+            continue
+        os.makedirs(os.path.dirname(paths[folder]), exist_ok=True)
+        written.append(write_image_atomically(image, paths[folder]))
+    return written
+
+
+def write_image_atomically(image, path):
+    """Write next to the target, then rename, so an interrupted write never leaves a
+    file that looks complete."""
+    directory, name = os.path.split(os.fspath(path))
+    temporary = os.path.join(directory, f".partial-{os.getpid()}-{name}")
+    try:
+        sitk.WriteImage(image, temporary, True)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def remove_nodes(scene, nodes):
+    """Remove nodes with their display and storage nodes."""
+    for node in nodes:
+        if node is None or node.GetScene() is None:
+            continue
+        related = []
+        if node.IsA("vtkMRMLDisplayableNode"):
+            related += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        if node.IsA("vtkMRMLStorableNode"):
+            related += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+        scene.RemoveNode(node)
+        for other in related:
+            if other is not None and other.GetScene() is not None:
+                scene.RemoveNode(other)
+
+

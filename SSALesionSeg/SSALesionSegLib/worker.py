@@ -1,0 +1,78 @@
+"""Runs the engine outside Slicer's GUI process (started by logic.BackgroundRun).
+
+Protocol: one JSON object per stdout line, each with an "event":
+  {"event": "progress", "stage": str, "fraction": float}
+  {"event": "done", "labels": file, "lungs": file or null, "stats": file, "info": {...}}
+  {"event": "error", "message": str}
+Other stdout lines are log text. The output files appear (by rename) only after
+they are completely written, and "done" is the last line of a successful run.
+
+It calls the same ``segment_image`` as an in-process run, so both paths give the
+same result; it imports neither Qt nor slicer.
+"""
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+
+def emit(**message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--lungs", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--lung-mask")
+    parser.add_argument("--module-dir")
+    return parser.parse_args(argv)
+
+
+def _json_safe(value):
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+def main(argv=None):
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        import SimpleITK as sitk
+        from SSALesionSegLib import engine as engine_
+
+        engine = engine_.load_engine(args.module_dir)
+        ct = sitk.ReadImage(args.input)
+        lungMask = sitk.ReadImage(args.lung_mask) if args.lung_mask else None
+        result = engine_.run_segmentation(
+            engine, ct, args.lungs, args.checkpoint, args.device, lungMask,
+            progress=lambda stage, fraction: emit(event="progress", stage=str(stage), fraction=float(fraction)))
+
+        os.makedirs(args.output_dir, exist_ok=True)
+        names = {"labels": "labels.nrrd", "lungs": "lungs.nrrd" if result.lungs is not None else None,
+                 "stats": "stats.json"}
+        for key, image in (("labels", result.labels), ("lungs", result.lungs)):
+            if image is not None:
+                partial = os.path.join(args.output_dir, "partial-" + names[key])
+                sitk.WriteImage(image, partial, True)
+                os.replace(partial, os.path.join(args.output_dir, names[key]))
+        partial = os.path.join(args.output_dir, "partial-stats.json")
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(result.stats), f, indent=2)
+        os.replace(partial, os.path.join(args.output_dir, names["stats"]))
+        emit(event="done", info=_json_safe(getattr(result, "info", {}) or {}),
+             class_names=list(getattr(result, "class_names", None) or []) or None, **names)
+        return 0
+    except Exception as e:  # reported to the panel, which shows the message
+        traceback.print_exc(file=sys.stdout)
+        emit(event="error", message=f"{type(e).__name__}: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

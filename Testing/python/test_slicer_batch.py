@@ -1,0 +1,213 @@
+"""SSALesionSegBatch.py: argument handling, case discovery, loading through Slicer's
+volumes logic (NIfTI and a DICOM series) and the whole batch under slicer-core, both
+in-process and as the script a user runs. The fake engine returns the phantom's labels."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+sitk = pytest.importorskip("SimpleITK")
+
+from test_slicer_mrml import (  # noqa: E402  (shared fixtures and fake engine)
+    MODULE_DIR,
+    fake_engine,
+    fake_engine_dir,
+    mrml_scene,
+    real_engine_or_skip,
+    tiny_checkpoint,
+)
+
+import SSALesionSegBatch as batch  # noqa: E402
+from SSALesionSegLib import logic as logic_  # noqa: E402
+from SSALesionSegLib import mrml, phantom  # noqa: E402
+
+__all__ = ["fake_engine", "fake_engine_dir", "mrml_scene", "tiny_checkpoint"]  # fixtures used by name below
+
+BATCH_SCRIPT = os.path.join(MODULE_DIR, "SSALesionSegBatch.py")
+DICOM_SPACING = (0.75, 0.75, 2.0)
+DICOM_ORIGIN = (-18.0, -15.0, -100.0)
+
+
+def write_dicom_series(image, folder):
+    """A CT series SimpleITK writes slice by slice with the tags a CT reader needs."""
+    os.makedirs(folder, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    studyUid, seriesUid = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
+    direction = image.GetDirection()
+    common = {
+        "0008|0060": "CT", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0010|0010": "Phantom^Chest",
+        "0010|0020": "PHANTOM1", "0020|000d": studyUid, "0020|000e": seriesUid, "0008|103e": "Phantom chest CT",
+        "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                    direction[1], direction[4], direction[7])),
+        "0018|0050": f"{image.GetSpacing()[2]:.4f}", "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU",
+    }
+    for k in range(image.GetDepth()):
+        sliceImage = image[:, :, k]
+        for tag, value in common.items():
+            sliceImage.SetMetaData(tag, value)
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        sliceImage.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in position))
+        sliceImage.SetMetaData("0020|0013", str(k + 1))
+        sliceImage.SetMetaData("0008|0018", f"{seriesUid}.{k + 1}")
+        writer.SetFileName(os.path.join(folder, f"IM{k + 1:04d}.dcm"))
+        writer.Execute(sliceImage)
+
+
+@pytest.fixture
+def input_folder(tmp_path, monkeypatch):
+    """One DICOM series folder and one NIfTI, same phantom; the fake engine returns its labels."""
+    return make_input_folder(tmp_path, monkeypatch, (40, 36, 6))
+
+
+def make_input_folder(tmp_path, monkeypatch, size):
+    ct, labels, lungs = phantom.make_phantom(size=size, spacing=DICOM_SPACING, origin=DICOM_ORIGIN)
+    folder = tmp_path / "input"
+    write_dicom_series(ct, str(folder / "patient_dicom"))
+    sitk.WriteImage(ct, str(folder / "patient_nifti.nii.gz"))
+    (folder / "notes.txt").write_text("not an image")
+    for name, image in (("labels", labels), ("lungs", lungs)):
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nrrd"))
+    monkeypatch.setenv("FAKE_ENGINE_LABELS", str(tmp_path / "labels.nrrd"))
+    monkeypatch.setenv("FAKE_ENGINE_LUNGS", str(tmp_path / "lungs.nrrd"))
+    return types.SimpleNamespace(path=folder, ct=ct, labels=sitk.GetArrayFromImage(labels))
+
+
+# ---------------------------------------------------------------------------
+# Arguments and case discovery
+# ---------------------------------------------------------------------------
+
+def test_parse_args_defaults_and_slicer_separator(tmp_path):
+    args = batch.parse_args(["--", "--input", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert (args.input, args.output) == (str(tmp_path), str(tmp_path / "out"))
+    assert (args.lungs, args.device, args.checkpoint, args.overwrite) == ("auto", "auto", None, False)
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"")
+    args = batch.parse_args(["--input", str(tmp_path), "--output", "o", "--lungs", "classical", "--device", "cpu",
+                             "--checkpoint", str(checkpoint), "--overwrite"])
+    assert (args.lungs, args.device, args.checkpoint, args.overwrite) == ("classical", "cpu", str(checkpoint), True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output", "o"], "--input"),
+    (["--input", "{tmp}/missing", "--output", "o"], "not a folder"),
+    (["--input", "{tmp}", "--output", "o", "--lungs", "existing"], "invalid choice"),
+    (["--input", "{tmp}", "--output", "o", "--device", "tpu"], "invalid choice"),
+    (["--input", "{tmp}", "--output", "o", "--checkpoint", "{tmp}/none.pt"], "not found"),
+])
+def test_parse_args_rejects_bad_arguments(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        batch.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_find_cases_takes_image_files_and_dicom_folders(input_folder):
+    (input_folder.path / "empty_folder").mkdir()
+    cases = batch.find_cases(str(input_folder.path))
+    assert [name for name, _ in cases] == ["patient_dicom", "patient_nifti"]
+    assert len(cases[0][1]) == 6 and cases[0][1][0].endswith("IM0001.dcm")
+
+
+def test_volumes_logic_loads_the_dicom_series_with_its_geometry(input_folder, mrml_scene):
+    name, files = batch.find_cases(str(input_folder.path))[0]
+    volume = batch.load_volume(mrml_scene.volumesLogic, name, files)
+    image = mrml.image_from_volume_node(volume)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(input_folder.ct))
+    np.testing.assert_allclose(image.GetSpacing(), DICOM_SPACING, atol=1e-4)
+    np.testing.assert_allclose(image.GetOrigin(), DICOM_ORIGIN, atol=1e-3)
+    np.testing.assert_allclose(image.GetDirection(), np.eye(3).ravel(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Whole batch
+# ---------------------------------------------------------------------------
+
+def _context(headless, engine):
+    return types.SimpleNamespace(scene=headless.scene, volumesLogic=headless.volumesLogic,
+                                 logic=logic_.ProcessingLogic(headless.scene, engine=engine, moduleDir=MODULE_DIR))
+
+
+def test_batch_processes_a_dicom_folder_and_a_nifti(input_folder, tmp_path, mrml_scene, fake_engine):
+    slicerio = pytest.importorskip("slicerio")
+    out = tmp_path / "out"
+    args = batch.parse_args(["--input", str(input_folder.path), "--output", str(out), "--device", "cpu"])
+    lines = []
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
+
+    assert sorted(os.listdir(out)) == ["patient_dicom.seg.nrrd", "patient_dicom_stats.json",
+                                       "patient_nifti.seg.nrrd", "patient_nifti_stats.json"]
+    for case in ("patient_dicom", "patient_nifti"):
+        segmentation = slicerio.read_segmentation(str(out / f"{case}.seg.nrrd"))
+        assert {s["name"] for s in segmentation["segments"]} == {s.name for s in mrml.segment_specs()}
+        ggo = slicerio.segment_mask(segmentation, slicerio.segment_from_name(segmentation, "Ground-glass opacity"))
+        assert int(ggo.sum()) == int((input_folder.labels == 1).sum())
+        np.testing.assert_allclose(np.array(segmentation["ijkToLPS"])[:3, :3], np.diag(DICOM_SPACING), atol=1e-4)
+        stats = json.loads((out / f"{case}_stats.json").read_text())
+        assert stats["lesions"]["ggo"]["volume_ml"] == pytest.approx(
+            (input_folder.labels == 1).sum() * np.prod(DICOM_SPACING) / 1000.0)
+    assert any("patient_dicom: lungs" in line for line in lines)
+    assert lines[-1].startswith("All 2 cases done")
+    # Nodes of finished cases are removed, so long batches do not pile up in memory.
+    assert mrml_scene.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert mrml_scene.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+    lines.clear()
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
+    assert sum("skipped" in line for line in lines) == 2
+
+
+def test_batch_goes_on_after_a_bad_case_and_fails_at_the_end(input_folder, tmp_path, mrml_scene, fake_engine):
+    (input_folder.path / "broken.nrrd").write_bytes(b"NRRD0004\nthis is not a valid header\n")
+    out = tmp_path / "out"
+    lines = []
+    args = batch.parse_args(["--input", str(input_folder.path), "--output", str(out)])
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 1
+    assert any(line.startswith("[1/3] broken: FAILED") for line in lines)
+    assert (out / "patient_nifti.seg.nrrd").exists() and (out / "patient_dicom.seg.nrrd").exists()
+    assert not (out / "broken.seg.nrrd").exists()
+    assert lines[-1] == "1 of 3 cases failed: broken"
+
+
+def test_batch_script_runs_under_slicer_core_without_qt(input_folder, tmp_path, fake_engine_dir):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake_engine_dir), os.environ.get("PYTHONPATH", "")]))
+    # Poison qt/PySide imports: the script must not need them.
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    for name in ("qt", "ctk", "PythonQt"):
+        (guard / f"{name}.py").write_text(f"raise ImportError('{name} must not be imported by the batch script')\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(guard), env["PYTHONPATH"]])
+    completed = subprocess.run([sys.executable, BATCH_SCRIPT, "--", "--input", str(input_folder.path),
+                                "--output", str(out), "--device", "cpu"],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "All 2 cases done" in completed.stdout
+    assert sorted(p for p in os.listdir(out) if p.endswith(".seg.nrrd")) == ["patient_dicom.seg.nrrd",
+                                                                             "patient_nifti.seg.nrrd"]
+
+
+def test_importing_the_batch_script_does_nothing(tmp_path):
+    code = (f"import sys; sys.path.insert(0, {MODULE_DIR!r}); sys.argv = ['x', '--input', 'nowhere']\n"
+            "import SSALesionSegBatch\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('qt', 'PySide6', 'PythonQt', 'slicer')))\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
+
+
+def test_real_engine_batch(tmp_path, monkeypatch, mrml_scene, tiny_checkpoint):
+    real = real_engine_or_skip()
+    # Large enough for the engine's classical lung step to find the phantom's lungs.
+    input_folder = make_input_folder(tmp_path, monkeypatch, (72, 64, 6))
+    out = tmp_path / "out"
+    args = batch.parse_args(["--input", str(input_folder.path), "--output", str(out), "--lungs", "classical",
+                             "--device", "cpu", "--checkpoint", tiny_checkpoint])
+    assert batch.run_batch(args, _context(mrml_scene, real), out=print) == 0
+    assert (out / "patient_dicom.seg.nrrd").exists() and (out / "patient_nifti_stats.json").exists()

@@ -1,0 +1,633 @@
+"""MRML side of the Slicer module, on a real vtkMRMLScene from slicer-core (no Qt).
+
+Most tests use a fake engine that returns the phantom's known labels, so that they
+check the conversions (names, colours, terminology, voxel counts, geometry, table),
+not the network. ``test_real_engine_*`` use the real engine and skip until it exists.
+The fake is a package on disk so the background (separate process) path can use it too.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import textwrap
+import time
+import types
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+sitk = pytest.importorskip("SimpleITK")
+
+MODULE_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "SSALesionSeg"))
+if MODULE_DIR not in sys.path:
+    sys.path.insert(0, MODULE_DIR)
+
+from SSALesionSegLib import engine as engine_  # noqa: E402
+from SSALesionSegLib import logic as logic_  # noqa: E402
+from SSALesionSegLib import mrml, phantom  # noqa: E402
+
+REAL_ENGINE_REASON = ("ssalesionseg.pipeline / ssalesionseg.stats not importable yet (the engine is being "
+                      "written in SSALesionSeg/Logic); run these once it exists")
+
+
+def real_engine_or_skip():
+    try:
+        return engine_.load_engine(MODULE_DIR)
+    except ImportError as e:
+        pytest.skip(f"{REAL_ENGINE_REASON}: {e}")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A small SSA-Net with random weights: the real code path, meaningless labels."""
+    sys.path.insert(0, os.path.join(os.path.dirname(MODULE_DIR), "Training"))
+    try:
+        torch = pytest.importorskip("torch")
+        try:
+            from ssanet.checkpoint import save_checkpoint
+            from ssanet.model import SSANet
+        except ImportError as e:
+            pytest.skip(f"training kit (ssanet) not importable: {e}")
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-random.safetensors"
+    save_checkpoint(path, SSANet(layers=(1, 1, 1, 1), width=(8, 16, 32, 64)), {"name": "tiny-random"})
+    return str(path)
+
+
+# ---------------------------------------------------------------------------
+# Fake engine: the real engine package (SSALesionSeg/Logic) with only
+# pipeline.segment_image replaced by one that returns the phantom's known labels.
+# Statistics, segment names, colours and terminology are therefore the engine's own.
+# ---------------------------------------------------------------------------
+
+FAKE_PIPELINE = '''
+import os
+import time
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import Cancelled
+from .stats import compute_stats, label_names_for
+
+
+class SegmentationResult:
+    def __init__(self, labels, lungs, class_names, stats, info):
+        self.labels, self.lungs, self.class_names, self.stats, self.info = labels, lungs, class_names, stats, info
+        self.probability = None
+
+
+CALLS = []
+
+
+def segment_image(ct, *, checkpoint=None, lungs="auto", lung_weights=None, lobe_weights=None, lung_mask=None,
+                  device="auto", batch_size=None, progress=None, cancel=None, save_probability=False):
+    CALLS.append(dict(checkpoint=checkpoint, lungs=lungs, lung_mask=lung_mask, device=device,
+                      lobe_weights=lobe_weights))
+    if os.environ.get("FAKE_ENGINE_FAIL"):
+        raise ValueError(os.environ["FAKE_ENGINE_FAIL"])
+    delay = float(os.environ.get("FAKE_ENGINE_DELAY", "0"))
+    for stage in ("lungs", "lesions"):
+        for step in range(5):
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled")
+            if progress is not None:
+                progress(stage, step / 4.0)
+            time.sleep(delay)
+    labels = sitk.ReadImage(os.environ["FAKE_ENGINE_LABELS"])
+    lungmap = sitk.ReadImage(os.environ["FAKE_ENGINE_LUNGS"])
+    class_names = ["background", "ggo", "consolidation"]
+    if os.environ.get("FAKE_ENGINE_BINARY"):
+        labels = sitk.Cast(labels > 0, sitk.sitkUInt8)
+        class_names = ["background", "infection"]
+    labels.CopyInformation(ct)
+    lungmap.CopyInformation(ct)
+    stats = compute_stats(ct, labels, lungmap, None, label_names_for(class_names))
+    info = {"lung_method": lungs, "device": device, "class_names": class_names}
+    return SegmentationResult(labels, lungmap, class_names, stats, info)
+'''
+
+LOGIC_DIR = os.path.join(MODULE_DIR, "Logic")
+
+
+def write_fake_engine(root):
+    """``<root>/ssalesionseg``: the engine's files with the fake pipeline."""
+    package = os.path.join(root, "ssalesionseg")
+    os.makedirs(package)
+    for name in os.listdir(LOGIC_DIR):
+        if name.endswith(".py"):
+            with open(os.path.join(LOGIC_DIR, name), encoding="utf-8") as f:
+                source = f.read()
+            with open(os.path.join(package, name), "w", encoding="utf-8") as f:
+                f.write(source)
+    with open(os.path.join(package, "pipeline.py"), "w", encoding="utf-8") as f:
+        f.write(textwrap.dedent(FAKE_PIPELINE))
+    return package
+
+
+def load_fake_engine(package, alias):
+    """The fake package imported under another name, as the namespace load_engine returns."""
+    spec = importlib.util.spec_from_file_location(alias, os.path.join(package, "__init__.py"),
+                                                  submodule_search_locations=[package])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    pipeline = importlib.import_module(alias + ".pipeline")
+    stats = importlib.import_module(alias + ".stats")
+    return types.SimpleNamespace(segment_image=pipeline.segment_image, compute_stats=stats.compute_stats,
+                                 label_names_for=stats.label_names_for, Cancelled=pipeline.Cancelled,
+                                 resolve_lobe_weights=lambda: os.environ.get("FAKE_LOBE_WEIGHTS"),
+                                 calls=pipeline.CALLS)
+
+
+@pytest.fixture(scope="session")
+def fake_engine_dir(tmp_path_factory):
+    """A folder holding the fake ``ssalesionseg`` package (for PYTHONPATH of subprocesses)."""
+    root = tmp_path_factory.mktemp("fake_engine")
+    write_fake_engine(str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_engine(fake_engine_dir):
+    return load_fake_engine(str(fake_engine_dir / "ssalesionseg"), "fake_ssalesionseg")
+
+
+OBLIQUE = np.array([[math.cos(0.3), -math.sin(0.3), 0.0],
+                    [math.sin(0.3) * math.cos(0.2), math.cos(0.3) * math.cos(0.2), -math.sin(0.2)],
+                    [math.sin(0.3) * math.sin(0.2), math.cos(0.3) * math.sin(0.2), math.cos(0.2)]])
+
+
+@pytest.fixture
+def mrml_scene():
+    """A real vtkMRMLScene with the logics set up in the order slicer-core needs."""
+    return mrml.HeadlessScene()
+
+
+@pytest.fixture
+def case(tmp_path, monkeypatch, mrml_scene):
+    """Oblique phantom CT in the scene; the fake engine will return its known labels."""
+    return make_case(tmp_path, monkeypatch, mrml_scene)
+
+
+def make_case(tmp_path, monkeypatch, headless, name="Phantom CT", **geometry):
+    geometry = {"spacing": (0.7, 0.9, 2.5), "origin": (-31.5, 12.25, -80.0), "direction": OBLIQUE, **geometry}
+    ct, labels, lungs = phantom.make_phantom(size=(48, 40, 8), **geometry)
+    labelsPath, lungsPath = tmp_path / "expected_labels.nrrd", tmp_path / "expected_lungs.nrrd"
+    sitk.WriteImage(labels, str(labelsPath))
+    sitk.WriteImage(lungs, str(lungsPath))
+    monkeypatch.setenv("FAKE_ENGINE_LABELS", str(labelsPath))
+    monkeypatch.setenv("FAKE_ENGINE_LUNGS", str(lungsPath))
+    volume = mrml.add_volume_node_from_image(headless.scene, ct, name)
+    return types.SimpleNamespace(headless=headless, scene=headless.scene, volume=volume, ct=ct,
+                                 labels=sitk.GetArrayFromImage(labels), lungs=sitk.GetArrayFromImage(lungs))
+
+
+def expected_mask(case, spec):
+    source = case.labels if spec.source == "labels" else case.lungs
+    return source == spec.labelValue
+
+
+def make_logic(case, engine):
+    return logic_.ProcessingLogic(case.scene, engine=engine, moduleDir=MODULE_DIR)
+
+
+# ---------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------
+
+def test_volume_node_to_image_keeps_oblique_geometry(mrml_scene):
+    array = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.6, 1.3, 3.0))
+    image.SetOrigin((12.5, -40.0, 101.0))
+    image.SetDirection(OBLIQUE.ravel().tolist())
+    node = mrml.add_volume_node_from_image(mrml_scene.scene, image, "ct")
+
+    # Slicer's IJK-to-RAS is LPS flipped in x and y.
+    matrix = mrml.numpy_matrix(_ijk_to_ras(node))
+    expected = np.diag([-1, -1, 1]) @ OBLIQUE @ np.diag([0.6, 1.3, 3.0])
+    np.testing.assert_allclose(matrix[:3, :3], expected, atol=1e-9)
+    np.testing.assert_allclose(matrix[:3, 3], [-12.5, 40.0, 101.0], atol=1e-9)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), array)
+
+    back = mrml.image_from_volume_node(node)
+    np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+
+
+def _ijk_to_ras(node):
+    import vtk
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def test_labels_on_another_grid_are_refused(case):
+    wrong = sitk.Image(10, 10, 3, sitk.sitkUInt8)
+    with pytest.raises(ValueError, match="size"):
+        mrml.import_result_to_segmentation(case.scene, case.volume, wrong, None)
+    shifted = sitk.GetImageFromArray(case.labels)
+    shifted.CopyInformation(case.ct)
+    shifted.SetOrigin([o + 5.0 for o in case.ct.GetOrigin()])
+    with pytest.raises(ValueError, match="geometry"):
+        mrml.import_result_to_segmentation(case.scene, case.volume, shifted, None)
+
+
+# ---------------------------------------------------------------------------
+# Engine result -> segmentation node and table
+# ---------------------------------------------------------------------------
+
+def test_phantom_gives_named_coloured_segments_with_known_voxel_counts(case, fake_engine):
+    progress = []
+    result = make_logic(case, fake_engine).process(
+        case.volume, None, "auto", None, "cpu", progressCallback=lambda s, f: progress.append((s, f)))
+
+    assert progress[0] == ("lungs", 0.0) and progress[-1] == ("lesions", 1.0)
+    node = result.segmentationNode
+    assert node.GetName() == "Phantom CT lesions"
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == \
+        ["Ground_glass_opacity", "Consolidation", "Right_lung", "Left_lung"]
+    display = node.GetDisplayNode()
+    terminology = importlib.import_module("ssalesionseg.terminology")
+    for spec in mrml.segment_specs():
+        assert spec.terminology == terminology.terminology_entry(spec.name)
+        segment = segmentation.GetSegment(spec.segmentId)
+        assert segment.GetName() == spec.name
+        np.testing.assert_allclose(segment.GetColor(), spec.color)
+        assert segment.GetTerminology() == spec.terminology
+        mask = mrml.segment_mask_array(node, spec.segmentId, case.volume)
+        expected = expected_mask(case, spec)
+        assert expected.sum() > 0
+        assert int(mask.sum()) == int(expected.sum()), spec.name
+        np.testing.assert_array_equal(mask > 0, expected)
+        assert display.GetSegmentVisibility3D(spec.segmentId) == spec.visible3D
+    assert segmentation.GetSegment("Ground_glass_opacity").GetName() == "Ground-glass opacity"
+    red, green = segmentation.GetSegment("Ground_glass_opacity").GetColor(), segmentation.GetSegment("Consolidation").GetColor()
+    assert red[0] > 0.8 > max(red[1:]) and green[1] > 0.7 > max(green[0], green[2])
+    assert "SCT^1217294009^Ground glass opacity" in segmentation.GetSegment("Ground_glass_opacity").GetTerminology()
+    assert not display.GetSegmentVisibility3D("Right_lung")
+    assert display.GetSegmentOpacity2DFill("Left_lung") == pytest.approx(0.15)
+    assert node.GetNodeReference("referenceImageGeometryRef") is case.volume
+
+
+def test_table_values_equal_engine_stats(case, fake_engine):
+    result = make_logic(case, fake_engine).process(case.volume, None, "auto", None, "cpu")
+    table = result.tableNode
+    assert table.GetName() == "Phantom CT lesions statistics"
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(mrml.TABLE_COLUMNS)
+
+    values = mrml.table_values(table)
+    numeric = {k: v for k, v in mrml.flatten_stats(result.stats)
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert set(values) == set(numeric)
+    assert not any(key.startswith(("info", "spacing", "voxel")) for key in values)
+    for key, value in numeric.items():
+        assert values[key] == pytest.approx(value, rel=1e-12), key
+    assert values["lesions.ggo.volume_ml"] == pytest.approx(
+        (case.labels == 1).sum() * np.prod(case.ct.GetSpacing()) / 1000.0)
+
+    rows = {table.GetCellText(r, 4): [table.GetCellText(r, c) for c in range(4)] for r in range(table.GetNumberOfRows())}
+    assert rows["lesions.ggo.volume_ml"][:2] == ["Ground-glass opacity", "Volume"]
+    assert rows["lesions.ggo.volume_ml"][3] == "mL"
+    assert rows["lesions.consolidation.percent_of_left_lung"][1] == "% of left lung"
+    assert rows["lesions.ggo.right_volume_ml"][1:] == ["Volume in right lung", rows["lesions.ggo.right_volume_ml"][2], "mL"]
+    assert rows["lesions.infection.mean_hu"][3] == "HU"
+    assert rows["lungs.left.volume_ml"][:2] == ["Left lung", "Volume"]
+    assert rows["severity.total"][:2] == ["Severity score", "Total"]
+    assert rows["severity.regions.right_lung.score"][:2] == ["Severity score", "Right lung score"]
+    assert table.GetAttribute("SSALesionSeg.severity.scheme") == result.stats["severity"]["scheme"]
+    assert json.loads(table.GetAttribute(mrml.STATS_ATTRIBUTE)) == json.loads(json.dumps(result.stats))
+    assert result.summary.startswith("Infection ")
+    assert "GGO" in result.summary
+    assert f"Severity {result.stats['severity']['total']}/10" in result.summary
+
+
+def test_summary_line_tolerates_scalar_and_missing_fields():
+    stats = {"lesions": {"infection": {"volume_ml": 12.44, "percent_of_lung": 3.06},
+                         "ggo": {"volume_ml": 10.0}, "consolidation": {"volume_ml": 2.44}},
+             "severity": 4}
+    assert mrml.summary_line(stats) == ("Infection 12.4 mL (3.1 % of lungs): GGO 10.0 mL, consolidation 2.4 mL. "
+                                        "Severity 4.")
+    assert mrml.summary_line({}) == "No statistics."
+
+
+def test_rerun_updates_the_same_segments_and_table(case, fake_engine):
+    logic = make_logic(case, fake_engine)
+    first = logic.process(case.volume, None, "auto", None, "cpu")
+    node = first.segmentationNode
+    node.GetSegmentation().AddEmptySegment("MyNote", "My note")  # the user's own segment stays
+    second = logic.process(case.volume, node, "auto", None, "cpu")
+
+    assert second.segmentationNode is node and second.tableNode is first.tableNode
+    assert node.GetSegmentation().GetNumberOfSegments() == len(mrml.segment_specs()) + 1
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+    assert first.tableNode.GetNumberOfRows() == len(mrml.table_values(first.tableNode))
+
+
+def test_rerun_into_a_loaded_segmentation_matches_segments_by_name(case, fake_engine, tmp_path):
+    logic = make_logic(case, fake_engine)
+    result = logic.process(case.volume, None, "auto", None, "cpu")
+    path = mrml.save_segmentation(result.segmentationNode, tmp_path / "saved.seg.nrrd")
+
+    loaded = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    storage = case.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(path)
+    assert storage.ReadData(loaded)
+    before = loaded.GetSegmentation().GetNumberOfSegments()
+    logic.process(case.volume, loaded, "auto", None, "cpu")
+    assert loaded.GetSegmentation().GetNumberOfSegments() == before == len(mrml.segment_specs())
+
+
+def test_saved_seg_nrrd_reads_back_with_slicerio(case, fake_engine, tmp_path):
+    slicerio = pytest.importorskip("slicerio")
+    result = make_logic(case, fake_engine).process(case.volume, None, "auto", None, "cpu")
+    path = mrml.save_segmentation(result.segmentationNode, tmp_path / "case.seg.nrrd")
+
+    segmentation = slicerio.read_segmentation(path)
+    # slicerio: voxels in (i, j, k) order, geometry as IJK-to-LPS.
+    expectedIjkToLps = np.eye(4)
+    expectedIjkToLps[:3, :3] = OBLIQUE @ np.diag(case.ct.GetSpacing())
+    expectedIjkToLps[:3, 3] = case.ct.GetOrigin()
+    offset = np.array(segmentation.get("referenceImageExtentOffset", [0, 0, 0]), float)
+    ijkToLps = np.array(segmentation["ijkToLPS"], float)
+    origin = ijkToLps[:3, 3] - ijkToLps[:3, :3] @ offset  # reference-grid origin
+    np.testing.assert_allclose(ijkToLps[:3, :3], expectedIjkToLps[:3, :3], atol=1e-6)
+    np.testing.assert_allclose(origin, expectedIjkToLps[:3, 3], atol=1e-6)
+
+    byName = {s["name"]: s for s in segmentation["segments"]}
+    assert set(byName) == {spec.name for spec in mrml.segment_specs()}
+    for spec in mrml.segment_specs():
+        segment = byName[spec.name]
+        np.testing.assert_allclose(segment["color"], spec.color, atol=1e-6)
+        assert slicerio.segmentation.terminology_entry_to_string(segment["terminology"]) == spec.terminology
+        mask = slicerio.segment_mask(segmentation, segment)
+        full = np.zeros(case.labels.shape[::-1], bool)
+        o = offset.astype(int)
+        full[o[0]:o[0] + mask.shape[0], o[1]:o[1] + mask.shape[1], o[2]:o[2] + mask.shape[2]] = mask
+        np.testing.assert_array_equal(full.transpose(2, 1, 0), expected_mask(case, spec), err_msg=spec.name)
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, 1.0, -1.0]), OBLIQUE], ids=["axial", "flipped", "oblique"])
+def test_segments_back_to_labelmap_keep_geometry(tmp_path, monkeypatch, mrml_scene, fake_engine, direction):
+    case = make_case(tmp_path, monkeypatch, mrml_scene, spacing=(0.55, 0.8, 3.0), origin=(100.0, -7.5, 1234.0),
+                     direction=direction)
+    result = make_logic(case, fake_engine).process(case.volume, None, "auto", None, "cpu")
+    labels, lungs = mrml.labelmaps_from_result_segments(result.segmentationNode, case.volume)
+    for image, expected in ((labels, case.labels), (lungs, case.lungs)):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+        np.testing.assert_allclose(image.GetOrigin(), case.ct.GetOrigin(), atol=1e-9)
+        np.testing.assert_allclose(image.GetSpacing(), case.ct.GetSpacing(), atol=1e-9)
+        np.testing.assert_allclose(image.GetDirection(), case.ct.GetDirection(), atol=1e-9)
+
+
+def test_output_segmentation_follows_the_volume_transform(case, fake_engine):
+    transform = case.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    case.volume.SetAndObserveTransformNodeID(transform.GetID())
+    result = make_logic(case, fake_engine).process(case.volume, None, "auto", None, "cpu")
+    assert result.segmentationNode.GetTransformNodeID() == transform.GetID()
+
+
+# ---------------------------------------------------------------------------
+# Correction loop
+# ---------------------------------------------------------------------------
+
+def test_recompute_statistics_uses_the_edited_segments(case, fake_engine):
+    logic = make_logic(case, fake_engine)
+    result = logic.process(case.volume, None, "auto", None, "cpu")
+    node = result.segmentationNode
+    before = mrml.table_values(result.tableNode)["lesions.ggo.volume_ml"]
+
+    # "Edit": erase the upper half of the GGO segment.
+    edited = case.labels == 1
+    edited[: edited.shape[0] // 2] = False
+    spec = mrml.lesion_specs()[0]
+    mrml.set_segment_from_array(node, spec, edited, mrml.ijk_to_ras_from_image(case.ct))
+
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    after = mrml.table_values(recomputed.tableNode)
+    assert recomputed.tableNode is result.tableNode
+    ml = np.prod(case.ct.GetSpacing()) / 1000.0
+    assert after["lesions.ggo.volume_ml"] == pytest.approx(edited.sum() * ml)
+    assert after["lesions.ggo.volume_ml"] < before
+    expected = fake_engine.compute_stats(case.ct, _image(edited.astype(np.uint8) + 2 * (case.labels == 2), case.ct),
+                                         _image(case.lungs, case.ct))
+    for key, value in mrml.flatten_stats(expected):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert after[key] == pytest.approx(value), key
+
+
+def _image(array, reference):
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(reference)
+    return image
+
+
+def test_recompute_statistics_needs_the_lung_segments(case, fake_engine):
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    node.GetSegmentation().RemoveSegment("Left_lung")
+    with pytest.raises(ValueError, match="Left lung"):
+        logic.recomputeStatistics(case.volume, node)
+
+
+def test_export_training_case_writes_the_pair_the_training_kit_reads(case, fake_engine, tmp_path):
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    out = tmp_path / "cases"
+    written = logic.exportTrainingCase(case.volume, node, str(out))
+    assert sorted(os.path.relpath(p, out) for p in written) == sorted(
+        os.path.join(folder, "Phantom_CT.nii.gz") for folder in ("images", "labels", "lungs"))
+
+    image = sitk.ReadImage(str(out / "images" / "Phantom_CT.nii.gz"))
+    labels = sitk.ReadImage(str(out / "labels" / "Phantom_CT.nii.gz"))
+    assert image.GetPixelID() == sitk.sitkInt16 and labels.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(case.ct))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), case.labels)
+    for loaded in (image, labels):
+        np.testing.assert_allclose(loaded.GetDirection(), case.ct.GetDirection(), atol=1e-5)
+        np.testing.assert_allclose(loaded.GetOrigin(), case.ct.GetOrigin(), atol=1e-4)
+    with pytest.raises(FileExistsError):
+        logic.exportTrainingCase(case.volume, node, str(out))
+    assert not [f for f in os.listdir(out / "labels") if f.startswith(".partial")]
+
+    try:
+        sys.path.insert(0, os.path.join(MODULE_DIR, "..", "Training"))
+        from ssanet.data import load_volume_pairs
+    except ImportError as e:
+        pytest.skip(f"training kit not importable here: {e}")
+    finally:
+        sys.path.pop(0)
+    samples = load_volume_pairs(out / "images", out / "labels", out / "lungs")
+    assert samples, "the training kit found no slices"
+    assert {int(v) for s in samples for v in np.unique(s.label)} <= {0, 1, 2}
+    assert sum(int((s.label == 1).sum()) for s in samples) > 0
+
+
+def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
+    lungsNode = mrml.import_result_to_segmentation(
+        case.scene, case.volume, None, _image(case.lungs, case.ct), None, specs=mrml.lung_specs())
+    fake_engine.calls.clear()
+    make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu", lungSegmentation=lungsNode)
+    call = fake_engine.calls[-1]
+    assert call["lungs"] == "auto"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(call["lung_mask"]), case.lungs)
+    with pytest.raises(ValueError, match="lungs"):
+        make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu")
+
+
+def test_bad_choices_are_refused_before_running(case, fake_engine):
+    logic = make_logic(case, fake_engine)
+    with pytest.raises(ValueError, match="lung method"):
+        logic.process(case.volume, None, "lungs-by-magic", None, "cpu")
+    with pytest.raises(ValueError, match="device"):
+        logic.process(case.volume, None, "auto", None, "tpu")
+    with pytest.raises(FileNotFoundError):
+        logic.process(case.volume, None, "auto", "/nonexistent/model.pt", "cpu")
+    with pytest.raises(ValueError, match="input"):
+        logic.process(None, None, "auto", None, "cpu")
+
+
+def test_cancel_in_process_raises_and_adds_nothing(case, fake_engine):
+    before = case.scene.GetNumberOfNodes()
+    with pytest.raises(logic_.Cancelled):
+        make_logic(case, fake_engine).process(case.volume, None, "auto", None, "cpu", cancelRequested=lambda: True)
+    assert case.scene.GetNumberOfNodes() == before
+
+
+# ---------------------------------------------------------------------------
+# Background run (separate Python process), as the panel uses it
+# ---------------------------------------------------------------------------
+
+def background_logic(case, fake_engine_dir):
+    logic = make_logic(case, None)
+    logic.workerEnvironment = {"PYTHONPATH": os.pathsep.join([str(fake_engine_dir), os.environ.get("PYTHONPATH", "")])}
+    return logic
+
+
+def test_background_run_gives_the_same_result_and_cleans_up(case, fake_engine_dir):
+    progress = []
+    run = background_logic(case, fake_engine_dir).process(
+        case.volume, None, "auto", None, "cpu", waitForCompletion=False,
+        progressCallback=lambda s, f: progress.append((s, f)))
+    workDir = run.workDir
+    assert os.path.isdir(workDir)
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0  # nothing until finished
+    result = run.wait()
+
+    assert run.state == run.FINISHED and not os.path.exists(workDir)
+    assert progress[0] == ("lungs", 0.0) and progress[-1] == ("lesions", 1.0)
+    for spec in mrml.segment_specs():
+        mask = mrml.segment_mask_array(result.segmentationNode, spec.segmentId, case.volume)
+        np.testing.assert_array_equal(mask > 0, expected_mask(case, spec), err_msg=spec.name)
+    assert mrml.table_values(result.tableNode)["lesions.ggo.volume_ml"] == pytest.approx(
+        result.stats["lesions"]["ggo"]["volume_ml"])
+    assert json.loads(result.tableNode.GetAttribute("SSALesionSeg.Info"))["device"] == "cpu"
+
+
+def test_background_cancel_kills_the_worker_and_leaves_the_scene_as_it_was(case, fake_engine_dir, monkeypatch):
+    monkeypatch.setenv("FAKE_ENGINE_DELAY", "2")
+    existing = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "user's segmentation")
+    nodesBefore = case.scene.GetNumberOfNodes()
+    progress = []
+    run = background_logic(case, fake_engine_dir).process(
+        case.volume, existing, "auto", None, "cpu", waitForCompletion=False,
+        progressCallback=lambda s, f: progress.append((s, f)))
+    deadline = time.time() + 60
+    while not progress and time.time() < deadline:
+        assert run.poll() is None
+        time.sleep(0.05)
+    assert progress, "the worker reported no progress"
+    workDir = run.workDir
+    run.cancel()
+
+    assert run.state == run.CANCELLED
+    assert run.process.poll() is not None
+    assert not os.path.exists(workDir)
+    assert run.poll() is None
+    assert case.scene.GetNumberOfNodes() == nodesBefore
+    assert existing.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_background_failure_reports_the_engine_error(case, fake_engine_dir, monkeypatch):
+    monkeypatch.setenv("FAKE_ENGINE_FAIL", "CT has no lungs in view")
+    run = background_logic(case, fake_engine_dir).process(case.volume, None, "auto", None, "cpu",
+                                                          waitForCompletion=False)
+    workDir = run.workDir
+    with pytest.raises(RuntimeError, match="ValueError: CT has no lungs in view"):
+        run.wait()
+    assert run.state == run.FAILED and not os.path.exists(workDir)
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+# ---------------------------------------------------------------------------
+# Engine loader
+# ---------------------------------------------------------------------------
+
+def test_loader_uses_the_bundled_logic_folder_when_nothing_is_installed(tmp_path):
+    import subprocess
+    moduleDir = tmp_path / "SSALesionSeg"
+    logicDir = moduleDir / "Logic"
+    logicDir.mkdir(parents=True)
+    (logicDir / "__init__.py").write_text("from . import pipeline\n")
+    (logicDir / "pipeline.py").write_text(
+        "from ssalesionseg import stats\nclass Cancelled(Exception): pass\ndef segment_image(ct, **kw): return ct\n")
+    (logicDir / "stats.py").write_text("def compute_stats(*a, **kw): return {}\ndef label_names_for(c): return {}\n")
+    (logicDir / "lungstep.py").write_text("LOBE_WEIGHTS_ENV = 'X'\ndef resolve_weights(*a): return None\n")
+    # -S: no site-packages, so an installed ssalesionseg cannot be picked up instead.
+    code = (f"import sys; sys.path.insert(0, {str(os.path.join(MODULE_DIR))!r})\n"
+            "from SSALesionSegLib import engine\n"
+            f"e = engine.load_engine({str(moduleDir)!r})\n"
+            "import ssalesionseg\n"
+            "print(ssalesionseg.__file__, e.segment_image(7), e.compute_stats())\n")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(logicDir / "__init__.py"), "7", "{}"]
+
+
+def test_loader_reports_a_missing_engine(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ssalesionseg", None)  # import of it fails
+    with pytest.raises(ImportError):
+        engine_.load_engine(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# Real engine (skipped until SSALesionSeg/Logic provides it)
+# ---------------------------------------------------------------------------
+
+def test_real_engine_process_fills_segments_and_table(mrml_scene, tiny_checkpoint):
+    real = real_engine_or_skip()
+    ct, _, _ = phantom.make_phantom(size=(64, 64, 6), spacing=(0.8, 0.8, 2.5))
+    volume = mrml.add_volume_node_from_image(mrml_scene.scene, ct, "Phantom CT")
+    logic = logic_.ProcessingLogic(mrml_scene.scene, engine=real, moduleDir=MODULE_DIR)
+    stages = []
+    result = logic.process(volume, None, "classical", tiny_checkpoint, "cpu",
+                           progressCallback=lambda stage, fraction: stages.append(stage))
+    assert {"lungs", "lesions"} <= set(stages)
+    assert result.info["checkpoint"]["name"] == "tiny-random.safetensors"
+
+    segmentation = result.segmentationNode.GetSegmentation()
+    for spec in mrml.segment_specs(result.classNames):
+        segment = segmentation.GetSegment(spec.segmentId)
+        assert segment is not None and segment.GetName() == spec.name
+        assert segment.GetTerminology() == spec.terminology
+    values = mrml.table_values(result.tableNode)
+    for key, value in mrml.flatten_stats(result.stats):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert values[key] == pytest.approx(value), key
+    for key in ("lungs.total.volume_ml", "lesions.infection.volume_ml"):
+        assert key in values
+
+    recomputed = logic.recomputeStatistics(volume, result.segmentationNode)
+    for key, value in mrml.table_values(recomputed.tableNode).items():
+        if key.endswith("volume_ml"):
+            assert value == pytest.approx(values[key], rel=1e-6, abs=1e-6), key
