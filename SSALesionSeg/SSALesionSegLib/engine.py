@@ -31,10 +31,25 @@ def module_dir():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def ensure_ssanet_importable(moduleDir=None):
+    """Make the network package ``ssanet`` importable: installed, shipped next to the module
+    (extension build copies ``Training/ssanet`` there), or the repository's ``Training/``
+    (module used from a source checkout through "Additional module paths")."""
+    if importlib.util.find_spec("ssanet") is not None:
+        return
+    base = moduleDir or module_dir()
+    for candidate in (base, os.path.join(os.path.dirname(base), "Training")):
+        if os.path.isfile(os.path.join(candidate, "ssanet", "__init__.py")):
+            sys.path.insert(0, candidate)
+            return
+    raise EngineNotFoundError("The SSA-Net package 'ssanet' is neither installed nor shipped with the module")
+
+
 def import_engine_package(moduleDir=None):
     """Import ``ssalesionseg``: the installed package if any, else ``<moduleDir>/Logic``."""
     if ENGINE_PACKAGE in sys.modules:
         return sys.modules[ENGINE_PACKAGE]
+    ensure_ssanet_importable(moduleDir)
     try:
         return importlib.import_module(ENGINE_PACKAGE)
     except ModuleNotFoundError as e:

@@ -6,6 +6,7 @@ Qt-only pieces stubbed and the fake engine)."""
 import ast
 import importlib.util
 import json
+import glob
 import os
 import re
 import shutil
@@ -154,6 +155,10 @@ function(slicerMacroBuildScriptedModule)
 endfunction()
 function(slicer_add_python_unittest)
 endfunction()
+function(ctkMacroCompilePythonScript)
+  cmake_parse_arguments(P "" "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS" ${{ARGN}})
+  file(WRITE "{tmp_path.as_posix()}/ssanet.txt" "${{P_SCRIPTS}}")
+endfunction()
 set(BUILD_TESTING ON)
 add_subdirectory("{MODULE_DIR.replace(os.sep, '/')}" module)
 """)
@@ -164,6 +169,12 @@ add_subdirectory("{MODULE_DIR.replace(os.sep, '/')}" module)
     resources = set((tmp_path / "resources.txt").read_text().split(";")) - {""}
     assert scripts | resources == module_files()
     assert all(s.endswith(".py") for s in scripts) and not any(r.endswith(".py") for r in resources)
+    # the network package ships beside the module so desktop Slicer can import it
+    shipped = set((tmp_path / "ssanet.txt").read_text().split(";"))
+    training = os.path.join(REPO, "Training")
+    expected = {os.path.relpath(p, training).replace(os.sep, "/")
+                for p in glob.glob(os.path.join(training, "ssanet", "*.py"))}
+    assert shipped == expected and "ssanet/model.py" in shipped
 
 
 def test_extension_metadata():
