@@ -42,12 +42,12 @@ def ensure_ssanet_importable(moduleDir=None):
         if os.path.isfile(os.path.join(candidate, "ssanet", "__init__.py")):
             sys.path.insert(0, candidate)
             return
-    raise EngineNotFoundError("The SSA-Net package 'ssanet' is neither installed nor shipped with the module")
+    # not found: the engine's own `import ssanet` then fails with the standard message
 
 
 def import_engine_package(moduleDir=None):
     """Import ``ssalesionseg``: the installed package if any, else ``<moduleDir>/Logic``."""
-    if ENGINE_PACKAGE in sys.modules:
+    if sys.modules.get(ENGINE_PACKAGE) is not None:
         return sys.modules[ENGINE_PACKAGE]
     ensure_ssanet_importable(moduleDir)
     try:

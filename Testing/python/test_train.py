@@ -58,7 +58,7 @@ def test_evaluate_cli_writes_the_documented_json(data_root, tmp_path, few_slices
     res = json.loads(out.read_text())
     assert res["n_slices"] == 6 and len(res["per_slice"]) == 6
     for c in ("infection", "ggo", "consolidation"):
-        assert set(res["classes"][c]) == {"dsc", "hd95_mm", "mae", "nsd_3mm"}
+        assert set(res["classes"][c]) == {"dsc", "hd95_mm", "mae", "nsd_3mm", "dsc_pooled"}
         assert 0.0 <= res["classes"][c]["dsc"] <= 1.0
     assert "infection" in capsys.readouterr().out
 

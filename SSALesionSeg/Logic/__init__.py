@@ -1,0 +1,1 @@
+"""SSALesionSeg engine (pure Python, no Qt): CT -> lungs -> SSA-Net -> labelmap -> segments/stats/report."""

@@ -1,0 +1,287 @@
+"""``ssalesionseg segment | stats | bench``: the engine's subcommands.
+
+``ssanet.cli`` adds them to the ``ssalesionseg`` command through :func:`add_subcommands`;
+``python -m ssalesionseg.cli`` runs them on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+from .errors import Cancelled, FallbackWarning, InputError
+
+
+def add_subcommands(subparsers) -> None:
+    s = subparsers.add_parser(
+        "segment", help="segment GGO / consolidation in a CT (file, DICOM folder, or a folder of cases)",
+        description="Writes DIR/<name>.seg.nrrd, <name>_stats.json, <name>_stats.csv and <name>_overlay.png. "
+                    "A folder of cases (CT files and/or one subfolder of DICOM files per case) is processed "
+                    "case by case; finished cases are skipped unless --overwrite, a failing case does not "
+                    "stop the others, and the exit status is 1 if any case failed.")
+    s.add_argument("input", help="CT file (NIfTI/NRRD/MHA/DICOM), DICOM folder, or folder of cases")
+    s.add_argument("--out", required=True, help="output folder (created if missing)")
+    s.add_argument("--checkpoint", help="SSA-Net model file (default: the default model)")
+    s.add_argument("--lungs", default="auto", choices=["auto", "lungmask", "classical"],
+                   help="lung segmentation: lungmask R231 (needs local weights), the classical "
+                        "fallback, or auto = lungmask when weights are found (default)")
+    s.add_argument("--lung-weights", help="lungmask R231 weights (unet_r231-*.pth)")
+    s.add_argument("--lobe-weights", help="lungmask LTRCLobes weights: adds lobes and the per-lobe severity score")
+    s.add_argument("--lung-mask", help="existing lung segmentation on the CT grid (labelmap or .seg.nrrd)")
+    s.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda or mps")
+    s.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    s.add_argument("--save-probability", action="store_true",
+                   help="also write <name>_confidence.nrrd (max class probability)")
+    s.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    s.add_argument("--progress-json", action="store_true",
+                   help="print one JSON object per line for every progress event (for the Slicer module)")
+    s.set_defaults(func=cmd_segment)
+
+    st = subparsers.add_parser(
+        "stats", help="recompute the statistics from a (corrected) labelmap or .seg.nrrd",
+        description="Lungs come from the .seg.nrrd's lung segments, else --lung-mask, else the lung step.")
+    st.add_argument("--ct", required=True, help="the CT the labels belong to")
+    st.add_argument("--labels", required=True, help="labelmap (1 GGO, 2 consolidation) or .seg.nrrd")
+    st.add_argument("--out", required=True, help="output folder")
+    st.add_argument("--classes", default="multiclass", choices=["multiclass", "binary"],
+                    help="meaning of labelmap values: 1 GGO / 2 consolidation, or 1 infection")
+    st.add_argument("--lung-mask", help="lung segmentation on the CT grid (labelmap or .seg.nrrd)")
+    st.add_argument("--lungs", default="auto", choices=["auto", "lungmask", "classical"])
+    st.add_argument("--lung-weights")
+    st.add_argument("--lobe-weights")
+    st.set_defaults(func=cmd_stats)
+
+    b = subparsers.add_parser(
+        "bench", help="time the pipeline stages on a synthetic 512x512xN CT",
+        description="Seconds per stage, lesion slices/s, peak RSS, and SSA-Net forward time with and "
+                    "without the spatial convolution.")
+    b.add_argument("--slices", type=int, default=8, help="N (default 8)")
+    b.add_argument("--size", type=int, default=512, help="in-plane size (default 512)")
+    b.add_argument("--checkpoint", help="model to time (default: a randomly initialised full-size SSA-Net)")
+    b.add_argument("--lungs", default="classical", choices=["auto", "lungmask", "classical"])
+    b.add_argument("--lung-weights")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--batch-size", type=int, default=None)
+    b.add_argument("--repeats", type=int, default=3, help="forward passes per variant (after one warm-up)")
+    b.add_argument("--json", help="also write the figures here")
+    b.set_defaults(func=cmd_bench)
+
+
+# ------------------------------------------------------------------------- segment
+
+def find_cases(path) -> list:
+    """[(name, path)] of the CTs in ``path``: the file itself, a DICOM folder as one case,
+    or a folder whose CT files and subfolders are one case each."""
+    from .io import case_name, is_dicom_file, is_volume_file
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input not found: {p}")
+    if p.is_file():
+        return [(case_name(p), p)]
+    entries = sorted(p.iterdir())
+    if any(is_dicom_file(e) for e in entries):
+        return [(p.name, p)]
+    cases = [(case_name(e), e) for e in entries if is_volume_file(e)]
+    cases += [(e.name, e) for e in entries if e.is_dir() and not e.name.startswith(".")]
+    if not cases:
+        raise InputError(f"{p}: the folder is empty" if not entries else
+                         f"{p}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM) or case folders found")
+    names = [n for n, _ in cases]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise InputError(f"{p}: several inputs would write the same outputs: {', '.join(sorted(dup))}")
+    return cases
+
+
+class _Progress:
+    def __init__(self, as_json: bool, n_cases: int):
+        self.as_json = as_json
+        self.n = n_cases
+        self.i = 0
+        self.case = ""
+        self.last = None
+
+    def event(self, **kw):
+        if self.as_json:
+            print(json.dumps(kw), flush=True)
+
+    def __call__(self, stage: str, fraction: float):
+        self.event(event="progress", case=self.case, case_index=self.i, n_cases=self.n, stage=stage,
+                   fraction=round(float(fraction), 4), overall=round((self.i + _stage_weight(stage, fraction)) / self.n, 4))
+        if not self.as_json and (stage, fraction >= 1.0) != self.last:
+            self.last = (stage, fraction >= 1.0)
+            if fraction == 0.0:
+                print(f"[{self.i + 1}/{self.n}] {self.case}: {stage} ...", file=sys.stderr, flush=True)
+
+
+_STAGES = {"read": (0.0, 0.05), "model": (0.05, 0.1), "lungs": (0.1, 0.4), "lesions": (0.4, 0.9),
+           "stats": (0.9, 0.95), "write": (0.95, 1.0)}
+
+
+def _stage_weight(stage, fraction):
+    lo, hi = _STAGES.get(stage, (0.0, 1.0))
+    return lo + (hi - lo) * max(0.0, min(1.0, fraction))
+
+
+def cmd_segment(args) -> int:
+    from .io import check_writable
+    from .pipeline import load_model, outputs_complete, process_case
+
+    cases = find_cases(args.input)
+    if args.lung_mask and len(cases) > 1:
+        raise InputError("--lung-mask belongs to one CT; it cannot be used with a folder of several cases")
+    out = check_writable(args.out)
+    prog = _Progress(args.progress_json, len(cases))
+    todo = {n for n, _ in cases if args.overwrite or not outputs_complete(out, n)}
+    skipped = [n for n, _ in cases if n not in todo]
+    for n in skipped:
+        prog.event(event="skipped", case=n, reason="outputs exist (use --overwrite to redo)")
+        if not args.progress_json:
+            print(f"{n}: outputs exist, skipped (use --overwrite to redo)", file=sys.stderr)
+    if not todo:
+        prog.event(event="finished", n_cases=len(cases), n_failed=0, n_skipped=len(skipped), failed=[])
+        return 0
+    model = load_model(args.checkpoint)
+    failures = []
+    single = len(cases) == 1
+    for i, (name, path) in enumerate(cases):
+        if name not in todo:
+            continue
+        prog.i, prog.case = i, name
+        t = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FallbackWarning)  # reported below as a notice
+                result, paths = process_case(path, out, name=name, progress=prog, model=model,
+                                             lungs=args.lungs, lung_weights=args.lung_weights,
+                                             lobe_weights=args.lobe_weights, lung_mask=args.lung_mask,
+                                             device=args.device, batch_size=args.batch_size,
+                                             save_probability=args.save_probability)
+        except (KeyboardInterrupt, Cancelled):
+            raise
+        except Exception as e:
+            prog.event(event="error", case=name, message=f"{type(e).__name__}: {e}")
+            if single:
+                raise
+            failures.append((name, e))
+            if not args.progress_json:
+                print(f"{name}: FAILED: {e}", file=sys.stderr)
+                if not isinstance(e, (InputError, ValueError, RuntimeError, OSError)):
+                    traceback.print_exc()
+            continue
+        for notice in result.notices:
+            prog.event(event="notice", case=name, message=notice)
+            if not args.progress_json:
+                print(f"{name}: note: {notice}", file=sys.stderr)
+        prog.event(event="done", case=name, outputs={k: str(p) for k, p in paths.items()},
+                   seconds=round(time.perf_counter() - t, 2), severity_total=result.stats["severity"]["total"])
+        if not args.progress_json:
+            sev = result.stats["severity"]
+            inf = result.stats["lesions"]["infection"]
+            print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), "
+                  f"severity {sev['total']}/{sev['max']}, lungs: {result.info['lung_method']} -> {paths['segmentation']}")
+    prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
+               failed=[n for n, _ in failures])
+    if failures:
+        print(f"{len(failures)} of {len(cases)} cases failed:", file=sys.stderr)
+        for n, e in failures:
+            print(f"  {n}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- stats
+
+def cmd_stats(args) -> int:
+    import numpy as np
+
+    from .geometry import image_like
+    from .io import case_name, check_writable, read_ct, read_labelmap, read_segments
+    from .lungstep import compute_lungs
+    from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, write_stats
+
+    ct, info = read_ct(args.ct)
+    out = check_writable(args.out)
+    lung_labels = None
+    if str(args.labels).lower().endswith(".seg.nrrd"):
+        segs = read_segments(args.labels, ct, what="labels")
+        lower = {n.lower(): m for n, m in segs.items()}
+        lab = np.zeros(ct.GetSize()[::-1], np.uint8)
+        if "infection" in lower and not ({"ground-glass opacity", "consolidation"} & set(lower)):
+            lab[lower["infection"]] = 1
+            names = dict(BINARY_NAMES)
+        else:
+            for n, m in segs.items():
+                key = n.lower()
+                if "ground" in key or key in ("ggo",):
+                    lab[m] = 1
+                elif "consolidation" in key:
+                    lab[m] = 2
+            names = dict(MULTICLASS_NAMES)
+        right = [m for n, m in lower.items() if "lung" in n and "right" in n]
+        left = [m for n, m in lower.items() if "lung" in n and "left" in n]
+        if right or left:
+            lung_labels = np.zeros(lab.shape, np.uint8)
+            for m in right:
+                lung_labels[m] = 1
+            for m in left:
+                lung_labels[m] = 2
+    else:
+        lab = read_labelmap(args.labels, ct, what="labels").astype(np.uint8)
+        names = dict(BINARY_NAMES) if args.classes == "binary" else dict(MULTICLASS_NAMES)
+        lab[~np.isin(lab, list(names))] = 0
+    lobes = None
+    method = "segmentation file"
+    if lung_labels is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)  # printed as a note below
+            res = compute_lungs(ct, method=args.lungs, weights=args.lung_weights, lobe_weights=args.lobe_weights,
+                                lung_mask=args.lung_mask)
+        lung_labels, lobes, method = res.labels, res.lobes, res.method
+        if res.notice:
+            print(f"note: {res.notice}", file=sys.stderr)
+    stats = compute_stats(ct, image_like(lab, ct), image_like(lung_labels.astype(np.uint8), ct),
+                          image_like(lobes, ct) if lobes is not None else None, names)
+    stats["info"] = {"input": info, "labels": str(args.labels), "lung_method": method}
+    name = case_name(args.ct)
+    write_stats(stats, out / f"{name}_stats.json", out / f"{name}_stats.csv")
+    inf = stats["lesions"]["infection"]
+    print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "
+          f"{stats['severity']['total']}/{stats['severity']['max']} -> {out / (name + '_stats.json')}")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+def cmd_bench(args) -> int:
+    from .bench import format_report, run_bench
+
+    res = run_bench(n_slices=args.slices, size=args.size, checkpoint=args.checkpoint, lungs=args.lungs,
+                    lung_weights=args.lung_weights, device=args.device, batch_size=args.batch_size,
+                    repeats=args.repeats)
+    print(format_report(res))
+    if args.json:
+        from .io import atomic_path
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ssalesionseg", description=__doc__)
+    add_subcommands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

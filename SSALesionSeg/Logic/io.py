@@ -1,0 +1,302 @@
+"""Reading and checking the input CT, reading lung masks / labelmaps, atomic writing.
+
+Inputs: a NIfTI / NRRD / MHA (any format SimpleITK reads) file, a single DICOM file, or a
+folder of DICOM files (searched recursively; with several series the CT series with the
+most slices is used and the others are listed in the info).
+
+Everything the engine writes goes through :func:`atomic_path`: the file is written under
+a temporary name in the destination folder and renamed into place, so an interrupted
+run never leaves a half-written file under a final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+MIN_INPLANE_PX = 16
+# A CT in HU always shows air (outside the body or in the lungs); MR, PET or raw stored
+# values without the rescale intercept do not.
+AIR_HU = -500.0
+MIN_AIR_FRACTION = 0.001
+
+
+# ------------------------------------------------------------------------ file names
+
+def case_name(path: str | os.PathLike) -> str:
+    """Output base name of an input: the file name without its volume suffix(es)."""
+    p = Path(path)
+    name = p.name
+    for suf in (".seg.nrrd",) + VOLUME_SUFFIXES + DICOM_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)] or p.name
+    return p.stem if p.is_file() else name
+
+
+def is_volume_file(p: Path) -> bool:
+    return p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def is_dicom_file(p: Path) -> bool:
+    if not p.is_file():
+        return False
+    if p.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------ read
+
+def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
+    """Read and validate a CT. Returns (float32 image in HU, info dict).
+
+    Raises InputError with the file named for anything unreadable or not a CT volume.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input not found: {p}")
+    info: dict = {"input": str(p)}
+    if p.is_dir():
+        img, dinfo = _read_dicom_folder(p)
+        info.update(dinfo)
+    else:
+        img = _read_file(p)
+        if is_dicom_file(p):
+            info["dicom"] = _dicom_summary([p])
+    img = validate_ct(img, str(p))
+    info["size"] = list(img.GetSize())
+    info["spacing_mm"] = [float(s) for s in img.GetSpacing()]
+    info["orientation"] = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(img.GetDirection())
+    return img, info
+
+
+def _read_file(p: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()
+        detail = next((m for m in msg if "ERROR" in m or "Unable" in m or "Could not" in m), msg[-1] if msg else "")
+        raise InputError(f"cannot read {p}: not a readable image file or corrupt ({detail.strip()[:200]})") from None
+
+
+def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
+    series = []  # (n files, series uid, dir, files)
+    for d, _, files in os.walk(folder):
+        if not files:
+            continue
+        try:
+            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(d)
+        except RuntimeError:
+            uids = ()
+        for uid in uids:
+            names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(d, uid)
+            if names:
+                series.append((len(names), uid, d, list(names)))
+    if not series:
+        has_files = any(files for _, _, files in os.walk(folder))
+        what = "no DICOM series" if has_files else "nothing (empty folder)"
+        raise InputError(f"{folder}: found {what}; give a CT file (NIfTI/NRRD/MHA/DICOM) or a folder of DICOM files")
+    described = []
+    for n, uid, d, names in series:
+        s = _dicom_summary([Path(names[0])])
+        s.update(series_uid=uid, n_files=n, folder=str(d))
+        described.append(s)
+    ct = [s for s in described if s.get("modality", "CT") == "CT"] or described
+    best = max(ct, key=lambda s: s["n_files"])
+    names = next(x[3] for x in series if x[1] == best["series_uid"] and x[2] == best["folder"])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"cannot read DICOM series {best['series_uid']} in {best['folder']}: "
+                         f"{str(e).strip().splitlines()[-1][:200]}") from None
+    info = {"dicom": best}
+    if len(described) > 1:
+        info["dicom_series_found"] = [{k: s.get(k) for k in ("series_uid", "modality", "n_files", "description")}
+                                      for s in described]
+        info["dicom_series_note"] = (f"{len(described)} series found; used the CT series with the most "
+                                     f"slices ({best['n_files']} files, {best.get('description') or best['series_uid']})")
+    return img, info
+
+
+def _dicom_summary(files) -> dict:
+    try:
+        import pydicom
+        ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True, force=True)
+    except Exception:  # the summary is informative only; SimpleITK does the reading
+        return {}
+    return {"modality": str(ds.get("Modality", "")) or None,
+            "description": str(ds.get("SeriesDescription", "")) or None,
+            "series_uid": str(ds.get("SeriesInstanceUID", "")) or None}
+
+
+# -------------------------------------------------------------------------- validate
+
+def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
+    """Check that ``img`` is a scalar 3D CT in HU; return it as float32.
+
+    A single axial slice stored as a 3D image (one DICOM file, a one-slice NIfTI) is
+    accepted; a 2D image is not, because it carries no slice geometry.
+    """
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{source}: vector/colour image with {img.GetNumberOfComponentsPerPixel()} "
+                         "components per voxel; a scalar CT in Hounsfield units is needed")
+    dim = img.GetDimension()
+    if dim == 2:
+        raise InputError(f"{source}: 2D image {img.GetSize()}; a CT volume is needed (a single slice "
+                         "works when stored as DICOM or as a 3D file with one slice)")
+    if dim == 4:
+        size = img.GetSize()
+        if size[3] != 1:
+            raise InputError(f"{source}: 4D image {size} (a time series or several volumes); "
+                             "give one 3D CT volume")
+        img = sitk.Extract(img, size[:3] + (0,), (0, 0, 0, 0))
+    elif dim != 3:
+        raise InputError(f"{source}: {dim}D image; a 3D CT volume is needed")
+    size = img.GetSize()
+    # in-plane = the voxel axes closest to patient left-right and anterior-posterior
+    d = np.abs(np.asarray(img.GetDirection(), float).reshape(3, 3))
+    axial = [size[int(np.argmax(d[row]))] for row in (0, 1)]
+    if min(axial) < MIN_INPLANE_PX:
+        raise InputError(f"{source}: image too small ({axial[0]}x{axial[1]} pixels in the axial plane); at "
+                         f"least {MIN_INPLANE_PX}x{MIN_INPLANE_PX} are needed")
+    if img.GetPixelID() != sitk.sitkFloat32:
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    arr = sitk.GetArrayViewFromImage(img)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise InputError(f"{source}: {int(bad.sum())} voxels are NaN or infinite; fix or mask them "
+                         "before segmenting (they have no Hounsfield value)")
+    air = float(np.count_nonzero(arr < AIR_HU)) / arr.size
+    if air < MIN_AIR_FRACTION:
+        lo, hi = float(arr.min()), float(arr.max())
+        hint = (" (values look like stored pixel values without the DICOM rescale intercept)"
+                if lo >= 0 and hi > 1000 else "")
+        raise InputError(f"{source} does not look like a CT in Hounsfield units: almost no voxels below "
+                         f"{AIR_HU:.0f} HU (air), value range {lo:.0f}..{hi:.0f}{hint}")
+    return img
+
+
+# ----------------------------------------------------------- labelmaps / lung masks
+
+def read_labelmap(path: str | os.PathLike, reference: sitk.Image, what: str = "labelmap") -> np.ndarray:
+    """A label image file (any SimpleITK format) as an integer array (z, y, x) on
+    ``reference``'s grid. Another grid covering the same space is resampled with nearest
+    neighbour; one that does not overlap the CT is an error."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}")
+    img = _read_file(p)
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{p}: {what} must be a scalar label image")
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = sitk.Extract(img, img.GetSize()[:3] + (0,), (0, 0, 0, 0))
+    if img.GetDimension() != 3:
+        raise InputError(f"{p}: {what} must be 3D like the CT, got {img.GetDimension()}D")
+    return sitk.GetArrayFromImage(_on_grid(sitk.Cast(img, sitk.sitkUInt16), reference, p, what))
+
+
+def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "segmentation") -> dict:
+    """A Slicer ``.seg.nrrd`` as {segment name: bool mask (z, y, x) on ``reference``'s grid}.
+    Segments may overlap (they live in different layers), hence one mask each."""
+    import slicerio
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}")
+    try:
+        seg = slicerio.read_segmentation(str(p))
+    except Exception as e:
+        raise InputError(f"cannot read segmentation {p}: {e}") from None
+    voxels = np.asarray(seg["voxels"])  # (i, j, k), or (layer, i, j, k) with several layers
+    if voxels.ndim == 3:
+        voxels = voxels[None]
+    ijk_to_lps = np.asarray(seg["ijkToLPS"], float)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    out = {}
+    for k, s in enumerate(seg.get("segments", []), start=1):
+        mask = voxels[int(s.get("layer", 0))] == int(s["labelValue"])
+        img = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)).astype(np.uint8))
+        img.SetSpacing(tuple(float(v) for v in spacing))
+        img.SetDirection(tuple((ijk_to_lps[:3, :3] / spacing).ravel()))
+        img.SetOrigin(tuple(float(v) for v in ijk_to_lps[:3, 3]))
+        out[s.get("name") or f"Segment_{k}"] = sitk.GetArrayFromImage(_on_grid(img, reference, p, what)) > 0
+    if not out:
+        raise InputError(f"{p}: the segmentation has no segments")
+    return out
+
+
+def _on_grid(img: sitk.Image, reference: sitk.Image, p: Path, what: str) -> sitk.Image:
+    if same_grid(img, reference):
+        return img
+    had = bool(np.count_nonzero(sitk.GetArrayViewFromImage(img)))
+    img = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
+    if had and not np.count_nonzero(sitk.GetArrayViewFromImage(img)):
+        raise InputError(f"{p}: the {what} does not overlap the CT (different grid, no common voxels)")
+    return img
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tol, atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=max(tol, tol * max(b.GetSpacing())))
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+# ----------------------------------------------------------------------------- write
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove it is writable (clear error otherwise)."""
+    d = Path(folder)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".ssalesionseg-write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"output folder {d} is not writable ({e.strerror or e})") from None
+    return d
+
+
+def temp_path_for(path: str | os.PathLike) -> Path:
+    """A hidden temporary name beside ``path`` with the same suffixes (writers pick the
+    format from the suffix)."""
+    p = Path(path)
+    name = p.name
+    suffix = next((s for s in (".seg.nrrd",) + VOLUME_SUFFIXES if name.lower().endswith(s)), "".join(p.suffixes))
+    return p.with_name(f".{name}.{uuid.uuid4().hex[:8]}.part{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """``with atomic_path(p) as tmp: write(tmp)`` -> ``tmp`` is renamed to ``p`` on success
+    and removed on any error."""
+    p = Path(path)
+    tmp = temp_path_for(p)
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def write_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), compress)
+    return Path(path)

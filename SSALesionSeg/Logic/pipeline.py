@@ -1,0 +1,266 @@
+"""CT in -> lungs -> slice-wise SSA-Net -> lesion labelmap, statistics, files.
+
+:func:`segment_image` is the one entry point used by the CLI, the Slicer module and the
+tests; :func:`process_case` adds reading the input and writing the four outputs.
+
+Lesion step, per slice with lung (see ``ssanet.preprocess`` for the model-input
+contract): the CT is reoriented to LPS from its direction cosines so ``arr[z]`` is in the
+model's canonical orientation; each slice is windowed exactly as in training, resampled
+in-plane to the model's pixel spacing, cropped (or padded) to the model's field of view
+around the lungs' centroid and resized to the network size; the lung mask is the second
+channel. Probabilities come back the same way onto the original slice grid; labels are
+the arg-max restricted to the lung mask, and are written back in the CT's own voxel order.
+Slices are streamed in batches, so memory does not grow with the number of slices.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import Cancelled, InputError
+from .geometry import array_from_lps, image_like, to_lps
+from .io import atomic_path, check_writable, read_ct, validate_ct, write_image
+from .lungstep import compute_lungs
+from .stats import compute_stats, label_names_for, write_stats
+
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image                 # uint8 on the CT grid: 0 bg, 1 GGO, 2 consolidation (binary: 1 infection)
+    lungs: sitk.Image                  # uint8: 1 right lung, 2 left lung
+    class_names: list
+    stats: dict
+    info: dict
+    lobes: sitk.Image | None = None    # uint8 1..5 (LTRCLobes order) when lobe weights were given
+    probability: sitk.Image | None = None  # float32 max class probability (1 outside the lungs)
+    notices: list = field(default_factory=list)
+
+
+def load_model(checkpoint=None):
+    """(model, meta) from ``ssanet.checkpoint.load_checkpoint``; raises CheckpointError."""
+    from ssanet.checkpoint import load_checkpoint
+    return load_checkpoint(checkpoint)
+
+
+def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_weights=None,
+                  lobe_weights=None, lung_mask=None, device: str = "auto", batch_size: int | None = None,
+                  progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+                  save_probability: bool = False, model=None, source: str = "input") -> SegmentationResult:
+    """Segment GGO / consolidation in ``ct`` (a SimpleITK image in HU).
+
+    ``model``: an already loaded ``(model, meta)`` pair (batch runs load it once);
+    otherwise ``checkpoint`` (None: the default model) is loaded. ``cancel()`` is polled
+    between stages and batches and raises :class:`Cancelled` when it returns True.
+    """
+    from ssanet.inference import select_device
+
+    report = progress or (lambda stage, fraction: None)
+
+    def check_cancel():
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+
+    timings = {}
+    ct = validate_ct(ct, source)
+    dev = select_device(device)
+    check_cancel()
+
+    t = time.perf_counter()
+    report("model", 0.0)
+    net, meta = model if model is not None else load_model(checkpoint)
+    report("model", 1.0)
+    timings["model"] = time.perf_counter() - t
+    check_cancel()
+
+    t = time.perf_counter()
+    report("lungs", 0.0)
+    lung_res = compute_lungs(ct, method=lungs, weights=lung_weights, lobe_weights=lobe_weights,
+                             lung_mask=lung_mask, device=dev.type)
+    if not lung_res.labels.any():
+        raise InputError(f"{source}: no lungs found (no aerated lung in the image: is the chest in the field "
+                         "of view?)")
+    lungs_img = image_like(lung_res.labels.astype(np.uint8), ct)
+    report("lungs", 1.0)
+    timings["lungs"] = time.perf_counter() - t
+    check_cancel()
+
+    t = time.perf_counter()
+    class_names = list(meta.get("class_names") or ["background", "ggo", "consolidation"])
+    labels_arr, conf_arr, n_slices = _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability,
+                                              lambda f: report("lesions", f), check_cancel)
+    labels_img = image_like(labels_arr, ct)
+    prob_img = image_like(conf_arr, ct) if conf_arr is not None else None
+    timings["lesions"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report("stats", 0.0)
+    lobes_img = image_like(lung_res.lobes, ct) if lung_res.lobes is not None else None
+    stats = compute_stats(ct, labels_img, lungs_img, lobes_img, label_names_for(class_names))
+    timings["stats"] = time.perf_counter() - t
+    report("stats", 1.0)
+
+    info = {
+        "source": source,
+        "size": list(ct.GetSize()),
+        "spacing_mm": [float(s) for s in ct.GetSpacing()],
+        "lung_method": lung_res.method,
+        "lung_details": lung_res.details,
+        "device": str(dev),
+        "checkpoint": {"name": meta.get("name"), "sha256": meta.get("sha256"), "path": meta.get("path")},
+        "class_names": class_names,
+        "lesion_slices": n_slices,
+        "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
+        "timings_s": timings,
+    }
+    notices = [lung_res.notice] if lung_res.notice else []
+    if notices:
+        info["notices"] = notices
+    stats["info"] = info
+    return SegmentationResult(labels=labels_img, lungs=lungs_img, class_names=class_names, stats=stats,
+                              info=info, lobes=lobes_img, probability=prob_img, notices=notices)
+
+
+def _target_spacing(pre, native):
+    px = pre.get("pixel_spacing_mm")
+    if px is None:
+        return native
+    if np.isscalar(px):
+        return float(px), float(px)
+    return float(px[0]), float(px[1])
+
+
+def _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability, report, check_cancel):
+    from ssanet.inference import Predictor
+    from ssanet.preprocess import (LUNG_WINDOW_HU, crop_or_pad, lung_centroid_crop, make_input, resize_image,
+                                   resize_probs, uncrop, window_hu)
+
+    pre = meta.get("preprocessing") or {}
+    size = int(pre.get("size", 512))
+    fov = int(pre.get("fov_px", size))
+    window = tuple(pre.get("window_hu", LUNG_WINDOW_HU))
+    blank = bool(pre.get("blank_outside_lung", True))
+
+    ct_l = to_lps(ct)
+    lung_l = to_lps(lungs_img)
+    hu = sitk.GetArrayViewFromImage(ct_l)
+    lung = sitk.GetArrayViewFromImage(lung_l) > 0
+    nz, h, w = hu.shape
+    sx, sy = ct_l.GetSpacing()[:2]
+    ty, tx = _target_spacing(pre, (sy, sx))
+    hr, wr = max(1, int(round(h * sy / ty))), max(1, int(round(w * sx / tx)))
+    resample = (hr, wr) != (h, w)
+
+    union = lung.any(axis=0)
+    union_r = resize_image(union, (hr, wr), order=0) if resample else union
+    box, _ = lung_centroid_crop(union_r, lung=union_r, crop=fov)
+
+    labels = np.zeros(hu.shape, np.uint8)
+    conf = np.ones(hu.shape, np.float32) if save_probability else None
+    zs = np.flatnonzero(lung.reshape(nz, -1).any(axis=1))
+    predictor = Predictor(net, dev, batch_size)
+    bs = predictor.batch_size
+    report(0.0)
+    for start in range(0, len(zs), bs):
+        check_cancel()
+        batch = zs[start:start + bs]
+        imgs, masks = [], []
+        for z in batch:
+            img = window_hu(hu[z], window)
+            m = lung[z]
+            if resample:
+                img = resize_image(img, (hr, wr), order=1)
+                m = resize_image(m, (hr, wr), order=0)
+            img, m = crop_or_pad(img, box), crop_or_pad(m, box)
+            if fov != size:
+                img = resize_image(img, (size, size), order=1)
+                m = resize_image(m, (size, size), order=0)
+            imgs.append(img)
+            masks.append(m)
+        probs = predictor.predict(make_input(np.stack(imgs), np.stack(masks), blank_outside_lung=blank))
+        if fov != size:
+            probs = resize_probs(probs, (fov, fov))
+        probs = uncrop(probs, box, (hr, wr), fill=0.0)
+        if resample:
+            probs = resize_probs(probs, (h, w))
+        for j, z in enumerate(batch):
+            p = probs[j]
+            lab = p.argmax(axis=0).astype(np.uint8)
+            lab[~lung[z]] = 0
+            labels[z] = lab
+            if conf is not None:
+                conf[z] = np.where(lung[z], p.max(axis=0), np.float32(1.0))
+        report(min(1.0, (start + len(batch)) / len(zs)))
+    labels = array_from_lps(labels, ct_l, ct).astype(np.uint8)
+    if conf is not None:
+        conf = array_from_lps(conf, ct_l, ct).astype(np.float32)
+    return labels, conf, len(zs)
+
+
+# -------------------------------------------------------------------------- one case
+
+OUTPUT_SUFFIXES = {"segmentation": ".seg.nrrd", "stats_json": "_stats.json", "stats_csv": "_stats.csv",
+                   "overlay": "_overlay.png"}
+
+
+def output_paths(out_dir, name: str) -> dict:
+    out_dir = Path(out_dir)
+    return {k: out_dir / f"{name}{suf}" for k, suf in OUTPUT_SUFFIXES.items()}
+
+
+def outputs_complete(out_dir, name: str) -> bool:
+    return all(p.is_file() for p in output_paths(out_dir, name).values())
+
+
+def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str) -> dict:
+    """Write the four outputs (plus the confidence map when present). All files are written
+    under temporary names first and only renamed into place once every one succeeded."""
+    from .report import write_overlay
+    from .segfile import write_seg_nrrd
+
+    check_writable(out_dir)
+    paths = output_paths(out_dir, name)
+    if result.probability is not None:
+        paths["confidence"] = Path(out_dir) / f"{name}_confidence.nrrd"
+    with contextlib.ExitStack() as stack:
+        # entered first = renamed last: the stats JSON appears only when everything is in place
+        tmp = {k: stack.enter_context(atomic_path(paths[k])) for k in
+               ("stats_json", "stats_csv", "segmentation", "overlay", "confidence") if k in paths}
+        write_seg_nrrd(tmp["segmentation"], result.labels, result.lungs, result.class_names)
+        write_overlay(tmp["overlay"], ct, result.labels, result.lungs, result.class_names, title=name)
+        if "confidence" in tmp:
+            write_image(result.probability, tmp["confidence"])
+        result.stats.setdefault("info", result.info)["outputs"] = {k: str(p) for k, p in paths.items()}
+        write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
+    return paths
+
+
+def process_case(input_path, out_dir, name: str | None = None, progress: ProgressFn | None = None,
+                 **kwargs) -> tuple[SegmentationResult, dict]:
+    """Read ``input_path``, segment it and write the outputs into ``out_dir``."""
+    from .io import case_name
+
+    check_writable(out_dir)
+    name = name or case_name(input_path)
+    report = progress or (lambda stage, fraction: None)
+    t = time.perf_counter()
+    report("read", 0.0)
+    ct, read_info = read_ct(input_path)
+    report("read", 1.0)
+    t_read = time.perf_counter() - t
+    result = segment_image(ct, progress=progress, source=str(input_path), **kwargs)
+    result.info["input"] = read_info
+    result.info["timings_s"]["read"] = t_read
+    t = time.perf_counter()
+    report("write", 0.0)
+    paths = write_outputs(result, ct, out_dir, name)
+    result.info["timings_s"]["write"] = time.perf_counter() - t
+    report("write", 1.0)
+    return result, paths

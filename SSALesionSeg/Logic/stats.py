@@ -1,0 +1,170 @@
+"""Lung and lesion statistics and the CT severity score.
+
+Volumes are voxel counts times the voxel volume. Lesion percentages count lesion voxels
+inside the lung (the engine's labels are always inside it; a hand-edited labelmap may
+not be). Mean/std HU are over the lesion voxels of the CT.
+
+Severity (CT severity score, lobar extent): each region scores 0 (no lesion), 1 (< 5 %),
+2 (5-25 %), 3 (26-50 %), 4 (51-75 %), 5 (> 75 %) of its volume involved by any lesion.
+Per lobe when lobes are available (total 0-25), else per lung (total 0-10), and the
+scheme used is named in the output.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import atomic_path
+
+MULTICLASS_NAMES = {1: "ggo", 2: "consolidation"}
+BINARY_NAMES = {1: "infection"}
+LUNG_SIDES = {"right": (1,), "left": (2,), "total": (1, 2)}
+# lungmask LTRCLobes label order
+LOBE_NAMES = {1: "left_upper", 2: "left_lower", 3: "right_upper", 4: "right_middle", 5: "right_lower"}
+
+
+def label_names_for(class_names) -> dict:
+    """{label value: stats key} for a model's class names (background first)."""
+    names = [c.lower() for c in class_names]
+    if len(names) <= 2:
+        return dict(BINARY_NAMES)
+    return {i: ("ggo" if n in ("ggo", "ground-glass opacity") else n) for i, n in enumerate(names) if i > 0}
+
+
+def severity_bin(percent: float) -> int:
+    if percent <= 0:
+        return 0
+    if percent < 5:
+        return 1
+    if percent <= 25:
+        return 2
+    if percent <= 50:
+        return 3
+    if percent <= 75:
+        return 4
+    return 5
+
+
+def _arr(x):
+    return sitk.GetArrayViewFromImage(x) if isinstance(x, sitk.Image) else np.asarray(x)
+
+
+def compute_stats(ct, labels, lungs, lobes=None, label_names=None) -> dict:
+    """Statistics dict (see module docstring). ``ct`` must be a SimpleITK image (its spacing
+    gives the voxel volume); ``labels``/``lungs``/``lobes`` images or arrays on its grid."""
+    if not isinstance(ct, sitk.Image):
+        raise TypeError("ct must be a SimpleITK image (its spacing defines the volumes)")
+    label_names = dict(label_names or MULTICLASS_NAMES)
+    hu = _arr(ct)
+    lab = _arr(labels)
+    lung = _arr(lungs)
+    for what, a in (("labels", lab), ("lungs", lung)) + ((("lobes", _arr(lobes)),) if lobes is not None else ()):
+        if a.shape != hu.shape:
+            raise ValueError(f"{what} shape {a.shape} differs from the CT {hu.shape}")
+    voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
+
+    lung_masks = {side: np.isin(lung, vals) for side, vals in LUNG_SIDES.items()}
+    lung_counts = {side: int(np.count_nonzero(m)) for side, m in lung_masks.items()}
+    out: dict = {
+        "voxel_volume_ml": voxel_ml,
+        "spacing_mm": [float(s) for s in ct.GetSpacing()],
+        "lungs": {side: {"volume_ml": n * voxel_ml} for side, n in lung_counts.items()},
+        "lesions": {},
+    }
+
+    classes = {name: (value,) for value, name in label_names.items()}
+    classes["infection"] = tuple(label_names)
+    for name in ("ggo", "consolidation", "infection"):
+        if name not in classes:
+            out["lesions"][name] = None  # the model does not produce this class
+            continue
+        m = np.isin(lab, classes[name])
+        n = int(np.count_nonzero(m))
+        entry = {"volume_ml": n * voxel_ml,
+                 "percent_of_lung": _pct(np.count_nonzero(m & lung_masks["total"]), lung_counts["total"])}
+        for side in ("right", "left"):
+            k = int(np.count_nonzero(m & lung_masks[side]))
+            entry[f"percent_of_{side}_lung"] = _pct(k, lung_counts[side])
+            entry[f"{side}_volume_ml"] = k * voxel_ml
+        if n:
+            v = hu[m].astype(np.float64)
+            entry["mean_hu"] = float(v.mean())
+            entry["std_hu"] = float(v.std())
+        else:
+            entry["mean_hu"] = entry["std_hu"] = None
+        out["lesions"][name] = entry
+
+    infection = np.isin(lab, tuple(label_names))
+    if lobes is not None:
+        lob = _arr(lobes)
+        regions = {}
+        for value, name in LOBE_NAMES.items():
+            r = lob == value
+            cnt = int(np.count_nonzero(r))
+            pct = _pct(np.count_nonzero(infection & r), cnt)
+            regions[name] = {"volume_ml": cnt * voxel_ml, "percent_involved": pct,
+                             "score": severity_bin(pct or 0.0)}
+        out["lobes"] = {k: {"volume_ml": v["volume_ml"]} for k, v in regions.items()}
+        scheme, max_total = "CT severity score per lobe (0-5 each, total 0-25)", 25
+    else:
+        regions = {}
+        for side in ("right", "left"):
+            pct = _pct(np.count_nonzero(infection & lung_masks[side]), lung_counts[side])
+            regions[f"{side}_lung"] = {"percent_involved": pct, "score": severity_bin(pct or 0.0)}
+        scheme, max_total = "CT severity score per lung (0-5 each, total 0-10; no lobes available)", 10
+    out["severity"] = {
+        "scheme": scheme,
+        "bins_percent": ["0: none", "1: <5", "2: 5-25", "3: 26-50", "4: 51-75", "5: >75"],
+        "regions": regions,
+        "total": int(sum(r["score"] for r in regions.values())),
+        "max": max_total,
+    }
+    return out
+
+
+def _pct(part, whole):
+    return 100.0 * float(part) / whole if whole else None
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        elif isinstance(v, (list, tuple)):
+            yield key, " ".join(str(x) for x in v)
+        else:
+            yield key, v
+
+
+def _clean(o):
+    # JSON has no NaN; None says "not available"
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return _clean(float(o))
+    return o
+
+
+def write_stats(stats: dict, json_path, csv_path) -> None:
+    """JSON (nested, as returned) and CSV (one ``measure,value`` row per flattened key)."""
+    clean = _clean(stats)
+    with atomic_path(json_path) as tmp:
+        Path(tmp).write_text(json.dumps(clean, indent=2) + "\n")
+    with atomic_path(csv_path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["measure", "value"])
+            for k, v in _flatten(clean):
+                w.writerow([k, "" if v is None else v])

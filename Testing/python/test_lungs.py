@@ -1,0 +1,149 @@
+"""Classical lung segmentation (ssanet.lungs) on synthetic HU phantoms and real crops."""
+import numpy as np
+import pytest
+
+from ssanet.lungs import lung_mask_from_hu, lung_mask_from_window, split_lungs
+from ssanet.preprocess import window_hu
+
+SP2 = (1.4, 1.4)
+
+
+def ellipse(shape, cy, cx, ry, rx):
+    Y, X = np.mgrid[0:shape[0], 0:shape[1]]
+    return ((Y - cy) / ry) ** 2 + ((X - cx) / rx) ** 2 <= 1.0
+
+
+def chest_slice(size=160, noise=10.0, seed=0):
+    """(HU slice, right lung, left lung, body) in LPS columns: right lung at low columns."""
+    rng = np.random.default_rng(seed)
+    body = ellipse((size, size), size / 2, size / 2, 0.33 * size, 0.42 * size)
+    r = ellipse((size, size), size / 2, 0.31 * size, 0.22 * size, 0.13 * size)
+    l = ellipse((size, size), size / 2, 0.69 * size, 0.22 * size, 0.13 * size)
+    hu = np.full((size, size), -1000.0, np.float32)
+    hu[body] = 40.0
+    hu[r | l] = -850.0
+    hu += rng.normal(0, noise, hu.shape).astype(np.float32)
+    return hu, r, l, body
+
+
+def test_two_lungs_sides_2d():
+    hu, r, l, body = chest_slice()
+    lab = lung_mask_from_hu(hu, SP2)
+    assert lab.dtype == np.uint8 and set(np.unique(lab)) <= {0, 1, 2}
+    for value, truth in ((1, r), (2, l)):
+        m = lab == value
+        assert (m & truth).sum() / truth.sum() > 0.97
+        assert (m & ~truth).sum() / truth.sum() < 0.15
+    assert not (lab > 0)[~body].any()
+
+
+def test_columns_decide_right_and_left():
+    hu, r, l, _ = chest_slice()
+    lab = lung_mask_from_hu(hu[:, ::-1].copy(), SP2)[:, ::-1]
+    # mirrored columns: what was the right lung is now on the patient's left
+    assert ((lab == 2) & r).sum() > 0.95 * r.sum()
+    assert ((lab == 1) & l).sum() > 0.95 * l.sum()
+
+
+def test_dense_consolidation_against_the_wall_is_kept():
+    hu, r, l, body = chest_slice()
+    size = hu.shape[0]
+    # dependent consolidation: soft-tissue density filling the lateral part of the right lung
+    cons = r & ellipse(hu.shape, size / 2 + 10, 0.20 * size, 0.12 * size, 0.06 * size)
+    hu[cons] = 20.0
+    plain = hu < -320
+    assert (plain & cons).sum() < 0.05 * cons.sum()  # thresholding alone loses it
+    lab = lung_mask_from_hu(hu, SP2)
+    # the convex outer edge of the lesion lies beyond the neighbouring lung's reach: ~7 % lost
+    assert (lab[cons] == 1).mean() > 0.9
+    assert not (lab > 0)[~body].any()
+
+
+def test_central_consolidation_and_ggo_inside_the_lung():
+    hu, r, l, _ = chest_slice()
+    size = hu.shape[0]
+    ggo = ellipse(hu.shape, size / 2, 0.31 * size, 10, 8)
+    cons = ellipse(hu.shape, size / 2 - 15, 0.69 * size, 8, 8)
+    hu[ggo] = -500
+    hu[cons] = 10
+    lab = lung_mask_from_hu(hu, SP2)
+    assert (lab[ggo] == 1).all() and (lab[cons] == 2).all()
+
+
+def test_volume_excludes_trachea_and_bowel_gas():
+    hu2, r, l, body = chest_slice(size=128)
+    nz = 10
+    hu = np.repeat(hu2[None], nz, axis=0)
+    lungs = np.repeat((r | l)[None], nz, axis=0)
+    trachea = np.zeros(hu.shape, bool)
+    trachea[6:] = ellipse(hu2.shape, 40, 64, 5, 5)  # upper slices: a central tube
+    hu[trachea] = -1000
+    # below the lungs: abdominal slices (gas pocket in the lowest two, then diaphragm)
+    hu[:3][np.broadcast_to(r | l, hu[:3].shape)] = 40
+    lungs[:3] = False
+    gas = np.zeros(hu.shape, bool)
+    gas[:2] = ellipse(hu2.shape, 64, 80, 12, 15)
+    hu[gas] = -1000
+    lab = lung_mask_from_hu(hu, (2.5, 1.4, 1.4))
+    assert not (lab > 0)[trachea].any()
+    assert not (lab > 0)[gas].any()
+    assert ((lab > 0) & lungs).sum() > 0.97 * lungs.sum()
+    assert (lab[lungs & (np.arange(128) < 64)[None, None, :]] == 1).mean() > 0.99
+
+
+def test_joined_lungs_are_split_at_the_valley():
+    hu, r, l, _ = chest_slice()
+    size = hu.shape[0]
+    bridge = np.zeros(hu.shape, bool)
+    bridge[int(0.3 * size):int(0.3 * size) + 4, int(0.3 * size):int(0.7 * size)] = True  # anterior junction
+    hu[bridge] = -850
+    lab = lung_mask_from_hu(hu, SP2)
+    assert (lab[r] == 1).mean() > 0.95 and (lab[l] == 2).mean() > 0.95
+    sides = split_lungs(r | l | bridge)
+    assert (sides[r] == 1).mean() > 0.95 and (sides[l] == 2).mean() > 0.95
+
+
+def test_no_lungs_gives_empty_mask():
+    hu = np.full((3, 64, 64), -1000.0, np.float32)
+    hu[:, 8:56, 8:56] = 40.0  # a body without lungs
+    assert not lung_mask_from_hu(hu, (2.5, 1.0, 1.0)).any()
+    assert not lung_mask_from_hu(np.full((64, 64), -1000.0, np.float32), (1.0, 1.0)).any()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="spacing"):
+        lung_mask_from_hu(np.zeros((4, 4, 4), np.float32), (1, 1))
+    with pytest.raises(ValueError):
+        lung_mask_from_hu(np.zeros((2, 2, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        lung_mask_from_hu(np.full((8, 8), np.nan, np.float32), (1, 1))
+
+
+def test_window_rendering_matches_hu():
+    hu, r, l, _ = chest_slice()
+    img = np.round(window_hu(hu)).astype(np.uint8)
+    m = lung_mask_from_window(img, SP2)
+    assert m.dtype == bool and m.shape == img.shape
+    assert (m & (r | l)).sum() > 0.97 * (r | l).sum()
+    stack = lung_mask_from_window(np.stack([img, img]), SP2)
+    assert stack.shape == (2,) + img.shape and (stack[0] == m).all()
+
+
+def test_covid_semiseg_training_crops(data_root):
+    """Smoke test on a few real crops of the *training* split (the test split is reserved
+    for the reported figure, Testing/benchmarks/lung_coverage.py)."""
+    from PIL import Image
+
+    from ssanet.preprocess import canonical_from_source
+
+    folder = data_root / "covid-semiseg" / "Dataset" / "TrainingSet" / "MultiClassInfection-Train"
+    total = inside = 0
+    for name in ("0", "10", "13", "19", "31"):
+        with Image.open(folder / "Imgs" / f"{name}.jpg") as im:
+            img = canonical_from_source(np.array(im.convert("L")), "covid-semiseg")
+        with Image.open(folder / "GT" / f"{name}.png") as im:
+            gt = canonical_from_source(np.array(im), "covid-semiseg")
+        m = lung_mask_from_window(img)
+        total += (gt > 0).sum()
+        inside += ((gt > 0) & m).sum()
+    assert inside / total > 0.95

@@ -1,0 +1,575 @@
+"""The segmentation engine (ssalesionseg): input checks, lungs, lesions, outputs, CLI.
+
+Models here are tiny (random weights) or a fixed threshold network whose output is known
+exactly, so the tests check plumbing and geometry, not accuracy.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ssalesionseg import cli
+from ssalesionseg.bench import run_bench, synthetic_chest_ct
+from ssalesionseg.errors import Cancelled, InputError, LungWeightsError
+from ssalesionseg.io import read_ct, write_image
+from ssalesionseg.lungstep import compute_lungs, resolve_weights
+from ssalesionseg.pipeline import outputs_complete, process_case, segment_image
+from ssalesionseg.segfile import write_seg_nrrd
+from ssanet.checkpoint import CheckpointError, save_checkpoint
+from ssanet.model import SSANet
+
+SP = (1.4, 1.4, 2.5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # the CPU is shared: Predictor keeps the thread count when OMP_NUM_THREADS is set
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+class ThresholdNet(torch.nn.Module):
+    """GGO where the windowed input is 0.40-0.70 (about -650..-200 HU), consolidation above."""
+
+    def __init__(self, binary=False):
+        super().__init__()
+        self.binary = binary
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        v, lung = x[:, 0], x[:, 1] > 0.5
+        ggo = lung & (v > 0.40) & (v < 0.70)
+        cons = lung & (v >= 0.70)
+        if self.binary:
+            return ((ggo | cons).float() * 20 - 10)[:, None] + self.w
+        bg = ~(ggo | cons)
+        return torch.stack([bg, ggo, cons], 1).float() * 20 + self.w
+
+
+def exact_meta(size=128, px=1.4, binary=False):
+    return {"class_names": ["background", "infection"] if binary else ["background", "ggo", "consolidation"],
+            "preprocessing": {"size": size, "pixel_spacing_mm": px, "fov_px": size,
+                              "window_hu": [-1250.0, 250.0], "blank_outside_lung": True},
+            "name": "threshold", "sha256": None}
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return synthetic_chest_ct(6, 128, spacing=SP)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    net = SSANet(in_channels=2, num_classes=3, layers=(1, 1, 1, 1), width=(8, 16, 32, 64))
+    p = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(p, net, {"preprocessing": {"size": 64, "pixel_spacing_mm": 2.8, "fov_px": 64,
+                                               "window_hu": [-1250.0, 250.0], "blank_outside_lung": True}})
+    return p
+
+
+@pytest.fixture(scope="module")
+def truth_lungs_path(phantom, tmp_path_factory):
+    img, truth = phantom
+    lungs = sitk.GetImageFromArray(truth["right_lung"].astype(np.uint8) + 2 * truth["left_lung"].astype(np.uint8))
+    lungs.CopyInformation(img)
+    return write_image(lungs, tmp_path_factory.mktemp("lungs") / "truth_lungs.nrrd")
+
+
+@pytest.fixture(scope="module")
+def exact_result(phantom, truth_lungs_path):
+    # with the true lungs the threshold network reproduces the lesions voxel for voxel
+    img, _ = phantom
+    return segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=truth_lungs_path, device="cpu")
+
+
+def lps_array(img):
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS"))
+
+
+# ------------------------------------------------------------------ lesion geometry
+
+def test_known_lesion_volumes(phantom, exact_result):
+    img, truth = phantom
+    lab = sitk.GetArrayFromImage(exact_result.labels)
+    assert exact_result.labels.GetPixelID() == sitk.sitkUInt8
+    assert (lab == 1).sum() == truth["ggo"].sum() and ((lab == 1) == truth["ggo"]).all()
+    assert ((lab == 2) == truth["consolidation"]).all()
+    vox_ml = np.prod(SP) / 1000
+    st = exact_result.stats
+    assert st["lesions"]["ggo"]["volume_ml"] == pytest.approx(truth["ggo"].sum() * vox_ml, rel=1e-6)
+    assert st["lesions"]["consolidation"]["volume_ml"] == pytest.approx(truth["consolidation"].sum() * vox_ml, rel=1e-6)
+    assert st["lesions"]["ggo"]["mean_hu"] == pytest.approx(-500, abs=5)
+    assert st["lesions"]["consolidation"]["mean_hu"] == pytest.approx(0, abs=5)
+    # the classical lungs hold the lesions too; on this small convex phantom they overshoot
+    # at the lung tips and out to the ribs by about a third (see ssanet.lungs)
+    lungs = compute_lungs(sitk.Cast(img, sitk.sitkFloat32), method="classical").labels
+    for value, key in ((1, "right_lung"), (2, "left_lung")):
+        m, t = lungs == value, truth[key]
+        assert (m & t).sum() > 0.98 * t.sum() and m.sum() < 1.45 * t.sum()
+    assert (lungs[truth["ggo"]] == 1).all() and (lungs[truth["consolidation"]] == 2).all()
+
+
+def test_stats_match_independent_recomputation(phantom, exact_result):
+    img, _ = phantom
+    hu = sitk.GetArrayFromImage(img).astype(np.float64)
+    lab = sitk.GetArrayFromImage(exact_result.labels)
+    lung = sitk.GetArrayFromImage(exact_result.lungs)
+    vox_ml = np.prod(img.GetSpacing()) / 1000.0
+    st = exact_result.stats
+    total = (lung > 0).sum()
+    assert st["lungs"]["total"]["volume_ml"] == pytest.approx(total * vox_ml, rel=5e-3)
+    assert st["lungs"]["right"]["volume_ml"] == pytest.approx((lung == 1).sum() * vox_ml, rel=5e-3)
+    for name, values in (("ggo", (1,)), ("consolidation", (2,)), ("infection", (1, 2))):
+        m = np.isin(lab, values)
+        e = st["lesions"][name]
+        assert e["volume_ml"] == pytest.approx(m.sum() * vox_ml, rel=5e-3)
+        assert e["percent_of_lung"] == pytest.approx(100 * (m & (lung > 0)).sum() / total, rel=5e-3)
+        assert e["percent_of_left_lung"] == pytest.approx(100 * (m & (lung == 2)).sum() / (lung == 2).sum(), rel=5e-3)
+        assert e["mean_hu"] == pytest.approx(hu[m].mean(), rel=5e-3)
+        assert e["std_hu"] == pytest.approx(hu[m].std(), rel=5e-3)
+    sev = st["severity"]
+    assert sev["max"] == 10 and "per lung" in sev["scheme"]
+    assert sev["total"] == sum(r["score"] for r in sev["regions"].values())
+    assert st["info"]["lung_method"] == "file" and st["info"]["timings_s"]["lesions"] >= 0
+
+
+def test_severity_per_lobe(phantom, exact_result):
+    from ssalesionseg.stats import compute_stats, severity_bin
+
+    img, truth = phantom
+    lungs = sitk.GetArrayFromImage(exact_result.lungs)
+    lobes = np.zeros(lungs.shape, np.uint8)
+    lobes[lungs == 2] = 1  # left upper ...
+    lobes[(lungs == 2) & (np.arange(lungs.shape[1]) >= 64)[None, :, None]] = 2
+    lobes[lungs == 1] = 3
+    st = compute_stats(img, exact_result.labels, exact_result.lungs, lobes)
+    sev = st["severity"]
+    assert sev["max"] == 25 and "per lobe" in sev["scheme"] and len(sev["regions"]) == 5
+    lab = sitk.GetArrayFromImage(exact_result.labels) > 0
+    pct = 100 * (lab & (lobes == 3)).sum() / (lobes == 3).sum()
+    assert sev["regions"]["right_upper"]["score"] == severity_bin(pct)
+    assert sev["regions"]["right_middle"]["score"] == 0 and sev["regions"]["right_middle"]["percent_involved"] is None
+    assert [severity_bin(p) for p in (0, 1, 5, 25, 26, 50, 51, 75, 76)] == [0, 1, 2, 2, 3, 3, 4, 4, 5]
+
+
+def test_resampling_to_model_pixel_size(phantom, truth_lungs_path):
+    img, truth = phantom
+    meta = exact_meta(size=64, px=2.0)
+    meta["preprocessing"]["fov_px"] = 96
+    res = segment_image(img, model=(ThresholdNet(), meta), lung_mask=truth_lungs_path, device="cpu")
+    lab = sitk.GetArrayFromImage(res.labels)
+    for value, key in ((1, "ggo"), (2, "consolidation")):
+        m, t = lab == value, truth[key]
+        assert 2 * (m & t).sum() / (m.sum() + t.sum()) > 0.8
+
+
+def test_binary_model_and_probability(phantom, truth_lungs_path):
+    img, truth = phantom
+    res = segment_image(img, model=(ThresholdNet(binary=True), exact_meta(binary=True)), lung_mask=truth_lungs_path,
+                        device="cpu", save_probability=True)
+    lab = sitk.GetArrayFromImage(res.labels)
+    assert set(np.unique(lab)) == {0, 1}
+    assert ((lab == 1) == (truth["ggo"] | truth["consolidation"])).all()
+    assert res.stats["lesions"]["ggo"] is None and res.stats["lesions"]["infection"]["volume_ml"] > 0
+    p = sitk.GetArrayFromImage(res.probability)
+    assert res.probability.GetPixelID() == sitk.sitkFloat32 and p.min() >= 0 and p.max() <= 1.0
+    assert (p[sitk.GetArrayFromImage(res.lungs) == 0] == 1).all()
+
+
+@pytest.mark.parametrize("orientation,rotate", [("RAI", False), ("LPS", True), ("PIR", True)])
+def test_direction_preserved_flipped_and_oblique(phantom, exact_result, orientation, rotate):
+    img, _ = phantom
+    moved = sitk.DICOMOrient(img, orientation)
+    if rotate:  # 12 degrees about the axial axis: oblique, same nearest orientation
+        a = np.deg2rad(12)
+        rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        moved.SetDirection(tuple((rot @ np.asarray(moved.GetDirection()).reshape(3, 3)).ravel()))
+    res = segment_image(moved, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
+    ref = segment_image(img, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
+    for out in (res.labels, res.lungs):
+        assert out.GetSize() == moved.GetSize()
+        assert np.allclose(out.GetDirection(), moved.GetDirection())
+        assert np.allclose(out.GetOrigin(), moved.GetOrigin()) and np.allclose(out.GetSpacing(), moved.GetSpacing())
+    # the same voxels get the same labels whatever the storage order
+    back = sitk.GetImageFromArray(sitk.GetArrayFromImage(res.labels))
+    back.CopyInformation(moved)
+    assert (lps_array(back) == sitk.GetArrayFromImage(ref.labels)).all()
+
+
+# ------------------------------------------------------------------------ outputs
+
+def test_seg_nrrd_round_trip_with_slicerio(tmp_path, phantom, exact_result):
+    import slicerio
+
+    img, _ = phantom
+    moved = sitk.DICOMOrient(img, "RAS")
+    a = np.deg2rad(10)
+    rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    moved.SetDirection(tuple((rot @ np.asarray(moved.GetDirection()).reshape(3, 3)).ravel()))
+    lab = sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.DICOMOrient(exact_result.labels, "RAS")))
+    lab.CopyInformation(moved)
+    lungs = sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.DICOMOrient(exact_result.lungs, "RAS")))
+    lungs.CopyInformation(moved)
+    path = tmp_path / "case.seg.nrrd"
+    write_seg_nrrd(path, lab, lungs, ["background", "ggo", "consolidation"])
+    seg = slicerio.read_segmentation(str(path))
+    segs = {s["name"]: s for s in seg["segments"]}
+    assert list(segs) == ["Ground-glass opacity", "Consolidation", "Right lung", "Left lung"]
+    assert segs["Ground-glass opacity"]["color"] == pytest.approx([0.9, 0.1, 0.1])
+    assert segs["Consolidation"]["color"] == pytest.approx([0.1, 0.8, 0.1])
+    assert [(s["labelValue"], s["layer"]) for s in segs.values()] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert segs["Ground-glass opacity"]["terminology"]["type"] == ["SCT", "1217294009", "Ground glass opacity"]
+    assert segs["Consolidation"]["terminology"]["type"] == ["SCT", "9656002", "Consolidation"]
+    assert segs["Right lung"]["terminology"]["typeModifier"] == ["SCT", "24028007", "Right"]
+    assert segs["Left lung"]["terminology"]["typeModifier"] == ["SCT", "7771000", "Left"]
+    ijk = np.asarray(seg["ijkToLPS"])
+    d = np.asarray(moved.GetDirection()).reshape(3, 3) * np.asarray(moved.GetSpacing())
+    assert np.allclose(ijk[:3, :3], d, atol=1e-6) and np.allclose(ijk[:3, 3], moved.GetOrigin(), atol=1e-6)
+    vox = seg["voxels"]  # (layer, i, j, k)
+    assert (vox[0].transpose(2, 1, 0) == sitk.GetArrayFromImage(lab)).all()
+    lung_arr = sitk.GetArrayFromImage(lungs)
+    assert ((vox[1].transpose(2, 1, 0) == 3) == (lung_arr == 1)).all()
+    assert segs["Consolidation"]["extent"][0] == int(np.flatnonzero((vox[0] == 2).any(axis=(1, 2)))[0])
+
+
+def test_seg_nrrd_reads_in_slicer_core(tmp_path, phantom, exact_result):
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    import vtk
+
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLApplicationLogic(app)
+    colors.SetMRMLScene(scene)
+    segl = slicer.vtkSlicerSegmentationsModuleLogic()  # registers the labelmap converters
+    segl.SetMRMLApplicationLogic(app)
+    segl.SetMRMLScene(scene)
+    path = tmp_path / "case.seg.nrrd"
+    write_seg_nrrd(path, exact_result.labels, exact_result.lungs, exact_result.class_names)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    seg = node.GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    assert names == ["Ground-glass opacity", "Consolidation", "Right lung", "Left lung"]
+    ggo = seg.GetSegment(seg.GetSegmentIdBySegmentName("Ground-glass opacity"))
+    assert ggo.GetColor() == pytest.approx((0.9, 0.1, 0.1))
+    lm = ggo.GetRepresentation("Binary labelmap")
+    m = vtk.vtkMatrix4x4()
+    lm.GetImageToWorldMatrix(m)  # RAS
+    img = exact_result.labels
+    ras = np.diag([-1, -1, 1]) @ (np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing()))
+    assert np.allclose([[m.GetElement(r, c) for c in range(3)] for r in range(3)], ras, atol=1e-6)
+    from vtk.util.numpy_support import vtk_to_numpy
+    shared_layer = vtk_to_numpy(lm.GetPointData().GetScalars())
+    assert int((shared_layer == ggo.GetLabelValue()).sum()) == int((sitk.GetArrayFromImage(img) == 1).sum())
+
+
+def test_ct_small_dicom_through_the_cli(tmp_path, tiny_ckpt, capsys):
+    import pydicom
+    import slicerio
+
+    src = pydicom.data.get_testdata_file("CT_small.dcm")
+    out = tmp_path / "out"
+    rc = cli.main(["segment", src, "--out", str(out), "--checkpoint", str(tiny_ckpt), "--lungs", "classical",
+                   "--device", "cpu"])
+    assert rc == 0
+    for suffix in (".seg.nrrd", "_stats.json", "_stats.csv", "_overlay.png"):
+        assert (out / f"CT_small{suffix}").is_file()
+    ct = sitk.ReadImage(src)
+    seg = slicerio.read_segmentation(str(out / "CT_small.seg.nrrd"))
+    assert [s["name"] for s in seg["segments"]] == ["Ground-glass opacity", "Consolidation", "Right lung", "Left lung"]
+    ijk = np.asarray(seg["ijkToLPS"])
+    assert np.allclose(ijk[:3, 3], ct.GetOrigin()) and np.allclose(np.linalg.norm(ijk[:3, :3], axis=0), ct.GetSpacing())
+    assert seg["voxels"].shape[1:] == ct.GetSize()
+    st = json.loads((out / "CT_small_stats.json").read_text())
+    for key in ("right", "left", "total"):
+        assert st["lungs"][key]["volume_ml"] > 0
+    for key in ("ggo", "consolidation", "infection"):
+        assert {"volume_ml", "percent_of_lung", "mean_hu", "std_hu"} <= set(st["lesions"][key])
+    assert st["severity"]["scheme"] and st["info"]["checkpoint"]["sha256"]
+    assert st["info"]["input"]["dicom"]["modality"] == "CT"
+    assert "lesions.infection.volume_ml" in (out / "CT_small_stats.csv").read_text()
+    # the lead's command line carries the same subcommands
+    from ssanet.cli import build_parser
+    assert build_parser().parse_args(["segment", src, "--out", str(out)]).func is cli.cmd_segment
+
+
+def test_stats_subcommand_recomputes_from_seg_nrrd(tmp_path, phantom, exact_result):
+    img, _ = phantom
+    ct_path = tmp_path / "ph.nii.gz"
+    write_image(img, ct_path)
+    write_seg_nrrd(tmp_path / "ph.seg.nrrd", exact_result.labels, exact_result.lungs, exact_result.class_names)
+    assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(tmp_path / "ph.seg.nrrd"),
+                     "--out", str(tmp_path / "s")]) == 0
+    st = json.loads((tmp_path / "s" / "ph_stats.json").read_text())
+    for name in ("ggo", "consolidation", "infection"):
+        assert st["lesions"][name]["volume_ml"] == pytest.approx(exact_result.stats["lesions"][name]["volume_ml"])
+    assert st["lungs"]["total"]["volume_ml"] == pytest.approx(exact_result.stats["lungs"]["total"]["volume_ml"])
+    # a plain labelmap + explicit lung mask gives the same
+    write_image(exact_result.labels, tmp_path / "lab.nrrd")
+    write_image(exact_result.lungs, tmp_path / "lungs.nrrd")
+    assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(tmp_path / "lab.nrrd"), "--lung-mask",
+                     str(tmp_path / "lungs.nrrd"), "--out", str(tmp_path / "s2")]) == 0
+    st2 = json.loads((tmp_path / "s2" / "ph_stats.json").read_text())
+    assert st2["lesions"]["infection"]["percent_of_lung"] == pytest.approx(st["lesions"]["infection"]["percent_of_lung"])
+
+
+def test_lung_mask_file_bypasses_the_lung_step(tmp_path, phantom):
+    img, truth = phantom
+    lungs = sitk.GetImageFromArray(truth["right_lung"].astype(np.uint8) + 2 * truth["left_lung"].astype(np.uint8))
+    lungs.CopyInformation(img)
+    write_image(lungs, tmp_path / "lungs.nii.gz")
+    res = segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=tmp_path / "lungs.nii.gz", device="cpu")
+    assert res.info["lung_method"] == "file"
+    assert (sitk.GetArrayFromImage(res.lungs) == sitk.GetArrayFromImage(lungs)).all()
+    # a binary mask is split into right/left; a .seg.nrrd is read by segment name
+    write_image(sitk.Cast(lungs > 0, sitk.sitkUInt8), tmp_path / "binary.nrrd")
+    res2 = segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=tmp_path / "binary.nrrd", device="cpu")
+    assert (sitk.GetArrayFromImage(res2.lungs) == sitk.GetArrayFromImage(lungs)).all()
+    # the Slicer module hands over a SimpleITK image
+    res_img = segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=lungs, device="cpu")
+    assert (sitk.GetArrayFromImage(res_img.lungs) == sitk.GetArrayFromImage(lungs)).all()
+    write_seg_nrrd(tmp_path / "prev.seg.nrrd", res.labels, res.lungs, res.class_names)
+    res3 = segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=tmp_path / "prev.seg.nrrd", device="cpu")
+    assert (sitk.GetArrayFromImage(res3.lungs) == sitk.GetArrayFromImage(lungs)).all()
+
+
+# ---------------------------------------------------------------------- lungmask
+
+def _random_lungmask_weights(path):
+    from lungmask.resunet import UNet
+
+    torch.manual_seed(0)
+    torch.save(UNet(n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True,
+                    residual=False).state_dict(), path)
+    return path
+
+
+def test_real_lungmask_code_path(tmp_path, monkeypatch):
+    w = _random_lungmask_weights(tmp_path / "unet_r231-local.pth")
+    img, _ = synthetic_chest_ct(2, 64, spacing=(5.6, 5.6, 5.0))
+    ct = sitk.Cast(sitk.DICOMOrient(img, "RAI"), sitk.sitkFloat32)
+    res = compute_lungs(ct, method="lungmask", weights=w, device="cpu")
+    assert res.method == "lungmask" and res.details["weights_name"] == w.name
+    assert res.labels.shape == ct.GetSize()[::-1] and res.labels.dtype == np.uint8
+    assert set(np.unique(res.labels)) <= {0, 1, 2}
+    # lobes (LTRCLobes) when their weights are given: per-lobe severity
+    from lungmask.resunet import UNet
+    lobe_w = tmp_path / "unet_ltrclobes-local.pth"
+    torch.save(UNet(n_classes=6, padding=True, depth=5, up_mode="upsample", batch_norm=True,
+                    residual=False).state_dict(), lobe_w)
+    res = compute_lungs(ct, method="lungmask", weights=w, lobe_weights=lobe_w, device="cpu")
+    assert res.lobes.shape == res.labels.shape and set(np.unique(res.lobes)) <= set(range(6))
+    assert res.details["lobe_model"] == "LTRCLobes"
+    # auto picks lungmask when the environment variable names weights
+    monkeypatch.setenv("SSALESIONSEG_LUNGMASK_WEIGHTS", str(w))
+    assert compute_lungs(ct, method="auto", device="cpu").method == "lungmask"
+
+
+def test_lungmask_weights_resolution_order(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    cached = hub / "checkpoints" / "unet_r231-d5d2fc3d.pth"
+    cached.write_bytes(b"x")
+    env = tmp_path / "env.pth"
+    env.write_bytes(b"x")
+    explicit = tmp_path / "explicit.pth"
+    explicit.write_bytes(b"x")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.delenv("SSALESIONSEG_LUNGMASK_WEIGHTS", raising=False)
+    assert resolve_weights() == cached
+    monkeypatch.setenv("SSALESIONSEG_LUNGMASK_WEIGHTS", str(env))
+    assert resolve_weights() == env
+    assert resolve_weights(explicit) == explicit
+    monkeypatch.setenv("SSALESIONSEG_LUNGMASK_WEIGHTS", str(tmp_path / "gone.pth"))
+    with pytest.raises(LungWeightsError, match="gone.pth"):
+        resolve_weights()
+
+
+def test_auto_falls_back_to_classical_with_a_notice(phantom, monkeypatch, tmp_path):
+    monkeypatch.delenv("SSALESIONSEG_LUNGMASK_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    img, _ = phantom
+    with pytest.warns(UserWarning, match="classical"):
+        res = segment_image(img, model=(ThresholdNet(), exact_meta()), lungs="auto", device="cpu")
+    assert res.info["lung_method"] == "classical" and res.notices and "classical" in res.info["notices"][0]
+    with pytest.raises(LungWeightsError, match="--lung-weights"):
+        compute_lungs(sitk.Cast(img, sitk.sitkFloat32), method="lungmask")
+
+
+# --------------------------------------------------------------------- bad input
+
+def _write(img, path):
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_bad_inputs_are_named(tmp_path, phantom):
+    img, _ = phantom
+    mr = sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 800, (4, 32, 32)).astype(np.float32))
+    with pytest.raises(InputError, match="does not look like a CT in Hounsfield units"):
+        read_ct(_write(mr, tmp_path / "mr.nii.gz"))
+    with pytest.raises(InputError, match="2D image"):
+        read_ct(_write(img[:, :, 2], tmp_path / "slice.nrrd"))
+    with pytest.raises(InputError, match="4D"):
+        read_ct(_write(sitk.JoinSeries([img, img]), tmp_path / "t.nii.gz"))
+    rgb = sitk.Compose([img[:, :, 0]] * 3)
+    with pytest.raises(InputError, match="vector"):
+        read_ct(_write(sitk.JoinSeries([rgb]), tmp_path / "rgb.nrrd"))
+    nan = sitk.Cast(img, sitk.sitkFloat32)
+    nan[5, 5, 1] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        read_ct(_write(nan, tmp_path / "nan.nrrd"))
+    corrupt = tmp_path / "broken.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b" + os.urandom(300))
+    with pytest.raises(InputError, match="broken.nii.gz"):
+        read_ct(corrupt)
+    with pytest.raises(InputError, match="too small"):
+        read_ct(_write(img[:10, :10, :], tmp_path / "tiny.nrrd"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="empty"):
+        read_ct(empty)
+    with pytest.raises(InputError, match="empty"):
+        cli.find_cases(empty)
+
+
+def test_ct_without_lungs(phantom):
+    img, truth = phantom
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr[truth["right_lung"] | truth["left_lung"]] = 40.0  # an abdomen-like body: air outside only
+    no_lungs = sitk.GetImageFromArray(arr)
+    no_lungs.CopyInformation(img)
+    with pytest.raises(InputError, match="no lungs found"):
+        segment_image(no_lungs, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
+
+
+def test_tiny_volume_smaller_than_a_tile(tiny_ckpt, phantom):
+    img, truth = phantom
+    small = img[40:88, 30:100, 1:3]  # 70 x 48 x 2, under one 64-px tile at the model's 2.8 mm
+    lungs = sitk.GetImageFromArray((truth["right_lung"] | truth["left_lung"])[1:3, 30:100, 40:88].astype(np.uint8))
+    lungs.CopyInformation(small)
+    lungs_path = os.path.join(os.path.dirname(str(tiny_ckpt)), "small_lungs.nrrd")
+    write_image(lungs, lungs_path)
+    res = segment_image(small, checkpoint=tiny_ckpt, lung_mask=lungs_path, device="cpu")
+    assert res.labels.GetSize() == small.GetSize()
+
+
+def test_dicom_folder_with_several_series(tmp_path, phantom):
+    img, _ = phantom
+
+    def write_series(vol, uid, desc, prefix):
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        for i in range(vol.GetDepth()):
+            s = vol[:, :, i]
+            for k, v in (("0008|0060", "CT"), ("0020|000e", uid), ("0008|103e", desc),
+                         ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                         ("0020|0032", "\\".join(str(c) for c in vol.TransformIndexToPhysicalPoint((0, 0, i)))),
+                         ("0020|0013", str(i + 1)), ("0008|0018", f"{uid}.{i + 1}")):
+                s.SetMetaData(k, v)
+            w.SetFileName(str(tmp_path / f"{prefix}{i:03d}.dcm"))
+            w.Execute(s)
+
+    write_series(img[:, :, :4], "1.2.826.0.1.3680043.2.1125.2.1", "four", "a")
+    write_series(img[:, :, :2], "1.2.826.0.1.3680043.2.1125.2.2", "two", "b")
+    ct, info = read_ct(tmp_path)
+    assert ct.GetSize()[2] == 4 and info["dicom"]["description"] == "four"
+    assert len(info["dicom_series_found"]) == 2 and "most slices" in info["dicom_series_note"]
+    assert cli.find_cases(tmp_path) == [(tmp_path.name, tmp_path)]
+
+
+def test_corrupt_and_mismatched_checkpoint(tmp_path, phantom):
+    from safetensors.torch import save_file
+
+    from ssanet.checkpoint import FORMAT
+
+    img, _ = phantom
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(os.urandom(200))
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        segment_image(img, checkpoint=bad, lungs="classical", device="cpu")
+    net = SSANet(in_channels=2, num_classes=3, layers=(1, 1, 1, 1), width=(8, 16, 32, 64))
+    other = SSANet(in_channels=2, num_classes=3, layers=(1, 1, 1, 1), width=(16, 16, 32, 64))
+    meta = {"format": FORMAT, "model": other.config.to_dict(), "class_names": ["background", "ggo", "consolidation"]}
+    mism = tmp_path / "mismatch.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(mism), metadata={"ssanet": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="do not match"):
+        segment_image(img, checkpoint=mism, lungs="classical", device="cpu")
+
+
+def test_missing_lungmask_weights_and_absent_cuda(phantom, tmp_path):
+    img, _ = phantom
+    with pytest.raises(LungWeightsError, match="not found"):
+        segment_image(img, model=(ThresholdNet(), exact_meta()), lungs="lungmask",
+                      lung_weights=tmp_path / "nope.pth", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            segment_image(img, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cuda")
+
+
+def test_unwritable_output_folder(tmp_path, phantom):
+    img, _ = phantom
+    src = write_image(img, tmp_path / "ph.nii.gz")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match="not writable"):
+        process_case(src, blocker / "out", model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
+
+
+def test_interrupted_runs_leave_no_outputs(tmp_path, phantom, monkeypatch):
+    img, _ = phantom
+    src = write_image(img, tmp_path / "ph.nii.gz")
+    out = tmp_path / "out"
+    started = {}
+    with pytest.raises(Cancelled):
+        process_case(src, out, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu",
+                     progress=lambda stage, f: started.setdefault(stage, f),
+                     cancel=lambda: "lesions" in started)
+    assert list(out.iterdir()) == []
+
+    import ssalesionseg.report as report
+
+    def crash(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(report, "write_overlay", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        process_case(src, out, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
+    assert list(out.iterdir()) == []  # neither final nor temporary files
+
+
+def test_folder_batch_continues_after_a_bad_case(tmp_path, tiny_ckpt, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    img, _ = synthetic_chest_ct(4, 128, spacing=SP)
+    write_image(img, cases / "good.nii.gz")
+    (cases / "bad.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = ["segment", str(cases), "--out", str(out), "--checkpoint", str(tiny_ckpt), "--lungs", "classical",
+            "--device", "cpu", "--progress-json"]
+    assert cli.main(args) == 1
+    captured = capsys.readouterr()
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    assert {"progress", "done", "error", "finished"} <= {e["event"] for e in events}
+    assert [e["case"] for e in events if e["event"] == "error"] == ["bad"]
+    assert events[-1]["failed"] == ["bad"]
+    assert "bad" in captured.err and outputs_complete(out, "good") and not outputs_complete(out, "bad")
+    stamp = (out / "good_stats.json").stat().st_mtime_ns
+    assert cli.main(args) == 1  # good is skipped, bad still fails
+    assert (out / "good_stats.json").stat().st_mtime_ns == stamp
+    assert any(json.loads(line)["event"] == "skipped" for line in capsys.readouterr().out.splitlines())
+
+
+def test_bench_runs_small(tmp_path):
+    r = run_bench(n_slices=2, size=64, device="cpu", repeats=1)
+    assert r["lesion_slices"] == 2 and r["peak_rss_mb"] > 0
+    assert set(r["seconds"]) == {"read", "lungs", "lesions", "stats", "write"}
+    f = r["forward"]
+    assert f["with_spatial_conv"]["seconds_per_batch"] > 0 and f["without_spatial_conv"]["seconds_per_batch"] > 0
