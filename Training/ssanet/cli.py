@@ -39,6 +39,8 @@ def _add_train_args(p):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--no-amp", dest="amp", action="store_false",
+                   help="train in float32 (default: float16 autocast on CUDA, bfloat16 on CPUs with bf16)")
     p.add_argument("--time-limit-min", type=float, default=0.0,
                    help="stop cleanly after this many minutes (rerun to continue)")
 
@@ -48,12 +50,16 @@ def _config_from_args(a) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(a).items() if k in names})
 
 
+def _describe(cfg: TrainConfig, splits) -> TrainConfig:
+    cfg.data_description = {"train": f"MedSeg-100 train subset, {len(splits['train'])} slices",
+                            "val": [s.id for s in splits["val"]]}
+    return cfg
+
+
 def cmd_train(a):
     from . import data
     splits = data.default_splits(data.data_root(a.data))
-    cfg = _config_from_args(a)
-    cfg.data_description = {"train": f"MedSeg-100 train subset, {len(splits['train'])} slices",
-                            "val": [s.id for s in splits["val"]]}
+    cfg = _describe(_config_from_args(a), splits)
     best = train_run(cfg, splits, a.out)
     print(json.dumps({"best_epoch": best["epoch"], "best_val_score": best["score"]}))
 
@@ -123,7 +129,7 @@ def cmd_ablation(a):
     out = Path(a.out)
     table = {}
     for name, kw in ABLATION_VARIANTS.items():
-        cfg = TrainConfig(**{**vars(base), **kw})
+        cfg = _describe(TrainConfig(**{**vars(base), **kw}), splits)
         run_dir = out / name.replace("+", "plus_")
         print(f"== {name} -> {run_dir}")
         train_run(cfg, splits, run_dir)
