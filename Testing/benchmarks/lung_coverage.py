@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     print(f"  lung-mask pixels outside the thorax: {100 * outside_px / max(mask_px, 1):.3f} %")
     if mask_with_ref:
         print(f"  vs MedSeg approximate lung mask: {100 * mask_in_ref / mask_with_ref:.2f} % of mask pixels "
-              f"inside it, {100 * ref_hit / max(ref_px, 1):.2f} % of it covered")
+              f"inside it (precision), {100 * ref_hit / max(ref_px, 1):.2f} % of it covered")
     return 0
 
 

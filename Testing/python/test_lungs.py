@@ -37,6 +37,15 @@ def test_two_lungs_sides_2d():
     assert not (lab > 0)[~body].any()
 
 
+def test_phantom_lung_volume_is_not_inflated():
+    # soft tissue inside the mask reads as consolidation downstream: no wall spill
+    hu2, r, l, _ = chest_slice(size=128)
+    lab = lung_mask_from_hu(np.repeat(hu2[None], 6, axis=0), (2.5, 1.4, 1.4))
+    truth = 6 * (r | l).sum()
+    assert abs((lab > 0).sum() - truth) <= 0.10 * truth
+    assert abs((lung_mask_from_hu(hu2, SP2) > 0).sum() - (r | l).sum()) <= 0.10 * (r | l).sum()
+
+
 def test_columns_decide_right_and_left():
     hu, r, l, _ = chest_slice()
     lab = lung_mask_from_hu(hu[:, ::-1].copy(), SP2)[:, ::-1]
