@@ -1,0 +1,37 @@
+"""Bundle a trained checkpoint as the default model (half-precision storage + registry entry).
+
+    python scripts/bundle_model.py runs/default256/best.safetensors [--name NAME] [--test-json EVAL.json]
+
+Writes SSALesionSeg/Resources/Models/<name>.safetensors and records its SHA-256 in
+models.json (verified by ssanet.checkpoint at every load). The model card beside it is
+written by hand from the run's config and the evaluation JSON.
+"""
+import argparse
+import json
+from pathlib import Path
+
+from ssanet import checkpoint as ckpt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--name", default="ssanet_ggo_consolidation_v1")
+    p.add_argument("--test-json", help="evaluate JSON of this checkpoint on the test split, stored in the header")
+    a = p.parse_args(argv)
+    model, meta = ckpt.load_checkpoint(a.checkpoint)
+    for k in ("path", "name", "sha256", "format", "model", "storage_dtype"):
+        meta.pop(k, None)
+    meta["source_checkpoint_sha256"] = ckpt.sha256_of(a.checkpoint)
+    if a.test_json:
+        meta["test_metrics"] = json.loads(Path(a.test_json).read_text())["classes"]
+    out = ckpt.MODELS_DIR / f"{a.name}.safetensors"
+    digest = ckpt.save_checkpoint(out, model, meta, half=True)
+    registry = {"models": [{"name": a.name, "file": out.name, "sha256": digest, "default": True,
+                            "classes": meta["class_names"], "card": "MODEL_CARD.md"}]}
+    ckpt.REGISTRY.write_text(json.dumps(registry, indent=1) + "\n")
+    print(f"{out} ({out.stat().st_size / 1e6:.1f} MB) sha256 {digest}")
+
+
+if __name__ == "__main__":
+    main()
