@@ -94,3 +94,14 @@ def test_resolution_order(tmp_path, monkeypatch):
     cached.parent.mkdir(parents=True)
     ckpt.save_checkpoint(cached, _small())
     assert ckpt.resolve_checkpoint(None) == (cached, None)
+
+
+def test_half_storage_keeps_batchnorm_statistics_exact(tmp_path):
+    m = _small()
+    bn = m.decoder.blocks[0].reduce[1]
+    bn.running_mean.fill_(3e20)          # values the spatial convolution can produce
+    bn.running_var.fill_(float("inf"))
+    ckpt.save_checkpoint(tmp_path / "h.safetensors", m, half=True)
+    m2, _ = ckpt.load_checkpoint(tmp_path / "h.safetensors")
+    bn2 = m2.decoder.blocks[0].reduce[1]
+    assert torch.equal(bn2.running_mean, bn.running_mean) and torch.isinf(bn2.running_var).all()

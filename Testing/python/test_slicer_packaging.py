@@ -124,8 +124,10 @@ def module_files():
     for root, dirs, names in os.walk(MODULE_DIR):
         dirs[:] = [d for d in dirs if d != "__pycache__"]
         for name in names:
-            # Build file and documentation are not installed with the module.
-            if name.endswith((".pyc", ".md")) or name == "CMakeLists.txt":
+            # The build file and the module's developer README are not installed; resource
+            # notes (model card, sample attribution) are.
+            if name.endswith(".pyc") or name == "CMakeLists.txt" or (
+                    os.path.samefile(root, MODULE_DIR) and name == "README.md"):
                 continue
             files.add(os.path.relpath(os.path.join(root, name), MODULE_DIR).replace(os.sep, "/"))
     return files

@@ -42,8 +42,9 @@ def sha256_of(path: str | os.PathLike) -> str:
 def save_checkpoint(path, model: SSANet, meta: dict | None = None, half: bool = False) -> str:
     """Write ``model`` + ``meta`` atomically; returns the file's SHA-256.
 
-    ``half=True`` stores floating-point tensors as float16 (they are cast back to float32
-    at load time) to keep bundled models small.
+    ``half=True`` stores floating-point weights as float16 (cast back to float32 at load
+    time) to keep bundled models small. BatchNorm running statistics stay float32: they are
+    tiny, and after the spatial convolution they can exceed float16's range.
     """
     path = Path(path)
     meta = dict(meta or {})
@@ -53,7 +54,7 @@ def save_checkpoint(path, model: SSANet, meta: dict | None = None, half: bool = 
     state = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
-        if half and v.is_floating_point():
+        if half and v.is_floating_point() and not k.endswith(("running_mean", "running_var")):
             v = v.half()
         state[k] = v
     meta["storage_dtype"] = "float16" if half else "float32"
