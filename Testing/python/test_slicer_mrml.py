@@ -631,3 +631,24 @@ def test_real_engine_process_fills_segments_and_table(mrml_scene, tiny_checkpoin
     for key, value in mrml.table_values(recomputed.tableNode).items():
         if key.endswith("volume_ml"):
             assert value == pytest.approx(values[key], rel=1e-6, abs=1e-6), key
+
+
+def test_self_test_logic_with_the_bundled_model(mrml_scene, monkeypatch, tmp_path):
+    """What SSALesionSegTest.test_PhantomWithBundledModel does inside Slicer, on slicer-core."""
+    real = real_engine_or_skip()
+    monkeypatch.delenv("SSALESIONSEG_MODEL", raising=False)
+    monkeypatch.setenv("SSALESIONSEG_CACHE", str(tmp_path / "no-cache"))
+    ct, _, _ = phantom.make_phantom()
+    volume = mrml.add_volume_node_from_image(mrml_scene.scene, ct, "Phantom CT")
+    logic = logic_.ProcessingLogic(mrml_scene.scene, engine=real, moduleDir=MODULE_DIR)
+    result = logic.process(volume, None, "auto", None, "cpu")
+    assert result.info["checkpoint"]["name"] == "ssanet_ggo_consolidation_v1.safetensors"
+    segmentation = result.segmentationNode.GetSegmentation()
+    specs = mrml.segment_specs(result.classNames)
+    assert [segmentation.GetSegment(s.segmentId).GetName() for s in specs] == [s.name for s in specs]
+    values = mrml.table_values(result.tableNode)
+    assert values["lungs.total.volume_ml"] == pytest.approx(result.stats["lungs"]["total"]["volume_ml"])
+    again = logic.process(volume, result.segmentationNode, "auto", None, "cpu")
+    assert again.segmentationNode is result.segmentationNode and again.tableNode is result.tableNode
+    assert segmentation.GetNumberOfSegments() == len(specs)
+    assert mrml_scene.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
