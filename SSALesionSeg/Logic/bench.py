@@ -80,12 +80,13 @@ def random_model(num_classes: int = 3, size: int = 512, pixel_spacing_mm: float 
     import torch
 
     from ssanet.model import SSANet
+    from ssanet.preprocess import LUNG_WINDOW_HU
 
     torch.manual_seed(0)
     net = SSANet(in_channels=2, num_classes=num_classes, spatial_conv=spatial_conv).eval()
     meta = {"class_names": ["background", "ggo", "consolidation"] if num_classes == 3 else ["background", "infection"],
             "preprocessing": {"size": size, "pixel_spacing_mm": pixel_spacing_mm, "fov_px": size,
-                              "window_hu": [-1250.0, 250.0], "blank_outside_lung": True},
+                              "window_hu": list(LUNG_WINDOW_HU), "blank_outside_lung": True},
             "name": "random-init SSA-Net (timing only)", "sha256": None}
     return net, meta
 

@@ -50,12 +50,11 @@ import warnings
 import numpy as np
 from scipy import ndimage as ndi
 
+from .preprocess import LUNG_WINDOW_HU, hu_from_window
+
 AIR_HU = -320.0
 BODY_HU = -500.0
 BONE_HU = 200.0
-# Renderings (and the training data) use this window; kept here so the module has no
-# hard dependency on the preprocessing module's import order.
-LUNG_WINDOW_HU = (-1250.0, 250.0)
 # Used when no spacing is given: a typical chest CT reconstruction.
 DEFAULT_SPACING_3D = (2.5, 0.7, 0.7)
 
@@ -116,7 +115,7 @@ def lung_mask_from_window(img_u8, spacing=(0.7, 0.7), window=LUNG_WINDOW_HU) -> 
     img = np.asarray(img_u8)
     if img.ndim not in (2, 3):
         raise ValueError(f"expected an (H, W) rendering or an (N, H, W) stack, got {img.shape}")
-    hu = _hu_from_window(img, window)
+    hu = hu_from_window(img, window)
     sp = tuple(_check_spacing(spacing, 2))
     if img.ndim == 3:
         # A stack of unrelated renderings: no 3D connectivity between them.
@@ -172,15 +171,6 @@ def _check_spacing(spacing, n):
     if len(sp) != n or not all(np.isfinite(s) and s > 0 for s in sp):
         raise ValueError(f"spacing must be {n} positive numbers (mm per array axis), got {spacing!r}")
     return sp
-
-
-def _hu_from_window(img, window):
-    try:
-        from .preprocess import hu_from_window
-    except ImportError:  # pragma: no cover - the preprocessing module ships with the kit
-        lo, hi = window
-        return np.asarray(img, np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
-    return hu_from_window(img, window)
 
 
 def _touches_border(m):

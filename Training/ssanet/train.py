@@ -23,6 +23,7 @@ from .evaluate import evaluate_samples
 from .inference import Predictor, configure_cpu_threads, select_device
 from .losses import SSANetLoss, class_weights, pixel_counts
 from .model import SSANet
+from .preprocess import LUNG_WINDOW_HU
 
 
 @dataclass
@@ -80,7 +81,7 @@ def _meta(cfg: TrainConfig, val: dict | None, epoch: int) -> dict:
         "class_names": ckpt.default_class_names(cfg.num_classes),
         "preprocessing": {
             "size": cfg.size,
-            "window_hu": [-1250.0, 250.0],
+            "window_hu": list(LUNG_WINDOW_HU),
             "blank_outside_lung": cfg.blank_outside_lung,
             "pixel_spacing_mm": cfg.nominal_spacing_mm,
             "fov_px": 512,
