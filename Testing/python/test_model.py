@@ -35,7 +35,7 @@ def _reference_spatial_conv(sc: SpatialConv, x):
     H, W = x.shape[2], x.shape[3]
     k = sc.convs["down"].kernel_size[1] // 2
     for name, rows, reverse in (("down", True, False), ("up", True, True), ("right", False, False), ("left", False, True)):
-        wgt = sc.convs[name].weight
+        wgt = sc.kernel(name)
         n = H if rows else W
         idx = list(range(n))[::-1] if reverse else list(range(n))
         out = x.clone()
@@ -52,11 +52,57 @@ def _reference_spatial_conv(sc: SpatialConv, x):
     return x
 
 
-def test_spatial_conv_equals_plain_loop():
+@pytest.mark.parametrize("bound", [True, False])
+def test_spatial_conv_equals_plain_loop(bound):
     torch.manual_seed(0)
-    sc = SpatialConv(4, kernel_size=3)
+    sc = SpatialConv(4, kernel_size=3, bound=bound).eval()
     x = torch.randn(2, 4, 5, 7)
     assert torch.allclose(sc(x), _reference_spatial_conv(sc, x), atol=1e-5)
+
+
+def test_bounded_kernel_caps_gain_at_one_and_leaves_small_kernels_alone():
+    torch.manual_seed(0)
+    sc = SpatialConv(16, kernel_size=9).eval()
+    for conv in sc.convs.values():
+        torch.nn.init.normal_(conv.weight, std=1.0)  # gain far above 1
+    for d in sc.DIRECTIONS:
+        w = sc.kernel(d).reshape(16, -1)
+        sigma = torch.linalg.matrix_norm(w, ord=2).item()
+        assert sigma * 9 ** 0.5 == pytest.approx(1.0, rel=1e-3)
+    small = SpatialConv(16, kernel_size=9).eval()
+    for conv in small.convs.values():
+        torch.nn.init.normal_(conv.weight, std=1e-4)
+    assert torch.equal(small.kernel("down"), small.convs["down"].weight)
+
+
+def test_bounded_spatial_conv_does_not_blow_up_where_the_plain_one_does():
+    """The failure seen in training: kernels with gain > 1 compound over the sequential
+    steps. With the cap each step adds at most the previous row's norm."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 32, 16, 16)
+    out = {}
+    for bound in (True, False):
+        sc = SpatialConv(32, kernel_size=9, bound=bound).eval()
+        for conv in sc.convs.values():
+            torch.nn.init.uniform_(conv.weight, 0.0, 0.2)  # positive, aligned: worst case
+        with torch.no_grad():
+            out[bound] = sc(x).abs().max().item()
+    assert out[False] > 1e20
+    # additive growth bound: at most (1 + 16) ** 4 times the input's largest row norm
+    assert out[True] < 17 ** 4 * x.norm(dim=(1, 3)).max().item()
+    assert out[True] < 1e6
+
+
+def test_checkpoints_from_before_the_cap_load_unbounded():
+    from ssanet.model import SSANetConfig
+
+    legacy = SSANet(sc_bound=False).config.to_dict()
+    legacy.pop("sc_bound")
+    cfg = SSANetConfig.from_dict(legacy)
+    assert cfg.sc_bound is False and SSANet.from_config(cfg).spatial_conv.bound is False
+    assert SSANet().spatial_conv.bound is True
+    # the cap adds no parameters and nothing to the state dict
+    assert SSANet().state_dict().keys() == SSANet(sc_bound=False).state_dict().keys()
 
 
 def test_spatial_conv_reach_and_gradients():

@@ -29,6 +29,9 @@ def _add_train_args(p):
                    help="epoch at which SAD is switched on (paper: 40 of 150)")
     p.add_argument("--no-sad", dest="sad", action="store_false")
     p.add_argument("--no-spatial-conv", dest="spatial_conv", action="store_false")
+    p.add_argument("--unbounded-spatial-conv", dest="sc_bound", action="store_false",
+                   help="the plain SCNN recursion without the gain cap (blows up in training; "
+                        "kept to reproduce models trained before the cap)")
     p.add_argument("--detach-sad-target", action="store_true",
                    help="treat the deeper attention map as a fixed target (Hou et al. 2019)")
     p.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=d.reweight,

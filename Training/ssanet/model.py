@@ -38,6 +38,10 @@ class SSANetConfig:
     layers: tuple = RESNET34_LAYERS
     sc_kernel_size: int = 9
     width: tuple = field(default=STAGE_CHANNELS)
+    sc_bound: bool = True
+
+    # Checkpoints written before ``sc_bound`` existed hold unbounded spatial convolutions.
+    LEGACY_DEFAULTS = {"sc_bound": False}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,7 +51,8 @@ class SSANetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SSANetConfig":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known = {k: d[k] if k in d else cls.LEGACY_DEFAULTS[k] for k in cls.__dataclass_fields__
+                 if k in d or k in cls.LEGACY_DEFAULTS}
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown SSA-Net config keys: {sorted(unknown)}")
@@ -123,39 +128,88 @@ class SpatialConv(nn.Module):
     has its own kernel and they are applied one after the other (down, up, right, left), so
     information from any pixel can reach every other pixel. Built out of place (lists +
     ``torch.cat``) so autograd sees every step.
+
+    ``bound=True`` (the default for new models) caps each kernel's gain at 1: the weight is
+    divided by ``max(1, sqrt(k) * sigma)``, sigma the largest singular value of the kernel
+    reshaped to (C_out, C_in * k), estimated by power iteration as in spectral
+    normalisation. A 1 x k convolution of a row then cannot enlarge it (its operator norm
+    is at most sqrt(k) * sigma), so the recursion grows at most additively. Without the cap
+    the trained kernels amplified each step about 7x: after the 4 x 8 sequential steps of a
+    256-pixel input the stage-4 map reached 1e21, the BatchNorm after it overflowed to an
+    infinite running variance, and at inference the bottleneck path was silent.
+    ``bound=False`` is the plain formula (checkpoints from before the cap).
     """
 
     DIRECTIONS = ("down", "up", "right", "left")
 
-    def __init__(self, channels: int, kernel_size: int = 9):
+    def __init__(self, channels: int, kernel_size: int = 9, bound: bool = True):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError("spatial convolution kernel size must be odd")
         p = kernel_size // 2
+        self.bound = bool(bound)
         self.convs = nn.ModuleDict({
             "down": nn.Conv2d(channels, channels, (1, kernel_size), padding=(0, p), bias=False),
             "up": nn.Conv2d(channels, channels, (1, kernel_size), padding=(0, p), bias=False),
             "right": nn.Conv2d(channels, channels, (kernel_size, 1), padding=(p, 0), bias=False),
             "left": nn.Conv2d(channels, channels, (kernel_size, 1), padding=(p, 0), bias=False),
         })
+        if self.bound:
+            g = torch.Generator().manual_seed(0)
+            for d in self.DIRECTIONS:  # power-iteration state; rebuilt on load (not saved)
+                self.register_buffer(f"_u_{d}", F.normalize(torch.randn(channels, generator=g), dim=0),
+                                     persistent=False)
+
+    def kernel(self, direction: str) -> torch.Tensor:
+        """The weight the pass uses: capped at gain 1 when ``bound``, else the raw kernel.
+
+        Training refines a running power-iteration estimate of sigma by one step per
+        forward (as spectral normalisation does); evaluation uses the exact value, computed
+        once per weight version and cached.
+        """
+        w = self.convs[direction].weight
+        if not self.bound:
+            return w
+        k = w.shape[2] * w.shape[3]
+        with torch.autocast(w.device.type, enabled=False):  # sigma in float32 under AMP
+            sigma = self._sigma(direction, w.reshape(w.shape[0], -1).float())
+        return w / torch.clamp(sigma * k ** 0.5, min=1.0).to(w.dtype)
+
+    def _sigma(self, direction, mat):
+        if self.training:
+            u = getattr(self, f"_u_{direction}")
+            with torch.no_grad():
+                v = F.normalize(mat.t() @ u, dim=0)
+                u.copy_(F.normalize(mat @ v, dim=0))
+            sigma = torch.dot(u.clone(), mat @ v)  # clone: later forwards update u in place
+        else:
+            w = self.convs[direction].weight
+            key = (direction, w.data_ptr(), w._version, w.device)
+            cache = self.__dict__.setdefault("_sigma_cache", {})
+            if key not in cache:
+                if len(cache) > 8:
+                    cache.clear()
+                with torch.no_grad():
+                    cache[key] = torch.linalg.matrix_norm(mat, ord=2)
+            sigma = cache[key]
+        return sigma
 
     @staticmethod
-    def _pass(x, conv, dim, reverse):
+    def _pass(x, conv, weight, dim, reverse):
         slices = list(torch.split(x, 1, dim=dim))
         order = range(len(slices) - 1, -1, -1) if reverse else range(len(slices))
         out = [None] * len(slices)
         prev = None
         for i in order:
-            cur = slices[i] if prev is None else slices[i] + F.relu(conv(prev))
+            cur = slices[i] if prev is None else slices[i] + F.relu(
+                F.conv2d(prev, weight, None, conv.stride, conv.padding))
             out[i] = cur
             prev = cur
         return torch.cat(out, dim=dim)
 
     def forward(self, x):
-        x = self._pass(x, self.convs["down"], dim=2, reverse=False)
-        x = self._pass(x, self.convs["up"], dim=2, reverse=True)
-        x = self._pass(x, self.convs["right"], dim=3, reverse=False)
-        x = self._pass(x, self.convs["left"], dim=3, reverse=True)
+        for d, dim, reverse in (("down", 2, False), ("up", 2, True), ("right", 3, False), ("left", 3, True)):
+            x = self._pass(x, self.convs[d], self.kernel(d), dim, reverse)
         return x
 
 
@@ -219,12 +273,12 @@ class SSANet(nn.Module):
     """
 
     def __init__(self, in_channels=2, num_classes=3, spatial_conv=True, sad=True,
-                 layers=RESNET34_LAYERS, sc_kernel_size=9, width=STAGE_CHANNELS):
+                 layers=RESNET34_LAYERS, sc_kernel_size=9, width=STAGE_CHANNELS, sc_bound=True):
         super().__init__()
         self.config = SSANetConfig(in_channels, num_classes, spatial_conv, sad,
-                                   tuple(layers), sc_kernel_size, tuple(width))
+                                   tuple(layers), sc_kernel_size, tuple(width), bool(sc_bound))
         self.encoder = ResNetEncoder(in_channels, layers, width)
-        self.spatial_conv = SpatialConv(width[-1], sc_kernel_size) if spatial_conv else None
+        self.spatial_conv = SpatialConv(width[-1], sc_kernel_size, sc_bound) if spatial_conv else None
         self.decoder = LinkNetDecoder(width)
         self.head = SegmentationHead(width[0], num_classes)
 
@@ -233,7 +287,7 @@ class SSANet(nn.Module):
         if isinstance(config, dict):
             config = SSANetConfig.from_dict(config)
         return cls(config.in_channels, config.num_classes, config.spatial_conv, config.sad,
-                   config.layers, config.sc_kernel_size, config.width)
+                   config.layers, config.sc_kernel_size, config.width, config.sc_bound)
 
     def forward(self, x, return_attention: bool = False):
         h, w = x.shape[-2:]
@@ -272,6 +326,11 @@ def count_flops(model: nn.Module, size: int = 512) -> int:
 
     def hook(mod, inp, out):
         nonlocal total
+        if isinstance(mod, SpatialConv):  # its row convolutions run through F.conv2d
+            n, c, h, w = inp[0].shape
+            k = mod.convs["down"].kernel_size[1]
+            total += 2 * 2 * n * c * c * k * ((h - 1) * w + (w - 1) * h)
+            return
         kernel = mod.kernel_size[0] * mod.kernel_size[1]
         if isinstance(mod, nn.ConvTranspose2d):
             # every input value is scattered into a kernel-sized patch of each output channel
@@ -280,7 +339,7 @@ def count_flops(model: nn.Module, size: int = 512) -> int:
             total += 2 * out.numel() * kernel * mod.in_channels // mod.groups
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, SpatialConv))]
     was_training = model.training
     model.eval()
     try:

@@ -39,6 +39,7 @@ class TrainConfig:
     sad_alpha: float = 0.1
     detach_sad_target: bool = False
     spatial_conv: bool = True
+    sc_bound: bool = True                    # cap the spatial convolution's gain (see model.SpatialConv)
     reweight: bool = False                   # paper re-weighting 1/(C*P_c) of the CE term (semi-supervised loop)
     blank_outside_lung: bool = True
     seed: int = 0
@@ -111,7 +112,8 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
     device = select_device(cfg.device)
     if device.type == "cpu":
         configure_cpu_threads()
-    model = SSANet(2, cfg.num_classes, spatial_conv=cfg.spatial_conv, sad=cfg.sad).to(device)
+    model = SSANet(2, cfg.num_classes, spatial_conv=cfg.spatial_conv, sad=cfg.sad,
+                   sc_bound=cfg.sc_bound).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp_dtype = autocast_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
