@@ -374,3 +374,31 @@ def test_cli_subcommands_parse():
     assert (cfg.train.size, cfg.train.epochs, cfg.train.sad_start_epoch) == (128, 15, 4)
     b = p.parse_args(["semisup-ablation", "--out", "R", "--no-reweight", "--patience", "3"])
     assert b.reweight is False and b.trust is True and b.patience == 3 and b.func is S.cmd_semisup_ablation
+
+
+def test_prepare_pool_reads_each_slice_once_and_reuses_the_cache(tmp_path):
+    from ssanet.semisup import prepare_pool
+
+    class Lazy:
+        loads = 0
+
+        def __init__(self, i):
+            self._s = make_sample(i, size=64, labeled=False, prefix="u")
+            self.id, self.source, self.volume, self.index = self._s.id, "radiopaedia", "v", i
+
+        def load(self):
+            Lazy.loads += 1
+            return self._s
+
+    recs = [Lazy(i) for i in range(3)]
+    cache = tmp_path / "pool.npz"
+    first = prepare_pool(recs, 32, cache, log=lambda *_: None)
+    assert Lazy.loads == 3 and cache.is_file()
+    again = prepare_pool(recs, 32, cache, log=lambda *_: None)
+    assert Lazy.loads == 3                                   # read back, not recomputed
+    for a, b in zip(first, again):
+        assert a.id == b.id and a.image.shape == (32, 32) and a.label is None
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.lung, b.lung)
+        assert a.spacing == pytest.approx(b.spacing)
+    other = prepare_pool(recs[:2], 32, cache, log=lambda *_: None)   # other ids: recomputed
+    assert Lazy.loads == 5 and [s.id for s in other] == ["u_00", "u_01"]

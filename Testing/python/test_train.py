@@ -8,7 +8,7 @@ import torch
 from ssanet import checkpoint as ckpt
 from ssanet import data
 from ssanet.cli import main as cli_main
-from ssanet.train import TrainConfig, train
+from ssanet.train import TrainConfig, make_loader, train
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +68,16 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path, capsys):
         pytest.skip("CUDA is present")
     rc = cli_main(["evaluate", "--checkpoint", str(tmp_path / "x.safetensors"), "--device", "cuda"])
     assert rc == 2
+
+
+def test_fixed_steps_per_epoch_whatever_the_set_size():
+    ds = torch.utils.data.TensorDataset(torch.arange(7))
+    one_pass = make_loader(ds, TrainConfig(batch_size=2), torch.Generator().manual_seed(0))
+    assert len(one_pass) == 3                                  # 7 slices, last short batch dropped
+    fixed = make_loader(ds, TrainConfig(batch_size=2, steps_per_epoch=10), torch.Generator().manual_seed(0))
+    batches = [b[0].tolist() for b in fixed]
+    assert len(fixed) == len(batches) == 10 and all(len(b) == 2 for b in batches)
+    drawn = sum(batches, [])
+    assert sorted(drawn[:7]) == list(range(7))                 # whole permutations, not i.i.d. draws
+    small = make_loader(ds, TrainConfig(batch_size=2, steps_per_epoch=2), torch.Generator().manual_seed(0))
+    assert len([b for b in small]) == 2

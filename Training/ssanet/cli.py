@@ -24,6 +24,8 @@ def _add_train_args(p):
     p.add_argument("--size", type=int, default=d.size, help="training slice size (paper: 512)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch,
+                   help="batches per epoch drawn at random (default 0: one pass over the data)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--sad-start", type=int, default=d.sad_start_epoch, dest="sad_start_epoch",
                    help="epoch at which SAD is switched on (paper: 40 of 150)")

@@ -32,6 +32,7 @@ class TrainConfig:
     size: int = 256
     epochs: int = 150
     batch_size: int = 8
+    steps_per_epoch: int = 0                 # 0 = one pass over the data; N = N batches drawn at random
     lr: float = 1e-3
     weight_decay: float = 1e-4
     sad: bool = True
@@ -102,6 +103,18 @@ def _score(val: dict) -> float:
     return float(np.mean([m["dsc_pooled"] for m in val["classes"].values()]))
 
 
+def make_loader(ds, cfg: TrainConfig, gen: torch.Generator) -> DataLoader:
+    """Shuffled batches: one pass over ``ds`` per epoch, or with ``cfg.steps_per_epoch = N``
+    a fixed budget of N batches whatever the set's size (the semi-supervised rounds grow
+    from 46 to over 1600 slices), drawn from successive permutations of the set."""
+    if cfg.steps_per_epoch > 0:
+        sampler = torch.utils.data.RandomSampler(ds, num_samples=cfg.steps_per_epoch * cfg.batch_size,
+                                                 generator=gen)
+        return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
+                      generator=gen, num_workers=0)
+
+
 def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> dict:
     """Train (or resume) into ``out_dir``; returns the best validation result."""
     from .data import SliceDataset
@@ -145,8 +158,7 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
     ds = SliceDataset(train_samples, size=cfg.size, augment=True, seed=cfg.seed,
                       num_classes=cfg.num_classes, blank_outside_lung=cfg.blank_outside_lung)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
-                        generator=gen, num_workers=0)
+    loader = make_loader(ds, cfg, gen)
     steps_per_epoch = max(1, len(loader))
     total_steps = cfg.epochs * steps_per_epoch
 
