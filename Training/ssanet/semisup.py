@@ -309,7 +309,8 @@ def prepare_pool(records, size: int, cache_file=None, log=print) -> list:
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             if list(z["ids"]) == ids and int(z["size"]) == int(size):
-                return [_cached_sample(r, z["images"][i], z["lungs"][i], tuple(z["spacings"][i]))
+                images, lungs, spacings = z["images"], z["lungs"], z["spacings"]  # read each once
+                return [_cached_sample(r, images[i], lungs[i], tuple(spacings[i]))
                         for i, r in enumerate(records)]
         log(f"{cache} holds another pool or size; recomputing it")
     out = []
