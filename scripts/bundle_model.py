@@ -1,6 +1,6 @@
 """Bundle a trained checkpoint as the default model (half-precision storage + registry entry).
 
-    python scripts/bundle_model.py runs/default256/best.safetensors [--name NAME] [--test-json EVAL.json]
+    python scripts/bundle_model.py runs/default256/best.safetensors [--name NAME] [--test-json EVAL.json] [--flip-tta]
 
 Writes SSALesionSeg/Resources/Models/<name>.safetensors and records its SHA-256 in
 models.json (verified by ssanet.checkpoint at every load). The model card beside it is
@@ -18,11 +18,14 @@ def main(argv=None):
     p.add_argument("checkpoint")
     p.add_argument("--name", default="ssanet_ggo_consolidation_v1")
     p.add_argument("--test-json", help="evaluate JSON of this checkpoint on the test split, stored in the header")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="record that inference averages with the mirrored prediction (meta['inference'])")
     a = p.parse_args(argv)
     model, meta = ckpt.load_checkpoint(a.checkpoint)
     for k in ("path", "name", "sha256", "format", "model", "storage_dtype"):
         meta.pop(k, None)
     meta["source_checkpoint_sha256"] = ckpt.sha256_of(a.checkpoint)
+    meta["inference"] = {"flip_tta": bool(a.flip_tta)}
     if a.test_json:
         meta["test_metrics"] = json.loads(Path(a.test_json).read_text())["classes"]
     out = ckpt.MODELS_DIR / f"{a.name}.safetensors"

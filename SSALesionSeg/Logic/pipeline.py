@@ -116,6 +116,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "device": str(dev),
         "checkpoint": {"name": meta.get("name"), "sha256": meta.get("sha256"), "path": meta.get("path")},
         "class_names": class_names,
+        "flip_tta": bool((meta.get("inference") or {}).get("flip_tta", False)),
         "lesion_slices": n_slices,
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
         "timings_s": timings,
@@ -165,7 +166,7 @@ def _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability, report
     labels = np.zeros(hu.shape, np.uint8)
     conf = np.ones(hu.shape, np.float32) if save_probability else None
     zs = np.flatnonzero(lung.reshape(nz, -1).any(axis=1))
-    predictor = Predictor(net, dev, batch_size)
+    predictor = Predictor.for_checkpoint(net, meta, dev, batch_size)
     bs = predictor.batch_size
     report(0.0)
     for start in range(0, len(zs), bs):

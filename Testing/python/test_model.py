@@ -140,3 +140,20 @@ def test_flop_count_of_a_single_conv():
     f = count_flops(m, 64)
     # stem conv alone: 2 * (64 out ch * 32*32 px) * (7*7*2)
     assert f > 2 * 64 * 32 * 32 * 7 * 7 * 2
+
+
+def test_flip_tta_averages_the_mirrored_prediction_and_follows_the_checkpoint():
+    import numpy as np
+    from ssanet.inference import Predictor
+
+    torch.manual_seed(0)
+    model = SSANet(num_classes=3).eval()
+    x = np.random.default_rng(0).random((1, 2, 64, 64)).astype(np.float32)
+    plain = Predictor(model, "cpu").predict(x)
+    mirrored = Predictor(model, "cpu").predict(x[..., ::-1].copy())[..., ::-1]
+    tta = Predictor(model, "cpu", flip_tta=True).predict(x)
+    assert np.allclose(tta, 0.5 * (plain + mirrored), atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-4          # the mirrored pass really contributes
+    assert Predictor.for_checkpoint(model, {"inference": {"flip_tta": True}}, "cpu").flip_tta
+    assert not Predictor.for_checkpoint(model, {}, "cpu").flip_tta
+    assert not Predictor.for_checkpoint(model, {"inference": {"flip_tta": True}}, "cpu", flip_tta=False).flip_tta

@@ -81,13 +81,13 @@ def cmd_evaluate(a):
 
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
     samples = load_split(data, a.data, a.dataset, a.split)
-    res = evaluate_samples(Predictor(model, select_device(a.device), a.batch_size), samples, meta,
-                           overlay_dir=a.overlays)
-    print(f"{meta['name']} on {a.dataset}/{a.split}")
+    predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta)
+    res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays)
+    print(f"{meta['name']} on {a.dataset}/{a.split}" + (" (flip TTA)" if predictor.flip_tta else ""))
     print(format_table(res))
     if a.json:
         write_json(res, a.json, {"checkpoint": meta["name"], "sha256": meta["sha256"],
-                                 "dataset": a.dataset, "split": a.split})
+                                 "dataset": a.dataset, "split": a.split, "flip_tta": predictor.flip_tta})
 
 
 def load_split(data, root, dataset, split):
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overlays", help="write prediction-vs-GT PNGs into this folder")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the left-right mirrored prediction (default: what the "
+                        "checkpoint records, off unless it says so)")
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("info", help="parameter count and FLOPs of the Table-3 variants")

@@ -44,10 +44,13 @@ class Predictor:
     """Runs a model over (N, 2, H, W) inputs in batches; returns probabilities with background.
 
     AMP (float16 autocast) on CUDA; on CUDA out-of-memory the batch is halved and retried.
+    ``flip_tta``: also run the left-right mirrored input (the training augmentation flips)
+    and average the two probability maps; twice the compute.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, flip_tta: bool = False):
+        self.flip_tta = bool(flip_tta)
         self.device = torch.device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
@@ -55,14 +58,26 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
 
+    @classmethod
+    def for_checkpoint(cls, model, meta: dict, device, batch_size: int | None = None,
+                       flip_tta: bool | None = None) -> "Predictor":
+        """The predictor a checkpoint asks for: ``meta["inference"]["flip_tta"]`` unless
+        ``flip_tta`` overrides it (the bundled model records its setting there)."""
+        if flip_tta is None:
+            flip_tta = bool((meta or {}).get("inference", {}).get("flip_tta", False))
+        return cls(model, device, batch_size, flip_tta=flip_tta)
+
     @torch.no_grad()
     def _run(self, x: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         if self.device.type == "cpu":
             t = t.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            logits = self.model(t)
-        return probabilities(logits.float()).cpu().numpy()
+            probs = probabilities(self.model(t).float())
+            if self.flip_tta:
+                mirrored = probabilities(self.model(torch.flip(t, dims=[3])).float())
+                probs = 0.5 * (probs + torch.flip(mirrored, dims=[3]))
+        return probs.cpu().numpy()
 
     def predict_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Stream: yields one probability array per input batch (memory stays bounded)."""

@@ -352,7 +352,7 @@ def _predictor_and_meta(model, meta, device, batch_size):
     if isinstance(model, Predictor):
         return model, meta
     dev = select_device(device) if isinstance(device, str) else device
-    return Predictor(model, dev, batch_size), meta
+    return Predictor.for_checkpoint(model, meta, dev, batch_size), meta
 
 
 def renew_pseudo_labels(model, added_ids: Sequence[str], pool: Mapping, meta: dict | None = None,
