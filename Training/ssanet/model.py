@@ -170,29 +170,32 @@ class SpatialConv(nn.Module):
         w = self.convs[direction].weight
         if not self.bound:
             return w
+        if self.training:
+            return self._capped(w, self._sigma_estimate(direction, w))
+        key = (direction, w.data_ptr(), w._version, w.device, w.dtype)
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+                sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).float(), ord=2)
+                cache[key] = self._capped(w, sigma)
+        return cache[key]
+
+    @staticmethod
+    def _capped(w, sigma):
         k = w.shape[2] * w.shape[3]
-        with torch.autocast(w.device.type, enabled=False):  # sigma in float32 under AMP
-            sigma = self._sigma(direction, w.reshape(w.shape[0], -1).float())
         return w / torch.clamp(sigma * k ** 0.5, min=1.0).to(w.dtype)
 
-    def _sigma(self, direction, mat):
-        if self.training:
+    def _sigma_estimate(self, direction, w):
+        """One power-iteration step on the running vector; differentiable in ``w``."""
+        with torch.autocast(w.device.type, enabled=False):  # sigma in float32 under AMP
+            mat = w.reshape(w.shape[0], -1).float()
             u = getattr(self, f"_u_{direction}")
             with torch.no_grad():
                 v = F.normalize(mat.t() @ u, dim=0)
                 u.copy_(F.normalize(mat @ v, dim=0))
-            sigma = torch.dot(u.clone(), mat @ v)  # clone: later forwards update u in place
-        else:
-            w = self.convs[direction].weight
-            key = (direction, w.data_ptr(), w._version, w.device)
-            cache = self.__dict__.setdefault("_sigma_cache", {})
-            if key not in cache:
-                if len(cache) > 8:
-                    cache.clear()
-                with torch.no_grad():
-                    cache[key] = torch.linalg.matrix_norm(mat, ord=2)
-            sigma = cache[key]
-        return sigma
+            return torch.dot(u.clone(), mat @ v)  # clone: later forwards update u in place
 
     @staticmethod
     def _pass(x, conv, weight, dim, reverse):
