@@ -60,7 +60,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     otherwise ``checkpoint`` (None: the default model) is loaded. ``cancel()`` is polled
     between stages and batches and raises :class:`Cancelled` when it returns True.
     """
-    from ssanet.inference import select_device
+    from ssanet.inference import checkpoint_flip_tta, select_device
 
     report = progress or (lambda stage, fraction: None)
 
@@ -116,7 +116,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "device": str(dev),
         "checkpoint": {"name": meta.get("name"), "sha256": meta.get("sha256"), "path": meta.get("path")},
         "class_names": class_names,
-        "flip_tta": bool((meta.get("inference") or {}).get("flip_tta", False)),
+        "flip_tta": checkpoint_flip_tta(meta),
         "lesion_slices": n_slices,
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
         "timings_s": timings,

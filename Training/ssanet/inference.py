@@ -40,6 +40,11 @@ def configure_cpu_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
+def checkpoint_flip_tta(meta: dict | None) -> bool:
+    """Whether a checkpoint asks for flip test-time augmentation (``meta["inference"]``)."""
+    return bool(((meta or {}).get("inference") or {}).get("flip_tta", False))
+
+
 class Predictor:
     """Runs a model over (N, 2, H, W) inputs in batches; returns probabilities with background.
 
@@ -64,7 +69,7 @@ class Predictor:
         """The predictor a checkpoint asks for: ``meta["inference"]["flip_tta"]`` unless
         ``flip_tta`` overrides it (the bundled model records its setting there)."""
         if flip_tta is None:
-            flip_tta = bool((meta or {}).get("inference", {}).get("flip_tta", False))
+            flip_tta = checkpoint_flip_tta(meta)
         return cls(model, device, batch_size, flip_tta=flip_tta)
 
     @torch.no_grad()
