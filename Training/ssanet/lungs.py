@@ -30,15 +30,30 @@ Outline (per axial slice unless stated):
    tissue connected to it up to the pleural line; tongues of that growth narrower than
    ``2 * OPEN_MM`` (chest wall between ribs) are dropped, and a ``CLOSE_MM`` closing
    smooths the border.
+5. A field of view that cuts the thorax. The COVID-SemiSeg crops are cut at the lungs'
+   bounding box (MedSeg's lung mask touches all four sides of every training crop), so
+   behind a dependent consolidation there is often no chest wall or rib in view, only the
+   image edge. Along rays from each lung's centroid, posterior and at most 30 degrees
+   medial, that leave the image through the body at a side the lung does not already
+   reach (within ``CUT_REACH_MM``; where it does, that side is where it ends and the
+   corner beside its round end is chest wall), lesion-density tissue connected to the
+   lung is kept up to the edge, or up to a rib's inner edge when one is in view first.
+   A full field of view has no such rays and is unaffected.
+
+8-bit renderings (:func:`lung_mask_from_window`) are first checked for a window that
+ends below soft tissue (:func:`unclip_soft_tissue`): there consolidation is as white as
+bone and would be cut out with it.
 
 Limits: consolidation filling the end of a lung where neither aerated flanks nor ribs
-bound it (a wide posterior consolidation next to the spine) is only partly recovered,
-and the hull can still bridge a narrow strip of mediastinum where the lung wraps around
-it. On the COVID-SemiSeg crops (``Testing/benchmarks/lung_coverage.py``) 97.5 % of the
-mask's pixels lie inside MedSeg's approximate lung masks on the training split (the
-rest: mediastinum, chest wall at the lung borders), and the mask keeps 92.0 % of the
-annotated lesion pixels (GGO 98.0 %, consolidation 81.7 %); on the test split 95.8 %
-inside and 88.5 % kept (GGO 98.1 %, consolidation 65.1 %). lungmask's R231 network is the better choice whenever its weights are available.
+bound it (a wide posterior consolidation next to the spine) is only partly recovered in a
+full field of view, and the hull can still bridge a narrow strip of mediastinum where
+the lung wraps around it; in a cut field of view, a crop corner beyond a lung's round end
+can come with a lesion. On the COVID-SemiSeg crops (``Testing/benchmarks/lung_coverage.py``)
+the mask keeps 95.6 % of the annotated lesion pixels on the training split (GGO 98.4 %,
+consolidation 90.7 %) with 96.1 % of its pixels inside MedSeg's approximate lung masks
+(the rest: crop corners, mediastinum, chest wall at the lung borders); on the test split
+94.9 % kept (GGO 98.9 %, consolidation 85.4 %), 94.2 % inside. lungmask's R231 network
+is the better choice whenever its weights are available.
 
 All arrays are (Z, Y, X) or (Y, X); ``spacing`` is one value per array axis, in array-axis
 order (mm), like ``image.GetSpacing()[::-1]`` for a SimpleITK image.
@@ -55,6 +70,10 @@ from .preprocess import LUNG_WINDOW_HU, hu_from_window
 AIR_HU = -320.0
 BODY_HU = -500.0
 BONE_HU = 200.0
+# Fraction of white (250-255) non-lung pixels above which an 8-bit rendering's window is
+# taken to end below soft tissue (unclip_soft_tissue): 0.38-0.58 on the three such
+# COVID-SemiSeg training crops, at most 0.12 on the other 47; the cut lies in the gap.
+CLIPPED_SOFT_TISSUE = 0.25
 # Used when no spacing is given: a typical chest CT reconstruction.
 DEFAULT_SPACING_3D = (2.5, 0.7, 0.7)
 
@@ -115,12 +134,40 @@ def lung_mask_from_window(img_u8, spacing=(0.7, 0.7), window=LUNG_WINDOW_HU) -> 
     img = np.asarray(img_u8)
     if img.ndim not in (2, 3):
         raise ValueError(f"expected an (H, W) rendering or an (N, H, W) stack, got {img.shape}")
+    if img.ndim == 3:
+        img = np.stack([unclip_soft_tissue(s) for s in img])
+    else:
+        img = unclip_soft_tissue(img)
     hu = hu_from_window(img, window)
     sp = tuple(_check_spacing(spacing, 2))
     if img.ndim == 3:
         # A stack of unrelated renderings: no 3D connectivity between them.
         return np.stack([lung_mask_from_hu(s, sp) > 0 for s in hu])
     return lung_mask_from_hu(hu, sp) > 0
+
+
+def unclip_soft_tissue(img_u8, min_fraction: float = CLIPPED_SOFT_TISSUE) -> np.ndarray:
+    """Undo a display window that ends below soft-tissue density (8-bit renderings).
+
+    Some renderings (3 of the 50 COVID-SemiSeg training crops) were made with a window
+    whose upper limit lies below soft tissue: muscle, vessels, consolidation and bone all
+    read as white (250-255), so "bone" at the lung window's top would swallow the
+    dense lesions. When at least ``min_fraction`` of the non-lung pixels are white, the
+    grey levels are mapped linearly (``ssanet.data.match_intensity``) so the lung peak and
+    white land on the usual lung and soft-tissue levels: white then reads as soft tissue,
+    and no bone is seen (it cannot be told apart in such a rendering). Other renderings
+    are returned unchanged.
+    """
+    img = np.asarray(img_u8)
+    if img.dtype != np.uint8:
+        return img
+    h = np.bincount(img.ravel(), minlength=256).astype(float)
+    lung_peak = 4 + int(np.argmax(np.convolve(h, np.ones(9) / 9.0, mode="same")[4:128]))
+    white = h[250:].sum() / max(h[lung_peak + 40:].sum(), 1.0)
+    if white < min_fraction:
+        return img
+    from .data import LABELED_ANCHORS, match_intensity
+    return match_intensity(img, (lung_peak, 255.0), LABELED_ANCHORS)
 
 
 def split_lungs(mask) -> np.ndarray:
@@ -389,6 +436,8 @@ CLOSE_MM = 3.0
 OPEN_MM = 6.0
 RIB_DENT_MM = 8.0        # lung falling this far short of a rib: a lesion fills the gap
 RIB_REACH_MM = 90.0
+CUT_MEDIAL = 0.5         # cut rays: at most 30 deg medial of straight posterior
+CUT_REACH_MM = 3.0       # an image side the lungs come this close to is where they end
 DENT_DEG = 40.0          # widest lesion dent in the lung border bridged from both flanks (half)
 
 
@@ -404,6 +453,10 @@ def _recover_slice(aerated, hu, body, px):
     ang = np.arctan2(Y - cy, X - cx)
     rad = np.hypot(Y - cy, X - cx)
     ribs = _ribs(h, b, a > 0, px)
+    # body pixels on the image border: the field of view cuts the thorax there
+    edge = np.zeros(aerated.shape, bool)
+    edge[[0, -1], :] = edge[:, [0, -1]] = True
+    edge = edge[sl] & b
     masks = {}
     for side in (_RIGHT, _LEFT):
         m = a == side
@@ -414,7 +467,10 @@ def _recover_slice(aerated, hu, body, px):
         m = ndi.binary_fill_holes(m | (_hull_beyond(m, b, ang, rad) & (rad <= wall)))
         grown = ndi.binary_fill_holes(_extend_to_wall(m, h, rad, rout, wall))
         # tongues narrower than the opening are chest wall between ribs, not lesion
-        m = m | (_open(grown, OPEN_MM / px) & grown)
+        masks[side] = m | (_open(grown, OPEN_MM / px) & grown)
+    for side, m in masks.items():
+        if edge.any():
+            m = _extend_to_cut(m, h, _open_cuts(edge, m, px), ribs, side, px)
         # smooths the angle-bin steps of the wall line without reaching across organs
         m = _close(m, CLOSE_MM / px) & b & ~ribs
         masks[side] = m & b
@@ -529,6 +585,70 @@ def _pleural_radius(lung, body, ribs, ang, rad, px, nb=180, win_deg=None):
         wall = np.where(deep, np.maximum(wall, rrib - PLEURA_GAP_MM / px), wall)
     wall = np.minimum(wall, np.maximum(rb - WALL_MARGIN_MM / px, rout))
     return np.where(has, wall, -1.0)[b], np.where(has, rout, np.inf)[b]
+
+
+def _open_cuts(edge, lungs, px):
+    """The cut edges (image sides) a lesion may still run into: a side the lungs already
+    reach within ``CUT_REACH_MM`` is where they end (a crop at their bounding box), and
+    beside a lung's round end lies chest wall, not lesion."""
+    if lungs is None or not edge.any():
+        return edge
+    tol = max(1, int(round(CUT_REACH_MM / px)))
+    edge = edge.copy()
+    for band, line in (((slice(None, tol), slice(None)), (0, slice(None))),
+                       ((slice(-tol, None), slice(None)), (-1, slice(None))),
+                       ((slice(None), slice(None, tol)), (slice(None), 0)),
+                       ((slice(None), slice(-tol, None)), (slice(None), -1))):
+        if lungs[band].any():
+            edge[line] = False
+    return edge
+
+
+def _extend_to_cut(lung, hu, edge, ribs, side, px, nb=180):
+    """Dense lesion running into an image side where the field of view cuts the thorax.
+
+    Rays from the lung's own centroid, posterior only and at most 30 degrees medial (the
+    mediastinum is medial, dependent lesions posterior): where one leaves the image
+    through an open cut (:func:`_open_cuts`) before any rib, the chest wall is out of
+    view (a crop at the lungs' bounding box, as in COVID-SemiSeg) and lesion-density
+    tissue connected to the lung is kept up to the cut; where a rib comes first, up to
+    its inner edge, as in :func:`_pleural_radius`.
+    """
+    cy, cx = ndi.center_of_mass(lung)
+    Y, X = np.indices(lung.shape, dtype=np.float32)
+    dy, dx = Y - cy, X - cx
+    rad = np.hypot(dy, dx)
+    b = _angle_bins(np.arctan2(dy, dx), nb)
+    centres = (np.arange(nb) + 0.5) * (2 * np.pi / nb) - np.pi
+    uy, ux = np.sin(centres), np.cos(centres)
+    lateral = -ux if side == _RIGHT else ux     # the right lung lies on the low-column side
+    # posterior (rows grow towards P: dependent lesions), not far medial (mediastinum)
+    outward = (uy >= 0) & (lateral >= -CUT_MEDIAL)
+    rout = np.full(nb, -1.0)
+    np.maximum.at(rout, b[lung], rad[lung])
+    redge = np.full(nb, np.inf)
+    np.minimum.at(redge, b[edge], rad[edge])
+    rrib = np.full(nb, np.inf)
+    beyond = ribs & (rad > rout[b])
+    np.minimum.at(rrib, b[beyond], rad[beyond])
+    # ribs bound the rays between them too (intercostal spaces), as in _pleural_radius
+    rrib = ndi.minimum_filter1d(rrib, 2 * max(1, int(round(8.0 / 360.0 * nb))) + 1, mode="wrap")
+    by_rib = rrib - PLEURA_GAP_MM / px < redge
+    wall = np.where(by_rib, rrib - PLEURA_GAP_MM / px, redge)
+    short = wall - rout
+    # a rib in view bounds the lesion as in _pleural_radius (only a real gap is filled)
+    cut = outward & (rout >= 0) & np.isfinite(wall) & (short < RIB_REACH_MM / px) \
+        & (~by_rib | (short > RIB_DENT_MM / px))
+    if not cut.any():
+        return lung
+    c = cut[b]
+    # the 8-bit renderings are JPEG: speckle splits soft tissue at any single threshold
+    smooth = ndi.median_filter(hu, size=5)
+    cand = c & (rad > rout[b]) & (rad <= wall[b]) & (smooth > -900.0) & (smooth < BONE_HU) & ~lung
+    lab, _ = ndi.label(cand | lung)
+    keep = np.unique(lab[lung])
+    grown = np.isin(lab, keep[keep > 0]) & ~lung
+    return lung | (_open(grown | lung, OPEN_MM / px) & grown)
 
 
 def _extend_to_wall(lung, hu, rad, rout, wall):
