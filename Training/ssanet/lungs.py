@@ -572,11 +572,7 @@ def _pleural_radius(lung, body, ribs, ang, rad, px, nb=180, win_deg=None):
             ok = has & ~support & (gap <= 2 * w)
             wall = np.where(ok, np.maximum(rout, interp), rout)
     if ribs.any():
-        rrib = np.full(nb, np.inf)
-        beyond = ribs & (rad > rout[b])
-        np.minimum.at(rrib, b[beyond], rad[beyond])
-        wb = max(1, int(round(8.0 / 360.0 * nb)))
-        rrib = ndi.minimum_filter1d(rrib, 2 * wb + 1, mode="wrap")
+        rrib = _rib_radius(ribs, b, rad, rout, nb)
         wall = np.minimum(wall, np.maximum(rrib - PLEURA_GAP_MM / px, rout))
         # Dense lesion filling the end of a lung (dependent consolidation down to the
         # spine): no aerated flank bounds it, but the ribs do.
@@ -585,6 +581,16 @@ def _pleural_radius(lung, body, ribs, ang, rad, px, nb=180, win_deg=None):
         wall = np.where(deep, np.maximum(wall, rrib - PLEURA_GAP_MM / px), wall)
     wall = np.minimum(wall, np.maximum(rb - WALL_MARGIN_MM / px, rout))
     return np.where(has, wall, -1.0)[b], np.where(has, rout, np.inf)[b]
+
+
+def _rib_radius(ribs, b, rad, rout, nb):
+    """Per angle bin, the radius of the nearest rib beyond the lung's outer border
+    (``rout`` per bin; inf: none), the minimum over +-8 degrees so that the intercostal
+    space between two ribs is bounded too."""
+    rrib = np.full(nb, np.inf)
+    beyond = ribs & (rad > rout[b])
+    np.minimum.at(rrib, b[beyond], rad[beyond])
+    return ndi.minimum_filter1d(rrib, 2 * max(1, int(round(8.0 / 360.0 * nb))) + 1, mode="wrap")
 
 
 def _open_cuts(edge, lungs, px):
@@ -628,11 +634,7 @@ def _extend_to_cut(lung, hu, edge, ribs, side, px, nb=180):
     np.maximum.at(rout, b[lung], rad[lung])
     redge = np.full(nb, np.inf)
     np.minimum.at(redge, b[edge], rad[edge])
-    rrib = np.full(nb, np.inf)
-    beyond = ribs & (rad > rout[b])
-    np.minimum.at(rrib, b[beyond], rad[beyond])
-    # ribs bound the rays between them too (intercostal spaces), as in _pleural_radius
-    rrib = ndi.minimum_filter1d(rrib, 2 * max(1, int(round(8.0 / 360.0 * nb))) + 1, mode="wrap")
+    rrib = _rib_radius(ribs, b, rad, rout, nb)
     by_rib = rrib - PLEURA_GAP_MM / px < redge
     wall = np.where(by_rib, rrib - PLEURA_GAP_MM / px, redge)
     short = wall - rout
