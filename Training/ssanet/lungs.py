@@ -161,12 +161,12 @@ def unclip_soft_tissue(img_u8, min_fraction: float = CLIPPED_SOFT_TISSUE) -> np.
     img = np.asarray(img_u8)
     if img.dtype != np.uint8:
         return img
+    from .data import LABELED_ANCHORS, histogram_anchors, match_intensity
     h = np.bincount(img.ravel(), minlength=256).astype(float)
-    lung_peak = 4 + int(np.argmax(np.convolve(h, np.ones(9) / 9.0, mode="same")[4:128]))
-    white = h[250:].sum() / max(h[lung_peak + 40:].sum(), 1.0)
+    lung_peak = histogram_anchors(h)[0]
+    white = h[250:].sum() / max(h[int(lung_peak) + 40:].sum(), 1.0)
     if white < min_fraction:
         return img
-    from .data import LABELED_ANCHORS, match_intensity
     return match_intensity(img, (lung_peak, 255.0), LABELED_ANCHORS)
 
 
