@@ -468,9 +468,10 @@ def _recover_slice(aerated, hu, body, px):
         grown = ndi.binary_fill_holes(_extend_to_wall(m, h, rad, rout, wall))
         # tongues narrower than the opening are chest wall between ribs, not lesion
         masks[side] = m | (_open(grown, OPEN_MM / px) & grown)
+    smooth = ndi.median_filter(h, size=5) if edge.any() else None
     for side, m in masks.items():
-        if edge.any():
-            m = _extend_to_cut(m, h, _open_cuts(edge, m, px), ribs, side, px)
+        if smooth is not None:
+            m = _extend_to_cut(m, smooth, _open_cuts(edge, m, px), ribs, side, px)
         # smooths the angle-bin steps of the wall line without reaching across organs
         m = _close(m, CLOSE_MM / px) & b & ~ribs
         masks[side] = m & b
@@ -593,24 +594,22 @@ def _rib_radius(ribs, b, rad, rout, nb):
     return ndi.minimum_filter1d(rrib, 2 * max(1, int(round(8.0 / 360.0 * nb))) + 1, mode="wrap")
 
 
-def _open_cuts(edge, lungs, px):
-    """The cut edges (image sides) a lesion may still run into: a side the lungs already
-    reach within ``CUT_REACH_MM`` is where they end (a crop at their bounding box), and
-    beside a lung's round end lies chest wall, not lesion."""
-    if lungs is None or not edge.any():
-        return edge
+def _open_cuts(edge, lung, px):
+    """The cut edges (image sides) a lesion of ``lung`` may still run into: a side the
+    lung already reaches within ``CUT_REACH_MM`` is where it ends (a crop at the lungs'
+    bounding box), and beside its round end lies chest wall, not lesion."""
     tol = max(1, int(round(CUT_REACH_MM / px)))
     edge = edge.copy()
     for band, line in (((slice(None, tol), slice(None)), (0, slice(None))),
                        ((slice(-tol, None), slice(None)), (-1, slice(None))),
                        ((slice(None), slice(None, tol)), (slice(None), 0)),
                        ((slice(None), slice(-tol, None)), (slice(None), -1))):
-        if lungs[band].any():
+        if lung[band].any():
             edge[line] = False
     return edge
 
 
-def _extend_to_cut(lung, hu, edge, ribs, side, px, nb=180):
+def _extend_to_cut(lung, smooth, edge, ribs, side, px, nb=180):
     """Dense lesion running into an image side where the field of view cuts the thorax.
 
     Rays from the lung's own centroid, posterior only and at most 30 degrees medial (the
@@ -618,7 +617,9 @@ def _extend_to_cut(lung, hu, edge, ribs, side, px, nb=180):
     through an open cut (:func:`_open_cuts`) before any rib, the chest wall is out of
     view (a crop at the lungs' bounding box, as in COVID-SemiSeg) and lesion-density
     tissue connected to the lung is kept up to the cut; where a rib comes first, up to
-    its inner edge, as in :func:`_pleural_radius`.
+    its inner edge, as in :func:`_pleural_radius`. ``smooth``: the slice's HU after a
+    5x5 median (the 8-bit renderings are JPEG: speckle splits soft tissue at any single
+    threshold).
     """
     cy, cx = ndi.center_of_mass(lung)
     Y, X = np.indices(lung.shape, dtype=np.float32)
@@ -644,12 +645,8 @@ def _extend_to_cut(lung, hu, edge, ribs, side, px, nb=180):
     if not cut.any():
         return lung
     c = cut[b]
-    # the 8-bit renderings are JPEG: speckle splits soft tissue at any single threshold
-    smooth = ndi.median_filter(hu, size=5)
     cand = c & (rad > rout[b]) & (rad <= wall[b]) & (smooth > -900.0) & (smooth < BONE_HU) & ~lung
-    lab, _ = ndi.label(cand | lung)
-    keep = np.unique(lab[lung])
-    grown = np.isin(lab, keep[keep > 0]) & ~lung
+    grown = _connected_to(lung, cand) & ~lung
     return lung | (_open(grown | lung, OPEN_MM / px) & grown)
 
 
@@ -658,6 +655,11 @@ def _extend_to_wall(lung, hu, rad, rout, wall):
     cand = (rad > rout) & (rad <= wall) & (hu > -900.0) & (hu < 150.0) & ~lung
     if not cand.any():
         return lung
+    return _connected_to(lung, cand)
+
+
+def _connected_to(lung, cand):
+    """``lung`` and the pixels of ``cand`` connected to it."""
     lab, _ = ndi.label(cand | lung)
     keep = np.unique(lab[lung])
     return np.isin(lab, keep[keep > 0])
