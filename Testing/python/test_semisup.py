@@ -285,6 +285,56 @@ def test_wrong_settings_do_not_resume(tmp_path):
     assert st["round"] == 2 and [c["round"] for c in trainer.calls] == [1, 2]
 
 
+def _init_checkpoint(path, cls=2):
+    ckpt.save_checkpoint(path, const_model(cls), {"preprocessing": {"size": SIZE, "blank_outside_lung": True},
+                                                  "training": {"epoch": 7}})
+    return path
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_init_is_m1_and_warm_start_fine_tunes_the_previous_round(tmp_path, warm):
+    from ssanet.evaluate import evaluate_samples
+    from ssanet.inference import Predictor
+
+    labeled, val, pool = make_data(n_pool=4)
+    init = _init_checkpoint(tmp_path / "supervised.safetensors", cls=2)   # M1 says consolidation
+    trainer = ScriptedTrainer(scores={2: 0.9, 3: 0.8}, favour={2: 1, 3: 1})
+    out = tmp_path / "run"
+    state = S.run_semisup(small_config(init=str(init), warm_start=warm, max_rounds=3), labeled, val,
+                          pool, out, train_fn=trainer, log=lambda *_: None)
+    # round 1 is the given model, not trained; its score is measured on the validation slices
+    assert [c["round"] for c in trainer.calls] == [2, 3]
+    model, meta = ckpt.load_checkpoint(init)
+    expected = evaluate_samples(Predictor.for_checkpoint(model, meta, "cpu"), val, meta)["classes"]
+    got = state["rounds"][0]["val"]
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name])
+    m1 = ckpt.read_meta(out / "round_01" / "best.safetensors")
+    assert m1["training"]["adopted_as_m1"]["sha256"] == ckpt.sha256_of(init)
+    assert m1["training"]["epoch"] == 7
+    # M1 made round 2's pseudo labels (consolidation everywhere in the lung)
+    p2 = S.load_pseudo_labels(out / "round_02" / "pseudo_labels.npz")
+    slices = S.SlicePool(pool, SIZE)
+    assert all(np.all(p2[i][slices[i].lung] == 2) for i in p2)
+    # warm start: round r starts from round r-1's model; otherwise from scratch
+    inits = [c["cfg"].init for c in trainer.calls]
+    if warm:
+        assert inits == [str(out / "round_01" / "best.safetensors"), str(out / "round_02" / "best.safetensors")]
+    else:
+        assert inits == ["", ""]
+    assert state["best_round"] == 2
+
+
+def test_init_must_be_a_ggo_consolidation_model(tmp_path):
+    labeled, val, pool = make_data(n_pool=2)
+    binary = tmp_path / "binary.safetensors"
+    ckpt.save_checkpoint(binary, SSANet(2, 1, **TINY), {"preprocessing": {"size": SIZE}})
+    with pytest.raises(ckpt.CheckpointError, match="GGO/consolidation"):
+        S.run_semisup(small_config(init=str(binary)), labeled, val, pool, tmp_path / "run",
+                      train_fn=ScriptedTrainer(scores={}), log=lambda *_: None)
+
+
 # ------------------------------------------------------------- resume, real trainer
 
 class Interrupt(Exception):

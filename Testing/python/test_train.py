@@ -81,3 +81,55 @@ def test_fixed_steps_per_epoch_whatever_the_set_size():
     assert sorted(drawn[:7]) == list(range(7))                 # whole permutations, not i.i.d. draws
     small = make_loader(ds, TrainConfig(batch_size=2, steps_per_epoch=2), torch.Generator().manual_seed(0))
     assert len([b for b in small]) == 2
+
+
+def _synthetic_slices(n, size=64):
+    import numpy as np
+    from ssanet.data import Sample
+    yy, xx = np.mgrid[:size, :size]
+    lung = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.4 * size) ** 2
+    out = []
+    for i in range(n):
+        lab = np.zeros((size, size), np.uint8)
+        lab[20 + i:30 + i, 20:30] = 1
+        lab[36:44, 36 + i:44 + i] = 2
+        img = np.where(lung, 40, 0).astype(np.uint8)
+        img[lab == 1], img[lab == 2] = 120, 220
+        out.append(Sample(id=f"s{i}", image=img, lung=lung, label=lab, spacing=(0.7, 0.7),
+                          source="synthetic"))
+    return out
+
+
+def test_init_fine_tunes_from_the_checkpoint_weights(tmp_path):
+    from ssanet.model import SSANet
+    torch.set_num_threads(1)
+    torch.manual_seed(123)
+    init = tmp_path / "init.safetensors"
+    init_sha = ckpt.save_checkpoint(init, SSANet(2, 3), {"preprocessing": {"size": 64}})
+    slices = _synthetic_slices(3)
+    # learning rate 0: the run's weights are exactly the checkpoint's (BatchNorm statistics aside)
+    cfg = TrainConfig(size=64, epochs=1, batch_size=2, lr=0.0, weight_decay=0.0, sad_start_epoch=0,
+                      val_every=1, device="cpu", amp=False, init=str(init))
+    train(cfg, slices[:2], slices[2:], tmp_path / "ft", log=lambda *_: None)
+    ref, _ = ckpt.load_checkpoint(init)
+    got, meta = ckpt.load_checkpoint(tmp_path / "ft" / "last.safetensors")
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    weights = [k for k in ref_sd if k.endswith("weight")]
+    assert weights and all(torch.equal(ref_sd[k], got_sd[k]) for k in weights)
+    assert meta["training"]["init_sha256"] == init_sha
+    # a run from scratch does not start from those weights
+    scratch = TrainConfig(**{**cfg.__dict__, "init": ""})
+    train(scratch, slices[:2], slices[2:], tmp_path / "scratch", log=lambda *_: None)
+    other, meta2 = ckpt.load_checkpoint(tmp_path / "scratch" / "last.safetensors")
+    assert not torch.equal(other.state_dict()[weights[0]], ref_sd[weights[0]])
+    assert "init_sha256" not in meta2["training"]
+
+
+def test_init_with_other_classes_is_refused(tmp_path):
+    from ssanet.model import SSANet
+    binary = tmp_path / "binary.safetensors"
+    ckpt.save_checkpoint(binary, SSANet(2, 1, layers=(1, 1, 1, 1)), {"preprocessing": {"size": 64}})
+    slices = _synthetic_slices(2)
+    cfg = TrainConfig(size=64, epochs=1, batch_size=2, device="cpu", init=str(binary))
+    with pytest.raises(ckpt.CheckpointError, match="classes"):
+        train(cfg, slices[:1], slices[1:], tmp_path / "ft", log=lambda *_: None)

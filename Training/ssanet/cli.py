@@ -41,6 +41,8 @@ def _add_train_args(p):
                         "for supervised training: with 46 slices it drives over-segmentation)")
     p.add_argument("--keep-outside-lung", dest="blank_outside_lung", action="store_false",
                    help="do not blank the CT channel outside the lung mask")
+    p.add_argument("--init", default=d.init, metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights (same classes and input)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--val-every", type=int, default=d.val_every)

@@ -91,6 +91,8 @@ class SemiSupConfig:
     pseudo_batch_size: int = 16
     contact_sheet_n: int = 8
     keep_last_checkpoints: bool = False  # last.safetensors/train_state.pt only serve mid-round resume
+    init: str = ""                      # M1 = this supervised checkpoint (round 1 is not trained)
+    warm_start: bool = False            # round r fine-tunes M_{r-1} instead of starting from scratch
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -435,12 +437,14 @@ def round_dir(out_dir, r: int) -> Path:
     return Path(out_dir) / f"round_{r:02d}"
 
 
-def round_train_config(cfg: SemiSupConfig, r: int, n_labeled: int, n_pseudo: int) -> TrainConfig:
+def round_train_config(cfg: SemiSupConfig, r: int, n_labeled: int, n_pseudo: int,
+                       init: str = "") -> TrainConfig:
     """The TrainConfig of round ``r``: the loop's re-weighting switch, a per-round seed,
-    no time limit (a cut-short round would count as finished)."""
+    no time limit (a cut-short round would count as finished); ``init``: the checkpoint a
+    warm-started round fine-tunes (round 1 with ``cfg.init``: the adopted M1)."""
     return dataclasses.replace(
         cfg.train, classes="ggo,consolidation", reweight=cfg.reweight,
-        seed=cfg.train.seed + r - 1, time_limit_min=0.0,
+        seed=cfg.train.seed + r - 1, time_limit_min=0.0, init=init,
         data_description={"semisup_round": r, "labeled_slices": n_labeled,
                           "pseudo_labeled_slices": n_pseudo})
 
@@ -562,7 +566,11 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
         train_set = lab + [dataclasses.replace(slices[i], label=pseudo[i]) for i in added]
         counts = pixel_counts([s.label for s in train_set], NUM_CLASSES)
         weights = class_weights(counts)
-        tcfg = round_train_config(cfg, r, len(lab), len(added))
+        if r == 1:
+            init = cfg.init
+        else:
+            init = str(round_dir(out, r - 1) / "best.safetensors") if cfg.warm_start else ""
+        tcfg = round_train_config(cfg, r, len(lab), len(added), init)
         digest = _digest(train_set)
         log(f"== round {r}: {len(lab)} labeled + {len(added)} pseudo-labeled ({len(new)} new, "
             f"{len(schedule.remaining)} left), class weights {np.round(weights, 3).tolist()}"
@@ -570,7 +578,11 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
 
         t1 = time.time()
         done = _finished_round(rdir, tcfg, digest)
-        if done is None:
+        if done is None and r == 1 and cfg.init:
+            log(f"round 1: M1 is {cfg.init} (not trained here); scoring it on the validation slices")
+            adopt_checkpoint(cfg.init, val, rdir / "best.safetensors", device=device)
+            t_train = 0.0
+        elif done is None:
             train_fn(tcfg, train_set, val, rdir)
             t_train = time.time() - t1
         else:
@@ -621,6 +633,26 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
         if on_round_end is not None:
             on_round_end(r, state)
     return state
+
+
+def adopt_checkpoint(path, val, dst, device="cpu") -> dict:
+    """Copy a supervised checkpoint to ``dst`` as the loop's M1, with its validation metrics
+    measured on ``val`` the way the trainer measures them (its own preprocessing)."""
+    from . import checkpoint as ckpt
+    from .evaluate import evaluate_samples
+    from .inference import Predictor
+
+    model, meta = ckpt.load_checkpoint(path)
+    if meta.get("class_names") != ckpt.default_class_names(NUM_CLASSES):
+        raise ckpt.CheckpointError(f"--init {path}: the loop needs a GGO/consolidation model, "
+                                   f"this one has classes {meta.get('class_names')}")
+    result = evaluate_samples(Predictor.for_checkpoint(model, meta, device), list(val), meta)
+    new_meta = {k: v for k, v in meta.items() if k not in ("path", "name", "sha256", "model", "format")}
+    new_meta["val_metrics"] = result["classes"]
+    new_meta["training"] = {**(meta.get("training") or {}),
+                            "adopted_as_m1": {"name": meta["name"], "sha256": meta["sha256"]}}
+    ckpt.save_checkpoint(dst, model, new_meta)
+    return result["classes"]
 
 
 def _finished_round(rdir: Path, tcfg: TrainConfig, digest: str) -> dict | None:
@@ -865,6 +897,12 @@ def _add_args(p) -> None:
     p.add_argument("--unlabeled-limit", type=int, default=d.unlabeled_limit,
                    help="use a seeded random subset of this many unlabeled slices (0: all)")
     p.add_argument("--pseudo-batch-size", type=int, default=d.pseudo_batch_size)
+    p.add_argument("--init", default=d.init, metavar="CHECKPOINT",
+                   help="use this supervised GGO/consolidation checkpoint as M1 (round 1 is "
+                        "scored on validation, not trained)")
+    p.add_argument("--warm-start", action=BooleanFlag, default=d.warm_start,
+                   help="each round fine-tunes the previous round's model (default: from scratch, "
+                        "as the paper; warm starts make CPU rounds affordable)")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", default=t.device, help="auto | cpu | cuda | mps")
 
@@ -879,7 +917,8 @@ def config_from_args(a) -> SemiSupConfig:
                        val_every=max(1, min(a.val_every, a.epochs)))
     return SemiSupConfig(t=a.t, eta=a.eta, max_rounds=a.max_rounds, patience=a.patience,
                          reweight=a.reweight, trust=a.trust, unlabeled_limit=a.unlabeled_limit,
-                         pseudo_batch_size=a.pseudo_batch_size, train=tcfg)
+                         pseudo_batch_size=a.pseudo_batch_size, init=a.init or "",
+                         warm_start=a.warm_start, train=tcfg)
 
 
 def _load_data(a):

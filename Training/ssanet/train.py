@@ -49,6 +49,7 @@ class TrainConfig:
     time_limit_min: float = 0.0              # 0 = no limit; stops cleanly after the epoch in progress
     amp: bool = True                         # float16 autocast on CUDA, bfloat16 on CPUs that support it
     nominal_spacing_mm: float = 0.7
+    init: str = ""                           # fine-tune: start from this checkpoint's weights
     data_description: dict = field(default_factory=dict)
 
     @property
@@ -78,7 +79,10 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _meta(cfg: TrainConfig, val: dict | None, epoch: int) -> dict:
+def _meta(cfg: TrainConfig, val: dict | None, epoch: int, init_sha256: str | None = None) -> dict:
+    training = {"config": asdict(cfg), "epoch": epoch}
+    if init_sha256:
+        training["init_sha256"] = init_sha256
     return {
         "class_names": ckpt.default_class_names(cfg.num_classes),
         "preprocessing": {
@@ -89,7 +93,7 @@ def _meta(cfg: TrainConfig, val: dict | None, epoch: int) -> dict:
             "fov_px": 512,
             "orientation": "LPS axial slice: rows anterior->posterior, columns patient right->left",
         },
-        "training": {"config": asdict(cfg), "epoch": epoch},
+        "training": training,
         "val_metrics": val or {},
     }
 
@@ -101,6 +105,29 @@ def _score(val: dict) -> float:
     counts slices where a class is absent and predicted absent.
     """
     return float(np.mean([m["dsc_pooled"] for m in val["classes"].values()]))
+
+
+def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
+    """Copy the weights of checkpoint ``cfg.init`` into ``model`` (fine-tuning); returns its
+    SHA-256. The checkpoint must be the same network with the same classes and the same
+    input (lung blanking); its slice size may differ (the network is fully convolutional)."""
+    loaded, meta = ckpt.load_checkpoint(cfg.init)
+    want = ckpt.default_class_names(cfg.num_classes)
+    if meta.get("class_names") != want:
+        raise ckpt.CheckpointError(
+            f"--init {cfg.init}: its classes {meta.get('class_names')} are not {want}; "
+            "fine-tune from a checkpoint trained for the same classes")
+    blank = (meta.get("preprocessing") or {}).get("blank_outside_lung", True)
+    if bool(blank) != cfg.blank_outside_lung:
+        raise ckpt.CheckpointError(
+            f"--init {cfg.init} was trained with blank_outside_lung={blank}; train with the same "
+            "setting (--keep-outside-lung) or start from scratch")
+    try:
+        model.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"--init {cfg.init} does not fit this network "
+                                   f"(spatial convolution / SAD settings differ): {e}") from None
+    return ckpt.sha256_of(cfg.init)
 
 
 def make_loader(ds, cfg: TrainConfig, gen: torch.Generator) -> DataLoader:
@@ -127,6 +154,7 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         configure_cpu_threads()
     model = SSANet(2, cfg.num_classes, spatial_conv=cfg.spatial_conv, sad=cfg.sad,
                    sc_bound=cfg.sc_bound).to(device)
+    init_sha = load_init_weights(model, cfg) if cfg.init else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp_dtype = autocast_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -153,6 +181,8 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         best = {"score": float(st["best_score"]), "epoch": int(st["best_epoch"]), "val": None}
         torch.set_rng_state(st["torch_rng"])
         log(f"resuming {out} at epoch {start_epoch}")
+    elif init_sha:
+        log(f"starting from the weights of {cfg.init} (sha256 {init_sha[:12]}…)")
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     ds = SliceDataset(train_samples, size=cfg.size, augment=True, seed=cfg.seed,
@@ -213,11 +243,11 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
             row.update(val_score=score, **{f"val_{k}": v["dsc"] for k, v in val["classes"].items()})
             if score > best["score"]:
                 best = {"score": score, "epoch": epoch + 1, "val": val["classes"]}
-                ckpt.save_checkpoint(out / "best.safetensors", model, _meta(cfg, val["classes"], epoch + 1))
+                ckpt.save_checkpoint(out / "best.safetensors", model, _meta(cfg, val["classes"], epoch + 1, init_sha))
         row["seconds"] = time.time() - t0
         with open(log_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields).writerow(row)
-        ckpt.save_checkpoint(out / "last.safetensors", model, _meta(cfg, None, epoch + 1))
+        ckpt.save_checkpoint(out / "last.safetensors", model, _meta(cfg, None, epoch + 1, init_sha))
         torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "best_score": best["score"],
                     "best_epoch": best["epoch"], "torch_rng": torch.get_rng_state()},
                    out / "train_state.pt.part")
