@@ -439,6 +439,8 @@ RIB_REACH_MM = 90.0
 CUT_MEDIAL = 0.5         # cut rays: at most 30 deg medial of straight posterior
 CUT_REACH_MM = 3.0       # an image side the lungs come this close to is where they end
 DENT_DEG = 40.0          # widest lesion dent in the lung border bridged from both flanks (half)
+PLEURA_RIM_MM = 1.0      # lesions are drawn to the pleural surface, about a pixel beyond the
+                         # threshold edge of the lung (COVID-SemiSeg train: lesion kept 95.6 -> 96.2 %)
 
 
 def _recover_slice(aerated, hu, body, px):
@@ -486,9 +488,25 @@ def _recover_slice(aerated, hu, body, px):
             masks[_LEFT] &= ~(both & (dl >= dr))
     for side, m in masks.items():
         out[m] = side
+    _add_rim(out, b, PLEURA_RIM_MM / px)
     full = np.zeros(aerated.shape, np.uint8)
     full[sl] = out
     return full
+
+
+def _add_rim(labels, body, r):
+    """Grow each lung label by ``r`` pixels (rounded; 4-connected steps) into unlabeled body,
+    in place: the partial-volume rim between the threshold edge and the pleura."""
+    n = int(round(r))
+    if n < 1:
+        return
+    free = (labels == 0) & body
+    for side in (_RIGHT, _LEFT):
+        m = labels == side
+        if m.any():
+            add = ndi.binary_dilation(m, iterations=n) & free
+            labels[add] = side
+            free &= ~add
 
 
 def _disk(r):
