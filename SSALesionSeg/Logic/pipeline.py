@@ -140,7 +140,7 @@ def _target_spacing(pre, native):
 
 def _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability, report, check_cancel):
     from ssanet.inference import Predictor
-    from ssanet.preprocess import (LUNG_WINDOW_HU, crop_or_pad, lung_centroid_crop, make_input, resize_image,
+    from ssanet.preprocess import (LUNG_WINDOW_HU, crop_or_pad, make_input, model_grid, resize_image,
                                    resize_probs, uncrop, window_hu)
 
     pre = meta.get("preprocessing") or {}
@@ -155,13 +155,8 @@ def _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability, report
     lung = sitk.GetArrayViewFromImage(lung_l) > 0
     nz, h, w = hu.shape
     sx, sy = ct_l.GetSpacing()[:2]
-    ty, tx = _target_spacing(pre, (sy, sx))
-    hr, wr = max(1, int(round(h * sy / ty))), max(1, int(round(w * sx / tx)))
+    (hr, wr), box = model_grid(lung.any(axis=0), (sy, sx), _target_spacing(pre, (sy, sx)), fov)
     resample = (hr, wr) != (h, w)
-
-    union = lung.any(axis=0)
-    union_r = resize_image(union, (hr, wr), order=0) if resample else union
-    box, _ = lung_centroid_crop(union_r, lung=union_r, crop=fov)
 
     labels = np.zeros(hu.shape, np.uint8)
     conf = np.ones(hu.shape, np.float32) if save_probability else None

@@ -422,3 +422,43 @@ def test_load_volume_pairs_reorients_to_canonical(tmp_path, medseg_all, fake_lun
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         D.load_volume_pairs(tmp_path / "ras" / "img", tmp_path / "empty")
+
+
+def _write_case(folder, name, spacing=(0.9, 0.9, 3.0), shape=(4, 300, 320)):
+    """A CT in HU (lung disks, soft tissue elsewhere) with a 20 mm GGO disk, its labels and
+    lungs, in the layout of the Slicer module's 'Export as training case'."""
+    import SimpleITK as sitk
+    z, h, w = shape
+    yy, xx = np.mgrid[:h, :w] * spacing[0]
+    lung = np.zeros(shape, bool)
+    lung[:] = ((yy - 150) ** 2 + (xx - 90) ** 2 < 60 ** 2) | ((yy - 150) ** 2 + (xx - 200) ** 2 < 60 ** 2)
+    lesion = np.zeros(shape, np.uint8)
+    lesion[:] = np.where((yy - 140) ** 2 + (xx - 80) ** 2 < 20 ** 2, 1, 0)
+    hu = np.where(lung, -850, 40).astype(np.int16)
+    hu[lesion == 1] = -500
+    for sub, arr in (("images", hu), ("labels", lesion), ("lungs", lung.astype(np.uint8))):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(spacing)
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(img, str(folder / sub / f"{name}.nii.gz"))
+    return float((lesion[0] == 1).sum()) * spacing[0] * spacing[1]
+
+
+def test_training_cases_land_on_the_model_grid(tmp_path):
+    area_mm2 = _write_case(tmp_path / "export", "case1")
+    samples = D.load_training_cases(tmp_path / "export", pixel_mm=0.7, fov=512)
+    assert len(samples) == 4 and all(s.image.shape == (512, 512) for s in samples)
+    s = samples[0]
+    assert s.spacing == (0.7, 0.7) and s.label.shape == s.lung.shape == (512, 512)
+    # physical size kept: the 20 mm GGO disk covers the same mm² at 0.7 mm pixels
+    assert (s.label == 1).sum() * 0.49 == pytest.approx(area_mm2, rel=0.03)
+    # the lungs are centred in the field of view, as the pipeline crops them
+    ys, xs = np.nonzero(s.lung)
+    assert abs(ys.mean() - 255.5) < 3 and abs(xs.mean() - 255.5) < 3
+    assert s.image[s.lung].mean() < s.image[~s.lung & (s.image > 0)].mean()
+
+
+def test_training_cases_folder_must_have_the_export_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FileNotFoundError, match="labels/"):
+        D.load_training_cases(tmp_path)

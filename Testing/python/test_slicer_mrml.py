@@ -471,6 +471,13 @@ def test_export_training_case_writes_the_pair_the_training_kit_reads(case, fake_
     assert samples, "the training kit found no slices"
     assert {int(v) for s in samples for v in np.unique(s.label)} <= {0, 1, 2}
     assert sum(int((s.label == 1).sum()) for s in samples) > 0
+    # what `ssalesionseg train --cases` reads: the same slices on the model's grid
+    from ssanet.data import load_training_cases
+    grid = load_training_cases(out)
+    assert [s.id for s in grid] == [s.id for s in samples]
+    assert all(s.image.shape == (512, 512) and s.spacing == (0.7, 0.7) for s in grid)
+    ggo_mm2 = sum(float((s.label == 1).sum()) * s.spacing[0] * s.spacing[1] for s in samples)
+    assert sum(float((s.label == 1).sum()) for s in grid) * 0.49 == pytest.approx(ggo_mm2, rel=0.1)
 
 
 def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):

@@ -133,3 +133,21 @@ def test_init_with_other_classes_is_refused(tmp_path):
     cfg = TrainConfig(size=64, epochs=1, batch_size=2, device="cpu", init=str(binary))
     with pytest.raises(ckpt.CheckpointError, match="classes"):
         train(cfg, slices[:1], slices[1:], tmp_path / "ft", log=lambda *_: None)
+
+
+def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_data import _write_case
+    _write_case(tmp_path / "export", "corrected_case")
+    run = tmp_path / "run"
+    rc = cli_main(["train", "--data", str(data_root), "--out", str(run), "--size", "64", "--epochs", "1",
+                   "--batch-size", "4", "--steps-per-epoch", "1", "--device", "cpu",
+                   "--cases", str(tmp_path / "export")])
+    assert rc in (0, None)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data_description"]["cases"] == {"export": 4}
+    rc = cli_main(["train", "--data", str(data_root), "--out", str(tmp_path / "run2"), "--epochs", "1",
+                   "--cases", str(tmp_path / "nothing")])
+    assert rc != 0 and "Export as training case" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()

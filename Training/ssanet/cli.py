@@ -43,6 +43,9 @@ def _add_train_args(p):
                    help="do not blank the CT channel outside the lung mask")
     p.add_argument("--init", default=d.init, metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights (same classes and input)")
+    p.add_argument("--cases", action="append", metavar="DIR",
+                   help="add the CT cases in DIR (images/, labels/, lungs/: the Slicer module's "
+                        "'Export as training case') to the training slices; repeatable")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--val-every", type=int, default=d.val_every)
@@ -57,16 +60,27 @@ def _config_from_args(a) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(a).items() if k in names})
 
 
-def _describe(cfg: TrainConfig, splits) -> TrainConfig:
+def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
     cfg.data_description = {"train": f"MedSeg-100 train subset, {len(splits['train'])} slices",
                             "val": [s.id for s in splits["val"]]}
+    if cases:
+        cfg.data_description["cases"] = {Path(f).name: n for f, n in cases}
     return cfg
 
 
 def cmd_train(a):
     from . import data
     splits = data.default_splits(data.data_root(a.data))
-    cfg = _describe(_config_from_args(a), splits)
+    cfg = _config_from_args(a)
+    cases = []
+    for folder in a.cases or []:
+        extra = data.load_training_cases(folder, cfg.nominal_spacing_mm)
+        if not extra:
+            raise SystemExit(f"{folder}: no labeled slices with lung found")
+        splits["train"] = splits["train"] + extra
+        cases.append((folder, len(extra)))
+        print(f"{folder}: {len(extra)} slices added to the training set")
+    cfg = _describe(cfg, splits, cases)
     best = train_run(cfg, splits, a.out)
     print(json.dumps({"best_epoch": best["epoch"], "best_val_score": best["score"]}))
 

@@ -438,6 +438,49 @@ def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_W
     return out
 
 
+def on_model_grid(samples, pixel_mm: float = 0.7, fov: int = 512) -> list[Sample]:
+    """Slices of CT volumes moved onto the grid the segmentation pipeline feeds the model:
+    resampled in-plane to ``pixel_mm`` and cropped (or padded) to ``fov`` x ``fov`` around
+    the volume's lung centroid (:func:`ssanet.preprocess.model_grid`), so that a model
+    trained on them sees CT the way it will at inference. Samples of one volume share
+    ``meta["volume"]``."""
+    from .preprocess import crop_or_pad, model_grid
+
+    by_volume: dict = {}
+    for s in samples:
+        by_volume.setdefault((s.meta or {}).get("volume", s.id), []).append(s)
+    out = []
+    for group in by_volume.values():
+        union = np.any([np.asarray(s.lung, bool) for s in group], axis=0)
+        shape, box = model_grid(union, group[0].spacing, pixel_mm, fov)
+
+        def grid(a, order):
+            a = resize_image(a, shape, order=order) if a.shape != shape else a
+            return crop_or_pad(a, box)
+
+        for s in group:
+            img = np.clip(np.rint(grid(s.image.astype(np.float32), 1)), 0, 255).astype(np.uint8)
+            out.append(Sample(id=s.id, image=img, lung=grid(np.asarray(s.lung, bool), 0),
+                              label=None if s.label is None else grid(np.asarray(s.label, np.uint8), 0),
+                              spacing=(float(pixel_mm), float(pixel_mm)), source=s.source,
+                              meta={**(s.meta or {}), "model_grid": {"shape": list(shape), "box": list(box)}}))
+    return out
+
+
+def load_training_cases(folder, pixel_mm: float = 0.7, fov: int = 512) -> list[Sample]:
+    """Labeled slices from CT cases exported for training (the Slicer module's *Export as
+    training case*: ``images/``, ``labels/`` (1 GGO, 2 consolidation) and optionally
+    ``lungs/``, files paired by name), on the model's grid (:func:`on_model_grid`)."""
+    folder = Path(folder)
+    for sub in ("images", "labels"):
+        if not (folder / sub).is_dir():
+            raise FileNotFoundError(f"{folder} has no {sub}/ folder: expected the layout of the "
+                                    "Slicer module's 'Export as training case' (images/, labels/, lungs/)")
+    lungs = folder / "lungs"
+    samples = load_volume_pairs(folder / "images", folder / "labels", lungs if lungs.is_dir() else None)
+    return on_model_grid(samples, pixel_mm, fov)
+
+
 # --------------------------------------------------------------------------- splits
 
 def split_train_val(samples, n_val: int, seed: int):

@@ -147,6 +147,25 @@ def uncrop(arr_crop, box, full_shape, fill=0) -> np.ndarray:
     return out
 
 
+def model_grid(union_lung, spacing, pixel_mm, fov: int):
+    """Where a CT volume's slices sit on the model's input grid.
+
+    ``union_lung`` (H, W): the lung pixels of all slices; ``spacing`` (sy, sx) in mm;
+    ``pixel_mm``: the model's pixel size (None keeps the native one); ``fov``: the side of
+    the square the model sees. Returns ``((hr, wr), box)``: the in-plane shape after
+    resampling to ``pixel_mm`` and the :func:`lung_centroid_crop` box on that grid. The
+    segmentation pipeline and training on exported CT cases both use it.
+    """
+    h, w = np.shape(union_lung)[-2:]
+    sy, sx = spacing
+    ty, tx = (sy, sx) if pixel_mm is None else ((pixel_mm, pixel_mm) if np.isscalar(pixel_mm) else pixel_mm)
+    shape = max(1, int(round(h * sy / ty))), max(1, int(round(w * sx / tx)))
+    union = np.asarray(union_lung, bool)
+    union_r = resize_image(union, shape, order=0) if shape != (h, w) else union
+    box, _ = lung_centroid_crop(union_r, lung=union_r, crop=int(fov))
+    return shape, box
+
+
 # -------------------------------------------------------------------------- resizing
 
 def _size2(size):
