@@ -462,3 +462,22 @@ def test_training_cases_folder_must_have_the_export_layout(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="labels/"):
         D.load_training_cases(tmp_path)
+
+
+def test_semiseg_renderings_keep_validation_slices_out_of_training(data_root):
+    splits = D.default_splits(data_root)
+    both = D.with_semiseg_renderings(splits, data_root)
+    train_crops = [s for s in both["train"] if s.source == "covid-semiseg"]
+    val_crops = [s for s in both["val"] if s.source == "covid-semiseg"]
+    val_slices = {s.meta["slice"] for s in splits["val"]}
+    assert len(train_crops) == 46 and len(val_crops) == 4
+    assert not {c.meta["medseg_slice"] for c in train_crops} & val_slices
+    assert {c.meta["medseg_slice"] for c in val_crops} <= val_slices
+    assert both["test"] is splits["test"]
+    # each crop renders a MedSeg training slice: the same lesion pixels, on the model's grid
+    by_slice = {s.meta["slice"]: s for s in splits["train"]}
+    for c in train_crops:
+        assert c.image.shape == c.label.shape == (512, 512) and c.spacing == (0.7, 0.7)
+        ref = by_slice[c.meta["medseg_slice"]].label
+        for k in (1, 2):   # a few MedSeg lesion pixels lie outside the crop
+            assert (c.label == k).sum() == pytest.approx((ref == k).sum(), rel=0.005, abs=5)

@@ -46,6 +46,9 @@ def _add_train_args(p):
     p.add_argument("--cases", action="append", metavar="DIR",
                    help="add the CT cases in DIR (images/, labels/, lungs/: the Slicer module's "
                         "'Export as training case') to the training slices; repeatable")
+    p.add_argument("--semiseg-renderings", action="store_true",
+                   help="also train (and validate) on COVID-SemiSeg's own renderings of the training "
+                        "slices (the crops, with lung masks from ssanet.lungs), not only MedSeg-100's")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--val-every", type=int, default=d.val_every)
@@ -61,7 +64,9 @@ def _config_from_args(a) -> TrainConfig:
 
 
 def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
-    cfg.data_description = {"train": f"MedSeg-100 train subset, {len(splits['train'])} slices",
+    n_crops = sum(s.source == "covid-semiseg" for s in splits["train"])
+    cfg.data_description = {"train": f"MedSeg-100 train subset, {len(splits['train'])} slices"
+                            + (f" (incl. {n_crops} COVID-SemiSeg renderings)" if n_crops else ""),
                             "val": [s.id for s in splits["val"]]}
     if cases:
         cfg.data_description["cases"] = {Path(f).name: n for f, n in cases}
@@ -70,7 +75,10 @@ def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
 
 def cmd_train(a):
     from . import data
-    splits = data.default_splits(data.data_root(a.data))
+    root = data.data_root(a.data)
+    splits = data.default_splits(root)
+    if a.semiseg_renderings:
+        splits = data.with_semiseg_renderings(splits, root)
     cfg = _config_from_args(a)
     cases = []
     for folder in a.cases or []:
@@ -113,7 +121,9 @@ def load_split(data, root, dataset, split):
             return data.default_splits(root)[split]
         return data.load_medseg100(root, split)
     if dataset == "covid-semiseg":
-        return data.load_covid_semiseg(root, split)
+        # the crops (lungs' bounding box, nominal 0.7 mm) placed on the model's grid as the
+        # pipeline places a CT, not stretched to a square
+        return data.on_model_grid(data.load_covid_semiseg(root, split))
     raise SystemExit(f"unknown dataset {dataset!r}")
 
 
@@ -181,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="model file (default: the bundled default model)")
     e.add_argument("--dataset", default="medseg100", choices=["medseg100", "covid-semiseg"],
                    help="medseg100: the COVID-SemiSeg slices at full 512² with lung mask "
-                        "(same GT pixels); covid-semiseg: the original crops")
+                        "(same GT pixels); covid-semiseg: the original crops (their own rendering, "
+                        "lung masks from ssanet.lungs), on the model's grid")
     e.add_argument("--split", default="test")
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--overlays", help="write prediction-vs-GT PNGs into this folder")

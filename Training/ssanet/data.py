@@ -502,6 +502,20 @@ def default_splits(root, n_val: int = 4, seed: int = 0) -> dict[str, list[Sample
             "test": load_medseg100(root, "test")}
 
 
+def with_semiseg_renderings(splits: dict, root) -> dict:
+    """``splits`` (:func:`default_splits`) plus COVID-SemiSeg's own renderings of the same
+    training slices: the crops (standard lung-window look, body in view, lung masks from
+    :mod:`ssanet.lungs`) on the model's grid. A crop goes where its MedSeg slice is
+    (train or validation), so the validation slices stay unseen; the test crops are never
+    read. The MedSeg-100 renderings alone make a rendering-specific model (README)."""
+    crops = on_model_grid(load_covid_semiseg(root, "train"))
+    val_slices = {s.meta["slice"] for s in splits["val"] if "slice" in (s.meta or {})}
+    out = dict(splits)
+    out["train"] = list(splits["train"]) + [c for c in crops if c.meta.get("medseg_slice") not in val_slices]
+    out["val"] = list(splits["val"]) + [c for c in crops if c.meta.get("medseg_slice") in val_slices]
+    return out
+
+
 # ---------------------------------------------------------------- torch dataset
 
 @dataclass(frozen=True)
