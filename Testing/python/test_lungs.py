@@ -63,7 +63,8 @@ def test_dense_consolidation_against_the_wall_is_kept():
     plain = hu < -320
     assert (plain & cons).sum() < 0.05 * cons.sum()  # thresholding alone loses it
     lab = lung_mask_from_hu(hu, SP2)
-    # the convex outer edge of the lesion lies beyond the neighbouring lung's reach: ~7 % lost
+    # the convex outer edge of the lesion lies beyond the neighbouring lung's reach (7 % lost
+    # without the 1 mm pleural rim, none with it)
     assert (lab[cons] == 1).mean() > 0.9
     assert not (lab > 0)[~body].any()
 
@@ -87,12 +88,12 @@ def test_consolidation_running_into_a_cropped_border_is_kept():
     h, c, r, l, b, hu, body = lung_box_crop()
     assert b[0].any() and b[-1].any() and b[:, 0].any() and b[:, -1].any()
     lab = lung_mask_from_hu(h, SP2)
-    # 88 %: rays more than 30 degrees medial of posterior are left alone (mediastinum)
+    # 92 %: rays more than 30 degrees medial of posterior are left alone (mediastinum)
     assert (lab[c] == 1).mean() > 0.85
     between = np.zeros(h.shape, bool)                 # mediastinum: columns between the lungs
     between[:, np.nonzero(r.any(0))[0].max() + 3:np.nonzero(l.any(0))[0].min() - 3] = True
     assert (lab > 0)[between].mean() < 0.05
-    # the price: tissue in the crop's corners beyond the lung's round end (12 % here;
+    # the price: tissue in the crop's corners beyond the lung's round end (11 % here;
     # on the real training crops 95.7 % of the mask lies inside MedSeg's lungs, lung_coverage.py)
     assert ((lab > 0) & ~(r | l)).sum() < 0.15 * (r | l).sum()
     # the whole body in view: nothing is cut, and the mask stays inside the body
