@@ -221,3 +221,20 @@ def test_covid_semiseg_crops_with_clipped_soft_tissue(data_root):
         assert (unclip_soft_tissue(img) != img).any()
         m = lung_mask_from_window(img)
         assert ((gt > 0) & m).sum() / (gt > 0).sum() > 0.85, name
+
+
+def test_pleural_rim_is_one_pixel_of_body_around_each_lung(monkeypatch):
+    from scipy import ndimage as ndi
+    import ssanet.lungs as L
+    hu, r, l, body = chest_slice()
+    with_rim = lung_mask_from_hu(hu, SP2)
+    monkeypatch.setattr(L, "PLEURA_RIM_MM", 0.0)
+    without = lung_mask_from_hu(hu, SP2)
+    added = (with_rim > 0) & (without == 0)
+    assert added.sum() > 0
+    for side in (1, 2):
+        grown = ndi.binary_dilation(without == side) & (without == 0) & body
+        # the rim is the 4-neighbour ring of each lung inside the body (1 mm: one 1.4 mm pixel)
+        assert np.array_equal((with_rim == side) & added, grown & ~((with_rim != side) & added))
+    assert not added[~body].any()
+    assert np.array_equal(with_rim[without > 0], without[without > 0])   # never relabels lung
