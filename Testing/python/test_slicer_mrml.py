@@ -649,7 +649,8 @@ def test_self_test_logic_with_the_bundled_model(mrml_scene, monkeypatch, tmp_pat
     volume = mrml.add_volume_node_from_image(mrml_scene.scene, ct, "Phantom CT")
     logic = logic_.ProcessingLogic(mrml_scene.scene, engine=real, moduleDir=MODULE_DIR)
     result = logic.process(volume, None, "auto", None, "cpu")
-    assert result.info["checkpoint"]["name"] == "ssanet_ggo_consolidation_v2.safetensors"
+    assert result.info["checkpoint"]["name"] == json.loads(open(os.path.join(
+        MODULE_DIR, "Resources", "Models", "models.json")).read())["models"][0]["file"]
     segmentation = result.segmentationNode.GetSegmentation()
     specs = mrml.segment_specs(result.classNames)
     assert [segmentation.GetSegment(s.segmentId).GetName() for s in specs] == [s.name for s in specs]
