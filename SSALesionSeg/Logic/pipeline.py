@@ -140,8 +140,8 @@ def _target_spacing(pre, native):
 
 def _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability, report, check_cancel):
     from ssanet.inference import Predictor
-    from ssanet.preprocess import (LUNG_WINDOW_HU, crop_or_pad, make_input, model_grid, resize_image,
-                                   resize_probs, uncrop, window_hu)
+    from ssanet.preprocess import (LUNG_WINDOW_HU, make_input, model_grid, resize_image, resize_probs,
+                                   to_model_grid, uncrop, window_hu)
 
     pre = meta.get("preprocessing") or {}
     size = int(pre.get("size", 512))
@@ -169,12 +169,8 @@ def _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability, report
         batch = zs[start:start + bs]
         imgs, masks = [], []
         for z in batch:
-            img = window_hu(hu[z], window)
-            m = lung[z]
-            if resample:
-                img = resize_image(img, (hr, wr), order=1)
-                m = resize_image(m, (hr, wr), order=0)
-            img, m = crop_or_pad(img, box), crop_or_pad(m, box)
+            img = to_model_grid(window_hu(hu[z], window), (hr, wr), box, 1)
+            m = to_model_grid(lung[z], (hr, wr), box, 0)
             if fov != size:
                 img = resize_image(img, (size, size), order=1)
                 m = resize_image(m, (size, size), order=0)

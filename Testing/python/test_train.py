@@ -136,9 +136,7 @@ def test_init_with_other_classes_is_refused(tmp_path):
 
 
 def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_data import _write_case
+    from test_data import _write_case  # pytest's prepend import mode puts Testing/python on sys.path
     _write_case(tmp_path / "export", "corrected_case")
     run = tmp_path / "run"
     rc = cli_main(["train", "--data", str(data_root), "--out", str(run), "--size", "64", "--epochs", "1",

@@ -444,7 +444,7 @@ def on_model_grid(samples, pixel_mm: float = 0.7, fov: int = 512) -> list[Sample
     the volume's lung centroid (:func:`ssanet.preprocess.model_grid`), so that a model
     trained on them sees CT the way it will at inference. Samples of one volume share
     ``meta["volume"]``."""
-    from .preprocess import crop_or_pad, model_grid
+    from .preprocess import model_grid, to_model_grid
 
     by_volume: dict = {}
     for s in samples:
@@ -453,15 +453,12 @@ def on_model_grid(samples, pixel_mm: float = 0.7, fov: int = 512) -> list[Sample
     for group in by_volume.values():
         union = np.any([np.asarray(s.lung, bool) for s in group], axis=0)
         shape, box = model_grid(union, group[0].spacing, pixel_mm, fov)
-
-        def grid(a, order):
-            a = resize_image(a, shape, order=order) if a.shape != shape else a
-            return crop_or_pad(a, box)
-
         for s in group:
-            img = np.clip(np.rint(grid(s.image.astype(np.float32), 1)), 0, 255).astype(np.uint8)
-            out.append(Sample(id=s.id, image=img, lung=grid(np.asarray(s.lung, bool), 0),
-                              label=None if s.label is None else grid(np.asarray(s.label, np.uint8), 0),
+            img = to_model_grid(s.image.astype(np.float32), shape, box, 1)
+            img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+            out.append(Sample(id=s.id, image=img, lung=to_model_grid(np.asarray(s.lung, bool), shape, box, 0),
+                              label=None if s.label is None
+                              else to_model_grid(np.asarray(s.label, np.uint8), shape, box, 0),
                               spacing=(float(pixel_mm), float(pixel_mm)), source=s.source,
                               meta={**(s.meta or {}), "model_grid": {"shape": list(shape), "box": list(box)}}))
     return out

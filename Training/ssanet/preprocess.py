@@ -166,6 +166,15 @@ def model_grid(union_lung, spacing, pixel_mm, fov: int):
     return shape, box
 
 
+def to_model_grid(arr, shape, box, order: int) -> np.ndarray:
+    """``arr`` (..., H, W) on the grid :func:`model_grid` described: resized to ``shape``
+    when it differs (``order`` 1 for images, 0 for masks), then cropped/padded to ``box``."""
+    arr = np.asarray(arr)
+    if arr.shape[-2:] != tuple(shape):
+        arr = resize_image(arr, shape, order=order)
+    return crop_or_pad(arr, box)
+
+
 # -------------------------------------------------------------------------- resizing
 
 def _size2(size):

@@ -127,7 +127,7 @@ def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"--init {cfg.init} does not fit this network "
                                    f"(spatial convolution / SAD settings differ): {e}") from None
-    return ckpt.sha256_of(cfg.init)
+    return meta["sha256"]   # load_checkpoint hashed the file already
 
 
 def make_loader(ds, cfg: TrainConfig, gen: torch.Generator) -> DataLoader:
