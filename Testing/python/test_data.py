@@ -336,6 +336,62 @@ def test_augmentation_reproducible(medseg_all):
     # (augmentation speed is a benchmark figure, not a test: it failed on a loaded CPU)
 
 
+def _phantom_slice(n=96):
+    yy, xx = np.mgrid[:n, :n]
+    lung = ((yy - n / 2) ** 2 / (0.35 * n) ** 2 + (xx - n / 2) ** 2 / (0.4 * n) ** 2) < 1
+    image = np.where(lung, 40.0 + 100.0 * (xx / n), 0.0).astype(np.float32)
+    label = np.zeros((n, n), np.uint8)
+    label[(yy - n / 2) ** 2 + (xx - 0.6 * n) ** 2 < (0.1 * n) ** 2] = 1
+    label[(yy - 0.4 * n) ** 2 + (xx - 0.35 * n) ** 2 < (0.08 * n) ** 2] = 2
+    image[label == 1] = 160.0
+    image[label == 2] = 230.0
+    return image, lung, label
+
+
+def test_standard_augmentation_draws_only_its_six_numbers():
+    """The optional terms (elastic, noise, blur) draw nothing when off, so the standard
+    preset gives the same augmentations as before they existed."""
+    image, lung, label = _phantom_slice()
+    rng = np.random.default_rng(11)
+    D.augment_slice(image, lung, label, rng, D.AUGMENT_PRESETS["standard"])
+    ref = np.random.default_rng(11)
+    ref.random(6)
+    assert rng.random() == ref.random()
+
+
+def test_elastic_path_matches_affine_path_without_displacement():
+    import dataclasses
+    image, lung, label = _phantom_slice()
+    base = dataclasses.replace(D.AUGMENT_PRESETS["standard"], max_rotation_deg=25.0, scale=(0.8, 1.2))
+    zero_field = dataclasses.replace(base, elastic_p=1.0, elastic_std=0.0)
+    a = D.augment_slice(image, lung, label, np.random.default_rng(3), base)
+    b = D.augment_slice(image, lung, label, np.random.default_rng(3), zero_field)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-3)
+    assert (a[1] != b[1]).mean() < 1e-3 and (a[2] != b[2]).mean() < 1e-3
+
+
+def test_strong_augmentation_deforms_jointly_and_keeps_values_valid():
+    import dataclasses
+    image, lung, label = _phantom_slice()
+    cfg = dataclasses.replace(D.AUGMENT_PRESETS["strong"], elastic_p=1.0, elastic_std=0.03,
+                              noise_p=1.0, blur_p=0.0)
+    plain = dataclasses.replace(cfg, elastic_p=0.0, noise_p=0.0)
+    im, lu, la = D.augment_slice(image, lung, label, np.random.default_rng(5), cfg)
+    im0, lu0, la0 = D.augment_slice(image, lung, label, np.random.default_rng(5), plain)
+    # The deformation moved the anatomy (same affine draw, different geometry) ...
+    assert (lu != lu0).mean() > 0.005
+    # ... of image, lung and label together: lesions stay on the lung, classes stay classes.
+    assert set(np.unique(la)) <= {0, 1, 2} and (la == 2).any()
+    assert lu[la > 0].mean() > 0.99
+    assert im.dtype == np.float32 and im.min() >= 0 and im.max() <= 255
+    # Noise only inside the lung (its draw comes last, so without it all else is equal).
+    quiet = D.augment_slice(image, lung, label, np.random.default_rng(5),
+                            dataclasses.replace(cfg, noise_p=0.0))
+    assert np.array_equal(quiet[1], lu) and np.array_equal(quiet[2], la)
+    assert np.array_equal(quiet[0][~lu], im[~lu])
+    assert np.abs(quiet[0][lu] - im[lu]).mean() > 0.5
+
+
 def test_slice_dataset_real(medseg_all):
     samples = [medseg_all[k] for k in (1, 2, 3)]
     for nc in (3, 1):

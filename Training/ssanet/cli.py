@@ -49,6 +49,9 @@ def _add_train_args(p):
     p.add_argument("--semiseg-renderings", action="store_true",
                    help="also train (and validate) on COVID-SemiSeg's own renderings of the training "
                         "slices (the crops, with lung masks from ssanet.lungs), not only MedSeg-100's")
+    p.add_argument("--augment", default=d.augment, choices=["standard", "strong"],
+                   help="augmentation preset: standard (flip, +-10 deg, scale 0.9-1.1, mild "
+                        "intensity) or strong (wider ranges, elastic deformation, noise, blur)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--val-every", type=int, default=d.val_every)

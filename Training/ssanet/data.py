@@ -517,17 +517,51 @@ def with_semiseg_renderings(splits: dict, root) -> dict:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Few-shot CT augmentation: geometry jointly on image/lung/label, intensity on lung."""
+    """Few-shot CT augmentation: geometry jointly on image/lung/label, intensity on lung.
+
+    The ``elastic_*``, ``noise_*`` and ``blur_*`` terms are off by default; when a
+    probability is 0 its random numbers are not drawn, so the default draws exactly what
+    it always drew (runs stay reproducible across versions).
+    """
     flip_p: float = 0.5
     max_rotation_deg: float = 10.0
     scale: tuple = (0.9, 1.1)
     contrast: tuple = (0.9, 1.1)
     brightness: float = 10.0
     gamma: tuple = (0.8, 1.25)
+    elastic_p: float = 0.0          # smooth random deformation: a coarse grid of displacements
+    elastic_grid: int = 6           # control points per side, cubic-interpolated to the slice
+    elastic_std: float = 0.0        # displacement s.d. at the control points, fraction of the side
+    noise_p: float = 0.0            # additive Gaussian noise inside the lung
+    noise_std: float = 0.0          # its s.d. is drawn from U(0, noise_std), grey levels
+    blur_p: float = 0.0             # Gaussian blur of the slice
+    blur_sigma: tuple = (0.5, 1.0)  # pixels
+
+
+# Named presets (``train --augment``). "strong" follows nnU-Net's 2-D recipe in spirit
+# (wider scale / rotation / intensity ranges, elastic deformation, noise, blur): with 46
+# labeled slices, appearance variety is what the runs measured to help most.
+AUGMENT_PRESETS = {
+    "standard": AugmentConfig(),
+    "strong": AugmentConfig(max_rotation_deg=20.0, scale=(0.8, 1.25), contrast=(0.75, 1.3),
+                            brightness=20.0, gamma=(0.7, 1.5), elastic_p=0.3, elastic_std=0.012,
+                            noise_p=0.15, noise_std=8.0, blur_p=0.15),
+}
+
+
+def _elastic_field(shape, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """(2, H, W) smooth displacement in pixels: random control points, cubic zoom."""
+    from scipy import ndimage as ndi
+
+    g = int(cfg.elastic_grid)
+    coarse = rng.normal(0.0, cfg.elastic_std, size=(2, g, g)) * np.array(shape, float)[:, None, None]
+    return np.stack([ndi.zoom(c, (shape[0] / g, shape[1] / g), order=3, mode="nearest",
+                              grid_mode=True) for c in coarse]).astype(np.float32)
 
 
 def augment_slice(image, lung, label, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()):
-    """Randomly flip left-right, rotate, scale (about the centre) and jitter intensity.
+    """Randomly flip left-right, rotate, scale (about the centre), optionally deform
+    elastically, and jitter intensity (optionally add noise and blur).
 
     ``image`` float (0..255), ``lung`` bool, ``label`` integer or None, all (H, W).
     Returns new arrays (float32, bool, uint8 / None). All random numbers are drawn in a
@@ -541,6 +575,11 @@ def augment_slice(image, lung, label, rng: np.random.Generator, cfg: AugmentConf
     contrast = rng.uniform(*cfg.contrast)
     brightness = rng.uniform(-cfg.brightness, cfg.brightness)
     gamma = float(np.exp(rng.uniform(np.log(cfg.gamma[0]), np.log(cfg.gamma[1]))))
+    field = None
+    if cfg.elastic_p > 0 and rng.random() < cfg.elastic_p:
+        field = _elastic_field(np.shape(image), rng, cfg)
+    noise_std = rng.uniform(0.0, cfg.noise_std) if cfg.noise_p > 0 and rng.random() < cfg.noise_p else 0.0
+    blur = rng.uniform(*cfg.blur_sigma) if cfg.blur_p > 0 and rng.random() < cfg.blur_p else 0.0
 
     image = np.asarray(image, dtype=np.float32)
     lung = np.asarray(lung).astype(np.uint8)
@@ -555,18 +594,31 @@ def augment_slice(image, lung, label, rng: np.random.Generator, cfg: AugmentConf
     mat = np.array([[c, s], [-s, c]]) / scale
     centre = (np.array(image.shape, dtype=float) - 1.0) / 2.0
     offset = centre - mat @ centre
-    image = ndi.affine_transform(image, mat, offset, order=1, mode="constant", cval=0.0,
-                                 output=np.float32)
-    lung = ndi.affine_transform(lung, mat, offset, order=0, mode="constant", cval=0) > 0
-    if label is not None:
-        label = ndi.affine_transform(label, mat, offset, order=0, mode="constant", cval=0)
+    if field is None:
+        image = ndi.affine_transform(image, mat, offset, order=1, mode="constant", cval=0.0,
+                                     output=np.float32)
+        lung = ndi.affine_transform(lung, mat, offset, order=0, mode="constant", cval=0) > 0
+        if label is not None:
+            label = ndi.affine_transform(label, mat, offset, order=0, mode="constant", cval=0)
+    else:  # the same affine map, then the displacement, in one resampling
+        grid = np.indices(image.shape, dtype=np.float32) + field
+        coords = np.tensordot(mat, grid, axes=1) + offset[:, None, None]
+        image = ndi.map_coordinates(image, coords, order=1, mode="constant", cval=0.0,
+                                    output=np.float32)
+        lung = ndi.map_coordinates(lung, coords, order=0, mode="constant", cval=0) > 0
+        if label is not None:
+            label = ndi.map_coordinates(label, coords, order=0, mode="constant", cval=0)
 
+    if blur > 0:
+        image = ndi.gaussian_filter(image, blur)
     if lung.any():
         v = image[lung] * np.float32(1.0 / 255.0)
         v = np.power(np.clip(v, 0.0, 1.0), np.float32(gamma)) * np.float32(255.0)
         # Contrast about the lung mean so it does not double as a brightness change.
         m = v.mean()
         v = (v - m) * np.float32(contrast) + m + np.float32(brightness)
+        if noise_std > 0:
+            v = v + rng.normal(0.0, noise_std, size=v.shape).astype(np.float32)
         image[lung] = np.clip(v, 0.0, 255.0)
     return image, lung, label
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from .data import AUGMENT_PRESETS
 from .evaluate import evaluate_samples
 from .inference import Predictor, configure_cpu_threads, select_device
 from .losses import SSANetLoss, class_weights, pixel_counts
@@ -43,6 +44,7 @@ class TrainConfig:
     sc_bound: bool = True                    # cap the spatial convolution's gain (see model.SpatialConv)
     reweight: bool = False                   # paper re-weighting 1/(C*P_c) of the CE term (semi-supervised loop)
     blank_outside_lung: bool = True
+    augment: str = "standard"                # a preset of data.AUGMENT_PRESETS ("standard" | "strong")
     seed: int = 0
     device: str = "auto"
     val_every: int = 5
@@ -168,7 +170,7 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
     start_epoch, best = 0, {"score": -1.0, "epoch": -1, "val": None}
     state_path = out / "train_state.pt"
     if state_path.is_file() and (out / "last.safetensors").is_file():
-        saved_cfg = json.loads((out / "config.json").read_text())
+        saved_cfg = {**asdict(TrainConfig()), **json.loads((out / "config.json").read_text())}
         if {k: v for k, v in saved_cfg.items() if k not in ("time_limit_min", "device")} != \
                 {k: v for k, v in asdict(cfg).items() if k not in ("time_limit_min", "device")}:
             raise SystemExit(f"{out} holds a run with another configuration; use a new --out "
@@ -186,7 +188,8 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     ds = SliceDataset(train_samples, size=cfg.size, augment=True, seed=cfg.seed,
-                      num_classes=cfg.num_classes, blank_outside_lung=cfg.blank_outside_lung)
+                      num_classes=cfg.num_classes, blank_outside_lung=cfg.blank_outside_lung,
+                      augment_config=AUGMENT_PRESETS[cfg.augment])
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = make_loader(ds, cfg, gen)
     steps_per_epoch = max(1, len(loader))
