@@ -105,3 +105,43 @@ def test_half_storage_keeps_batchnorm_statistics_exact(tmp_path):
     m2, _ = ckpt.load_checkpoint(tmp_path / "h.safetensors")
     bn2 = m2.decoder.blocks[0].reduce[1]
     assert torch.equal(bn2.running_mean, bn.running_mean) and torch.isinf(bn2.running_var).all()
+
+
+def test_average_checkpoints_is_the_mean_of_the_weights(tmp_path):
+    torch.manual_seed(0)
+    a, b = _small(), _small()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p))
+        for mod in b.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_var.fill_(3.0)
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ckpt.save_checkpoint(pa, a, {"training": {"epoch": 3}})
+    ckpt.save_checkpoint(pb, b, {"training": {"epoch": 5}})
+    soup, meta = ckpt.average_checkpoints([pa, pb])
+    sa, sb, ss = a.state_dict(), b.state_dict(), soup.state_dict()
+    for k, v in ss.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (sa[k] + sb[k]) / 2)
+        else:
+            assert torch.equal(v, sa[k])
+    assert [e["epoch"] for e in meta["training"]["averaged_from"]] == [3, 5]
+    assert not soup.training
+    # The soup is a checkpoint like any other: saved, it loads and predicts.
+    out = tmp_path / "soup.safetensors"
+    ckpt.save_checkpoint(out, soup, meta)
+    again, _ = ckpt.load_checkpoint(out)
+    x = torch.rand(1, 2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), soup(x))
+
+
+def test_average_refuses_different_networks_or_one_file(tmp_path):
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ckpt.save_checkpoint(pa, _small())
+    ckpt.save_checkpoint(pb, SSANet(2, 1, layers=(1, 1, 1, 1), sc_kernel_size=3).eval())
+    with pytest.raises(ckpt.CheckpointError, match="differs"):
+        ckpt.average_checkpoints([pa, pb])
+    with pytest.raises(ckpt.CheckpointError, match="at least two"):
+        ckpt.average_checkpoints([pa])

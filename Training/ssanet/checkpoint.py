@@ -161,6 +161,39 @@ def load_checkpoint(path=None, expected_sha256: str | None = None,
     return model, meta
 
 
+def average_checkpoints(paths) -> tuple[SSANet, dict]:
+    """Uniform average of the weights of checkpoints fine-tuned from one starting point
+    (a "model soup"): one network, so inference costs what a single model costs.
+
+    All files must share architecture, classes and preprocessing. BatchNorm running
+    statistics are averaged like the weights; integer buffers are taken from the first.
+    Returns (model in eval mode, meta of the first with ``training.averaged_from``).
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise CheckpointError("averaging needs at least two checkpoints")
+    models, metas = zip(*(load_checkpoint(p) for p in paths))
+    for key in ("model", "class_names", "preprocessing"):
+        for p, m in zip(paths[1:], metas[1:]):
+            if m.get(key) != metas[0].get(key):
+                raise CheckpointError(f"{p}: its {key} differs from {paths[0]}'s; only checkpoints "
+                                      "of the same network, classes and input can be averaged")
+    states = [m.state_dict() for m in models]
+    avg = {}
+    for k, v in states[0].items():
+        avg[k] = (torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone())
+    model = SSANet.from_config(metas[0]["model"])
+    model.load_state_dict(avg, strict=True)
+    model.eval()
+    meta = {k: v for k, v in metas[0].items() if k not in ("path", "name", "sha256", "val_metrics")}
+    training = dict(meta.get("training") or {})
+    training["averaged_from"] = [
+        {"name": m["name"], "sha256": m["sha256"], "epoch": (m.get("training") or {}).get("epoch"),
+         "init_sha256": (m.get("training") or {}).get("init_sha256")} for m in metas]
+    meta["training"] = training
+    return model, meta
+
+
 def load_state_for_resume(path) -> dict:
     """A training-state file (optimizer, epoch) written by the trainer: tensors only."""
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -181,6 +181,27 @@ def cmd_ablation(a):
     print(md)
 
 
+def cmd_average(a):
+    from . import checkpoint, data
+    from .evaluate import evaluate_samples
+    from .inference import Predictor, select_device
+    from .train import _score
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise SystemExit(f"{out} exists; choose another --out (or --overwrite)")
+    model, meta = checkpoint.average_checkpoints(a.checkpoints)
+    root = data.data_root(a.data)
+    splits = data.default_splits(root)
+    if a.semiseg_renderings:
+        splits = data.with_semiseg_renderings(splits, root)
+    val = evaluate_samples(Predictor(model, select_device(a.device)), splits["val"], meta)
+    meta["val_metrics"] = val["classes"]     # as train writes them
+    sha = checkpoint.save_checkpoint(out, model, meta)
+    print(json.dumps({"out": str(out), "sha256": sha, "val_score": round(_score(val), 4),
+                      "val_pooled_dsc": {c: round(m["dsc_pooled"], 4) for c, m in val["classes"].items()}}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssalesionseg", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -188,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train SSA-Net on the labeled data (resumable)")
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
+
+    av = sub.add_parser("average", help="average the weights of fine-tuned checkpoints (model soup) "
+                                        "and report the validation score train selects by")
+    _add_data_args(av)
+    av.add_argument("checkpoints", nargs="+", help="checkpoints fine-tuned from the same model")
+    av.add_argument("--out", required=True, help="the averaged checkpoint (.safetensors)")
+    av.add_argument("--semiseg-renderings", action="store_true",
+                    help="validate as train --semiseg-renderings does (adds the held-out crops)")
+    av.add_argument("--device", default="auto")
+    av.add_argument("--overwrite", action="store_true")
+    av.set_defaults(func=cmd_average)
 
     e = sub.add_parser("evaluate", help="DSC / HD95 / MAE / NSD per class on a split")
     _add_data_args(e)
