@@ -149,3 +149,31 @@ def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
                    "--cases", str(tmp_path / "nothing")])
     assert rc != 0 and "Export as training case" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
+
+
+def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
+    """`train --augment strong` records its preset; `average` soups two runs, scores the
+    soup on validation like train does, and never overwrites a file."""
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        rc = cli_main(["train", "--data", str(data_root), "--out", str(run), "--size", "64", "--epochs", "1",
+                       "--batch-size", "4", "--steps-per-epoch", "1", "--device", "cpu", "--val-every", "1",
+                       "--augment", "strong", "--seed", str(seed)])
+        assert rc in (0, None)
+        assert json.loads((run / "config.json").read_text())["augment"] == "strong"
+        runs.append(run / "best.safetensors")
+    capsys.readouterr()
+    soup = tmp_path / "soup.safetensors"
+    rc = cli_main(["average", "--data", str(data_root), *map(str, runs), "--out", str(soup), "--device", "cpu"])
+    assert rc in (0, None)
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, meta = ckpt.load_checkpoint(soup)
+    assert printed["sha256"] == meta["sha256"]
+    assert len(meta["training"]["averaged_from"]) == 2
+    pooled = [m["dsc_pooled"] for m in meta["val_metrics"].values()]
+    assert printed["val_score"] == pytest.approx(sum(pooled) / len(pooled), abs=1e-4)
+    before = soup.read_bytes()
+    with pytest.raises(SystemExit, match="exists"):
+        cli_main(["average", "--data", str(data_root), *map(str, runs), "--out", str(soup)])
+    assert soup.read_bytes() == before
