@@ -157,3 +157,17 @@ def test_flip_tta_averages_the_mirrored_prediction_and_follows_the_checkpoint():
     assert Predictor.for_checkpoint(model, {"inference": {"flip_tta": True}}, "cpu").flip_tta
     assert not Predictor.for_checkpoint(model, {}, "cpu").flip_tta
     assert not Predictor.for_checkpoint(model, {"inference": {"flip_tta": True}}, "cpu", flip_tta=False).flip_tta
+
+
+def test_spatial_conv_same_result_and_layout_with_channels_last():
+    """The passes run on NCHW rows whatever the input layout (faster on CPU); the result is
+    the same and comes back in the caller's layout."""
+    torch.manual_seed(0)
+    sc = SpatialConv(16, kernel_size=3).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        ref = sc(x)
+        sc = sc.to(memory_format=torch.channels_last)
+        out = sc(x.to(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref)
