@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .data import AUGMENT_PRESETS
 from .train import TrainConfig
 
 
@@ -49,7 +50,7 @@ def _add_train_args(p):
     p.add_argument("--semiseg-renderings", action="store_true",
                    help="also train (and validate) on COVID-SemiSeg's own renderings of the training "
                         "slices (the crops, with lung masks from ssanet.lungs), not only MedSeg-100's")
-    p.add_argument("--augment", default=d.augment, choices=["standard", "strong"],
+    p.add_argument("--augment", default=d.augment, choices=sorted(AUGMENT_PRESETS),
                    help="augmentation preset: standard (flip, +-10 deg, scale 0.9-1.1, mild "
                         "intensity) or strong (wider ranges, elastic deformation, noise, blur)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -76,12 +77,18 @@ def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
     return cfg
 
 
-def cmd_train(a):
+def _training_splits(a) -> dict:
+    """train / val / test as `train` uses them: the default split, plus COVID-SemiSeg's own
+    renderings with ``--semiseg-renderings``."""
     from . import data
     root = data.data_root(a.data)
     splits = data.default_splits(root)
-    if a.semiseg_renderings:
-        splits = data.with_semiseg_renderings(splits, root)
+    return data.with_semiseg_renderings(splits, root) if a.semiseg_renderings else splits
+
+
+def cmd_train(a):
+    from . import data
+    splits = _training_splits(a)
     cfg = _config_from_args(a)
     cases = []
     for folder in a.cases or []:
@@ -182,7 +189,7 @@ def cmd_ablation(a):
 
 
 def cmd_average(a):
-    from . import checkpoint, data
+    from . import checkpoint
     from .evaluate import evaluate_samples
     from .inference import Predictor, select_device
     from .train import _score
@@ -191,11 +198,7 @@ def cmd_average(a):
     if out.exists() and not a.overwrite:
         raise SystemExit(f"{out} exists; choose another --out (or --overwrite)")
     model, meta = checkpoint.average_checkpoints(a.checkpoints)
-    root = data.data_root(a.data)
-    splits = data.default_splits(root)
-    if a.semiseg_renderings:
-        splits = data.with_semiseg_renderings(splits, root)
-    val = evaluate_samples(Predictor(model, select_device(a.device)), splits["val"], meta)
+    val = evaluate_samples(Predictor(model, select_device(a.device)), _training_splits(a)["val"], meta)
     meta["val_metrics"] = val["classes"]     # as train writes them
     sha = checkpoint.save_checkpoint(out, model, meta)
     print(json.dumps({"out": str(out), "sha256": sha, "val_score": round(_score(val), 4),
