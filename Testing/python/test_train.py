@@ -177,3 +177,45 @@ def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
     with pytest.raises(SystemExit, match="exists"):
         cli_main(["average", "--data", str(data_root), *map(str, runs), "--out", str(soup)])
     assert soup.read_bytes() == before
+
+
+def test_weight_ema_update_rule():
+    from ssanet.model import SSANet
+    from ssanet.train import WeightEMA
+    net = SSANet(2, 3, layers=(1, 1, 1, 1))
+    ema = WeightEMA(net, 0.5)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)
+    d = 2 / 11    # first update: min(0.5, (1 + 1) / (10 + 1))
+    name = next(k for k, _ in net.named_parameters())
+    torch.testing.assert_close(ema.model.state_dict()[name], before[name] + (1 - d))
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA(net, 1.0)
+
+
+def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
+    torch.set_num_threads(1)
+    slices = _synthetic_slices(5)
+    # without the spatial convolution, whose power-iteration state is not saved (a resumed
+    # run with it is close, not bit-identical)
+    cfg = TrainConfig(size=64, epochs=2, batch_size=2, lr=1e-2, sad_start_epoch=0, val_every=1,
+                      device="cpu", amp=False, ema=0.9, spatial_conv=False)
+    train(cfg, slices[:4], slices[4:], tmp_path / "whole", log=lambda *_: None)
+    stopped = TrainConfig(**{**cfg.__dict__, "time_limit_min": 1e-6})
+    train(stopped, slices[:4], slices[4:], tmp_path / "resumed", log=lambda *_: None)
+    assert len(_rows(tmp_path / "resumed")) == 1
+    train(cfg, slices[:4], slices[4:], tmp_path / "resumed", log=lambda *_: None)
+    whole, meta = ckpt.load_checkpoint(tmp_path / "whole" / "last.safetensors")
+    resumed, _ = ckpt.load_checkpoint(tmp_path / "resumed" / "last.safetensors")
+    raw, _ = ckpt.load_checkpoint(tmp_path / "whole" / "raw.safetensors")
+    assert meta["training"]["config"]["ema"] == 0.9
+    for k, v in whole.state_dict().items():   # resume continues the same average
+        torch.testing.assert_close(resumed.state_dict()[k], v)
+    gap = max(float((a - b).abs().max()) for a, b in zip(whole.parameters(), raw.parameters()))
+    assert gap > 1e-3                          # and the average is not the raw weights
+    st = ckpt.load_state_for_resume(tmp_path / "whole" / "train_state.pt")
+    assert st["ema_updates"] == 4    # 2 epochs x 2 batches

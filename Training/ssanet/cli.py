@@ -53,6 +53,9 @@ def _add_train_args(p):
     p.add_argument("--augment", default=d.augment, choices=sorted(AUGMENT_PRESETS),
                    help="augmentation preset: standard (flip, +-10 deg, scale 0.9-1.1, mild "
                         "intensity) or strong (wider ranges, elastic deformation, noise, blur)")
+    p.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay (e.g. "
+                        "0.99) and validate / save it instead of the raw weights (default 0: off)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--val-every", type=int, default=d.val_every)

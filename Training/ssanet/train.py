@@ -1,11 +1,13 @@
 """Supervised SSA-Net training: Dice (+ re-weighted CE) + 0.1 * SAD after a warm-up.
 
 A run directory holds: ``config.json``, ``log.csv`` (one row per epoch), ``best.safetensors``
-(best validation score), ``last.safetensors`` + ``train_state.pt`` (resume), ``curves.png``.
+(best validation score), ``last.safetensors`` + ``train_state.pt`` (resume), ``curves.png``;
+with ``ema`` the checkpoints hold the averaged weights and ``raw.safetensors`` the trained ones.
 Re-running the same command on the same directory resumes where it stopped.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -52,6 +54,8 @@ class TrainConfig:
     amp: bool = True                         # float16 autocast on CUDA, bfloat16 on CPUs that support it
     nominal_spacing_mm: float = 0.7
     init: str = ""                           # fine-tune: start from this checkpoint's weights
+    ema: float = 0.0                         # 0 = off; else decay of an exponential moving average of
+                                             # the weights, which is what is validated and saved
     data_description: dict = field(default_factory=dict)
 
     @property
@@ -132,6 +136,31 @@ def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
     return meta["sha256"]   # load_checkpoint hashed the file already
 
 
+class WeightEMA:
+    """Exponential moving average of a model's weights and buffers (BatchNorm statistics
+    included), updated after every optimizer step with decay ``min(decay, (1+n)/(10+n))``
+    so that the first steps do not freeze the starting point in. Validation, ``best`` and
+    ``last`` use the averaged weights; the raw weights are kept for resuming."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(m.detach(), alpha=1 - d)
+            else:
+                e.copy_(m)
+
+
 def make_loader(ds, cfg: TrainConfig, gen: torch.Generator) -> DataLoader:
     """Shuffled batches: one pass over ``ds`` per epoch, or with ``cfg.steps_per_epoch = N``
     a fixed budget of N batches whatever the set's size (the semi-supervised rounds grow
@@ -168,6 +197,7 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
                          detach_target=cfg.detach_sad_target, ce_weights=weights)
 
     start_epoch, best = 0, {"score": -1.0, "epoch": -1, "val": None}
+    ema = None
     state_path = out / "train_state.pt"
     if state_path.is_file() and (out / "last.safetensors").is_file():
         saved_cfg = {**asdict(TrainConfig()), **json.loads((out / "config.json").read_text())}
@@ -176,8 +206,12 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
             raise SystemExit(f"{out} holds a run with another configuration; use a new --out "
                              "directory (or the same options) to resume")
         last, _ = ckpt.load_checkpoint(out / "last.safetensors")
-        model.load_state_dict(last.state_dict())
         st = ckpt.load_state_for_resume(state_path)
+        if cfg.ema:   # last holds the averaged weights, raw the ones the optimizer moves
+            ema = WeightEMA(last, cfg.ema)
+            ema.updates = int(st.get("ema_updates", 0))
+            last, _ = ckpt.load_checkpoint(out / "raw.safetensors")
+        model.load_state_dict(last.state_dict())
         opt.load_state_dict(st["optimizer"])
         start_epoch = int(st["epoch"]) + 1
         best = {"score": float(st["best_score"]), "epoch": int(st["best_epoch"]), "val": None}
@@ -185,6 +219,9 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         log(f"resuming {out} at epoch {start_epoch}")
     elif init_sha:
         log(f"starting from the weights of {cfg.init} (sha256 {init_sha[:12]}…)")
+    if cfg.ema and ema is None:
+        ema = WeightEMA(model, cfg.ema)
+    ema_model = ema.model.to(device) if ema else model   # what is validated and saved
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     ds = SliceDataset(train_samples, size=cfg.size, augment=True, seed=cfg.seed,
@@ -231,6 +268,8 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
             scaler.scale(terms["total"]).backward()
             scaler.step(opt)
             scaler.update()
+            if ema:
+                ema.update(model)
             for k in sums:
                 if k in terms:
                     sums[k] += float(terms[k].detach())
@@ -240,19 +279,23 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         last_epoch = epoch == cfg.epochs - 1
         out_of_time = cfg.time_limit_min > 0 and (time.time() - t_start) / 60 > cfg.time_limit_min
         if (epoch + 1) % cfg.val_every == 0 or last_epoch or out_of_time:
-            val = evaluate_samples(Predictor(model, device), val_samples, _meta(cfg, None, epoch))
+            val = evaluate_samples(Predictor(ema_model, device), val_samples, _meta(cfg, None, epoch))
             model.train()
             score = _score(val)
             row.update(val_score=score, **{f"val_{k}": v["dsc"] for k, v in val["classes"].items()})
             if score > best["score"]:
                 best = {"score": score, "epoch": epoch + 1, "val": val["classes"]}
-                ckpt.save_checkpoint(out / "best.safetensors", model, _meta(cfg, val["classes"], epoch + 1, init_sha))
+                ckpt.save_checkpoint(out / "best.safetensors", ema_model,
+                                     _meta(cfg, val["classes"], epoch + 1, init_sha))
         row["seconds"] = time.time() - t0
         with open(log_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields).writerow(row)
-        ckpt.save_checkpoint(out / "last.safetensors", model, _meta(cfg, None, epoch + 1, init_sha))
+        ckpt.save_checkpoint(out / "last.safetensors", ema_model, _meta(cfg, None, epoch + 1, init_sha))
+        if ema:
+            ckpt.save_checkpoint(out / "raw.safetensors", model, _meta(cfg, None, epoch + 1, init_sha))
         torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "best_score": best["score"],
-                    "best_epoch": best["epoch"], "torch_rng": torch.get_rng_state()},
+                    "best_epoch": best["epoch"], "torch_rng": torch.get_rng_state(),
+                    "ema_updates": ema.updates if ema else 0},
                    out / "train_state.pt.part")
         (out / "train_state.pt.part").replace(state_path)
         msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} ({row['seconds']:.0f}s)"
