@@ -165,7 +165,8 @@ def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
         runs.append(run / "best.safetensors")
     capsys.readouterr()
     soup = tmp_path / "soup.safetensors"
-    rc = cli_main(["average", "--data", str(data_root), *map(str, runs), "--out", str(soup), "--device", "cpu"])
+    rc = cli_main(["average", "--data", str(data_root), *map(str, runs), "--out", str(soup), "--device", "cpu",
+                   "--semiseg-renderings"])
     assert rc in (0, None)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     model, meta = ckpt.load_checkpoint(soup)
@@ -177,6 +178,17 @@ def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
     with pytest.raises(SystemExit, match="exists"):
         cli_main(["average", "--data", str(data_root), *map(str, runs), "--out", str(soup)])
     assert soup.read_bytes() == before
+    # `evaluate --split val --semiseg-renderings` scores the same images the same way
+    capsys.readouterr()
+    out = tmp_path / "val.json"
+    cli_main(["evaluate", "--data", str(data_root), "--checkpoint", str(soup), "--split", "val",
+              "--semiseg-renderings", "--device", "cpu", "--json", str(out)])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("validation score")]
+    assert float(line[0].split()[-1]) == pytest.approx(printed["val_score"], abs=1e-4)
+    res = json.loads(out.read_text())
+    assert res["semiseg_renderings"] is True and res["n_slices"] == 10   # 6 MedSeg + 4 crops
+    with pytest.raises(SystemExit, match="--split val"):
+        cli_main(["evaluate", "--data", str(data_root), "--checkpoint", str(soup), "--semiseg-renderings"])
 
 
 def test_weight_ema_update_rule():

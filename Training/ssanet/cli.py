@@ -116,15 +116,25 @@ def cmd_evaluate(a):
     from .evaluate import evaluate_samples, format_table, write_json
     from .inference import Predictor, select_device
 
+    from .train import _score
+
+    if a.semiseg_renderings and (a.dataset, a.split) != ("medseg100", "val"):
+        raise SystemExit("--semiseg-renderings goes with --split val (the validation images "
+                         "`train --semiseg-renderings` selects by)")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
-    samples = load_split(data, a.data, a.dataset, a.split)
+    samples = (_training_splits(a)["val"] if a.semiseg_renderings
+               else load_split(data, a.data, a.dataset, a.split))
     predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta)
     res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays)
-    print(f"{meta['name']} on {a.dataset}/{a.split}" + (" (flip TTA)" if predictor.flip_tta else ""))
+    print(f"{meta['name']} on {a.dataset}/{a.split}" + (" + renderings" if a.semiseg_renderings else "")
+          + (" (flip TTA)" if predictor.flip_tta else ""))
     print(format_table(res))
+    if a.split == "val":
+        print(f"validation score (mean pooled DSC, what train selects by): {_score(res):.4f}")
     if a.json:
         write_json(res, a.json, {"checkpoint": meta["name"], "sha256": meta["sha256"],
-                                 "dataset": a.dataset, "split": a.split, "flip_tta": predictor.flip_tta})
+                                 "dataset": a.dataset, "split": a.split, "flip_tta": predictor.flip_tta,
+                                 "semiseg_renderings": bool(a.semiseg_renderings)})
 
 
 def load_split(data, root, dataset, split):
@@ -235,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same GT pixels); covid-semiseg: the original crops (their own rendering, "
                         "lung masks from ssanet.lungs), on the model's grid")
     e.add_argument("--split", default="test")
+    e.add_argument("--semiseg-renderings", action="store_true",
+                   help="with --split val: add the COVID-SemiSeg renderings of the validation "
+                        "slices, as `train --semiseg-renderings` validates")
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--overlays", help="write prediction-vs-GT PNGs into this folder")
     e.add_argument("--device", default="auto")
