@@ -1,6 +1,7 @@
 """A tiny real training run: loss goes down, checkpoints load, an interrupted run resumes."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +232,27 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
     assert gap > 1e-3                          # and the average is not the raw weights
     st = ckpt.load_state_for_resume(tmp_path / "whole" / "train_state.pt")
     assert st["ema_updates"] == 4    # 2 epochs x 2 batches
+
+
+def test_ablation_trains_on_the_splits_train_would_use(data_root, tmp_path, monkeypatch):
+    """`ablation --semiseg-renderings` trains every variant on the renderings too (it used
+    to accept the option and ignore it)."""
+    from ssanet import cli
+    from ssanet.model import SSANet
+    seen = []
+
+    def fake_train_run(cfg, splits, out):   # record what each variant would train on
+        seen.append((cfg.spatial_conv, cfg.sad, len(splits["train"]), len(splits["val"]),
+                     cfg.data_description["train"]))
+        Path(out).mkdir(parents=True)
+        ckpt.save_checkpoint(Path(out) / "best.safetensors", SSANet(2, 3, layers=(1, 1, 1, 1)),
+                             {"preprocessing": {"size": 64}})
+    monkeypatch.setattr(cli, "train_run", fake_train_run)
+    cli_main(["ablation", "--data", str(data_root), "--out", str(tmp_path / "ab"), "--semiseg-renderings",
+              "--eval-split", "val", "--device", "cpu"])
+    base = data.default_splits(data_root)
+    assert len(seen) == 4 and {(sc, sad) for sc, sad, *_ in seen} == {(False, False), (False, True),
+                                                                     (True, False), (True, True)}
+    assert all(n_train == 2 * len(base["train"]) and n_val == len(base["val"]) + 4
+               and "COVID-SemiSeg renderings" in desc for *_, n_train, n_val, desc in seen)
+    assert (tmp_path / "ab" / "ablation.md").is_file()

@@ -80,28 +80,29 @@ def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
     return cfg
 
 
-def _training_splits(a) -> dict:
+def _training_splits(a) -> tuple[dict, list]:
     """train / val / test as `train` uses them: the default split, plus COVID-SemiSeg's own
-    renderings with ``--semiseg-renderings``."""
+    renderings with ``--semiseg-renderings`` and the exported cases of ``--cases`` (added to
+    train); also returns [(folder, slices added)] for the run's description."""
     from . import data
     root = data.data_root(a.data)
     splits = data.default_splits(root)
-    return data.with_semiseg_renderings(splits, root) if a.semiseg_renderings else splits
-
-
-def cmd_train(a):
-    from . import data
-    splits = _training_splits(a)
-    cfg = _config_from_args(a)
+    if getattr(a, "semiseg_renderings", False):
+        splits = data.with_semiseg_renderings(splits, root)
     cases = []
-    for folder in a.cases or []:
-        extra = data.load_training_cases(folder, cfg.nominal_spacing_mm)
+    for folder in getattr(a, "cases", None) or []:
+        extra = data.load_training_cases(folder, TrainConfig().nominal_spacing_mm)
         if not extra:
             raise SystemExit(f"{folder}: no labeled slices with lung found")
         splits["train"] = splits["train"] + extra
         cases.append((folder, len(extra)))
         print(f"{folder}: {len(extra)} slices added to the training set")
-    cfg = _describe(cfg, splits, cases)
+    return splits, cases
+
+
+def cmd_train(a):
+    splits, cases = _training_splits(a)
+    cfg = _describe(_config_from_args(a), splits, cases)
     best = train_run(cfg, splits, a.out)
     print(json.dumps({"best_epoch": best["epoch"], "best_val_score": best["score"]}))
 
@@ -122,7 +123,7 @@ def cmd_evaluate(a):
         raise SystemExit("--semiseg-renderings goes with --split val (the validation images "
                          "`train --semiseg-renderings` selects by)")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
-    samples = (_training_splits(a)["val"] if a.semiseg_renderings
+    samples = (_training_splits(a)[0]["val"] if a.semiseg_renderings
                else load_split(data, a.data, a.dataset, a.split))
     predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta)
     res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays)
@@ -176,14 +177,13 @@ def cmd_ablation(a):
     from .evaluate import evaluate_samples, write_json
     from .inference import Predictor, select_device
 
-    root = data.data_root(a.data)
-    splits = data.default_splits(root)
+    splits, cases = _training_splits(a)
     test = load_split(data, a.data, a.eval_dataset, a.eval_split)
     base = _config_from_args(a)
     out = Path(a.out)
     table = {}
     for name, kw in ABLATION_VARIANTS.items():
-        cfg = _describe(TrainConfig(**{**vars(base), **kw}), splits)
+        cfg = _describe(TrainConfig(**{**vars(base), **kw}), splits, cases)
         run_dir = out / name.replace("+", "plus_")
         print(f"== {name} -> {run_dir}")
         train_run(cfg, splits, run_dir)
@@ -211,7 +211,7 @@ def cmd_average(a):
     if out.exists() and not a.overwrite:
         raise SystemExit(f"{out} exists; choose another --out (or --overwrite)")
     model, meta = checkpoint.average_checkpoints(a.checkpoints)
-    val = evaluate_samples(Predictor(model, select_device(a.device)), _training_splits(a)["val"], meta)
+    val = evaluate_samples(Predictor(model, select_device(a.device)), _training_splits(a)[0]["val"], meta)
     meta["val_metrics"] = val["classes"]     # as train writes them
     sha = checkpoint.save_checkpoint(out, model, meta)
     print(json.dumps({"out": str(out), "sha256": sha, "val_score": round(_score(val), 4),
