@@ -53,14 +53,17 @@ def load_model(checkpoint=None):
 def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_weights=None,
                   lobe_weights=None, lung_mask=None, device: str = "auto", batch_size: int | None = None,
                   progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
-                  save_probability: bool = False, model=None, source: str = "input") -> SegmentationResult:
+                  save_probability: bool = False, model=None, source: str = "input",
+                  flip_tta: bool | None = None) -> SegmentationResult:
     """Segment GGO / consolidation in ``ct`` (a SimpleITK image in HU).
+
+    ``flip_tta``: average with the mirrored slice (None: what the checkpoint records).
 
     ``model``: an already loaded ``(model, meta)`` pair (batch runs load it once);
     otherwise ``checkpoint`` (None: the default model) is loaded. ``cancel()`` is polled
     between stages and batches and raises :class:`Cancelled` when it returns True.
     """
-    from ssanet.inference import checkpoint_flip_tta, select_device
+    from ssanet.inference import Predictor, select_device
 
     report = progress or (lambda stage, fraction: None)
 
@@ -94,7 +97,8 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
 
     t = time.perf_counter()
     class_names = list(meta.get("class_names") or ["background", "ggo", "consolidation"])
-    labels_arr, conf_arr, n_slices = _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability,
+    predictor = Predictor.for_checkpoint(net, meta, dev, batch_size, flip_tta)
+    labels_arr, conf_arr, n_slices = _lesions(ct, lungs_img, predictor, meta, save_probability,
                                               lambda f: report("lesions", f), check_cancel)
     labels_img = image_like(labels_arr, ct)
     prob_img = image_like(conf_arr, ct) if conf_arr is not None else None
@@ -116,7 +120,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "device": str(dev),
         "checkpoint": {"name": meta.get("name"), "sha256": meta.get("sha256"), "path": meta.get("path")},
         "class_names": class_names,
-        "flip_tta": checkpoint_flip_tta(meta),
+        "flip_tta": predictor.flip_tta,
         "lesion_slices": n_slices,
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
         "timings_s": timings,
@@ -138,8 +142,7 @@ def _target_spacing(pre, native):
     return float(px[0]), float(px[1])
 
 
-def _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability, report, check_cancel):
-    from ssanet.inference import Predictor
+def _lesions(ct, lungs_img, predictor, meta, save_probability, report, check_cancel):
     from ssanet.preprocess import (LUNG_WINDOW_HU, make_input, model_grid, resize_image, resize_probs,
                                    to_model_grid, uncrop, window_hu)
 
@@ -161,7 +164,6 @@ def _lesions(ct, lungs_img, net, meta, dev, batch_size, save_probability, report
     labels = np.zeros(hu.shape, np.uint8)
     conf = np.ones(hu.shape, np.float32) if save_probability else None
     zs = np.flatnonzero(lung.reshape(nz, -1).any(axis=1))
-    predictor = Predictor.for_checkpoint(net, meta, dev, batch_size)
     bs = predictor.batch_size
     report(0.0)
     for start in range(0, len(zs), bs):

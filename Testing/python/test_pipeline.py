@@ -180,6 +180,37 @@ def test_binary_model_and_probability(phantom, truth_lungs_path):
     assert (p[sitk.GetArrayFromImage(res.lungs) == 0] == 1).all()
 
 
+class OneSidedNet(torch.nn.Module):
+    """GGO with high confidence in the image's left columns, weak background in the right
+    ones: mirrored averaging calls GGO on both sides, a single pass on one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        left = (torch.arange(w) < w // 2).float().expand(n, h, w)
+        return torch.stack([1 - left, 4 * left, torch.zeros_like(left)], 1) + self.w
+
+
+def test_flip_tta_follows_the_checkpoint_unless_overridden(phantom, truth_lungs_path):
+    img, _ = phantom
+    meta = exact_meta()
+
+    def ggo_voxels(m, flip):
+        res = segment_image(img, model=(OneSidedNet(), m), lung_mask=truth_lungs_path, device="cpu",
+                            flip_tta=flip)
+        return int((sitk.GetArrayFromImage(res.labels) == 1).sum()), res.info["flip_tta"]
+
+    one, flag = ggo_voxels(meta, None)
+    assert flag is False and one > 0
+    both, flag = ggo_voxels({**meta, "inference": {"flip_tta": True}}, None)
+    assert flag is True and both > 1.5 * one          # both lungs instead of one
+    assert ggo_voxels({**meta, "inference": {"flip_tta": True}}, False) == (one, False)
+    assert ggo_voxels(meta, True) == (both, True)
+
+
 @pytest.mark.parametrize("orientation,rotate", [("RAI", False), ("LPS", True), ("PIR", True)])
 def test_direction_preserved_flipped_and_oblique(phantom, exact_result, orientation, rotate):
     img, _ = phantom
@@ -569,7 +600,7 @@ def test_folder_batch_continues_after_a_bad_case(tmp_path, tiny_ckpt, capsys):
 
 def test_bench_runs_small(tmp_path):
     r = run_bench(n_slices=2, size=64, device="cpu", repeats=1)
-    assert r["lesion_slices"] == 2 and r["peak_rss_mb"] > 0
+    assert r["lesion_slices"] == 2 and r["peak_rss_mb"] > 0 and r["flip_tta"] is False
     assert set(r["seconds"]) == {"read", "lungs", "lesions", "stats", "write"}
     f = r["forward"]
     assert f["with_spatial_conv"]["seconds_per_batch"] > 0 and f["without_spatial_conv"]["seconds_per_batch"] > 0
