@@ -90,6 +90,15 @@ class Device(enum.Enum):
         return engine.DEVICES[self.value]
 
 
+class FlipTTA(enum.Enum):
+    MODEL = "model"
+    ON = "on"
+    OFF = "off"
+
+    def label(self):
+        return engine.FLIP_TTA[self.value]
+
+
 @parameterNodeWrapper
 class SSALesionSegParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
@@ -98,6 +107,7 @@ class SSALesionSegParameterNode:
     useBundledModel: bool = True
     checkpointPath: pathlib.Path
     device: Device = Device.AUTO
+    flipTTA: FlipTTA = FlipTTA.MODEL
     outputSegmentation: vtkMRMLSegmentationNode
     statisticsTable: vtkMRMLTableNode
     exportDirectory: pathlib.Path = pathlib.Path.home() / "SSALesionSeg-training-cases"
@@ -237,7 +247,8 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = self.logic.process(
                 parameters.inputVolume, output, parameters.lungMethod.value, checkpoint, parameters.device.value,
                 progressCallback=self.onProgress, waitForCompletion=False,
-                lungSegmentation=parameters.lungSegmentation, statisticsTable=parameters.statisticsTable)
+                lungSegmentation=parameters.lungSegmentation, statisticsTable=parameters.statisticsTable,
+                flipTTA=parameters.flipTTA.value)
             self.ui.progressBar.value = 0
             self.ui.progressBar.format = "Starting: %p%"
             self.ui.progressBar.setVisible(True)

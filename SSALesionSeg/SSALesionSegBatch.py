@@ -48,6 +48,8 @@ def parse_args(argv):
     parser.add_argument("--lungs", default="auto", choices=[m for m in engine.LUNG_METHODS if m != "existing"],
                         help="lung segmentation method (default: auto)")
     parser.add_argument("--device", default="auto", choices=list(engine.DEVICES), help="default: auto")
+    parser.add_argument("--flip-tta", default="model", choices=list(engine.FLIP_TTA),
+                        help="mirrored pass per slice: as the model records (default), on, or off (faster)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.input):
@@ -158,7 +160,8 @@ def run_batch(args, context=None, out=print):
                     lastStage[0] = stage
 
             result = context.logic.process(volume, None, args.lungs, args.checkpoint, args.device,
-                                           progressCallback=progress, waitForCompletion=True)
+                                           progressCallback=progress, waitForCompletion=True,
+                                           flipTTA=args.flip_tta)
             nodes += [result.segmentationNode, result.tableNode]
             context.logic.saveResults(result, args.output, caseName)
             out(f"{prefix}: {result.summary} ({time.time() - started:.1f} s)")

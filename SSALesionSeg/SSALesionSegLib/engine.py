@@ -20,6 +20,10 @@ LUNG_METHODS = {
     "existing": "Existing segmentation",
 }
 DEVICES = {"auto": "Automatic", "cpu": "CPU", "cuda": "GPU (CUDA)"}
+# Mirrored pass (flip test-time augmentation): the model's recorded setting, or forced on/off.
+FLIP_TTA = {"model": "As the model records", "on": "On (two passes per slice)",
+            "off": "Off (one pass per slice, half the lesion time)"}
+_FLIP_TTA_OVERRIDE = {"model": None, "on": True, "off": False}
 
 
 class EngineNotFoundError(ImportError):
@@ -108,8 +112,10 @@ def engine_available(moduleDir=None):
     return True
 
 
-def run_segmentation(engine, ct, lungMethod, checkpoint, device, lungMask=None, progress=None, cancel=None):
-    """``segment_image`` for one of the panel's lung methods (LUNG_METHODS).
+def run_segmentation(engine, ct, lungMethod, checkpoint, device, lungMask=None, progress=None, cancel=None,
+                     flipTTA="model"):
+    """``segment_image`` for one of the panel's lung methods (LUNG_METHODS) and mirrored-pass
+    choices (FLIP_TTA).
 
     The engine's own methods are auto/lungmask/classical; "lobes" is lungmask with the
     LTRCLobes weights (severity per lobe), "existing" passes the user's lung mask.
@@ -127,5 +133,7 @@ def run_segmentation(engine, ct, lungMethod, checkpoint, device, lungMask=None, 
                 "lungmask LTRCLobes weights not found: set SSALESIONSEG_LUNGMASK_LOBE_WEIGHTS to the "
                 "unet_ltrclobes-*.pth file or place it in the torch hub cache")
     kwargs = {"lobe_weights": lobeWeights} if lobeWeights is not None else {}
+    if _FLIP_TTA_OVERRIDE[flipTTA] is not None:
+        kwargs["flip_tta"] = _FLIP_TTA_OVERRIDE[flipTTA]
     return engine.segment_image(ct, checkpoint=checkpoint, lungs=lungs, lung_mask=lungMask, device=device,
                                 progress=progress, cancel=cancel, **kwargs)

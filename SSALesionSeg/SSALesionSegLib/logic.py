@@ -37,8 +37,10 @@ class ProcessResult:
         self.classNames = classNames
 
 
-def check_choices(lungMethod, checkpoint, device):
+def check_choices(lungMethod, checkpoint, device, flipTTA="model"):
     """Validate the panel's choices before anything runs; returns the checkpoint path or None."""
+    if flipTTA not in engine_.FLIP_TTA:
+        raise ValueError(f"Unknown mirrored-pass choice '{flipTTA}'; expected one of {sorted(engine_.FLIP_TTA)}")
     if lungMethod not in engine_.LUNG_METHODS:
         raise ValueError(f"Unknown lung method '{lungMethod}'; expected one of {sorted(engine_.LUNG_METHODS)}")
     if device not in engine_.DEVICES:
@@ -74,7 +76,7 @@ class ProcessingLogic:
 
     def process(self, inputVolume, outputSegmentation, lungMethod="auto", checkpoint=None, device="auto",
                 progressCallback=None, waitForCompletion=True, lungSegmentation=None,
-                statisticsTable=None, cancelRequested=None):
+                statisticsTable=None, cancelRequested=None, flipTTA="model"):
         """Segment GGO and consolidation in ``inputVolume``.
 
         ``outputSegmentation`` None creates a new segmentation node; an existing one has
@@ -85,11 +87,12 @@ class ProcessingLogic:
         returned (``cancelRequested()`` returning True stops it; Cancelled is raised).
         Otherwise a started BackgroundRun is returned: the engine runs in a separate
         Python process, and nothing in the scene changes until ``poll()`` sees it finish,
-        so cancelling leaves the scene as it was.
+        so cancelling leaves the scene as it was. ``flipTTA``: "model" (the checkpoint's
+        setting), "on" or "off" (engine.FLIP_TTA).
         """
         if inputVolume is None:
             raise ValueError("Select an input CT volume")
-        checkpoint = check_choices(lungMethod, checkpoint, device)
+        checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
         ct = mrml.image_from_volume_node(inputVolume)
         lungMask = None
         if lungMethod == "existing":
@@ -99,12 +102,12 @@ class ProcessingLogic:
 
         if not waitForCompletion:
             run = BackgroundRun(self, inputVolume, outputSegmentation, statisticsTable, progressCallback)
-            run.start(ct, lungMask, lungMethod, checkpoint, device)
+            run.start(ct, lungMask, lungMethod, checkpoint, device, flipTTA)
             return run
 
         try:
             result = engine_.run_segmentation(self.engine, ct, lungMethod, checkpoint, device, lungMask,
-                                              progressCallback, cancelRequested)
+                                              progressCallback, cancelRequested, flipTTA)
         except self.engine.Cancelled as e:
             raise Cancelled(str(e) or "Cancelled") from e
         return self.applyResult(inputVolume, outputSegmentation, result.labels, result.lungs, result.stats,
@@ -185,16 +188,17 @@ class BackgroundRun:
         self._reader = None
         self._done = None
 
-    def command(self, inputPath, outputDir, lungMaskPath, lungMethod, checkpoint, device):
+    def command(self, inputPath, outputDir, lungMaskPath, lungMethod, checkpoint, device, flipTTA="model"):
         command = [self.logic.pythonExecutable, WORKER_SCRIPT, "--input", inputPath, "--output-dir", outputDir,
-                   "--lungs", lungMethod, "--device", device, "--module-dir", self.logic.moduleDir]
+                   "--lungs", lungMethod, "--device", device, "--flip-tta", flipTTA,
+                   "--module-dir", self.logic.moduleDir]
         if checkpoint:
             command += ["--checkpoint", checkpoint]
         if lungMaskPath:
             command += ["--lung-mask", lungMaskPath]
         return command
 
-    def start(self, ct, lungMask, lungMethod, checkpoint, device):
+    def start(self, ct, lungMask, lungMethod, checkpoint, device, flipTTA="model"):
         self.workDir = tempfile.mkdtemp(prefix="SSALesionSeg-")
         try:
             inputPath = os.path.join(self.workDir, "input.nrrd")
@@ -204,7 +208,8 @@ class BackgroundRun:
                 lungMaskPath = os.path.join(self.workDir, "lung_mask.nrrd")
                 sitk.WriteImage(lungMask, lungMaskPath, True)
             outputDir = os.path.join(self.workDir, "output")
-            self.process = launch(self.command(inputPath, outputDir, lungMaskPath, lungMethod, checkpoint, device),
+            self.process = launch(self.command(inputPath, outputDir, lungMaskPath, lungMethod, checkpoint, device,
+                                               flipTTA),
                                   self.logic.workerEnvironment)
         except BaseException:
             self._cleanup()

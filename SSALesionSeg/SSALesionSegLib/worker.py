@@ -29,6 +29,7 @@ def parse_args(argv):
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--lungs", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--flip-tta", default="model")
     parser.add_argument("--checkpoint")
     parser.add_argument("--lung-mask")
     parser.add_argument("--module-dir")
@@ -51,7 +52,8 @@ def main(argv=None):
         lungMask = sitk.ReadImage(args.lung_mask) if args.lung_mask else None
         result = engine_.run_segmentation(
             engine, ct, args.lungs, args.checkpoint, args.device, lungMask,
-            progress=lambda stage, fraction: emit(event="progress", stage=str(stage), fraction=float(fraction)))
+            progress=lambda stage, fraction: emit(event="progress", stage=str(stage), fraction=float(fraction)),
+            flipTTA=args.flip_tta)
 
         os.makedirs(args.output_dir, exist_ok=True)
         names = {"labels": "labels.nrrd", "lungs": "lungs.nrrd" if result.lungs is not None else None,

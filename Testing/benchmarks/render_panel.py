@@ -98,7 +98,8 @@ def fill_like_the_widget_code(panel):
     model = find(QtWidgets.QGroupBox, "modelCollapsibleButton")
     model.setTitle(model.title().replace("\u25b6", "\u25bc"))
     model.setMaximumHeight(16777215)
-    for name, choices in (("lungMethodComboBox", engine.LUNG_METHODS), ("deviceComboBox", engine.DEVICES)):
+    for name, choices in (("lungMethodComboBox", engine.LUNG_METHODS), ("deviceComboBox", engine.DEVICES),
+                          ("flipTTAComboBox", engine.FLIP_TTA)):
         combo = find(QtWidgets.QComboBox, name)
         combo.clear()
         combo.addItems(list(choices.values()))

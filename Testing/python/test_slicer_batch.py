@@ -87,11 +87,13 @@ def test_parse_args_defaults_and_slicer_separator(tmp_path):
     args = batch.parse_args(["--", "--input", str(tmp_path), "--output", str(tmp_path / "out")])
     assert (args.input, args.output) == (str(tmp_path), str(tmp_path / "out"))
     assert (args.lungs, args.device, args.checkpoint, args.overwrite) == ("auto", "auto", None, False)
+    assert args.flip_tta == "model"
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"")
     args = batch.parse_args(["--input", str(tmp_path), "--output", "o", "--lungs", "classical", "--device", "cpu",
-                             "--checkpoint", str(checkpoint), "--overwrite"])
+                             "--checkpoint", str(checkpoint), "--overwrite", "--flip-tta", "off"])
     assert (args.lungs, args.device, args.checkpoint, args.overwrite) == ("classical", "cpu", str(checkpoint), True)
+    assert args.flip_tta == "off"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -99,6 +101,7 @@ def test_parse_args_defaults_and_slicer_separator(tmp_path):
     (["--input", "{tmp}/missing", "--output", "o"], "not a folder"),
     (["--input", "{tmp}", "--output", "o", "--lungs", "existing"], "invalid choice"),
     (["--input", "{tmp}", "--output", "o", "--device", "tpu"], "invalid choice"),
+    (["--input", "{tmp}", "--output", "o", "--flip-tta", "maybe"], "invalid choice"),
     (["--input", "{tmp}", "--output", "o", "--checkpoint", "{tmp}/none.pt"], "not found"),
 ])
 def test_parse_args_rejects_bad_arguments(tmp_path, capsys, argv, message):

@@ -86,9 +86,10 @@ CALLS = []
 
 
 def segment_image(ct, *, checkpoint=None, lungs="auto", lung_weights=None, lobe_weights=None, lung_mask=None,
-                  device="auto", batch_size=None, progress=None, cancel=None, save_probability=False):
+                  device="auto", batch_size=None, progress=None, cancel=None, save_probability=False,
+                  flip_tta=None):
     CALLS.append(dict(checkpoint=checkpoint, lungs=lungs, lung_mask=lung_mask, device=device,
-                      lobe_weights=lobe_weights))
+                      lobe_weights=lobe_weights, flip_tta=flip_tta))
     if os.environ.get("FAKE_ENGINE_FAIL"):
         raise ValueError(os.environ["FAKE_ENGINE_FAIL"])
     delay = float(os.environ.get("FAKE_ENGINE_DELAY", "0"))
@@ -108,7 +109,7 @@ def segment_image(ct, *, checkpoint=None, lungs="auto", lung_weights=None, lobe_
     labels.CopyInformation(ct)
     lungmap.CopyInformation(ct)
     stats = compute_stats(ct, labels, lungmap, None, label_names_for(class_names))
-    info = {"lung_method": lungs, "device": device, "class_names": class_names}
+    info = {"lung_method": lungs, "device": device, "class_names": class_names, "flip_tta": flip_tta}
     return SegmentationResult(labels, lungmap, class_names, stats, info)
 '''
 
@@ -502,6 +503,17 @@ def test_bad_choices_are_refused_before_running(case, fake_engine):
         logic.process(case.volume, None, "auto", "/nonexistent/model.pt", "cpu")
     with pytest.raises(ValueError, match="input"):
         logic.process(None, None, "auto", None, "cpu")
+    with pytest.raises(ValueError, match="mirrored-pass"):
+        logic.process(case.volume, None, "auto", None, "cpu", flipTTA="sideways")
+
+
+def test_mirrored_pass_choice_reaches_the_engine(case, fake_engine):
+    """The panel's "Mirrored pass" choice: the model's setting (no override), on, off."""
+    logic = make_logic(case, fake_engine)
+    for choice, expected in (("model", None), ("on", True), ("off", False)):
+        fake_engine.calls.clear()
+        logic.process(case.volume, None, "auto", None, "cpu", flipTTA=choice)
+        assert fake_engine.calls[-1]["flip_tta"] is expected, choice
 
 
 def test_cancel_in_process_raises_and_adds_nothing(case, fake_engine):
@@ -525,7 +537,7 @@ def test_background_run_gives_the_same_result_and_cleans_up(case, fake_engine_di
     progress = []
     run = background_logic(case, fake_engine_dir).process(
         case.volume, None, "auto", None, "cpu", waitForCompletion=False,
-        progressCallback=lambda s, f: progress.append((s, f)))
+        progressCallback=lambda s, f: progress.append((s, f)), flipTTA="off")
     workDir = run.workDir
     assert os.path.isdir(workDir)
     assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0  # nothing until finished
@@ -538,7 +550,8 @@ def test_background_run_gives_the_same_result_and_cleans_up(case, fake_engine_di
         np.testing.assert_array_equal(mask > 0, expected_mask(case, spec), err_msg=spec.name)
     assert mrml.table_values(result.tableNode)["lesions.ggo.volume_ml"] == pytest.approx(
         result.stats["lesions"]["ggo"]["volume_ml"])
-    assert json.loads(result.tableNode.GetAttribute("SSALesionSeg.Info"))["device"] == "cpu"
+    info = json.loads(result.tableNode.GetAttribute("SSALesionSeg.Info"))
+    assert info["device"] == "cpu" and info["flip_tta"] is False    # the worker got the choice
 
 
 def test_background_cancel_kills_the_worker_and_leaves_the_scene_as_it_was(case, fake_engine_dir, monkeypatch):

@@ -101,7 +101,8 @@ def test_ui_bindings_match_the_parameter_node():
     # The parameter node wrapper connects only these exact widget classes to these types.
     expected = {"inputVolume": "qMRMLNodeComboBox", "lungSegmentation": "qMRMLNodeComboBox",
                 "outputSegmentation": "qMRMLNodeComboBox", "statisticsTable": "qMRMLNodeComboBox",
-                "lungMethod": "QComboBox", "device": "QComboBox", "useBundledModel": "QCheckBox",
+                "lungMethod": "QComboBox", "device": "QComboBox", "flipTTA": "QComboBox",
+                "useBundledModel": "QCheckBox",
                 "checkpointPath": "ctkPathLineEdit", "exportDirectory": "ctkDirectoryButton"}
     assert {parameter: classes[name] for parameter, name in bound.items()} == expected
 
