@@ -133,7 +133,5 @@ def run_segmentation(engine, ct, lungMethod, checkpoint, device, lungMask=None, 
                 "lungmask LTRCLobes weights not found: set SSALESIONSEG_LUNGMASK_LOBE_WEIGHTS to the "
                 "unet_ltrclobes-*.pth file or place it in the torch hub cache")
     kwargs = {"lobe_weights": lobeWeights} if lobeWeights is not None else {}
-    if _FLIP_TTA_OVERRIDE[flipTTA] is not None:
-        kwargs["flip_tta"] = _FLIP_TTA_OVERRIDE[flipTTA]
     return engine.segment_image(ct, checkpoint=checkpoint, lungs=lungs, lung_mask=lungMask, device=device,
-                                progress=progress, cancel=cancel, **kwargs)
+                                progress=progress, cancel=cancel, flip_tta=_FLIP_TTA_OVERRIDE[flipTTA], **kwargs)

@@ -39,12 +39,12 @@ class ProcessResult:
 
 def check_choices(lungMethod, checkpoint, device, flipTTA="model"):
     """Validate the panel's choices before anything runs; returns the checkpoint path or None."""
-    if flipTTA not in engine_.FLIP_TTA:
-        raise ValueError(f"Unknown mirrored-pass choice '{flipTTA}'; expected one of {sorted(engine_.FLIP_TTA)}")
     if lungMethod not in engine_.LUNG_METHODS:
         raise ValueError(f"Unknown lung method '{lungMethod}'; expected one of {sorted(engine_.LUNG_METHODS)}")
     if device not in engine_.DEVICES:
         raise ValueError(f"Unknown device '{device}'; expected one of {sorted(engine_.DEVICES)}")
+    if flipTTA not in engine_.FLIP_TTA:
+        raise ValueError(f"Unknown mirrored-pass choice '{flipTTA}'; expected one of {sorted(engine_.FLIP_TTA)}")
     checkpoint = os.fspath(checkpoint) if checkpoint else None
     if checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"Model checkpoint not found: {checkpoint}")

@@ -116,7 +116,6 @@ def cmd_evaluate(a):
     from . import checkpoint, data
     from .evaluate import evaluate_samples, format_table, write_json
     from .inference import Predictor, select_device
-
     from .train import _score
 
     if a.semiseg_renderings and (a.dataset, a.split) != ("medseg100", "val"):
