@@ -17,6 +17,8 @@ from .errors import Cancelled, FallbackWarning, InputError
 
 
 def add_subcommands(subparsers) -> None:
+    from ssanet.cli import add_min_lesion_arg
+
     s = subparsers.add_parser(
         "segment", help="segment GGO / consolidation in a CT (file, DICOM folder, or a folder of cases)",
         description="Writes DIR/<name>.seg.nrrd, <name>_stats.json, <name>_stats.csv and <name>_overlay.png. "
@@ -37,6 +39,7 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average each slice's prediction with its mirror image (default: what the model "
                         "records; the bundled model does: --no-flip-tta halves the lesion time)")
+    add_min_lesion_arg(s)
     s.add_argument("--save-probability", action="store_true",
                    help="also write <name>_confidence.nrrd (max class probability)")
     s.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
@@ -173,7 +176,8 @@ def cmd_segment(args) -> int:
                                              lungs=args.lungs, lung_weights=args.lung_weights,
                                              lobe_weights=args.lobe_weights, lung_mask=args.lung_mask,
                                              device=args.device, batch_size=args.batch_size,
-                                             save_probability=args.save_probability, flip_tta=args.flip_tta)
+                                             save_probability=args.save_probability, flip_tta=args.flip_tta,
+                                             min_lesion_mm2=args.min_lesion_mm2)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as e:

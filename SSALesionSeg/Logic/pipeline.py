@@ -54,16 +54,19 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
                   lobe_weights=None, lung_mask=None, device: str = "auto", batch_size: int | None = None,
                   progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
                   save_probability: bool = False, model=None, source: str = "input",
-                  flip_tta: bool | None = None) -> SegmentationResult:
+                  flip_tta: bool | None = None, min_lesion_mm2: float | None = None) -> SegmentationResult:
     """Segment GGO / consolidation in ``ct`` (a SimpleITK image in HU).
 
     ``flip_tta``: average with the mirrored slice (None: what the checkpoint records).
+    ``min_lesion_mm2``: lesion islands smaller than this in a slice are removed (None: what
+    the checkpoint records; 0 keeps all).
 
     ``model``: an already loaded ``(model, meta)`` pair (batch runs load it once);
     otherwise ``checkpoint`` (None: the default model) is loaded. ``cancel()`` is polled
     between stages and batches and raises :class:`Cancelled` when it returns True.
     """
     from ssanet.inference import Predictor, select_device
+    from ssanet.postprocess import check_min_lesion_mm2, checkpoint_min_lesion_mm2
 
     report = progress or (lambda stage, fraction: None)
 
@@ -74,6 +77,8 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     timings = {}
     ct = validate_ct(ct, source)
     dev = select_device(device)
+    if min_lesion_mm2 is not None:
+        min_lesion_mm2 = check_min_lesion_mm2(min_lesion_mm2)
     check_cancel()
 
     t = time.perf_counter()
@@ -98,7 +103,9 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     t = time.perf_counter()
     class_names = list(meta.get("class_names") or ["background", "ggo", "consolidation"])
     predictor = Predictor.for_checkpoint(net, meta, dev, batch_size, flip_tta)
-    labels_arr, conf_arr, n_slices = _lesions(ct, lungs_img, predictor, meta, save_probability,
+    if min_lesion_mm2 is None:
+        min_lesion_mm2 = checkpoint_min_lesion_mm2(meta)
+    labels_arr, conf_arr, n_slices = _lesions(ct, lungs_img, predictor, meta, min_lesion_mm2, save_probability,
                                               lambda f: report("lesions", f), check_cancel)
     labels_img = image_like(labels_arr, ct)
     prob_img = image_like(conf_arr, ct) if conf_arr is not None else None
@@ -121,6 +128,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "checkpoint": {"name": meta.get("name"), "sha256": meta.get("sha256"), "path": meta.get("path")},
         "class_names": class_names,
         "flip_tta": predictor.flip_tta,
+        "min_lesion_mm2": min_lesion_mm2,
         "lesion_slices": n_slices,
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
         "timings_s": timings,
@@ -142,7 +150,8 @@ def _target_spacing(pre, native):
     return float(px[0]), float(px[1])
 
 
-def _lesions(ct, lungs_img, predictor, meta, save_probability, report, check_cancel):
+def _lesions(ct, lungs_img, predictor, meta, min_lesion_mm2, save_probability, report, check_cancel):
+    from ssanet.postprocess import labels_from_probabilities
     from ssanet.preprocess import (LUNG_WINDOW_HU, make_input, model_grid, resize_image, resize_probs,
                                    to_model_grid, uncrop, window_hu)
 
@@ -186,9 +195,7 @@ def _lesions(ct, lungs_img, predictor, meta, save_probability, report, check_can
             probs = resize_probs(probs, (h, w))
         for j, z in enumerate(batch):
             p = probs[j]
-            lab = p.argmax(axis=0).astype(np.uint8)
-            lab[~lung[z]] = 0
-            labels[z] = lab
+            labels[z] = labels_from_probabilities(p, (sy, sx), min_lesion_mm2, lung[z])
             if conf is not None:
                 conf[z] = np.where(lung[z], p.max(axis=0), np.float32(1.0))
         report(min(1.0, (start + len(batch)) / len(zs)))

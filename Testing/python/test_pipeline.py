@@ -211,6 +211,44 @@ def test_flip_tta_follows_the_checkpoint_unless_overridden(phantom, truth_lungs_
     assert ggo_voxels(meta, True) == (both, True)
 
 
+def test_small_lesion_islands_follow_the_checkpoint_unless_overridden(phantom, truth_lungs_path):
+    from scipy import ndimage
+
+    img, _ = phantom
+    meta = exact_meta()
+
+    def run(m, override):
+        res = segment_image(img, model=(ThresholdNet(), m), lung_mask=truth_lungs_path, device="cpu",
+                            min_lesion_mm2=override)
+        return sitk.GetArrayFromImage(res.labels), res.info["min_lesion_mm2"]
+
+    full, setting = run(meta, None)
+    assert setting == 0.0
+    # the islands of each slice, 8-connected, and their areas at the CT's in-plane spacing
+    eight = np.ones((3, 3), bool)
+    areas = []
+    for z in range(full.shape[0]):
+        isl, n = ndimage.label(full[z] > 0, structure=eight)
+        areas += list(np.bincount(isl.ravel())[1:] * SP[0] * SP[1])
+    assert len(areas) >= 2 and min(areas) < max(areas)
+    cut = float(np.median(sorted(set(areas))))
+    expected = full.copy()
+    for z in range(full.shape[0]):
+        isl, n = ndimage.label(full[z] > 0, structure=eight)
+        small = np.bincount(isl.ravel()) * SP[0] * SP[1] < cut
+        small[0] = False
+        expected[z][small[isl]] = 0
+    assert 0 < (expected > 0).sum() < (full > 0).sum()
+    cleaned, setting = run({**meta, "inference": {"min_lesion_mm2": cut}}, None)
+    assert setting == cut
+    np.testing.assert_array_equal(cleaned, expected)
+    kept, setting = run({**meta, "inference": {"min_lesion_mm2": cut}}, 0)
+    assert setting == 0.0
+    np.testing.assert_array_equal(kept, full)
+    with pytest.raises(ValueError, match="minimum lesion island"):
+        run(meta, -5)
+
+
 @pytest.mark.parametrize("orientation,rotate", [("RAI", False), ("LPS", True), ("PIR", True)])
 def test_direction_preserved_flipped_and_oblique(phantom, exact_result, orientation, rotate):
     img, _ = phantom

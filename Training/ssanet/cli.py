@@ -125,15 +125,19 @@ def cmd_evaluate(a):
     samples = (_training_splits(a)[0]["val"] if a.semiseg_renderings
                else load_split(data, a.data, a.dataset, a.split))
     predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta)
-    res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays)
+    res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays, min_lesion_mm2=a.min_lesion_mm2)
     print(f"{meta['name']} on {a.dataset}/{a.split}" + (" + renderings" if a.semiseg_renderings else "")
-          + (" (flip TTA)" if predictor.flip_tta else ""))
+          + (" (flip TTA)" if predictor.flip_tta else "")
+          + (f" (lesion islands < {res['min_lesion_mm2']:g} mm² removed)" if res["min_lesion_mm2"] else ""))
     print(format_table(res))
     if a.split == "val":
         print(f"validation score (mean pooled DSC, what train selects by): {_score(res):.4f}")
+        per_slice = sum(m["dsc"] for m in res["classes"].values()) / len(res["classes"])
+        print(f"mean over classes of the per-slice mean DSC: {per_slice:.4f}")
     if a.json:
         write_json(res, a.json, {"checkpoint": meta["name"], "sha256": meta["sha256"],
                                  "dataset": a.dataset, "split": a.split, "flip_tta": predictor.flip_tta,
+                                 "min_lesion_mm2": res["min_lesion_mm2"],
                                  "semiseg_renderings": bool(a.semiseg_renderings)})
 
 
@@ -148,6 +152,21 @@ def load_split(data, root, dataset, split):
         # pipeline places a CT, not stretched to a square
         return data.on_model_grid(data.load_covid_semiseg(root, split))
     raise SystemExit(f"unknown dataset {dataset!r}")
+
+
+def add_min_lesion_arg(parser) -> None:
+    """``--min-lesion-mm2``, shared by evaluate, segment and bench."""
+    parser.add_argument("--min-lesion-mm2", type=_min_lesion_mm2, default=None, metavar="MM2",
+                        help="remove lesion islands smaller than this area in each slice (mm²; "
+                             "0 keeps all; default: what the checkpoint records)")
+
+
+def _min_lesion_mm2(text: str) -> float:
+    from .postprocess import check_min_lesion_mm2
+    try:
+        return check_min_lesion_mm2(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_info(a):
@@ -254,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the left-right mirrored prediction (default: what the "
                         "checkpoint records, off unless it says so)")
+    add_min_lesion_arg(e)
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("info", help="parameter count and FLOPs of the Table-3 variants")

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import metrics
 from .inference import Predictor, predict_slices
+from .postprocess import check_min_lesion_mm2, checkpoint_min_lesion_mm2, labels_from_probabilities
 
 MULTICLASS_MAP = {"infection": (1, 2), "ggo": (1,), "consolidation": (2,)}
 BINARY_MAP = {"infection": (1,)}
@@ -28,11 +29,16 @@ def gt_for(sample, binary: bool) -> np.ndarray:
 
 
 def evaluate_samples(predictor: Predictor, samples, meta: dict, batch_size: int | None = None,
-                     overlay_dir: str | Path | None = None) -> dict:
+                     overlay_dir: str | Path | None = None, min_lesion_mm2: float | None = None) -> dict:
     """Per-slice metrics and their means (plus the pooled Dice over all slices).
 
-    Returns {"n_slices", "classes": {name: {dsc, hd95_mm, mae, nsd_3mm, dsc_pooled}}, "per_slice"}.
+    ``min_lesion_mm2``: lesion islands below this area are removed before scoring, as the
+    pipeline removes them (None: what the checkpoint records, see ssanet.postprocess).
+    Returns {"n_slices", "classes": {name: {dsc, hd95_mm, mae, nsd_3mm, dsc_pooled}}, "per_slice",
+    "min_lesion_mm2"}.
     """
+    min_lesion_mm2 = (checkpoint_min_lesion_mm2(meta) if min_lesion_mm2 is None
+                      else check_min_lesion_mm2(min_lesion_mm2))
     cmap = class_map_for(meta)
     binary = cmap is BINARY_MAP
     per_slice = []
@@ -46,7 +52,7 @@ def evaluate_samples(predictor: Predictor, samples, meta: dict, batch_size: int 
             probs = predict_slices(predictor, np.stack([s.image for s in group]),
                                    np.stack([s.lung for s in group]), meta)
             for s, p in zip(group, probs):
-                pred = p.argmax(0).astype(np.uint8)
+                pred = labels_from_probabilities(p, s.spacing, min_lesion_mm2)
                 gt = gt_for(s, binary)
                 res = metrics.evaluate_labelmap(pred, gt, cmap, spacing=s.spacing)
                 for name, values in cmap.items():
@@ -65,7 +71,8 @@ def evaluate_samples(predictor: Predictor, samples, meta: dict, batch_size: int 
         # dominated by the empty-slice convention (absent in GT and prediction = 1).
         inter, total = pooled[name]
         classes[name]["dsc_pooled"] = 2 * inter / total if total else 1.0
-    return {"n_slices": len(per_slice), "classes": classes, "per_slice": per_slice}
+    return {"n_slices": len(per_slice), "classes": classes, "per_slice": per_slice,
+            "min_lesion_mm2": min_lesion_mm2}
 
 
 def format_table(result: dict) -> str:
