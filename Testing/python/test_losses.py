@@ -27,6 +27,35 @@ def test_multiclass_dice_perfect_and_ignores_background():
     assert soft_dice_loss(bad, target).item() == pytest.approx(expected, abs=1e-5)
 
 
+def test_per_slice_dice_hand_case_counts_false_positives_on_slices_without_the_class():
+    # slice 0: GGO at (0, 0), predicted exactly; slice 1: consolidation at (1, 1) predicted,
+    # plus a false consolidation pixel at (0, 0); no slice has both classes
+    target = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 2]]])
+    pred = torch.tensor([[[1, 0], [0, 0]], [[2, 0], [0, 2]]])
+    logits = F.one_hot(pred, 3).permute(0, 3, 1, 2).float() * 100
+    # batch sums: GGO 2*1+1 / (1+1+1) = 1; consolidation (2*1+1) / (2+1+1) = 3/4
+    assert soft_dice_loss(logits, target).item() == pytest.approx(1 - (1 + 0.75) / 2, abs=1e-5)
+    # per slice: slice 0 GGO 1, consolidation 1 (absent, none predicted);
+    # slice 1 GGO 1, consolidation (2+1) / (2+1+1) = 3/4
+    per = soft_dice_loss(logits, target, per_slice=True).item()
+    assert per == pytest.approx(1 - (1 + 1 + 1 + 0.75) / 4, abs=1e-5)
+    # a false pixel on a slice without the class: per slice it costs that slice's whole Dice
+    pred0 = torch.tensor([[[1, 2], [0, 0]], [[0, 0], [0, 2]]])
+    fp = F.one_hot(pred0, 3).permute(0, 3, 1, 2).float() * 100
+    assert soft_dice_loss(fp, target, per_slice=True).item() == pytest.approx(1 - (1 + 0.5 + 1 + 1) / 4, abs=1e-5)
+    assert soft_dice_loss(fp, target).item() == pytest.approx(1 - (1 + 0.75) / 2, abs=1e-5)
+
+
+def test_per_slice_binary_dice_and_the_loss_switch():
+    logits = torch.full((2, 1, 2, 2), 50.0)
+    target = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [1, 1]]])
+    # slice 0: (2+1)/(4+1+1) = 0.5; slice 1: (8+1)/(8+1) = 1
+    assert soft_dice_loss(logits, target, per_slice=True).item() == pytest.approx(0.25, abs=1e-6)
+    assert soft_dice_loss(logits, target).item() == pytest.approx(1 - 11 / 14, abs=1e-6)
+    loss = SSANetLoss(use_sad=False, dice_per_slice=True)
+    assert loss(logits, target)["dice"].item() == pytest.approx(0.25, abs=1e-6)
+
+
 def test_attention_map_hand_computation():
     f = torch.zeros(1, 2, 2, 2)
     f[0, 0] = torch.tensor([[1.0, 0.0], [0.0, 2.0]])

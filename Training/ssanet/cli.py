@@ -53,6 +53,9 @@ def _add_train_args(p):
     p.add_argument("--augment", default=d.augment, choices=sorted(AUGMENT_PRESETS),
                    help="augmentation preset: standard (flip, +-10 deg, scale 0.9-1.1, mild "
                         "intensity) or strong (wider ranges, elastic deformation, noise, blur)")
+    p.add_argument("--dice-per-slice", action="store_true",
+                   help="Dice loss per slice and class, then averaged, as the evaluation averages "
+                        "per-slice DSC (default: sums over the whole batch)")
     p.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay (e.g. "
                         "0.99) and validate / save it instead of the raw weights (default 0: off)")

@@ -18,27 +18,32 @@ SAD_START_EPOCH = 40
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
-                   ignore_background: bool = True) -> torch.Tensor:
+                   ignore_background: bool = True, per_slice: bool = False) -> torch.Tensor:
     """1 - mean soft Dice over classes, sums taken over the whole batch.
 
     Binary (logits N,1,H,W; target N,H,W in {0,1}): Dice of sigmoid(logits) with target.
     Multi-class (logits N,C,H,W; target N,H,W class indices): softmax, one-hot target,
     Dice per class averaged over foreground classes (background excluded by default,
     because it dominates the pixel count and would make the loss near zero).
+
+    ``per_slice``: one Dice per slice and class, then the mean, as the evaluation averages
+    per-slice DSC: a slice without a class then scores ``smooth / (predicted mass + smooth)``
+    for it, so false positives there cost as much as anywhere (in the batch sum they are
+    diluted by the other slices' lesions).
     """
     if logits.shape[1] == 1:
-        probs = torch.sigmoid(logits[:, 0])
-        t = target.float()
-        inter = (probs * t).sum()
-        return 1 - (2 * inter + smooth) / (probs.sum() + t.sum() + smooth)
-    probs = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    dims = (0, 2, 3)
+        probs = torch.sigmoid(logits)
+        onehot = target.float()[:, None]
+        ignore_background = False
+    else:
+        probs = torch.softmax(logits, dim=1)
+        onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (2, 3) if per_slice else (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
-    dice = (2 * inter + smooth) / (denom + smooth)
+    dice = (2 * inter + smooth) / (denom + smooth)   # (N, C) per slice, else (C,)
     if ignore_background:
-        dice = dice[1:]
+        dice = dice[..., 1:]
     return 1 - dice.mean()
 
 
@@ -122,12 +127,13 @@ class SSANetLoss:
     detach_target: bool = False
     ce_weights: Sequence[float] | None = None
     use_ce: bool = True
+    dice_per_slice: bool = False
 
     def sad_active(self, epoch: int) -> bool:
         return self.use_sad and epoch >= self.sad_start_epoch
 
     def __call__(self, logits, target, stage_maps=None, epoch: int = 0) -> dict:
-        terms = {"dice": soft_dice_loss(logits, target)}
+        terms = {"dice": soft_dice_loss(logits, target, per_slice=self.dice_per_slice)}
         if logits.shape[1] > 1 and self.use_ce:
             terms["ce"] = reweighted_cross_entropy(logits, target, self.ce_weights)
         if self.sad_active(epoch):

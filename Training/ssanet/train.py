@@ -54,6 +54,7 @@ class TrainConfig:
     amp: bool = True                         # float16 autocast on CUDA, bfloat16 on CPUs that support it
     nominal_spacing_mm: float = 0.7
     init: str = ""                           # fine-tune: start from this checkpoint's weights
+    dice_per_slice: bool = False             # Dice per slice and class, then the mean (default: batch sums)
     ema: float = 0.0                         # 0 = off; else decay of an exponential moving average of
                                              # the weights, which is what is validated and saved
     data_description: dict = field(default_factory=dict)
@@ -194,7 +195,8 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
     if cfg.num_classes > 1 and cfg.reweight:
         weights = class_weights(pixel_counts([s.label for s in train_samples], cfg.num_classes)).tolist()
     loss_fn = SSANetLoss(alpha=cfg.sad_alpha, sad_start_epoch=cfg.sad_start_epoch, use_sad=cfg.sad,
-                         detach_target=cfg.detach_sad_target, ce_weights=weights)
+                         detach_target=cfg.detach_sad_target, ce_weights=weights,
+                         dice_per_slice=cfg.dice_per_slice)
 
     start_epoch, best = 0, {"score": -1.0, "epoch": -1, "val": None}
     ema = None
