@@ -194,14 +194,18 @@ class OneSidedNet(torch.nn.Module):
         return torch.stack([1 - left, 4 * left, torch.zeros_like(left)], 1) + self.w
 
 
+def segment_with(net, meta, phantom, lungs_path, **override):
+    """(labels array, info) of the phantom segmented by ``net`` with ``meta`` as its header."""
+    res = segment_image(phantom[0], model=(net, meta), lung_mask=lungs_path, device="cpu", **override)
+    return sitk.GetArrayFromImage(res.labels), res.info
+
+
 def test_flip_tta_follows_the_checkpoint_unless_overridden(phantom, truth_lungs_path):
-    img, _ = phantom
     meta = exact_meta()
 
     def ggo_voxels(m, flip):
-        res = segment_image(img, model=(OneSidedNet(), m), lung_mask=truth_lungs_path, device="cpu",
-                            flip_tta=flip)
-        return int((sitk.GetArrayFromImage(res.labels) == 1).sum()), res.info["flip_tta"]
+        labels, info = segment_with(OneSidedNet(), m, phantom, truth_lungs_path, flip_tta=flip)
+        return int((labels == 1).sum()), info["flip_tta"]
 
     one, flag = ggo_voxels(meta, None)
     assert flag is False and one > 0
@@ -214,35 +218,32 @@ def test_flip_tta_follows_the_checkpoint_unless_overridden(phantom, truth_lungs_
 def test_small_lesion_islands_follow_the_checkpoint_unless_overridden(phantom, truth_lungs_path):
     from scipy import ndimage
 
-    img, _ = phantom
     meta = exact_meta()
+    recorded = {**meta, "inference": {"min_lesion_mm2": None}}
 
     def run(m, override):
-        res = segment_image(img, model=(ThresholdNet(), m), lung_mask=truth_lungs_path, device="cpu",
-                            min_lesion_mm2=override)
-        return sitk.GetArrayFromImage(res.labels), res.info["min_lesion_mm2"]
+        labels, info = segment_with(ThresholdNet(), m, phantom, truth_lungs_path, min_lesion_mm2=override)
+        return labels, info["min_lesion_mm2"]
 
     full, setting = run(meta, None)
     assert setting == 0.0
-    # the islands of each slice, 8-connected, and their areas at the CT's in-plane spacing
-    eight = np.ones((3, 3), bool)
-    areas = []
-    for z in range(full.shape[0]):
-        isl, n = ndimage.label(full[z] > 0, structure=eight)
-        areas += list(np.bincount(isl.ravel())[1:] * SP[0] * SP[1])
-    assert len(areas) >= 2 and min(areas) < max(areas)
-    cut = float(np.median(sorted(set(areas))))
+    # each slice's islands (8-connected) and their areas at the CT's in-plane spacing
+    islands = [ndimage.label(sl > 0, structure=np.ones((3, 3), bool))[0] for sl in full]
+    areas = [np.bincount(isl.ravel()) * SP[0] * SP[1] for isl in islands]
+    sizes = sorted({a for per_slice in areas for a in per_slice[1:]})
+    assert len(sizes) >= 2
+    cut = float(np.median(sizes))
     expected = full.copy()
-    for z in range(full.shape[0]):
-        isl, n = ndimage.label(full[z] > 0, structure=eight)
-        small = np.bincount(isl.ravel()) * SP[0] * SP[1] < cut
+    for z, (isl, area) in enumerate(zip(islands, areas)):
+        small = area < cut
         small[0] = False
         expected[z][small[isl]] = 0
     assert 0 < (expected > 0).sum() < (full > 0).sum()
-    cleaned, setting = run({**meta, "inference": {"min_lesion_mm2": cut}}, None)
+    recorded["inference"]["min_lesion_mm2"] = cut
+    cleaned, setting = run(recorded, None)
     assert setting == cut
     np.testing.assert_array_equal(cleaned, expected)
-    kept, setting = run({**meta, "inference": {"min_lesion_mm2": cut}}, 0)
+    kept, setting = run(recorded, 0)
     assert setting == 0.0
     np.testing.assert_array_equal(kept, full)
     with pytest.raises(ValueError, match="minimum lesion island"):
