@@ -32,7 +32,9 @@ def main(argv):
     inf_b, inf_c = base_m["classes"]["infection"]["dsc"], cand_m["classes"]["infection"]["dsc"]
     print(f"{n} of {len(rows)} figures better; MedSeg infection DSC {inf_b:.4f} -> {inf_c:.4f}")
     verdict = n > len(rows) / 2 and inf_c >= inf_b
-    print("replaces the bundled model by the rule" if verdict else "does not replace the bundled model")
+    # the rules' first gate, a validation score above the bundle's, is not checked here
+    print("passes the test gate (the candidate must also have passed the validation gate)" if verdict
+          else "fails the test gate: does not replace the bundled model")
     return 0
 
 
