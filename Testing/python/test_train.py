@@ -257,3 +257,39 @@ def test_ablation_trains_on_the_splits_train_would_use(data_root, tmp_path, monk
     assert all(n_train == 2 * len(base["train"]) and n_val == len(base["val"]) + 4
                and "COVID-SemiSeg renderings" in desc for *_, n_train, n_val, desc in seen)
     assert (tmp_path / "ab" / "ablation.md").is_file()
+
+
+def test_folds_validate_every_labeled_slice_once_and_keep_renderings_together(data_root):
+    base = data.default_splits(data_root)
+    free = {s.id for s in data.load_medseg100(data_root, "free")}
+    labeled = {s.id for s in data.load_medseg100(data_root, "train")}
+    seen = []
+    for k in range(5):
+        sp = data.fold_splits(data_root, 5, k)
+        train, val = {s.id for s in sp["train"]}, {s.id for s in sp["val"]}
+        assert not train & val and free <= val and (train | val) - free == labeled
+        assert [s.id for s in sp["test"]] == [s.id for s in base["test"]]
+        seen += sorted(val - free)
+        if k == 0:   # a slice's COVID-SemiSeg crop follows it into the same fold
+            both = data.with_semiseg_renderings(sp, data_root)
+            val_slices = {s.meta["slice"] for s in sp["val"]}
+            crops = [s for s in both["val"] if s.source == "covid-semiseg"]
+            assert crops and all(c.meta["medseg_slice"] in val_slices for c in crops)
+            assert all(c.meta["medseg_slice"] not in val_slices for c in both["train"] if c.source == "covid-semiseg")
+    assert sorted(seen) == sorted(labeled)           # each labeled slice validated exactly once
+    with pytest.raises(ValueError, match="fold 5 of 5"):
+        data.fold_splits(data_root, 5, 5)
+
+
+def test_train_and_evaluate_take_the_fold(data_root, tmp_path, monkeypatch):
+    from ssanet import cli
+    seen = {}
+
+    def fake_train_run(cfg, splits, out):
+        seen["val"] = cfg.data_description["val"]
+        return {"epoch": 0, "score": 0.0}
+    monkeypatch.setattr(cli, "train_run", fake_train_run)
+    cli_main(["train", "--data", str(data_root), "--out", str(tmp_path / "f2"), "--folds", "5", "--fold", "2"])
+    assert seen["val"] == [s.id for s in data.fold_splits(data_root, 5, 2)["val"]]
+    with pytest.raises(SystemExit, match="--folds go with --split val"):
+        cli_main(["evaluate", "--data", str(data_root), "--split", "test", "--folds", "5", "--fold", "2"])

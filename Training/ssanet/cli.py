@@ -60,12 +60,21 @@ def _add_train_args(p):
                    help="keep an exponential moving average of the weights with this decay (e.g. "
                         "0.99) and validate / save it instead of the raw weights (default 0: off)")
     p.add_argument("--seed", type=int, default=d.seed)
+    _add_fold_args(p)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--no-amp", dest="amp", action="store_false",
                    help="train in float32 (default: float16 autocast on CUDA, bfloat16 on CPUs with bf16)")
     p.add_argument("--time-limit-min", type=float, default=0.0,
                    help="stop cleanly after this many minutes (rerun to continue)")
+
+
+def _add_fold_args(p):
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="cross-validation: cut the 50 labeled training slices into K parts (default 0: "
+                        "the standard split, 46 train / 6 validation)")
+    p.add_argument("--fold", type=int, default=0, metavar="I",
+                   help="with --folds: validate on part I (0-based), train on the others")
 
 
 def _config_from_args(a) -> TrainConfig:
@@ -89,7 +98,8 @@ def _training_splits(a) -> tuple[dict, list]:
     train); also returns [(folder, slices added)] for the run's description."""
     from . import data
     root = data.data_root(a.data)
-    splits = data.default_splits(root)
+    folds, fold = getattr(a, "folds", 0) or 0, getattr(a, "fold", 0) or 0
+    splits = data.fold_splits(root, folds, fold) if folds else data.default_splits(root)
     if getattr(a, "semiseg_renderings", False):
         splits = data.with_semiseg_renderings(splits, root)
     cases = []
@@ -121,15 +131,17 @@ def cmd_evaluate(a):
     from .inference import Predictor, select_device
     from .train import _score
 
-    if a.semiseg_renderings and (a.dataset, a.split) != ("medseg100", "val"):
-        raise SystemExit("--semiseg-renderings goes with --split val (the validation images "
-                         "`train --semiseg-renderings` selects by)")
+    as_trained = a.semiseg_renderings or a.folds
+    if as_trained and (a.dataset, a.split) != ("medseg100", "val"):
+        raise SystemExit("--semiseg-renderings and --folds go with --split val (the validation images "
+                         "`train` selects by with the same options)")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
-    samples = (_training_splits(a)[0]["val"] if a.semiseg_renderings
+    samples = (_training_splits(a)[0]["val"] if as_trained
                else load_split(data, a.data, a.dataset, a.split))
     predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta)
     res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays, min_lesion_mm2=a.min_lesion_mm2)
-    print(f"{meta['name']} on {a.dataset}/{a.split}" + (" + renderings" if a.semiseg_renderings else "")
+    print(f"{meta['name']} on {a.dataset}/{a.split}" + (f" (fold {a.fold} of {a.folds})" if a.folds else "")
+          + (" + renderings" if a.semiseg_renderings else "")
           + (" (flip TTA)" if predictor.flip_tta else "")
           + (f" (lesion islands < {res['min_lesion_mm2']:g} mm² removed)" if res["min_lesion_mm2"] else ""))
     print(format_table(res))
@@ -141,7 +153,8 @@ def cmd_evaluate(a):
         write_json(res, a.json, {"checkpoint": meta["name"], "sha256": meta["sha256"],
                                  "dataset": a.dataset, "split": a.split, "flip_tta": predictor.flip_tta,
                                  "min_lesion_mm2": res["min_lesion_mm2"],
-                                 "semiseg_renderings": bool(a.semiseg_renderings)})
+                                 "semiseg_renderings": bool(a.semiseg_renderings),
+                                 "fold": [a.fold, a.folds] if a.folds else None})
 
 
 def load_split(data, root, dataset, split):
@@ -269,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--semiseg-renderings", action="store_true",
                    help="with --split val: add the COVID-SemiSeg renderings of the validation "
                         "slices, as `train --semiseg-renderings` validates")
+    _add_fold_args(e)
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--overlays", help="write prediction-vs-GT PNGs into this folder")
     e.add_argument("--device", default="auto")
