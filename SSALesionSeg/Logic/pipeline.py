@@ -66,7 +66,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     between stages and batches and raises :class:`Cancelled` when it returns True.
     """
     from ssanet.inference import Predictor, select_device
-    from ssanet.postprocess import check_min_lesion_mm2, checkpoint_min_lesion_mm2
+    from ssanet.postprocess import effective_min_lesion_mm2
 
     report = progress or (lambda stage, fraction: None)
 
@@ -77,14 +77,13 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     timings = {}
     ct = validate_ct(ct, source)
     dev = select_device(device)
-    if min_lesion_mm2 is not None:
-        min_lesion_mm2 = check_min_lesion_mm2(min_lesion_mm2)
     check_cancel()
 
     t = time.perf_counter()
     report("model", 0.0)
     net, meta = model if model is not None else load_model(checkpoint)
     report("model", 1.0)
+    min_lesion_mm2 = effective_min_lesion_mm2(meta, min_lesion_mm2)
     timings["model"] = time.perf_counter() - t
     check_cancel()
 
@@ -103,8 +102,6 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     t = time.perf_counter()
     class_names = list(meta.get("class_names") or ["background", "ggo", "consolidation"])
     predictor = Predictor.for_checkpoint(net, meta, dev, batch_size, flip_tta)
-    if min_lesion_mm2 is None:
-        min_lesion_mm2 = checkpoint_min_lesion_mm2(meta)
     labels_arr, conf_arr, n_slices = _lesions(ct, lungs_img, predictor, meta, min_lesion_mm2, save_probability,
                                               lambda f: report("lesions", f), check_cancel)
     labels_img = image_like(labels_arr, ct)

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import metrics
 from .inference import Predictor, predict_slices
-from .postprocess import check_min_lesion_mm2, checkpoint_min_lesion_mm2, labels_from_probabilities
+from .postprocess import effective_min_lesion_mm2, labels_from_probabilities
 
 MULTICLASS_MAP = {"infection": (1, 2), "ggo": (1,), "consolidation": (2,)}
 BINARY_MAP = {"infection": (1,)}
@@ -37,8 +37,7 @@ def evaluate_samples(predictor: Predictor, samples, meta: dict, batch_size: int 
     Returns {"n_slices", "classes": {name: {dsc, hd95_mm, mae, nsd_3mm, dsc_pooled}}, "per_slice",
     "min_lesion_mm2"}.
     """
-    min_lesion_mm2 = (checkpoint_min_lesion_mm2(meta) if min_lesion_mm2 is None
-                      else check_min_lesion_mm2(min_lesion_mm2))
+    min_lesion_mm2 = effective_min_lesion_mm2(meta, min_lesion_mm2)
     cmap = class_map_for(meta)
     binary = cmap is BINARY_MAP
     per_slice = []

@@ -20,6 +20,11 @@ def checkpoint_min_lesion_mm2(meta: dict | None) -> float:
     return float(((meta or {}).get("inference") or {}).get("min_lesion_mm2", 0.0) or 0.0)
 
 
+def effective_min_lesion_mm2(meta: dict | None, override=None) -> float:
+    """``override`` when given (checked), else what the checkpoint records."""
+    return checkpoint_min_lesion_mm2(meta) if override is None else check_min_lesion_mm2(override)
+
+
 def check_min_lesion_mm2(value) -> float:
     value = float(value)
     if not np.isfinite(value) or value < 0:
