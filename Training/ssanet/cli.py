@@ -171,7 +171,7 @@ def load_split(data, root, dataset, split):
 
 
 def add_min_lesion_arg(parser) -> None:
-    """``--min-lesion-mm2``, shared by evaluate, segment and bench."""
+    """``--min-lesion-mm2``, shared by `evaluate` and `segment`."""
     parser.add_argument("--min-lesion-mm2", type=_min_lesion_mm2, default=None, metavar="MM2",
                         help="remove lesion islands smaller than this area in each slice (mm²; "
                              "0 keeps all; default: what the checkpoint records)")
