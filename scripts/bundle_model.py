@@ -1,9 +1,12 @@
 """Bundle a trained checkpoint as the default model (half-precision storage + registry entry).
 
     python scripts/bundle_model.py runs/default256/best.safetensors [--name NAME] [--test-json EVAL.json] [--flip-tta]
+    python scripts/bundle_model.py runs/x/best.safetensors --out runs/x/candidate.safetensors [--flip-tta]
 
 Writes SSALesionSeg/Resources/Models/<name>.safetensors and records its SHA-256 in
-models.json (verified by ssanet.checkpoint at every load). The model card beside it is
+models.json (verified by ssanet.checkpoint at every load). With --out it writes the same
+half-precision file there instead and leaves the bundle and models.json alone (a candidate,
+to be validated exactly as it would be shipped). The model card beside it is
 written by hand from the run's config and the evaluation JSON.
 """
 import argparse
@@ -20,6 +23,7 @@ def main(argv=None):
     p.add_argument("--test-json", help="evaluate JSON of this checkpoint on the test split, stored in the header")
     p.add_argument("--flip-tta", action="store_true",
                    help="record that inference averages with the mirrored prediction (meta['inference'])")
+    p.add_argument("--out", help="write the file here and leave the bundled model and models.json alone")
     a = p.parse_args(argv)
     model, meta = ckpt.load_checkpoint(a.checkpoint)
     for k in ("path", "name", "sha256", "format", "model", "storage_dtype"):
@@ -28,6 +32,10 @@ def main(argv=None):
     meta["inference"] = {"flip_tta": bool(a.flip_tta)}
     if a.test_json:
         meta["test_metrics"] = json.loads(Path(a.test_json).read_text())["classes"]
+    if a.out:
+        digest = ckpt.save_checkpoint(a.out, model, meta, half=True)
+        print(f"{a.out} ({Path(a.out).stat().st_size / 1e6:.1f} MB) sha256 {digest}")
+        return
     out = ckpt.MODELS_DIR / f"{a.name}.safetensors"
     digest = ckpt.save_checkpoint(out, model, meta, half=True)
     registry = {"models": [{"name": a.name, "file": out.name, "sha256": digest, "default": True,

@@ -101,6 +101,27 @@ def _synthetic_slices(n, size=64):
     return out
 
 
+def test_worker_processes_give_the_same_augmented_batches():
+    from ssanet.data import SliceDataset
+    from ssanet.train import loader_workers
+    ds = SliceDataset(_synthetic_slices(6), size=64, augment=True, seed=3, num_classes=3)
+    cfg = TrainConfig(batch_size=2)
+
+    def epoch_batches(workers, epoch):
+        ds.set_epoch(epoch)
+        return [b for b in make_loader(ds, cfg, torch.Generator().manual_seed(0), workers)]
+
+    for epoch in (0, 1):
+        inline, two = epoch_batches(0, epoch), epoch_batches(2, epoch)
+        assert len(inline) == len(two) == 3
+        for (xa, ya), (xb, yb) in zip(inline, two):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(epoch_batches(0, 0)[0][0], epoch_batches(0, 1)[0][0])   # augmentation varies
+    assert loader_workers(TrainConfig(), torch.device("cpu")) == 0
+    assert loader_workers(TrainConfig(workers=3), torch.device("cpu")) == 3
+    assert 0 <= loader_workers(TrainConfig(), torch.device("cuda")) <= 4
+
+
 def test_init_fine_tunes_from_the_checkpoint_weights(tmp_path):
     from ssanet.model import SSANet
     torch.set_num_threads(1)

@@ -63,6 +63,9 @@ def _add_train_args(p):
     _add_fold_args(p)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--workers", type=int, default=d.workers, metavar="N",
+                   help="processes that augment the training slices (default -1: none on a CPU, up to 4 "
+                        "on a GPU; the batches are the same for any N)")
     p.add_argument("--no-amp", dest="amp", action="store_false",
                    help="train in float32 (default: float16 autocast on CUDA, bfloat16 on CPUs with bf16)")
     p.add_argument("--time-limit-min", type=float, default=0.0,
