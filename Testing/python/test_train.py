@@ -107,16 +107,23 @@ def test_worker_processes_give_the_same_augmented_batches():
     ds = SliceDataset(_synthetic_slices(6), size=64, augment=True, seed=3, num_classes=3)
     cfg = TrainConfig(batch_size=2)
 
-    def epoch_batches(workers, epoch):
+    def batches(loader, epoch):
         ds.set_epoch(epoch)
-        return [b for b in make_loader(ds, cfg, torch.Generator().manual_seed(0), workers)]
+        return list(loader)
 
-    for epoch in (0, 1):
-        inline, two = epoch_batches(0, epoch), epoch_batches(2, epoch)
-        assert len(inline) == len(two) == 3
-        for (xa, ya), (xb, yb) in zip(inline, two):
+    inline = make_loader(ds, cfg, torch.Generator().manual_seed(0), 0)
+    pool = make_loader(ds, cfg, torch.Generator().manual_seed(0), 2)
+    assert pool.persistent_workers
+    for epoch in (0, 1, 2):     # the same two worker processes serve every epoch
+        a, b = batches(inline, epoch), batches(pool, epoch)
+        assert len(a) == len(b) == 3
+        for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert not torch.equal(epoch_batches(0, 0)[0][0], epoch_batches(0, 1)[0][0])   # augmentation varies
+    fresh = make_loader(ds, cfg, torch.Generator().manual_seed(0), 0)
+    x0 = batches(fresh, 0)[0][0]
+    fresh = make_loader(ds, cfg, torch.Generator().manual_seed(0), 0)
+    x1 = batches(fresh, 1)[0][0]
+    assert not torch.equal(x0, x1)                             # augmentation follows the epoch
     assert loader_workers(TrainConfig(), torch.device("cpu")) == 0
     assert loader_workers(TrainConfig(workers=3), torch.device("cpu")) == 3
     assert 0 <= loader_workers(TrainConfig(), torch.device("cuda")) <= 4

@@ -650,8 +650,9 @@ class SliceDataset(_TorchDataset):
     unlabeled samples. Resizing happens once here (bilinear image, nearest masks).
 
     With ``augment`` every item is augmented with a generator seeded by
-    ``(seed, epoch, index)``: call :meth:`set_epoch` before each epoch. DataLoader workers
-    copy the dataset when an epoch's iterator starts, so do not use persistent workers.
+    ``(seed, epoch, index)``: call :meth:`set_epoch` before each epoch. An item can also be
+    asked for as ``ds[(epoch, index)]``; ``ssanet.train.make_loader`` does so, so that
+    persistent DataLoader workers (which keep their copy of the dataset) follow the epoch.
     """
 
     def __init__(self, samples, size: int = 256, augment: bool = False, seed: int = 0,
@@ -679,15 +680,17 @@ class SliceDataset(_TorchDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def arrays(self, index: int):
-        """(image float32, lung bool, label uint8 / None) of item ``index`` as fed to the model."""
+    def arrays(self, index):
+        """(image float32, lung bool, label uint8 / None) of item ``index`` (or
+        ``(epoch, index)``) as fed to the model."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         image, lung, label = self.images[index], self.lungs[index], self.labels[index]
         if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            rng = np.random.default_rng([self.seed, int(epoch), int(index)])
             image, lung, label = augment_slice(image, lung, label, rng, self.augment_config)
         return image, lung, label
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
         import torch
 
         image, lung, label = self.arrays(index)

@@ -175,19 +175,40 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` for the indices of ``base``, with the dataset's epoch read
+    in the main process when an epoch's iteration starts: workers that persist from one
+    epoch to the next still augment with the right epoch's seed."""
+
+    def __init__(self, base, ds):
+        self.base, self.ds = base, ds
+
+    def __iter__(self):
+        epoch = getattr(self.ds, "epoch", 0)
+        return ((epoch, i) for i in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
 def make_loader(ds, cfg: TrainConfig, gen: torch.Generator, workers: int = 0) -> DataLoader:
     """Shuffled batches: one pass over ``ds`` per epoch, or with ``cfg.steps_per_epoch = N``
     a fixed budget of N batches whatever the set's size (the semi-supervised rounds grow
     from 46 to over 1600 slices), drawn from successive permutations of the set.
 
-    ``workers`` > 0 augments in that many processes; the batches are the same as with none,
-    since each item's augmentation is seeded by (seed, epoch, index), not by the process."""
-    common = dict(batch_size=cfg.batch_size, num_workers=workers)
+    ``workers`` > 0 augments in that many persistent processes; the batches are the same as
+    with none, since each item's augmentation is seeded by (seed, epoch, index). Items are
+    asked for as ``ds[(epoch, index)]`` when ``ds`` has an epoch (:class:`SliceDataset`)."""
     if cfg.steps_per_epoch > 0:
-        sampler = torch.utils.data.RandomSampler(ds, num_samples=cfg.steps_per_epoch * cfg.batch_size,
-                                                 generator=gen)
-        return DataLoader(ds, sampler=sampler, drop_last=True, **common)
-    return DataLoader(ds, shuffle=True, drop_last=len(ds) > cfg.batch_size, generator=gen, **common)
+        base = torch.utils.data.RandomSampler(ds, num_samples=cfg.steps_per_epoch * cfg.batch_size,
+                                              generator=gen)
+        drop_last = True
+    else:
+        base = torch.utils.data.RandomSampler(ds, generator=gen)
+        drop_last = len(ds) > cfg.batch_size
+    sampler = _EpochSampler(base, ds) if hasattr(ds, "set_epoch") else base
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=workers, persistent_workers=workers > 0)
 
 
 # settings that may change when a run is resumed (they do not change what is learned)
