@@ -309,7 +309,7 @@ def test_folds_validate_every_labeled_slice_once_and_keep_renderings_together(da
         data.fold_splits(data_root, 5, 5)
 
 
-def test_train_and_evaluate_take_the_fold(data_root, tmp_path, monkeypatch):
+def test_train_and_evaluate_take_the_fold(data_root, tmp_path, monkeypatch, capsys):
     from ssanet import cli
     seen = {}
 
@@ -321,3 +321,7 @@ def test_train_and_evaluate_take_the_fold(data_root, tmp_path, monkeypatch):
     assert seen["val"] == [s.id for s in data.fold_splits(data_root, 5, 2)["val"]]
     with pytest.raises(SystemExit, match="--folds go with --split val"):
         cli_main(["evaluate", "--data", str(data_root), "--split", "test", "--folds", "5", "--fold", "2"])
+    seen.clear()
+    for cmd in (["train", "--out", str(tmp_path / "f3")], ["evaluate", "--split", "val"]):
+        assert cli_main([*cmd, "--data", str(data_root), "--fold", "2"]) == 2
+    assert "--fold 2 needs --folds K" in capsys.readouterr().err and not seen

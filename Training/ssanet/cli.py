@@ -95,13 +95,23 @@ def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
     return cfg
 
 
+def _folds_of(a) -> tuple[int, int]:
+    """(K, I) of --folds K --fold I; 0, 0 for the standard split. --fold without --folds is
+    refused rather than silently ignored."""
+    folds, fold = getattr(a, "folds", 0) or 0, getattr(a, "fold", 0) or 0
+    if fold and not folds:
+        raise ValueError(f"--fold {fold} needs --folds K (the number of parts); without --folds the "
+                         "standard split is used and --fold would be ignored")
+    return folds, fold
+
+
 def _training_splits(a) -> tuple[dict, list]:
     """train / val / test as `train` uses them: the default split, plus COVID-SemiSeg's own
     renderings with ``--semiseg-renderings`` and the exported cases of ``--cases`` (added to
     train); also returns [(folder, slices added)] for the run's description."""
     from . import data
     root = data.data_root(a.data)
-    folds, fold = getattr(a, "folds", 0) or 0, getattr(a, "fold", 0) or 0
+    folds, fold = _folds_of(a)
     splits = data.fold_splits(root, folds, fold) if folds else data.default_splits(root)
     if getattr(a, "semiseg_renderings", False):
         splits = data.with_semiseg_renderings(splits, root)
@@ -134,7 +144,7 @@ def cmd_evaluate(a):
     from .inference import Predictor, select_device
     from .train import _score
 
-    as_trained = a.semiseg_renderings or a.folds
+    as_trained = a.semiseg_renderings or _folds_of(a)[0]
     if as_trained and (a.dataset, a.split) != ("medseg100", "val"):
         raise SystemExit("--semiseg-renderings and --folds go with --split val (the validation images "
                          "`train` selects by with the same options)")
