@@ -5,9 +5,10 @@
 #
 #   OUT=<folder> scripts/gpu_round.sh
 #
-# Reads the data from $SSALESIONSEG_DATA (default .devdata/data). Runs with a python3 that
-# has PyTorch; ssanet is taken from Training/ (no install). If SimpleITK is missing, a
-# stand-in that reads the one NIfTI file training needs may be put on PYTHONPATH.
+# Reads the data from $SSALESIONSEG_DATA (default .devdata/data: medseg100/ and
+# covid-semiseg/Dataset/TrainingSet/MultiClassInfection-Train/ are all it needs). Runs with a
+# python3 that has PyTorch, NumPy, SciPy, scikit-image and safetensors; ssanet is taken from
+# Training/ (no install) and reads MedSeg's NIfTI labels without SimpleITK when it is absent.
 # What comes back in $OUT: the chosen candidate in 15 MiB parts (candidate.part.*; join with
 # cat), and round.tar.gz (logs, configs, validation JSONs, throughput, SHA-256 of the parts).
 # Settings for a dry run on a CPU: DEVICE=cpu SIZE=64 EPOCHS=2 SAD_START=1 SEEDS="0 1".

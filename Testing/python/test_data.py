@@ -530,3 +530,26 @@ def test_semiseg_renderings_keep_validation_slices_out_of_training(data_root):
         ref = by_slice[c.meta["medseg_slice"]].label
         for k in (1, 2):   # a few MedSeg lesion pixels lie outside the crop
             assert (c.label == k).sum() == pytest.approx((ref == k).sum(), rel=0.005, abs=5)
+
+
+@pytest.mark.parametrize("dtype, gz", [(np.uint8, True), (np.int16, False), (np.float32, True)])
+def test_nifti_fallback_reader_matches_simpleitk(tmp_path, dtype, gz):
+    sitk = pytest.importorskip("SimpleITK")
+    arr = (np.arange(5 * 4 * 3).reshape(5, 4, 3) * 7 % 251).astype(dtype)   # (k, j, i) for SimpleITK
+    path = tmp_path / ("v.nii.gz" if gz else "v.nii")
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    got = D.read_nifti_raw(path)
+    assert got.shape == (3, 4, 5) and got.dtype == dtype
+    assert np.array_equal(got, np.transpose(arr, (2, 1, 0)))
+    (tmp_path / "bad.nii").write_bytes(b"\0" * 400)
+    with pytest.raises(ValueError, match="not a NIfTI-1 file"):
+        D.read_nifti_raw(tmp_path / "bad.nii")
+
+
+def test_medseg_labels_load_without_simpleitk(data_root, monkeypatch):
+    path = str(data_root / "medseg100" / "tr_mask.nii.gz")
+    with_sitk = D._medseg_label_volume.__wrapped__(path)
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)            # import SimpleITK -> ImportError
+    without = D._medseg_label_volume.__wrapped__(path)
+    assert without.shape == (512, 512, 100) and np.array_equal(with_sitk, without)
+    assert set(np.unique(without)) <= {0, 1, 2, 3}

@@ -157,12 +157,50 @@ def _read_split_csv(root: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+_NIFTI_DTYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64,
+                 256: np.int8, 512: np.uint16, 768: np.uint32}
+
+
+def read_nifti_raw(path) -> np.ndarray:
+    """The voxel array of a NIfTI-1 file (.nii / .nii.gz) in raw array order (i, j, k, ...),
+    scaled by scl_slope / scl_inter when set; no orientation is applied. A fallback for the
+    one NIfTI file training reads (MedSeg's labels) where SimpleITK is not installed (e.g.
+    a bare GPU image); everything else reads images through SimpleITK."""
+    import gzip
+    import struct
+
+    path = str(path)
+    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
+        raw = f.read()
+    for end in "<>":
+        if len(raw) >= 348 and struct.unpack(end + "i", raw[:4])[0] == 348:
+            break
+    else:
+        raise ValueError(f"{path} is not a NIfTI-1 file (header size is not 348)")
+    dim = struct.unpack(end + "8h", raw[40:56])
+    code = struct.unpack(end + "h", raw[70:72])[0]
+    if code not in _NIFTI_DTYPES:
+        raise ValueError(f"{path}: NIfTI data type {code} is not supported here; install SimpleITK")
+    offset = int(struct.unpack(end + "f", raw[108:112])[0])
+    slope, inter = struct.unpack(end + "2f", raw[112:120])
+    shape = tuple(int(n) for n in dim[1:1 + dim[0]])
+    arr = np.frombuffer(raw, np.dtype(_NIFTI_DTYPES[code]).newbyteorder(end), int(np.prod(shape)), offset)
+    arr = arr.reshape(shape, order="F")
+    if slope not in (0.0, 1.0) or inter != 0.0:
+        arr = arr * slope + inter
+    return arr
+
+
 @functools.lru_cache(maxsize=2)
 def _medseg_label_volume(path: str) -> np.ndarray:
     """Raw-array-order label volume (i, j, k) as in the NIfTI file, read-only, uint8."""
-    import SimpleITK as sitk
-    arr = sitk.GetArrayFromImage(sitk.ReadImage(path))  # (k, j, i)
-    vol = np.ascontiguousarray(np.transpose(arr, (2, 1, 0))).astype(np.uint8)
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        arr = read_nifti_raw(path)
+    else:
+        arr = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(path)), (2, 1, 0))  # (k, j, i) -> (i, j, k)
+    vol = np.ascontiguousarray(arr).astype(np.uint8)
     vol.flags.writeable = False  # shared by the cache
     return vol
 
