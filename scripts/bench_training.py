@@ -2,8 +2,8 @@
 
     python scripts/bench_training.py [--device auto] [--size 512] [--batch-sizes 4 8] [--steps 20] [--json OUT]
 
-Training: full steps of the multi-class network as `ssalesionseg train` runs them (same
-mixed precision, SAD loss on, AdamW, GradScaler), on random inputs, after warm-up steps;
+Training: `ssanet.train.train_step`, the step `ssalesionseg train` runs (same mixed
+precision, SAD loss on, AdamW, GradScaler), on random inputs, after warm-up steps;
 images per second. Inference: `ssanet.inference.Predictor` (the code `evaluate`, `segment`
 and the Slicer module use) with and without flip TTA; slices per second. Prints one JSON
 object (also written to --json). The numbers are the model's alone: data loading and
@@ -20,7 +20,7 @@ import torch
 from ssanet.inference import Predictor, select_device
 from ssanet.losses import SSANetLoss
 from ssanet.model import SSANet
-from ssanet.train import autocast_dtype
+from ssanet.train import autocast_dtype, train_step
 
 
 def _sync(device):
@@ -41,13 +41,7 @@ def train_images_per_s(device, size, batch, steps, warmup=3):
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits, stages = model(x, return_attention=True)
-        terms = loss_fn(logits.float(), y, [s.float() for s in stages], epoch=1)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(terms["total"]).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(model, x, y, loss_fn, opt, scaler, 1, amp)
     _sync(device)
     return batch * steps / (time.perf_counter() - t0)
 

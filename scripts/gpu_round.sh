@@ -80,13 +80,10 @@ for p in "${pids[@]}"; do wait "$p" || say "a validation failed (pid $p)"; done
 best=$(python3 - "$work" $seeds <<'EOF'
 import json, sys
 from pathlib import Path
+from ssanet.train import _score          # the validation score train selects by
 work, seeds = Path(sys.argv[1]), sys.argv[2:]
-scores = {}
-for s in seeds:
-    p = work / f"val_s{s}.json"
-    if p.is_file():
-        classes = json.loads(p.read_text())["classes"]
-        scores[s] = sum(c["dsc_pooled"] for c in classes.values()) / len(classes)
+scores = {s: _score(json.loads((work / f"val_s{s}.json").read_text()))
+          for s in seeds if (work / f"val_s{s}.json").is_file()}
 (work / "val_scores.json").write_text(json.dumps(scores, indent=1))
 if not scores and len(seeds) == 1 and (work / f"s{seeds[0]}" / "candidate.safetensors").is_file():
     print(seeds[0])          # SKIP_EVAL with one run: validated after the call

@@ -211,6 +211,21 @@ def make_loader(ds, cfg: TrainConfig, gen: torch.Generator, workers: int = 0) ->
                       num_workers=workers, persistent_workers=workers > 0)
 
 
+def train_step(model, x, y, loss_fn, opt, scaler, epoch: int, amp_dtype) -> dict:
+    """One optimizer step on the batch (x, y) (already on the model's device): forward under
+    autocast with ``amp_dtype`` (None: float32), loss in float32, scaled backward, step.
+    Returns the loss terms. `train` runs this; scripts/bench_training.py times it."""
+    with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits, stages = model(x, return_attention=True)
+    terms = loss_fn(logits.float(), y, [s.float() for s in stages], epoch)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(terms["total"]).backward()
+    scaler.step(opt)
+    scaler.update()
+    return terms
+
+
 # settings that may change when a run is resumed (they do not change what is learned)
 _RUN_ONLY = ("time_limit_min", "device", "workers")
 
@@ -304,15 +319,7 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         for step, (x, y) in enumerate(it):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + step)
-            x, y = x.to(device), y.to(device)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                logits, stages = model(x, return_attention=True)
-            terms = loss_fn(logits.float(), y, [s.float() for s in stages], epoch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(terms["total"]).backward()
-            scaler.step(opt)
-            scaler.update()
+            terms = train_step(model, x.to(device), y.to(device), loss_fn, opt, scaler, epoch, amp_dtype)
             if ema:
                 ema.update(model)
             for k in sums:
