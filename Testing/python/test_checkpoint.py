@@ -145,3 +145,89 @@ def test_average_refuses_different_networks_or_one_file(tmp_path):
         ckpt.average_checkpoints([pa, pb])
     with pytest.raises(ckpt.CheckpointError, match="at least two"):
         ckpt.average_checkpoints([pa])
+
+
+def _perturbed(seed):
+    m = _small()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_int8_storage_is_half_of_float16_and_within_one_step_per_channel(tmp_path):
+    m = _perturbed(1)
+    bn = m.decoder.blocks[0].reduce[1]
+    bn.running_var.fill_(3e20)           # BatchNorm statistics stay float32, as in float16 files
+    ckpt.save_checkpoint(tmp_path / "h.safetensors", m, half=True)
+    ckpt.save_checkpoint(tmp_path / "q.safetensors", m, storage="int8")
+    assert (tmp_path / "q.safetensors").stat().st_size < 0.6 * (tmp_path / "h.safetensors").stat().st_size
+    m2, meta = ckpt.load_checkpoint(tmp_path / "q.safetensors")
+    assert meta["storage_dtype"] == "int8"
+    ref, got = m.state_dict(), m2.state_dict()
+    assert set(ref) == set(got) and all(v.dtype == ref[k].dtype for k, v in got.items())
+    kernel = "encoder.stem.0.weight" if "encoder.stem.0.weight" in ref else next(
+        k for k, v in ref.items() if v.dim() == 4)
+    w, wq = ref[kernel], got[kernel]
+    half_step = w.abs().reshape(w.shape[0], -1).amax(1) / 127 / 2
+    assert ((w - wq).abs().reshape(w.shape[0], -1).amax(1) <= half_step * 1.001).all()
+    assert not torch.equal(w, wq)        # it really was quantized
+    assert torch.equal(got["decoder.blocks.0.reduce.1.running_var"], bn.running_var)
+    plain = _small()                     # a network with sane activations predicts as before
+    ckpt.save_checkpoint(tmp_path / "p.safetensors", plain, storage="int8")
+    plain2, _ = ckpt.load_checkpoint(tmp_path / "p.safetensors")
+    x = torch.rand(2, 2, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(plain(x), 1), torch.softmax(plain2(x), 1), atol=2e-2)
+    with pytest.raises(ValueError, match="storage"):
+        ckpt.save_checkpoint(tmp_path / "x.safetensors", m, storage="int4")
+
+
+@pytest.mark.parametrize("num_classes", [3, 1])
+def test_ensemble_predicts_the_mean_of_its_members_probabilities(tmp_path, num_classes):
+    from ssanet.model import probabilities
+
+    members = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        members.append(SSANet(2, num_classes, layers=(1, 1, 1, 1), sc_kernel_size=3).eval())
+    paths = []
+    for i, m in enumerate(members):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        ckpt.save_checkpoint(paths[-1], m, {"preprocessing": {"size": 64}, "val_metrics": {"x": i},
+                                            "inference": {"flip_tta": True}})
+    ens, meta = ckpt.ensemble_checkpoints(paths)
+    assert [e["name"] for e in meta["training"]["ensemble_of"]] == ["m0.safetensors", "m1.safetensors"]
+    assert "val_metrics" not in meta and meta["inference"] == {"flip_tta": True}
+    x = torch.rand(3, 2, 64, 64)
+    with torch.no_grad():
+        want = (probabilities(members[0](x)) + probabilities(members[1](x))) / 2
+        torch.testing.assert_close(probabilities(ens(x)), want, atol=1e-5, rtol=1e-4)
+        out = tmp_path / "ens.safetensors"
+        ckpt.save_checkpoint(out, ens, meta)
+        again, meta2 = ckpt.load_checkpoint(out)
+        assert meta2["ensemble"] == {"members": 2} and ckpt.is_ensemble(meta2)
+        torch.testing.assert_close(probabilities(again(x)), want, atol=1e-5, rtol=1e-4)
+
+
+def test_ensemble_refusals(tmp_path):
+    pa, pb, pc = (tmp_path / f"{n}.safetensors" for n in "abc")
+    ckpt.save_checkpoint(pa, _small())
+    ckpt.save_checkpoint(pb, _perturbed(3))
+    ckpt.save_checkpoint(pc, SSANet(2, 1, layers=(1, 1, 1, 1), sc_kernel_size=3).eval())
+    with pytest.raises(ckpt.CheckpointError, match="differs"):
+        ckpt.ensemble_checkpoints([pa, pc])
+    with pytest.raises(ckpt.CheckpointError, match="at least two"):
+        ckpt.ensemble_checkpoints([pa])
+    ens, meta = ckpt.ensemble_checkpoints([pa, pb])
+    pe = tmp_path / "ens.safetensors"
+    ckpt.save_checkpoint(pe, ens, meta)
+    # an ensemble is not nested, averaged or trained from
+    with pytest.raises(ckpt.CheckpointError, match="already an ensemble"):
+        ckpt.ensemble_checkpoints([pe, pa])
+    with pytest.raises(ckpt.CheckpointError, match="already an ensemble"):
+        ckpt.average_checkpoints([pa, pe])
+    _, emeta = ckpt.load_checkpoint(pe)
+    with pytest.raises(ckpt.CheckpointError, match=r"ensemble of 2 networks \(a.safetensors, b.safetensors\)"):
+        ckpt.require_single_network(emeta, "--init")

@@ -358,3 +358,37 @@ def test_bundle_script_out_writes_a_candidate_and_leaves_the_bundle_alone(tmp_pa
     assert meta["source_checkpoint_sha256"] == ckpt.sha256_of(src)
     assert ckpt.REGISTRY.read_text() == registry_before
     assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.MODELS_DIR.iterdir()) == bundled_before
+
+
+def test_ensemble_command_then_bundle_script_int8_and_no_training_from_it(tmp_path, capsys):
+    from ssanet.cli import main as cli_main
+    from ssanet.model import SSANet, probabilities
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        ckpt.save_checkpoint(paths[-1], SSANet(2, 3, layers=(1, 1, 1, 1), sc_kernel_size=3),
+                             {"preprocessing": {"size": 64}, "inference": {"flip_tta": True}})
+    ens = tmp_path / "ens.safetensors"
+    assert cli_main(["ensemble", *map(str, paths), "--out", str(ens), "--no-flip-tta"]) in (0, None)
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["members"] == 2 and printed["flip_tta"] is False and printed["storage"] == "float16"
+    with pytest.raises(SystemExit, match="exists"):
+        cli_main(["ensemble", *map(str, paths), "--out", str(ens)])
+    # bundled as int8 (as a candidate, so the real bundle is untouched): about half the size
+    cand = tmp_path / "cand.safetensors"
+    _script("bundle_model").main([str(ens), "--out", str(cand), "--storage", "int8"])
+    model, meta = ckpt.load_checkpoint(cand)
+    assert meta["storage_dtype"] == "int8" and meta["ensemble"] == {"members": 2}
+    assert meta["inference"] == {"flip_tta": False}
+    assert cand.stat().st_size < 0.6 * ens.stat().st_size
+    members = [ckpt.load_checkpoint(p)[0] for p in paths]
+    x = torch.rand(1, 2, 64, 64)
+    with torch.no_grad():
+        want = sum(probabilities(m(x)) for m in members) / 2
+        assert (probabilities(model(x)) - want).abs().max() < 2e-2
+    # fine-tuning starts from one network: the ensemble is refused with the reason
+    assert cli_main(["train", "--out", str(tmp_path / "ft"), "--init", str(ens), "--epochs", "1",
+                     "--size", "64", "--data", str(tmp_path)]) == 2
+    assert "ensemble of 2 networks (m0.safetensors, m1.safetensors)" in capsys.readouterr().err

@@ -20,9 +20,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import SSANet, SSANetConfig
+from .model import SSANet, SSANetConfig, SSANetEnsemble
 
 FORMAT = "ssanet-checkpoint/1"
+STORAGE_DTYPES = ("float32", "float16", "int8")
+INT8_SCALE = ".int8_scale"   # suffix of the per-output-channel scale of an int8 weight
 MODELS_DIR = Path(__file__).resolve().parents[2] / "SSALesionSeg" / "Resources" / "Models"
 REGISTRY = MODELS_DIR / "models.json"
 
@@ -39,30 +41,89 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path, model: SSANet, meta: dict | None = None, half: bool = False) -> str:
+def save_checkpoint(path, model: SSANet | SSANetEnsemble, meta: dict | None = None,
+                    half: bool = False, storage: str | None = None) -> str:
     """Write ``model`` + ``meta`` atomically; returns the file's SHA-256.
 
-    ``half=True`` stores floating-point weights as float16 (cast back to float32 at load
-    time) to keep bundled models small. BatchNorm running statistics stay float32: they are
-    tiny, and after the spatial convolution they can exceed float16's range.
+    ``storage`` (``half=True`` is ``"float16"``): ``"float16"`` stores floating-point
+    weights as float16, ``"int8"`` stores every kernel (convolution, transposed convolution;
+    the tensors of two or more dimensions) as int8 with one float32 scale per output channel
+    (symmetric, ``w ≈ q * scale``) and the rest as float16 — half the size again, for
+    ensembles. Everything is cast back to float32 at load time. BatchNorm running statistics
+    stay float32: they are tiny, and after the spatial convolution they can exceed float16's
+    range. An :class:`SSANetEnsemble` is recorded as ``meta["ensemble"]``.
     """
+    storage = storage or ("float16" if half else "float32")
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
     path = Path(path)
     meta = dict(meta or {})
     meta["format"] = FORMAT
     meta["model"] = model.config.to_dict()
     meta.setdefault("class_names", default_class_names(model.config.num_classes))
+    if isinstance(model, SSANetEnsemble):
+        meta["ensemble"] = {"members": len(model.members)}
+    else:
+        meta.pop("ensemble", None)
     state = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
-        if half and v.is_floating_point() and not k.endswith(("running_mean", "running_var")):
-            v = v.half()
+        if storage != "float32" and v.is_floating_point() and not k.endswith(("running_mean", "running_var")):
+            if storage == "int8" and v.dim() >= 2:
+                v, state[k + INT8_SCALE] = _quantize_int8(v)
+            else:
+                v = v.half()
         state[k] = v
-    meta["storage_dtype"] = "float16" if half else "float32"
+    meta["storage_dtype"] = storage
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     save_file(state, str(tmp), metadata={"ssanet": json.dumps(meta)})
     os.replace(tmp, path)
     return sha256_of(path)
+
+
+def _quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel (dim 0) int8: returns (q, scale) with w ≈ q * scale."""
+    w = w.float()
+    amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale.view(-1, *([1] * (w.dim() - 1)))).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _dequantize(state: dict) -> dict:
+    """float32 tensors from a stored state: int8 kernels times their scales, the rest cast."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(INT8_SCALE):
+            continue
+        scale = state.get(k + INT8_SCALE)
+        if scale is not None:
+            v = v.float() * scale.float().view(-1, *([1] * (v.dim() - 1)))
+        out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
+def build_network(meta: dict) -> SSANet | SSANetEnsemble:
+    """The (untrained) network a checkpoint header describes: one SSA-Net or an ensemble."""
+    members = int((meta.get("ensemble") or {}).get("members", 1))
+    if members > 1:
+        return SSANetEnsemble(SSANet.from_config(meta["model"]) for _ in range(members))
+    return SSANet.from_config(meta["model"])
+
+
+def is_ensemble(meta: dict) -> bool:
+    return int((meta.get("ensemble") or {}).get("members", 1)) > 1
+
+
+def require_single_network(meta: dict, what: str) -> None:
+    """Training starts from one network: an ensemble checkpoint is refused with the reason."""
+    if is_ensemble(meta):
+        names = ", ".join(m.get("name", "?") for m in (meta.get("training") or {}).get("ensemble_of", []))
+        raise CheckpointError(
+            f"{what} {meta.get('path', '')} is an ensemble of {meta['ensemble']['members']} networks "
+            f"({names or 'members unnamed'}); training starts from one network: pass one of its "
+            "members' checkpoints instead")
 
 
 def default_class_names(num_classes: int) -> list[str]:
@@ -142,14 +203,14 @@ def load_checkpoint(path=None, expected_sha256: str | None = None,
             f"{path}: SHA-256 mismatch (file {digest[:12]}…, expected {expected[:12]}…). The file "
             "is corrupt or was replaced; restore it or pass the intended file with --checkpoint.")
     try:
-        model = SSANet.from_config(meta["model"])
+        model = build_network(meta)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid architecture config in header ({e})") from None
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt weights ({e})") from None
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    state = _dequantize(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -172,12 +233,7 @@ def average_checkpoints(paths) -> tuple[SSANet, dict]:
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
         raise CheckpointError("averaging needs at least two checkpoints")
-    models, metas = zip(*(load_checkpoint(p) for p in paths))
-    for key in ("model", "class_names", "preprocessing"):
-        for p, m in zip(paths[1:], metas[1:]):
-            if m.get(key) != metas[0].get(key):
-                raise CheckpointError(f"{p}: its {key} differs from {paths[0]}'s; only checkpoints "
-                                      "of the same network, classes and input can be averaged")
+    models, metas = _load_compatible(paths, "averaged")
     states = [m.state_dict() for m in models]
     avg = {}
     for k, v in states[0].items():
@@ -191,6 +247,38 @@ def average_checkpoints(paths) -> tuple[SSANet, dict]:
         {"name": m["name"], "sha256": m["sha256"], "epoch": (m.get("training") or {}).get("epoch"),
          "init_sha256": (m.get("training") or {}).get("init_sha256")} for m in metas]
     meta["training"] = training
+    return model, meta
+
+
+def _load_compatible(paths, verb: str):
+    """Load single-network checkpoints that share architecture, classes and preprocessing."""
+    models, metas = zip(*(load_checkpoint(p) for p in paths))
+    for p, m in zip(paths, metas):
+        if is_ensemble(m):
+            raise CheckpointError(f"{p} is already an ensemble of {m['ensemble']['members']} networks; "
+                                  f"only single networks can be {verb}")
+    for key in ("model", "class_names", "preprocessing"):
+        for p, m in zip(paths[1:], metas[1:]):
+            if m.get(key) != metas[0].get(key):
+                raise CheckpointError(f"{p}: its {key} differs from {paths[0]}'s; only checkpoints "
+                                      f"of the same network, classes and input can be {verb}")
+    return models, metas
+
+
+def ensemble_checkpoints(paths) -> tuple[SSANetEnsemble, dict]:
+    """An ensemble of independently trained checkpoints: their class probabilities are
+    averaged at inference (each member costs one forward pass). All must share architecture,
+    classes and preprocessing. Returns (ensemble in eval mode, meta of the first with
+    ``training.ensemble_of`` naming the members; their metrics are dropped)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise CheckpointError("an ensemble needs at least two checkpoints")
+    models, metas = _load_compatible(paths, "combined into an ensemble")
+    model = SSANetEnsemble(models).eval()
+    meta = {k: v for k, v in metas[0].items()
+            if k not in ("path", "name", "sha256", "val_metrics", "test_metrics", "training")}
+    meta["training"] = {"ensemble_of": [
+        {"name": m["name"], "sha256": m["sha256"], "training": m.get("training")} for m in metas]}
     return model, meta
 
 

@@ -127,6 +127,9 @@ def _training_splits(a) -> tuple[dict, list]:
 
 
 def cmd_train(a):
+    if a.init:   # refuse a checkpoint training cannot start from before the data are read
+        from . import checkpoint
+        checkpoint.require_single_network({**checkpoint.read_meta(a.init), "path": a.init}, "--init")
     splits, cases = _training_splits(a)
     cfg = _describe(_config_from_args(a), splits, cases)
     best = train_run(cfg, splits, a.out)
@@ -265,6 +268,21 @@ def cmd_average(a):
                       "val_pooled_dsc": {c: round(m["dsc_pooled"], 4) for c, m in val["classes"].items()}}))
 
 
+def cmd_ensemble(a):
+    from . import checkpoint
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise SystemExit(f"{out} exists; choose another --out (or --overwrite)")
+    model, meta = checkpoint.ensemble_checkpoints(a.checkpoints)
+    if a.flip_tta is not None:
+        meta["inference"] = {**(meta.get("inference") or {}), "flip_tta": a.flip_tta}
+    sha = checkpoint.save_checkpoint(out, model, meta, storage=a.storage)
+    print(json.dumps({"out": str(out), "sha256": sha, "members": len(a.checkpoints),
+                      "storage": a.storage, "size_mb": round(out.stat().st_size / 1e6, 1),
+                      "flip_tta": bool((meta.get("inference") or {}).get("flip_tta", False))}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssalesionseg", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -283,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--device", default="auto")
     av.add_argument("--overwrite", action="store_true")
     av.set_defaults(func=cmd_average)
+
+    en = sub.add_parser("ensemble", help="combine independently trained checkpoints into one file "
+                                         "whose class probabilities are averaged at inference")
+    en.add_argument("checkpoints", nargs="+", help="checkpoints of the same network, classes and input")
+    en.add_argument("--out", required=True, help="the ensemble checkpoint (.safetensors)")
+    en.add_argument("--storage", default="float16", choices=["float32", "float16", "int8"],
+                    help="weight storage (int8: kernels with per-channel scales, half of float16)")
+    flip = en.add_mutually_exclusive_group()
+    flip.add_argument("--flip-tta", dest="flip_tta", action="store_true", default=None,
+                      help="record that inference also runs the mirrored slice (default: as the first member)")
+    flip.add_argument("--no-flip-tta", dest="flip_tta", action="store_false")
+    en.add_argument("--overwrite", action="store_true")
+    en.set_defaults(func=cmd_ensemble)
 
     e = sub.add_parser("evaluate", help="DSC / HD95 / MAE / NSD per class on a split")
     _add_data_args(e)

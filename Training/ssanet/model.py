@@ -311,6 +311,32 @@ class SSANet(nn.Module):
         return logits
 
 
+class SSANetEnsemble(nn.Module):
+    """Several SSA-Nets of one architecture whose class probabilities are averaged.
+
+    ``forward(x)`` returns scores whose :func:`probabilities` are the members' mean
+    probabilities (the log of the mean for multi-class, its logit for binary), so the
+    predictor, evaluation, the CT pipeline and Slicer run an ensemble like one network.
+    Inference only: it has no attention maps to distil and cannot be trained as a whole.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two networks")
+        if any(m.config != members[0].config for m in members[1:]):
+            raise ValueError("the networks of an ensemble must share one architecture config")
+        self.config = members[0].config
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        mean = torch.stack([probabilities(m(x).float()) for m in self.members]).mean(0)
+        if self.config.num_classes == 1:
+            return torch.logit(mean[:, 1:], eps=1e-7)
+        return torch.log(mean.clamp_min(1e-12))
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities including background as channel 0, for binary and multi-class."""
     if logits.shape[1] == 1:

@@ -121,6 +121,7 @@ def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
     SHA-256. The checkpoint must be the same network with the same classes and the same
     input (lung blanking); its slice size may differ (the network is fully convolutional)."""
     loaded, meta = ckpt.load_checkpoint(cfg.init)
+    ckpt.require_single_network(meta, "--init")
     want = ckpt.default_class_names(cfg.num_classes)
     if meta.get("class_names") != want:
         raise ckpt.CheckpointError(
