@@ -388,7 +388,23 @@ def test_ensemble_command_then_bundle_script_int8_and_no_training_from_it(tmp_pa
     with torch.no_grad():
         want = sum(probabilities(m(x)) for m in members) / 2
         assert (probabilities(model(x)) - want).abs().max() < 2e-2
-    # fine-tuning starts from one network: the ensemble is refused with the reason
+    # fine-tuning starts from one network: the ensemble alone is refused with the reason ...
     assert cli_main(["train", "--out", str(tmp_path / "ft"), "--init", str(ens), "--epochs", "1",
                      "--size", "64", "--data", str(tmp_path)]) == 2
-    assert "ensemble of 2 networks (m0.safetensors, m1.safetensors)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ensemble of 2 networks (m0.safetensors, m1.safetensors)" in err and "--init-member K (0 to 1)" in err
+    for bad, why in (("2", "has members 0 to 1"), ):
+        assert cli_main(["train", "--out", str(tmp_path / "ft"), "--init", str(ens), "--init-member", bad,
+                         "--data", str(tmp_path)]) == 2
+        assert why in capsys.readouterr().err
+    assert cli_main(["train", "--out", str(tmp_path / "ft"), "--init", str(paths[0]), "--init-member", "0",
+                     "--data", str(tmp_path)]) == 2
+    assert "is a single network" in capsys.readouterr().err
+    # ... and --init-member K starts from exactly that member's weights
+    from ssanet.train import TrainConfig, load_init_weights
+    for k in (0, 1):
+        net = SSANet(2, 3, layers=(1, 1, 1, 1), sc_kernel_size=3)
+        sha = load_init_weights(net, TrainConfig(init=str(ens), init_member=k))
+        assert sha == ckpt.sha256_of(ens)
+        ref = ckpt.load_checkpoint(ens)[0].members[k].state_dict()
+        assert all(torch.equal(v, ref[n]) for n, v in net.state_dict().items())

@@ -44,6 +44,9 @@ def _add_train_args(p):
                    help="do not blank the CT channel outside the lung mask")
     p.add_argument("--init", default=d.init, metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights (same classes and input)")
+    p.add_argument("--init-member", type=int, default=d.init_member, metavar="K",
+                   help="with an ensemble checkpoint as --init (e.g. the bundled model): start from its "
+                        "K-th network (0-based); fine-tune each and recombine with `ssalesionseg ensemble`")
     p.add_argument("--cases", action="append", metavar="DIR",
                    help="add the CT cases in DIR (images/, labels/, lungs/: the Slicer module's "
                         "'Export as training case') to the training slices; repeatable")
@@ -129,7 +132,8 @@ def _training_splits(a) -> tuple[dict, list]:
 def cmd_train(a):
     if a.init:   # refuse a checkpoint training cannot start from before the data are read
         from . import checkpoint
-        checkpoint.require_single_network({**checkpoint.read_meta(a.init), "path": a.init}, "--init")
+        checkpoint.require_single_network({**checkpoint.read_meta(a.init), "path": a.init}, "--init",
+                                          a.init_member)
     splits, cases = _training_splits(a)
     cfg = _describe(_config_from_args(a), splits, cases)
     best = train_run(cfg, splits, a.out)

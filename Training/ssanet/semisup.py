@@ -643,7 +643,7 @@ def adopt_checkpoint(path, val, dst, device="cpu") -> dict:
     from .inference import Predictor
 
     model, meta = ckpt.load_checkpoint(path)
-    ckpt.require_single_network(meta, "--init")
+    ckpt.require_single_network(meta, "--init", member_option=False)
     if meta.get("class_names") != ckpt.default_class_names(NUM_CLASSES):
         raise ckpt.CheckpointError(f"--init {path}: the loop needs a GGO/consolidation model, "
                                    f"this one has classes {meta.get('class_names')}")

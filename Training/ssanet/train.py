@@ -56,6 +56,7 @@ class TrainConfig:
     workers: int = -1                        # DataLoader worker processes; -1: 0 on CPU, up to 4 on a GPU
     nominal_spacing_mm: float = 0.7
     init: str = ""                           # fine-tune: start from this checkpoint's weights
+    init_member: int = -1                    # with an ensemble as --init: which of its networks
     dice_per_slice: bool = False             # Dice per slice and class, then the mean (default: batch sums)
     ema: float = 0.0                         # 0 = off; else decay of an exponential moving average of
                                              # the weights, which is what is validated and saved
@@ -121,7 +122,9 @@ def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
     SHA-256. The checkpoint must be the same network with the same classes and the same
     input (lung blanking); its slice size may differ (the network is fully convolutional)."""
     loaded, meta = ckpt.load_checkpoint(cfg.init)
-    ckpt.require_single_network(meta, "--init")
+    ckpt.require_single_network(meta, "--init", cfg.init_member)
+    if ckpt.is_ensemble(meta):
+        loaded = loaded.members[cfg.init_member]
     want = ckpt.default_class_names(cfg.num_classes)
     if meta.get("class_names") != want:
         raise ckpt.CheckpointError(
