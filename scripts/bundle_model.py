@@ -20,7 +20,7 @@ from ssanet import checkpoint as ckpt
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
-    p.add_argument("--name", default="ssanet_ggo_consolidation_v5")
+    p.add_argument("--name", default="ssanet_ggo_consolidation_v6")
     p.add_argument("--test-json", help="evaluate JSON of this checkpoint on the test split, stored in the header")
     p.add_argument("--flip-tta", action="store_true",
                    help="record that inference averages with the mirrored prediction (meta['inference'])")

@@ -38,7 +38,7 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
     s.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average each slice's prediction with its mirror image (default: what the model "
-                        "records; the bundled model does: --no-flip-tta halves the lesion time)")
+                        "records; the bundled ensemble does not: --flip-tta doubles the lesion time)")
     add_min_lesion_arg(s)
     s.add_argument("--save-probability", action="store_true",
                    help="also write <name>_confidence.nrrd (max class probability)")
