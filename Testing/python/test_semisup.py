@@ -422,6 +422,17 @@ def test_cli_subcommands_parse():
     cfg = S.config_from_args(a)
     assert (cfg.t, cfg.trust, cfg.reweight, cfg.unlabeled_limit) == (20, False, True, 60)
     assert (cfg.train.size, cfg.train.epochs, cfg.train.sad_start_epoch) == (128, 15, 4)
+    assert (cfg.train.augment, cfg.semiseg_renderings) == ("standard", False)
+    c = S.config_from_args(p.parse_args(["semisup", "--out", "R", "--semiseg-renderings", "--augment", "strong",
+                                         "--workers", "2"]))
+    assert (c.semiseg_renderings, c.train.augment, c.train.workers) == (True, "strong", 2)
+    # workers change how a round trains, not what: a run may resume with another count
+    assert S._comparable(c.to_dict()) == S._comparable({**c.to_dict(), "train": {**c.to_dict()["train"], "workers": 0}})
+    # a state written before a setting existed compares at that setting's default
+    old = cfg.to_dict()
+    old.pop("semiseg_renderings")
+    old["train"].pop("init_member")
+    assert S._comparable(old) == S._comparable(cfg.to_dict())
     b = p.parse_args(["semisup-ablation", "--out", "R", "--no-reweight", "--patience", "3"])
     assert b.reweight is False and b.trust is True and b.patience == 3 and b.func is S.cmd_semisup_ablation
 
@@ -452,3 +463,14 @@ def test_prepare_pool_reads_each_slice_once_and_reuses_the_cache(tmp_path):
         assert a.spacing == pytest.approx(b.spacing)
     other = prepare_pool(recs[:2], 32, cache, log=lambda *_: None)   # other ids: recomputed
     assert Lazy.loads == 5 and [s.id for s in other] == ["u_00", "u_01"]
+
+
+def test_semiseg_renderings_join_the_labeled_set_and_validation(data_root):
+    from ssanet.cli import build_parser
+    a = build_parser().parse_args(["semisup", "--data", str(data_root), "--out", "R"])
+    _, plain, _ = S._load_data(a)
+    a.semiseg_renderings = True
+    _, both, pool = S._load_data(a)
+    crops = [s for s in both["train"] if s.source == "covid-semiseg"]
+    assert len(both["train"]) == 2 * len(plain["train"]) and len(crops) == len(plain["train"])
+    assert len(both["val"]) > len(plain["val"]) and len(pool) == 1600

@@ -63,8 +63,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .data import AUGMENT_PRESETS
 from .losses import class_weights, pixel_counts
-from .train import TrainConfig
+from .train import _RUN_ONLY, TrainConfig
 
 NUM_CLASSES = 3
 CLASS_NAMES = ("background", "ggo", "consolidation")
@@ -93,6 +94,7 @@ class SemiSupConfig:
     keep_last_checkpoints: bool = False  # last.safetensors/train_state.pt only serve mid-round resume
     init: str = ""                      # M1 = this supervised checkpoint (round 1 is not trained)
     warm_start: bool = False            # round r fine-tunes M_{r-1} instead of starting from scratch
+    semiseg_renderings: bool = False    # labeled set + validation also in COVID-SemiSeg's rendering
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -115,10 +117,15 @@ class SemiSupConfig:
 
 
 def _comparable(cfg_dict: dict) -> dict:
-    d = json.loads(json.dumps(cfg_dict))
+    # settings added after a run started are compared at their defaults (what the run used)
+    defaults = SemiSupConfig().to_dict()
+    d = {**defaults, **json.loads(json.dumps(cfg_dict))}
+    d["train"] = {**defaults["train"], **d.get("train", {})}
+    d = json.loads(json.dumps(d))
     for k in RESUMABLE_CHANGES:
         d.pop(k, None)
-    d.get("train", {}).pop("device", None)
+    for k in _RUN_ONLY:             # device, workers, time limit: how, not what, a round trains
+        d.get("train", {}).pop(k, None)
     return d
 
 
@@ -662,8 +669,10 @@ def _finished_round(rdir: Path, tcfg: TrainConfig, digest: str) -> dict | None:
     if not p.is_file() or not (rdir / "best.safetensors").is_file():
         return None
     rec = json.loads(p.read_text())
-    same_cfg = {k: v for k, v in rec.get("train_config", {}).items() if k != "device"} == \
-        {k: v for k, v in json.loads(json.dumps(asdict(tcfg))).items() if k != "device"}
+    # a setting added after the round ran is compared at its default (what the round used)
+    saved = {**json.loads(json.dumps(asdict(TrainConfig()))), **rec.get("train_config", {})}
+    same_cfg = {k: v for k, v in saved.items() if k not in _RUN_ONLY} == \
+        {k: v for k, v in json.loads(json.dumps(asdict(tcfg))).items() if k not in _RUN_ONLY}
     return rec if same_cfg and rec.get("train_set_sha256") == digest else None
 
 
@@ -904,6 +913,13 @@ def _add_args(p) -> None:
     p.add_argument("--warm-start", action=BooleanFlag, default=d.warm_start,
                    help="each round fine-tunes the previous round's model (default: from scratch, "
                         "as the paper; warm starts make CPU rounds affordable)")
+    p.add_argument("--semiseg-renderings", action="store_true",
+                   help="labeled slices (and validation) also in COVID-SemiSeg's own rendering, as "
+                        "`train --semiseg-renderings`; the unlabeled pool looks like that rendering")
+    p.add_argument("--augment", default=t.augment, choices=sorted(AUGMENT_PRESETS),
+                   help="augmentation preset of each round's training (as `train --augment`)")
+    p.add_argument("--workers", type=int, default=t.workers, metavar="N",
+                   help="augmentation processes per round's training (as `train --workers`)")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--device", default=t.device, help="auto | cpu | cuda | mps")
 
@@ -915,17 +931,21 @@ def config_from_args(a) -> SemiSupConfig:
     tcfg = TrainConfig(size=a.size, epochs=a.epochs, batch_size=a.batch_size,
                        steps_per_epoch=a.steps_per_epoch, lr=a.lr,
                        sad=a.sad, sad_start_epoch=sad_start, seed=a.seed, device=a.device,
-                       val_every=max(1, min(a.val_every, a.epochs)))
+                       val_every=max(1, min(a.val_every, a.epochs)), augment=a.augment,
+                       workers=a.workers)
     return SemiSupConfig(t=a.t, eta=a.eta, max_rounds=a.max_rounds, patience=a.patience,
                          reweight=a.reweight, trust=a.trust, unlabeled_limit=a.unlabeled_limit,
                          pseudo_batch_size=a.pseudo_batch_size, init=a.init or "",
-                         warm_start=a.warm_start, train=tcfg)
+                         warm_start=a.warm_start, semiseg_renderings=a.semiseg_renderings,
+                         train=tcfg)
 
 
 def _load_data(a):
     from . import data
     root = data.data_root(a.data)
     splits = data.default_splits(root)
+    if a.semiseg_renderings:
+        splits = data.with_semiseg_renderings(splits, root)
     return root, splits, data.load_unlabeled(root)
 
 
