@@ -326,6 +326,32 @@ def test_init_is_m1_and_warm_start_fine_tunes_the_previous_round(tmp_path, warm)
     assert state["best_round"] == 2
 
 
+def test_init_from_an_ensemble_takes_the_chosen_member_as_m1(tmp_path):
+    labeled, val, pool = make_data(n_pool=2)
+    a = _init_checkpoint(tmp_path / "a.safetensors", cls=1)       # says GGO everywhere
+    b = _init_checkpoint(tmp_path / "b.safetensors", cls=2)       # says consolidation everywhere
+    model, meta = ckpt.ensemble_checkpoints([a, b])
+    ens = tmp_path / "ens.safetensors"
+    ckpt.save_checkpoint(ens, model, meta)
+    with pytest.raises(ckpt.CheckpointError, match="--init-member K"):
+        S.run_semisup(small_config(init=str(ens), max_rounds=2), labeled, val, pool, tmp_path / "no",
+                      train_fn=ScriptedTrainer(scores={}), log=lambda *_: None)
+    out = tmp_path / "run"
+    S.run_semisup(small_config(init=str(ens), init_member=1, max_rounds=2), labeled, val, pool, out,
+                  train_fn=ScriptedTrainer(scores={2: 0.1}), log=lambda *_: None)
+    m1, m1_meta = ckpt.load_checkpoint(out / "round_01" / "best.safetensors")
+    assert not ckpt.is_ensemble(m1_meta)
+    assert m1_meta["training"]["adopted_as_m1"] == {"name": "ens.safetensors", "sha256": ckpt.sha256_of(ens),
+                                                    "member": 1}
+    assert m1_meta["training"]["epoch"] == 7                        # the member's own record
+    ref = ckpt.load_checkpoint(b)[0].state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in m1.state_dict().items())
+    # member 1 made round 2's pseudo labels: consolidation everywhere in the lung
+    p2 = S.load_pseudo_labels(out / "round_02" / "pseudo_labels.npz")
+    slices = S.SlicePool(pool, SIZE)
+    assert all(np.all(p2[i][slices[i].lung] == 2) for i in p2)
+
+
 def test_init_must_be_a_ggo_consolidation_model(tmp_path):
     labeled, val, pool = make_data(n_pool=2)
     binary = tmp_path / "binary.safetensors"

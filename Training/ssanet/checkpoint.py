@@ -116,11 +116,9 @@ def is_ensemble(meta: dict) -> bool:
     return int((meta.get("ensemble") or {}).get("members", 1)) > 1
 
 
-def require_single_network(meta: dict, what: str, member: int | None = None,
-                           member_option: bool = True) -> None:
+def require_single_network(meta: dict, what: str, member: int | None = None) -> None:
     """Training starts from one network. An ensemble checkpoint is accepted only with a valid
-    ``member`` index (which of its networks to start from; ``member_option=False`` where the
-    command has no such option); otherwise refused with the reason."""
+    ``member`` index (which of its networks to start from); otherwise refused with the reason."""
     n = int((meta.get("ensemble") or {}).get("members", 1))
     has_member = member is not None and member >= 0
     if n == 1:
@@ -130,12 +128,11 @@ def require_single_network(meta: dict, what: str, member: int | None = None,
         return
     names = ", ".join(m.get("name", "?") for m in (meta.get("training") or {}).get("ensemble_of", []))
     if not has_member:
-        how = (f"choose it with --init-member K (0 to {n - 1}), e.g. fine-tune each member and combine "
-               "the results again with `ssalesionseg ensemble`" if member_option else
-               "train one with `ssalesionseg train --init-member K` and pass that checkpoint")
         raise CheckpointError(
             f"{what} {meta.get('path', '')} is an ensemble of {n} networks "
-            f"({names or 'members unnamed'}); training starts from one network: {how}")
+            f"({names or 'members unnamed'}); training starts from one network: choose it with "
+            f"--init-member K (0 to {n - 1}), e.g. fine-tune each member and combine the results "
+            "again with `ssalesionseg ensemble`")
     if member >= n:
         raise CheckpointError(f"--init-member {member}: {what} {meta.get('path', '')} has members 0 to {n - 1}")
 

@@ -93,6 +93,7 @@ class SemiSupConfig:
     contact_sheet_n: int = 8
     keep_last_checkpoints: bool = False  # last.safetensors/train_state.pt only serve mid-round resume
     init: str = ""                      # M1 = this supervised checkpoint (round 1 is not trained)
+    init_member: int = -1               # with an ensemble as init: which of its networks is M1
     warm_start: bool = False            # round r fine-tunes M_{r-1} instead of starting from scratch
     semiseg_renderings: bool = False    # labeled set + validation also in COVID-SemiSeg's rendering
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -587,7 +588,8 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
         done = _finished_round(rdir, tcfg, digest)
         if done is None and r == 1 and cfg.init:
             log(f"round 1: M1 is {cfg.init} (not trained here); scoring it on the validation slices")
-            adopt_checkpoint(cfg.init, val, rdir / "best.safetensors", device=device)
+            adopt_checkpoint(cfg.init, val, rdir / "best.safetensors", device=device,
+                             member=cfg.init_member)
             t_train = 0.0
         elif done is None:
             train_fn(tcfg, train_set, val, rdir)
@@ -642,23 +644,30 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
     return state
 
 
-def adopt_checkpoint(path, val, dst, device="cpu") -> dict:
+def adopt_checkpoint(path, val, dst, device="cpu", member: int = -1) -> dict:
     """Copy a supervised checkpoint to ``dst`` as the loop's M1, with its validation metrics
-    measured on ``val`` the way the trainer measures them (its own preprocessing)."""
+    measured on ``val`` the way the trainer measures them (its own preprocessing). The loop
+    retrains single networks: of an ensemble, network ``member`` becomes M1."""
     from . import checkpoint as ckpt
     from .evaluate import evaluate_samples
     from .inference import Predictor
 
     model, meta = ckpt.load_checkpoint(path)
-    ckpt.require_single_network(meta, "--init", member_option=False)
+    ckpt.require_single_network(meta, "--init", member)
     if meta.get("class_names") != ckpt.default_class_names(NUM_CLASSES):
         raise ckpt.CheckpointError(f"--init {path}: the loop needs a GGO/consolidation model, "
                                    f"this one has classes {meta.get('class_names')}")
+    training = dict(meta.get("training") or {})
+    adopted = {"name": meta["name"], "sha256": meta["sha256"]}
+    if ckpt.is_ensemble(meta):
+        model = model.members[member]
+        training = dict(training["ensemble_of"][member].get("training") or {})
+        adopted["member"] = member
     result = evaluate_samples(Predictor.for_checkpoint(model, meta, device), list(val), meta)
-    new_meta = {k: v for k, v in meta.items() if k not in ("path", "name", "sha256", "model", "format")}
+    new_meta = {k: v for k, v in meta.items()
+                if k not in ("path", "name", "sha256", "model", "format", "ensemble", "storage_dtype")}
     new_meta["val_metrics"] = result["classes"]
-    new_meta["training"] = {**(meta.get("training") or {}),
-                            "adopted_as_m1": {"name": meta["name"], "sha256": meta["sha256"]}}
+    new_meta["training"] = {**training, "adopted_as_m1": adopted}
     ckpt.save_checkpoint(dst, model, new_meta)
     return result["classes"]
 
@@ -910,6 +919,8 @@ def _add_args(p) -> None:
     p.add_argument("--init", default=d.init, metavar="CHECKPOINT",
                    help="use this supervised GGO/consolidation checkpoint as M1 (round 1 is "
                         "scored on validation, not trained)")
+    p.add_argument("--init-member", type=int, default=d.init_member, metavar="K",
+                   help="with an ensemble as --init (e.g. the bundled model): its K-th network is M1")
     p.add_argument("--warm-start", action=BooleanFlag, default=d.warm_start,
                    help="each round fine-tunes the previous round's model (default: from scratch, "
                         "as the paper; warm starts make CPU rounds affordable)")
@@ -936,6 +947,7 @@ def config_from_args(a) -> SemiSupConfig:
     return SemiSupConfig(t=a.t, eta=a.eta, max_rounds=a.max_rounds, patience=a.patience,
                          reweight=a.reweight, trust=a.trust, unlabeled_limit=a.unlabeled_limit,
                          pseudo_batch_size=a.pseudo_batch_size, init=a.init or "",
+                         init_member=a.init_member,
                          warm_start=a.warm_start, semiseg_renderings=a.semiseg_renderings,
                          train=tcfg)
 
@@ -955,7 +967,15 @@ def _pool_for(a, pool):
                         Path(a.out) / f"unlabeled_pool_{a.size}px.npz")
 
 
+def _check_init(a) -> None:
+    """Refuse an --init the loop cannot start from before the pool is read and prepared."""
+    if a.init:
+        from . import checkpoint as ckpt
+        ckpt.require_single_network({**ckpt.read_meta(a.init), "path": a.init}, "--init", a.init_member)
+
+
 def cmd_semisup(a) -> int:
+    _check_init(a)
     _, splits, pool = _load_data(a)
     pool = _pool_for(a, pool)
     state = run_semisup(config_from_args(a), splits["train"], splits["val"], pool, a.out)
@@ -969,6 +989,7 @@ def cmd_semisup_ablation(a) -> int:
     from . import data
     from .cli import load_split
 
+    _check_init(a)
     root, splits, pool = _load_data(a)
     pool = _pool_for(a, pool)
     test = load_split(data, root, a.eval_dataset, a.eval_split)
