@@ -122,7 +122,10 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "lung_method": lung_res.method,
         "lung_details": lung_res.details,
         "device": str(dev),
-        "checkpoint": {"name": meta.get("name"), "sha256": meta.get("sha256"), "path": meta.get("path")},
+        "checkpoint": {"name": meta.get("name"), "sha256": meta.get("sha256"), "path": meta.get("path"),
+                       # an ensemble: the networks whose probabilities were averaged
+                       "members": [{"name": m.get("name"), "sha256": m.get("sha256")}
+                                   for m in (meta.get("training") or {}).get("ensemble_of", [])]},
         "class_names": class_names,
         "flip_tta": predictor.flip_tta,
         "min_lesion_mm2": min_lesion_mm2,

@@ -57,5 +57,10 @@ def test_demo_runs_on_the_bundled_sample(no_overrides, tmp_path, capsys):
     ggo = stats["lesions"]["ggo"]["volume_ml"]
     assert 0 < ggo < lungs                                     # the sample has visible GGO, not everywhere
     assert (out / "covid_ct_sample_overlay.png").stat().st_size > 10000
+    # which networks made the result (the bundled model is an ensemble; single models list none)
+    _, meta = ckpt.load_checkpoint(None)
+    assert stats["info"]["checkpoint"]["sha256"] == meta["sha256"]
+    assert [m["sha256"] for m in stats["info"]["checkpoint"]["members"]] == \
+        [m["sha256"] for m in meta["training"].get("ensemble_of", [])]
     assert np.isclose(stats["lesions"]["infection"]["volume_ml"],
                       ggo + stats["lesions"]["consolidation"]["volume_ml"], rtol=1e-6)
