@@ -104,22 +104,27 @@ def _dequantize(state: dict) -> dict:
     return out
 
 
+def network_count(meta: dict) -> int:
+    """How many networks a checkpoint header describes (1 unless it is an ensemble)."""
+    return int((meta.get("ensemble") or {}).get("members", 1))
+
+
 def build_network(meta: dict) -> SSANet | SSANetEnsemble:
     """The (untrained) network a checkpoint header describes: one SSA-Net or an ensemble."""
-    members = int((meta.get("ensemble") or {}).get("members", 1))
+    members = network_count(meta)
     if members > 1:
         return SSANetEnsemble(SSANet.from_config(meta["model"]) for _ in range(members))
     return SSANet.from_config(meta["model"])
 
 
 def is_ensemble(meta: dict) -> bool:
-    return int((meta.get("ensemble") or {}).get("members", 1)) > 1
+    return network_count(meta) > 1
 
 
 def require_single_network(meta: dict, what: str, member: int | None = None) -> None:
     """Training starts from one network. An ensemble checkpoint is accepted only with a valid
     ``member`` index (which of its networks to start from); otherwise refused with the reason."""
-    n = int((meta.get("ensemble") or {}).get("members", 1))
+    n = network_count(meta)
     has_member = member is not None and member >= 0
     if n == 1:
         if has_member:
@@ -266,7 +271,7 @@ def _load_compatible(paths, verb: str):
     models, metas = zip(*(load_checkpoint(p) for p in paths))
     for p, m in zip(paths, metas):
         if is_ensemble(m):
-            raise CheckpointError(f"{p} is already an ensemble of {m['ensemble']['members']} networks; "
+            raise CheckpointError(f"{p} is already an ensemble of {network_count(m)} networks; "
                                   f"only single networks can be {verb}")
     for key in ("model", "class_names", "preprocessing"):
         for p, m in zip(paths[1:], metas[1:]):

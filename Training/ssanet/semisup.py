@@ -65,7 +65,7 @@ import numpy as np
 
 from .data import AUGMENT_PRESETS
 from .losses import class_weights, pixel_counts
-from .train import _RUN_ONLY, TrainConfig
+from .train import TrainConfig, comparable_training
 
 NUM_CLASSES = 3
 CLASS_NAMES = ("background", "ggo", "consolidation")
@@ -119,14 +119,10 @@ class SemiSupConfig:
 
 def _comparable(cfg_dict: dict) -> dict:
     # settings added after a run started are compared at their defaults (what the run used)
-    defaults = SemiSupConfig().to_dict()
-    d = {**defaults, **json.loads(json.dumps(cfg_dict))}
-    d["train"] = {**defaults["train"], **d.get("train", {})}
-    d = json.loads(json.dumps(d))
+    d = json.loads(json.dumps({**SemiSupConfig().to_dict(), **cfg_dict}))
     for k in RESUMABLE_CHANGES:
         d.pop(k, None)
-    for k in _RUN_ONLY:             # device, workers, time limit: how, not what, a round trains
-        d.get("train", {}).pop(k, None)
+    d["train"] = comparable_training(d["train"])
     return d
 
 
@@ -678,10 +674,7 @@ def _finished_round(rdir: Path, tcfg: TrainConfig, digest: str) -> dict | None:
     if not p.is_file() or not (rdir / "best.safetensors").is_file():
         return None
     rec = json.loads(p.read_text())
-    # a setting added after the round ran is compared at its default (what the round used)
-    saved = {**json.loads(json.dumps(asdict(TrainConfig()))), **rec.get("train_config", {})}
-    same_cfg = {k: v for k, v in saved.items() if k not in _RUN_ONLY} == \
-        {k: v for k, v in json.loads(json.dumps(asdict(tcfg))).items() if k not in _RUN_ONLY}
+    same_cfg = comparable_training(rec.get("train_config", {})) == comparable_training(asdict(tcfg))
     return rec if same_cfg and rec.get("train_set_sha256") == digest else None
 
 

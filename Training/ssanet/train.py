@@ -234,6 +234,13 @@ def train_step(model, x, y, loss_fn, opt, scaler, epoch: int, amp_dtype) -> dict
 _RUN_ONLY = ("time_limit_min", "device", "workers")
 
 
+def comparable_training(config: dict) -> dict:
+    """A TrainConfig as written to JSON, in the form two runs are compared in: settings added
+    after it was written take their defaults (what that run used), ``_RUN_ONLY`` is dropped."""
+    d = json.loads(json.dumps({**asdict(TrainConfig()), **config}))
+    return {k: v for k, v in d.items() if k not in _RUN_ONLY}
+
+
 def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> dict:
     """Train (or resume) into ``out_dir``; returns the best validation result."""
     from .data import SliceDataset
@@ -264,9 +271,8 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
     ema = None
     state_path = out / "train_state.pt"
     if state_path.is_file() and (out / "last.safetensors").is_file():
-        saved_cfg = {**asdict(TrainConfig()), **json.loads((out / "config.json").read_text())}
-        if {k: v for k, v in saved_cfg.items() if k not in _RUN_ONLY} != \
-                {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}:
+        if comparable_training(json.loads((out / "config.json").read_text())) != \
+                comparable_training(asdict(cfg)):
             raise SystemExit(f"{out} holds a run with another configuration; use a new --out "
                              "directory (or the same options) to resume")
         last, _ = ckpt.load_checkpoint(out / "last.safetensors")
