@@ -1,5 +1,6 @@
 """Shared pytest fixtures for the ssanet tests."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -22,3 +23,16 @@ def data_root():
         pytest.skip(f"real data not found at {root}: set SSALESIONSEG_DATA to the folder holding "
                     "medseg100/ and covid-semiseg/ to run the real-data tests")
     return root
+
+
+@pytest.fixture(scope="session")
+def script():
+    """Import one of the repository's scripts/NAME.py as a module (they are not a package)."""
+    folder = Path(__file__).resolve().parents[2] / "scripts"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -1,20 +1,9 @@
 """The scripts that read `ssalesionseg evaluate --json` outputs: the rules' test gate and the
 bootstrap intervals."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _eval_json(path, dsc_by_class, ids=None):
@@ -28,13 +17,13 @@ def _eval_json(path, dsc_by_class, ids=None):
     return path
 
 
-def test_bootstrap_intervals_and_paired_difference(tmp_path, capsys):
+def test_bootstrap_intervals_and_paired_difference(tmp_path, capsys, script):
     rng = np.random.default_rng(1)
     base = rng.uniform(0, 1, 48)
     better = np.clip(base + 0.05, 0, 1)                        # the same slices, each a bit better
     b = _eval_json(tmp_path / "b.json", {"infection": base, "consolidation": base})
     c = _eval_json(tmp_path / "c.json", {"infection": better, "consolidation": base})
-    out = _script("bootstrap_test").main([str(c), str(b), "--resamples", "2000"])
+    out = script("bootstrap_test").main([str(c), str(b), "--resamples", "2000"])
     lo, hi = out["infection"]["ci95"]
     assert lo < out["infection"]["mean"] < hi and hi - lo > 0.05   # 48 spread-out slices: a wide interval
     dlo, dhi = out["infection"]["diff"]["ci95"]
@@ -44,20 +33,20 @@ def test_bootstrap_intervals_and_paired_difference(tmp_path, capsys):
     # the base's slices in another order are matched by id; other slices are refused
     shuffled = _eval_json(tmp_path / "s.json", {"infection": base[::-1], "consolidation": base[::-1]},
                           ids=[f"s{i:02d}" for i in range(48)][::-1])
-    again = _script("bootstrap_test").main([str(c), str(shuffled), "--resamples", "2000"])
+    again = script("bootstrap_test").main([str(c), str(shuffled), "--resamples", "2000"])
     assert again["infection"]["diff"] == out["infection"]["diff"]
     other = _eval_json(tmp_path / "o.json", {"infection": base, "consolidation": base},
                        ids=[f"x{i}" for i in range(48)])
     with pytest.raises(SystemExit, match="different slices"):
-        _script("bootstrap_test").main([str(c), str(other)])
+        script("bootstrap_test").main([str(c), str(other)])
 
 
-def test_compare_test_figures_counts_the_rule(tmp_path, capsys):
+def test_compare_test_figures_counts_the_rule(tmp_path, capsys, script):
     base = {"infection": [0.5] * 4, "ggo": [0.5] * 4, "consolidation": [0.5] * 4}
     cand = {"infection": [0.6] * 4, "ggo": [0.4] * 4, "consolidation": [0.6] * 4}
     b = _eval_json(tmp_path / "b.json", base)
     c = _eval_json(tmp_path / "c.json", cand)
-    _script("compare_test_figures").main([str(b), str(b), str(c), str(c)])
+    script("compare_test_figures").main([str(b), str(b), str(c), str(c)])
     printed = capsys.readouterr().out
     # DSC and NSD better for 2 of 3 classes on both renderings; HD95 and MAE equal (not better)
     assert "8 of 24 figures better" in printed and "fails the test gate" in printed

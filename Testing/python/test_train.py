@@ -327,32 +327,23 @@ def test_train_and_evaluate_take_the_fold(data_root, tmp_path, monkeypatch, caps
     assert "--fold 2 needs --folds K" in capsys.readouterr().err and not seen
 
 
-def _script(name):
-    import importlib.util
-    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_bench_training_script_measures_both_paths(tmp_path):
+def test_bench_training_script_measures_both_paths(tmp_path, script):
     out = tmp_path / "bench.json"
-    _script("bench_training").main(["--device", "cpu", "--size", "32", "--batch-sizes", "2", "--steps", "1",
+    script("bench_training").main(["--device", "cpu", "--size", "32", "--batch-sizes", "2", "--steps", "1",
                                     "--infer-slices", "4", "--json", str(out)])
     res = json.loads(out.read_text())
     assert res["size"] == 32 and res["train_images_per_s"]["batch2"] > 0
     assert res["infer_slices_per_s"]["plain"] > 0 and res["infer_slices_per_s"]["flip_tta"] > 0
 
 
-def test_bundle_script_out_writes_a_candidate_and_leaves_the_bundle_alone(tmp_path):
+def test_bundle_script_out_writes_a_candidate_and_leaves_the_bundle_alone(tmp_path, script):
     from ssanet.model import SSANet
     src = tmp_path / "best.safetensors"
     ckpt.save_checkpoint(src, SSANet(2, 3), {"preprocessing": {"size": 64}})
     registry_before = ckpt.REGISTRY.read_text()
     bundled_before = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.MODELS_DIR.iterdir())
     cand = tmp_path / "candidate.safetensors"
-    _script("bundle_model").main([str(src), "--out", str(cand), "--flip-tta"])
+    script("bundle_model").main([str(src), "--out", str(cand), "--flip-tta"])
     model, meta = ckpt.load_checkpoint(cand)
     assert meta["storage_dtype"] == "float16" and meta["inference"] == {"flip_tta": True}
     assert meta["source_checkpoint_sha256"] == ckpt.sha256_of(src)
@@ -360,7 +351,7 @@ def test_bundle_script_out_writes_a_candidate_and_leaves_the_bundle_alone(tmp_pa
     assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.MODELS_DIR.iterdir()) == bundled_before
 
 
-def test_ensemble_command_then_bundle_script_int8_and_no_training_from_it(tmp_path, capsys):
+def test_ensemble_command_then_bundle_script_int8_and_no_training_from_it(tmp_path, capsys, script):
     from ssanet.cli import main as cli_main
     from ssanet.model import SSANet, probabilities
 
@@ -378,7 +369,7 @@ def test_ensemble_command_then_bundle_script_int8_and_no_training_from_it(tmp_pa
         cli_main(["ensemble", *map(str, paths), "--out", str(ens)])
     # bundled as int8 (as a candidate, so the real bundle is untouched): about half the size
     cand = tmp_path / "cand.safetensors"
-    _script("bundle_model").main([str(ens), "--out", str(cand), "--storage", "int8"])
+    script("bundle_model").main([str(ens), "--out", str(cand), "--storage", "int8"])
     model, meta = ckpt.load_checkpoint(cand)
     assert meta["storage_dtype"] == "int8" and meta["ensemble"] == {"members": 2}
     assert meta["inference"] == {"flip_tta": False}
