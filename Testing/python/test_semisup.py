@@ -111,6 +111,31 @@ def test_reweighting_hand_made():
     np.testing.assert_allclose(w, class_weights(pixel_counts([lab, pseudo], 3)))
 
 
+def test_pseudo_label_shortfall_names_the_starved_class():
+    # labeled: 80 % background, 12 % GGO, 8 % consolidation
+    labeled = [800, 120, 80]
+    # pseudo: GGO at 5 % (above a quarter of 12 %), consolidation at 1 % (below 2 %)
+    short = S.pseudo_label_shortfall(labeled, [940, 50, 10])
+    assert [x["class"] for x in short] == ["consolidation"]
+    assert short[0]["pseudo_share"] == pytest.approx(0.01)
+    assert short[0]["labeled_share"] == pytest.approx(0.08)
+    assert [x["class"] for x in S.pseudo_label_shortfall(labeled, [999, 1, 0])] == ["ggo", "consolidation"]
+    assert S.pseudo_label_shortfall(labeled, [700, 200, 100]) == []
+    assert S.pseudo_label_shortfall(labeled, [0, 0, 0]) == []  # no pseudo labels yet
+
+
+def test_loop_warns_when_pseudo_labels_lose_a_class(tmp_path):
+    labeled, val, pool = make_data(n_pool=4)
+    # M1 calls GGO everywhere it is sure, never consolidation
+    trainer = ScriptedTrainer(scores={1: 0.5, 2: 0.4, 3: 0.3}, favour={1: 1, 2: 1})
+    lines = []
+    state = S.run_semisup(small_config(max_rounds=2), labeled, val, pool, tmp_path / "run",
+                          train_fn=trainer, log=lines.append)
+    assert [r["pseudo_shortfall"] for r in state["rounds"]] == [[], ["consolidation"]]
+    warnings = [x for x in lines if x.startswith("warning: round 2")]
+    assert len(warnings) == 1 and "consolidation" in warnings[0] and "--eta" in warnings[0]
+
+
 def test_trust_filter_eta_boundary_and_lung():
     eta = 0.95
     above = np.nextafter(np.float32(eta), np.float32(1))

@@ -237,6 +237,21 @@ class StopCriterion:
         self.counter = int(state["patience_counter"])
 
 
+def pseudo_label_shortfall(labeled_counts, pseudo_counts, ratio: float = 0.25) -> list[dict]:
+    """The lesion classes whose share of the pseudo-labeled pixels is below ``ratio`` times
+    their share of the labeled pixels. A round trained on many such slices learns that the
+    class is rare where the unlabeled slices look unlike the labeled ones, and the next
+    round's pseudo labels hold even less of it (the collapse the README's loop runs show)."""
+    lab = np.asarray(labeled_counts, dtype=np.float64)
+    pse = np.asarray(pseudo_counts, dtype=np.float64)
+    if lab.sum() <= 0 or pse.sum() <= 0:
+        return []
+    lab_share, pse_share = lab / lab.sum(), pse / pse.sum()
+    return [{"class": CLASS_NAMES[c], "pseudo_share": float(pse_share[c]),
+             "labeled_share": float(lab_share[c])}
+            for c in range(1, len(lab)) if pse_share[c] < ratio * lab_share[c]]
+
+
 def check_labeled_classes(labels: Iterable[np.ndarray], num_classes: int = NUM_CLASSES,
                           where: str = "the labeled training set") -> np.ndarray:
     """Pixel counts per class; ValueError naming every class with no pixels.
@@ -570,6 +585,15 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
         train_set = lab + [dataclasses.replace(slices[i], label=pseudo[i]) for i in added]
         counts = pixel_counts([s.label for s in train_set], NUM_CLASSES)
         weights = class_weights(counts)
+        pseudo_counts = pixel_counts(list(pseudo.values()), NUM_CLASSES) if pseudo else np.zeros(NUM_CLASSES)
+        shortfall = pseudo_label_shortfall(pixel_counts([s.label for s in lab], NUM_CLASSES),
+                                           pseudo_counts)
+        for short in shortfall:
+            log(f"warning: round {r}'s pseudo labels hold {100 * short['pseudo_share']:.2f} % "
+                f"{short['class']} pixels against {100 * short['labeled_share']:.2f} % in the "
+                f"labeled slices; trained on them the model may stop calling {short['class']} "
+                f"(the trust threshold --eta keeps only pixels the previous model is sure of; "
+                f"a stronger M1, a lower --eta or --reweight are the levers)")
         if r == 1:
             init = cfg.init
         else:
@@ -602,13 +626,13 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
         if improved:
             _copy_atomic(rdir / "best.safetensors", out / "best.safetensors")
         share = counts / counts.sum()
-        pseudo_counts = pixel_counts(list(pseudo.values()), NUM_CLASSES) if pseudo else np.zeros(NUM_CLASSES)
         record = {
             "round": r, "n_labeled": len(lab), "n_pseudo": len(added), "n_new": len(new),
             "pool_remaining": len(schedule.remaining),
             "class_weights": weights.tolist(), "ce_weighted": cfg.reweight,
             "pixel_share": share.tolist(),
             "pseudo_pixel_share": (pseudo_counts / max(1, pseudo_counts.sum())).tolist(),
+            "pseudo_shortfall": [x["class"] for x in shortfall],
             "val": val_classes, "val_score": score, "best_epoch": meta.get("training", {}).get("epoch"),
             "improved": improved, "best_round": stop.best_round, "patience_counter": stop.counter,
             "train_set_sha256": digest,
