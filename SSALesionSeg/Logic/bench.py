@@ -150,7 +150,7 @@ def time_forward(device, size: int = 512, batch: int = 1, repeats: int = 3) -> d
 
 def run_bench(n_slices: int = 8, size: int = 512, checkpoint=None, lungs: str = "classical", lung_weights=None,
               device: str = "auto", batch_size: int | None = None, repeats: int = 3,
-              flip_tta: bool | None = None) -> dict:
+              flip_tta: bool | None = None, cpu_bf16: bool = True) -> dict:
     import torch
 
     from ssanet.inference import select_device
@@ -170,7 +170,8 @@ def run_bench(n_slices: int = 8, size: int = 512, checkpoint=None, lungs: str = 
         ct, _ = read_ct(src)
         t_read = time.perf_counter() - t
         res = segment_image(ct, model=model, lungs=lungs, lung_weights=lung_weights, device=device,
-                            batch_size=batch_size, source="synthetic", flip_tta=flip_tta)
+                            batch_size=batch_size, source="synthetic", flip_tta=flip_tta,
+                            cpu_bf16=cpu_bf16)
         t = time.perf_counter()
         write_outputs(res, ct, Path(d) / "out", "synthetic")
         t_write = time.perf_counter() - t
@@ -183,6 +184,7 @@ def run_bench(n_slices: int = 8, size: int = 512, checkpoint=None, lungs: str = 
         "ct": {"size": [size, size, n_slices], "spacing_mm": [px, px, 2.5]},
         "model": model[1].get("name"),
         "flip_tta": res.info["flip_tta"],
+        "precision": res.info["precision"],
         "lung_method": res.info["lung_method"],
         "seconds": {"read": t_read, "lungs": tim["lungs"], "lesions": tim["lesions"], "stats": tim["stats"],
                     "write": t_write},
@@ -202,7 +204,8 @@ def format_report(r: dict) -> str:
         f"({r['machine']['torch_threads']} threads) | device {r['machine']['device']}"
         + (f" ({r['machine']['gpu']})" if r["machine"]["gpu"] else ""),
         f"CT: synthetic {r['ct']['size'][0]}x{r['ct']['size'][1]}x{r['ct']['size'][2]}; model: {r['model']}"
-        f"{' (flip TTA)' if r.get('flip_tta') else ''}; lungs: {r['lung_method']}",
+        f"{' (flip TTA)' if r.get('flip_tta') else ''}; {r.get('precision', 'float32')}; "
+        f"lungs: {r['lung_method']}",
         "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()),
         f"lesion slices: {r['lesion_slices']} at {r['lesion_slices_per_s'] or 0:.2f} slices/s",
         f"peak RSS: {r['peak_rss_mb']:.0f} MB",

@@ -39,6 +39,9 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average each slice's prediction with its mirror image (default: what the model "
                         "records; the bundled ensemble does not: --flip-tta doubles the lesion time)")
+    s.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 on a CPU with native bf16 support (default; 1.6-1.8x faster, DSC within "
+                        "0.001 of float32); --no-bf16: float32")
     add_min_lesion_arg(s)
     s.add_argument("--save-probability", action="store_true",
                    help="also write <name>_confidence.nrrd (max class probability)")
@@ -66,6 +69,8 @@ def add_subcommands(subparsers) -> None:
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     d.add_argument("--checkpoint", help="model file (default: the default model)")
     d.add_argument("--device", default="auto")
+    d.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 on a CPU with native bf16 (default, as segment); --no-bf16: float32")
     d.set_defaults(func=cmd_demo)
 
     b = subparsers.add_parser(
@@ -81,6 +86,8 @@ def add_subcommands(subparsers) -> None:
     b.add_argument("--batch-size", type=int, default=None)
     b.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="time with / without the mirrored pass (default: what the model records)")
+    b.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 on a CPU with native bf16 (default, as segment); --no-bf16: float32")
     b.add_argument("--repeats", type=int, default=3, help="forward passes per variant (after one warm-up)")
     b.add_argument("--json", help="also write the figures here")
     b.set_defaults(func=cmd_bench)
@@ -177,7 +184,7 @@ def cmd_segment(args) -> int:
                                              lobe_weights=args.lobe_weights, lung_mask=args.lung_mask,
                                              device=args.device, batch_size=args.batch_size,
                                              save_probability=args.save_probability, flip_tta=args.flip_tta,
-                                             min_lesion_mm2=args.min_lesion_mm2)
+                                             min_lesion_mm2=args.min_lesion_mm2, cpu_bf16=args.bf16)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as e:
@@ -227,7 +234,7 @@ def cmd_demo(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
         result, paths = process_case(SAMPLE_CT, args.out, checkpoint=args.checkpoint, device=args.device,
-                                     progress=prog)
+                                     progress=prog, cpu_bf16=args.bf16)
     print(format_summary(result, paths))
     return 0
 
@@ -237,7 +244,8 @@ def format_summary(result, paths) -> str:
     lungs, les = st["lungs"], st["lesions"]
     lines = ["", "Outputs:"] + [f"  {k:<13} {v}" for k, v in paths.items()]
     lines.append(f"Model: {result.info['checkpoint']['name']}   lungs: {result.info['lung_method']}   "
-                 f"device: {result.info.get('device')}")
+                 f"device: {result.info.get('device')}"
+                 + (f" ({result.info['precision']})" if result.info.get("precision", "float32") != "float32" else ""))
     lines.append("Lungs:  " + ", ".join(f"{side} {lungs[side]['volume_ml']:.0f} mL" for side in ("right", "left", "total")))
     for key, label in (("ggo", "GGO"), ("consolidation", "Consolidation"), ("infection", "All lesions")):
         if key in les:
@@ -317,7 +325,7 @@ def cmd_bench(args) -> int:
 
     res = run_bench(n_slices=args.slices, size=args.size, checkpoint=args.checkpoint, lungs=args.lungs,
                     lung_weights=args.lung_weights, device=args.device, batch_size=args.batch_size,
-                    repeats=args.repeats, flip_tta=args.flip_tta)
+                    repeats=args.repeats, flip_tta=args.flip_tta, cpu_bf16=args.bf16)
     print(format_report(res))
     if args.json:
         from .io import atomic_path

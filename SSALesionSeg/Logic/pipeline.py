@@ -54,10 +54,13 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
                   lobe_weights=None, lung_mask=None, device: str = "auto", batch_size: int | None = None,
                   progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
                   save_probability: bool = False, model=None, source: str = "input",
-                  flip_tta: bool | None = None, min_lesion_mm2: float | None = None) -> SegmentationResult:
+                  flip_tta: bool | None = None, min_lesion_mm2: float | None = None,
+                  cpu_bf16: bool = True) -> SegmentationResult:
     """Segment GGO / consolidation in ``ct`` (a SimpleITK image in HU).
 
     ``flip_tta``: average with the mirrored slice (None: what the checkpoint records).
+    ``cpu_bf16``: bfloat16 autocast on a CPU with native bf16 (1.6-1.8x faster; DSC within
+    0.001 of float32 on the test split, ``results/cpu_bf16/``); False: float32.
     ``min_lesion_mm2``: lesion islands smaller than this in a slice are removed (None: what
     the checkpoint records; 0 keeps all).
 
@@ -101,7 +104,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
 
     t = time.perf_counter()
     class_names = list(meta.get("class_names") or ["background", "ggo", "consolidation"])
-    predictor = Predictor.for_checkpoint(net, meta, dev, batch_size, flip_tta)
+    predictor = Predictor.for_checkpoint(net, meta, dev, batch_size, flip_tta, cpu_bf16=cpu_bf16)
     labels_arr, conf_arr, n_slices = _lesions(ct, lungs_img, predictor, meta, min_lesion_mm2, save_probability,
                                               lambda f: report("lesions", f), check_cancel)
     labels_img = image_like(labels_arr, ct)
@@ -128,6 +131,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
                                    for m in (meta.get("training") or {}).get("ensemble_of", [])]},
         "class_names": class_names,
         "flip_tta": predictor.flip_tta,
+        "precision": predictor.precision,
         "min_lesion_mm2": min_lesion_mm2,
         "lesion_slices": n_slices,
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,

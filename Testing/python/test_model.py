@@ -159,6 +159,32 @@ def test_flip_tta_averages_the_mirrored_prediction_and_follows_the_checkpoint():
     assert not Predictor.for_checkpoint(model, {"inference": {"flip_tta": True}}, "cpu", flip_tta=False).flip_tta
 
 
+def test_cpu_bf16_autocast_only_when_asked_and_native(monkeypatch):
+    import numpy as np
+    import ssanet.inference as inf
+    from ssanet.inference import Predictor
+
+    torch.manual_seed(0)
+    model = SSANet(num_classes=3).eval()
+    x = np.random.default_rng(0).random((2, 2, 64, 64)).astype(np.float32)
+    exact = Predictor(model, "cpu").predict(x)
+    assert Predictor(model, "cpu").precision == "float32"
+    # a CPU with native bf16: the forward passes run in bfloat16, close to float32 but not equal
+    monkeypatch.setattr(inf, "autocast_dtype", lambda device, enabled: torch.bfloat16)
+    fast = Predictor(model, "cpu", cpu_bf16=True)
+    assert fast.precision == "bfloat16"
+    approx = fast.predict(x)
+    assert approx.dtype == np.float32 and approx.shape == exact.shape
+    assert 0 < np.abs(approx - exact).max() < 0.05
+    np.testing.assert_allclose(approx.sum(axis=1), 1.0, atol=1e-4)
+    assert Predictor(model, "cpu", cpu_bf16=False).precision == "float32"
+    # a CPU without it: float32, bit for bit
+    monkeypatch.setattr(inf, "autocast_dtype", lambda device, enabled: None)
+    plain = Predictor(model, "cpu", cpu_bf16=True)
+    assert plain.precision == "float32"
+    np.testing.assert_array_equal(plain.predict(x), exact)
+
+
 def test_spatial_conv_same_result_and_layout_with_channels_last():
     """The passes run on NCHW rows whatever the input layout (faster on CPU); the result is
     the same and comes back in the caller's layout."""

@@ -215,6 +215,19 @@ def test_flip_tta_follows_the_checkpoint_unless_overridden(phantom, truth_lungs_
     assert ggo_voxels(meta, True) == (both, True)
 
 
+def test_pipeline_runs_bf16_on_native_cpus_unless_turned_off(phantom, truth_lungs_path, monkeypatch):
+    import ssanet.inference as inf
+
+    monkeypatch.setattr(inf, "autocast_dtype", lambda device, enabled: torch.bfloat16)
+    labels, info = segment_with(OneSidedNet(), exact_meta(), phantom, truth_lungs_path)
+    assert info["precision"] == "bfloat16"
+    exact, info = segment_with(OneSidedNet(), exact_meta(), phantom, truth_lungs_path, cpu_bf16=False)
+    assert info["precision"] == "float32"
+    assert (exact == 1).sum() > 0
+    # the labels of a clear-cut model do not depend on the precision
+    np.testing.assert_array_equal(labels, exact)
+
+
 def test_small_lesion_islands_follow_the_checkpoint_unless_overridden(phantom, truth_lungs_path):
     from scipy import ndimage
 

@@ -158,11 +158,13 @@ def cmd_evaluate(a):
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
     samples = (_training_splits(a)[0]["val"] if as_trained
                else load_split(data, a.data, a.dataset, a.split))
-    predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta)
+    predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta,
+                                         cpu_bf16=a.bf16)
     res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays, min_lesion_mm2=a.min_lesion_mm2)
     print(f"{meta['name']} on {a.dataset}/{a.split}" + (f" (fold {a.fold} of {a.folds})" if a.folds else "")
           + (" + renderings" if a.semiseg_renderings else "")
           + (" (flip TTA)" if predictor.flip_tta else "")
+          + (f" ({predictor.precision})" if predictor.amp_dtype is not None else "")
           + (f" (lesion islands < {res['min_lesion_mm2']:g} mm² removed)" if res["min_lesion_mm2"] else ""))
     print(format_table(res))
     if a.split == "val":
@@ -172,7 +174,7 @@ def cmd_evaluate(a):
     if a.json:
         write_json(res, a.json, {"checkpoint": meta["name"], "sha256": meta["sha256"],
                                  "dataset": a.dataset, "split": a.split, "flip_tta": predictor.flip_tta,
-                                 "min_lesion_mm2": res["min_lesion_mm2"],
+                                 "min_lesion_mm2": res["min_lesion_mm2"], "precision": predictor.precision,
                                  "semiseg_renderings": bool(a.semiseg_renderings),
                                  "fold": [a.fold, a.folds] if a.folds else None})
 
@@ -338,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the left-right mirrored prediction (default: what the "
                         "checkpoint records, off unless it says so)")
+    e.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bfloat16 autocast on a CPU with native bf16, as `segment` runs there "
+                        "(default off: the figures of record are float32 on every CPU)")
     add_min_lesion_arg(e)
     e.set_defaults(func=cmd_evaluate)
 
