@@ -209,7 +209,7 @@ def format_report(r: dict) -> str:
         "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()),
         f"lesion slices: {r['lesion_slices']} at {r['lesion_slices_per_s'] or 0:.2f} slices/s",
         f"peak RSS: {r['peak_rss_mb']:.0f} MB",
-        f"SSA-Net forward ({f['size']}^2, batch {f['batch']}{', AMP' if f['amp'] else ''}): "
+        f"SSA-Net forward ({f['size']}^2, batch {f['batch']}{', AMP' if f['amp'] else ', float32'}): "
         f"{f['with_spatial_conv']['seconds_per_batch']:.3f} s with spatial conv, "
         f"{f['without_spatial_conv']['seconds_per_batch']:.3f} s without "
         f"(overhead {f['spatial_conv_overhead_percent']:.1f} %)",

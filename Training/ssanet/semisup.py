@@ -538,8 +538,8 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
     check_labeled_classes([s.label for s in labeled])
     size = cfg.train.size
     lab = [at_size(s, size) for s in labeled]
-    check_labeled_classes([s.label for s in lab],
-                          where=f"the labeled training set at the training size {size}")
+    lab_counts = check_labeled_classes([s.label for s in lab],
+                                       where=f"the labeled training set at the training size {size}")
     records = list(pool)
     pool_ids = select_pool([r.id for r in records], cfg.unlabeled_limit, cfg.train.seed)
     keep = set(pool_ids)
@@ -586,8 +586,7 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
         counts = pixel_counts([s.label for s in train_set], NUM_CLASSES)
         weights = class_weights(counts)
         pseudo_counts = pixel_counts(list(pseudo.values()), NUM_CLASSES) if pseudo else np.zeros(NUM_CLASSES)
-        shortfall = pseudo_label_shortfall(pixel_counts([s.label for s in lab], NUM_CLASSES),
-                                           pseudo_counts)
+        shortfall = pseudo_label_shortfall(lab_counts, pseudo_counts)
         for short in shortfall:
             log(f"warning: round {r}'s pseudo labels hold {100 * short['pseudo_share']:.2f} % "
                 f"{short['class']} pixels against {100 * short['labeled_share']:.2f} % in the "
