@@ -107,10 +107,14 @@ def peak_rss_mb() -> float:
     return r / 1024.0 / 1024.0 if sys.platform == "darwin" else r / 1024.0
 
 
-def time_forward(device, size: int = 512, batch: int = 1, repeats: int = 3) -> dict:
-    """SSA-Net forward seconds with and without the spatial convolution (same weights elsewhere)."""
+def time_forward(device, size: int = 512, batch: int = 1, repeats: int = 3, cpu_bf16: bool = False) -> dict:
+    """SSA-Net forward seconds with and without the spatial convolution (same weights elsewhere),
+    in the precision the pipeline's Predictor uses on this device (``cpu_bf16`` as there)."""
+    import contextlib
+
     import torch
 
+    from ssanet.inference import inference_amp_dtype
     from ssanet.model import SSANet
 
     x = torch.randn(batch, 2, size, size, device=device)
@@ -122,18 +126,21 @@ def time_forward(device, size: int = 512, batch: int = 1, repeats: int = 3) -> d
         x = x.contiguous(memory_format=torch.channels_last)
         nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}
     times = {name: [] for name in nets}
-    amp = device.type == "cuda"
+    amp_dtype = inference_amp_dtype(device, cpu_bf16)
+    cuda = device.type == "cuda"
 
     def once(net):
-        if amp:
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         net(x)
-        if amp:
+        if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+    amp = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+           else contextlib.nullcontext())
+    with torch.no_grad(), amp:
         for net in nets.values():  # warm-up: allocators, kernels
             once(net)
         # interleaved, median: on a shared machine load drifts between runs
@@ -144,7 +151,8 @@ def time_forward(device, size: int = 512, batch: int = 1, repeats: int = 3) -> d
            for name, t in times.items()}
     w, wo = out["with_spatial_conv"]["seconds_per_batch"], out["without_spatial_conv"]["seconds_per_batch"]
     out["spatial_conv_overhead_percent"] = 100.0 * (w - wo) / w if w > 0 else None
-    out["batch"], out["size"], out["repeats"], out["amp"] = batch, size, repeats, device.type == "cuda"
+    out["batch"], out["size"], out["repeats"] = batch, size, repeats
+    out["precision"] = str(amp_dtype or torch.float32).replace("torch.", "")
     return out
 
 
@@ -176,7 +184,7 @@ def run_bench(n_slices: int = 8, size: int = 512, checkpoint=None, lungs: str = 
         write_outputs(res, ct, Path(d) / "out", "synthetic")
         t_write = time.perf_counter() - t
     tim = res.info["timings_s"]
-    fwd = time_forward(dev, size=size, batch=1, repeats=repeats)
+    fwd = time_forward(dev, size=size, batch=1, repeats=repeats, cpu_bf16=cpu_bf16)
     return {
         "machine": {"platform": platform.platform(), "processor": cpu_name(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(dev),
@@ -209,7 +217,7 @@ def format_report(r: dict) -> str:
         "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()),
         f"lesion slices: {r['lesion_slices']} at {r['lesion_slices_per_s'] or 0:.2f} slices/s",
         f"peak RSS: {r['peak_rss_mb']:.0f} MB",
-        f"SSA-Net forward ({f['size']}^2, batch {f['batch']}{', AMP' if f['amp'] else ', float32'}): "
+        f"SSA-Net forward ({f['size']}^2, batch {f['batch']}, {f.get('precision', 'float32')}): "
         f"{f['with_spatial_conv']['seconds_per_batch']:.3f} s with spatial conv, "
         f"{f['without_spatial_conv']['seconds_per_batch']:.3f} s without "
         f"(overhead {f['spatial_conv_overhead_percent']:.1f} %)",

@@ -656,3 +656,6 @@ def test_bench_runs_small(tmp_path):
     assert set(r["seconds"]) == {"read", "lungs", "lesions", "stats", "write"}
     f = r["forward"]
     assert f["with_spatial_conv"]["seconds_per_batch"] > 0 and f["without_spatial_conv"]["seconds_per_batch"] > 0
+    assert f["precision"] == r["precision"]  # the forward timing runs as the pipeline does
+    r32 = run_bench(n_slices=1, size=64, device="cpu", repeats=1, cpu_bf16=False)
+    assert r32["precision"] == r32["forward"]["precision"] == "float32"

@@ -46,6 +46,15 @@ def autocast_dtype(device: torch.device, enabled: bool):
     return None
 
 
+def inference_amp_dtype(device: torch.device, cpu_bf16: bool):
+    """What inference autocasts to: float16 on CUDA always; bfloat16 on a CPU with native
+    bf16 only when ``cpu_bf16`` asks for it; else None (float32). One rule for the
+    Predictor and the benchmark's forward timing."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_bf16):
+        return autocast_dtype(device, True)
+    return None
+
+
 def configure_cpu_threads() -> None:
     """Use the physical cores we were given (cgroup/affinity aware) unless the user set it."""
     if "OMP_NUM_THREADS" in os.environ:
@@ -76,8 +85,7 @@ class Predictor:
                  batch_size: int | None = None, flip_tta: bool = False, cpu_bf16: bool = False):
         self.flip_tta = bool(flip_tta)
         self.device = torch.device(device) if isinstance(device, str) else device
-        self.amp_dtype = (autocast_dtype(self.device, True)
-                          if self.device.type == "cuda" or (self.device.type == "cpu" and cpu_bf16) else None)
+        self.amp_dtype = inference_amp_dtype(self.device, cpu_bf16)
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
             configure_cpu_threads()
