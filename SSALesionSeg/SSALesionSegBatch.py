@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,18 +73,37 @@ def dicom_series_files(folder):
     import SimpleITK as sitk
 
     best = []
-    for seriesId in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or []:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, seriesId)
-        if len(files) > len(best):
-            best = list(files)
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)   # GDCM warns on folders without DICOM
+    try:
+        for seriesId in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or []:
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, seriesId)
+            if len(files) > len(best):
+                best = list(files)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return best
 
 
-def find_cases(inputDir):
-    """[(case name, [files])]: image files, and DICOM folders directly under inputDir."""
+def _is_own_output(entry, inputDir):
+    """A file this tool writes beside its results (never a CT): a .seg.nrrd, or a case's
+    _confidence.nrrd next to its _stats.json."""
+    lower = entry.lower()
+    if lower.endswith(".seg.nrrd"):
+        return True
+    return lower.endswith("_confidence.nrrd") and os.path.isfile(
+        os.path.join(inputDir, entry[: -len("_confidence.nrrd")] + "_stats.json"))
+
+
+def find_cases(inputDir, outputDir=None):
+    """[(case name, [files])]: image files, and DICOM folders directly under inputDir; the
+    tool's own outputs and the output folder are left out, so --output may lie inside --input."""
     cases = []
+    skipDir = os.path.abspath(outputDir) if outputDir else None
     for entry in sorted(os.listdir(inputDir)):
         path = os.path.join(inputDir, entry)
+        if os.path.abspath(path) == skipDir or _is_own_output(entry, inputDir):
+            continue
         if os.path.isfile(path) and entry.lower().endswith(IMAGE_SUFFIXES) and not entry.startswith("."):
             cases.append((_strip_suffix(entry), [path]))
         elif os.path.isdir(path):
@@ -133,7 +153,7 @@ def run_batch(args, context=None, out=print):
     from SSALesionSegLib import mrml
 
     context = context or _Context()
-    cases = find_cases(args.input)
+    cases = find_cases(args.input, args.output)
     if not cases:
         out(f"No CT files or DICOM folders found in {args.input}")
         return 1
@@ -159,9 +179,13 @@ def run_batch(args, context=None, out=print):
                     out(f"{prefix}: {stage}")
                     lastStage[0] = stage
 
-            result = context.logic.process(volume, None, args.lungs, args.checkpoint, args.device,
-                                           progressCallback=progress, waitForCompletion=True,
-                                           flipTTA=args.flip_tta)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = context.logic.process(volume, None, args.lungs, args.checkpoint, args.device,
+                                               progressCallback=progress, waitForCompletion=True,
+                                               flipTTA=args.flip_tta)
+            for message in dict.fromkeys(str(w.message) for w in caught):   # one line each, in order
+                out(f"{prefix}: note: {message}")
             nodes += [result.segmentationNode, result.tableNode]
             context.logic.saveResults(result, args.output, caseName)
             out(f"{prefix}: {result.summary} ({time.time() - started:.1f} s)")

@@ -17,7 +17,7 @@ from .errors import Cancelled, FallbackWarning, InputError
 
 
 def add_subcommands(subparsers) -> None:
-    from ssanet.cli import add_min_lesion_arg
+    from ssanet.cli import add_min_lesion_arg, positive_int
 
     s = subparsers.add_parser(
         "segment", help="segment GGO / consolidation in a CT (file, DICOM folder, or a folder of cases)",
@@ -35,7 +35,8 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--lobe-weights", help="lungmask LTRCLobes weights: adds lobes and the per-lobe severity score")
     s.add_argument("--lung-mask", help="existing lung segmentation on the CT grid (labelmap or .seg.nrrd)")
     s.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda or mps")
-    s.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    s.add_argument("--batch-size", type=positive_int, default=None,
+                   help="slices per forward pass (default 4 on a CPU, 16 on a GPU)")
     s.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average each slice's prediction with its mirror image (default: what the model "
                         "records; the bundled ensemble does not: --flip-tta doubles the lesion time)")
@@ -62,6 +63,9 @@ def add_subcommands(subparsers) -> None:
     st.add_argument("--lungs", default="auto", choices=["auto", "lungmask", "classical"])
     st.add_argument("--lung-weights")
     st.add_argument("--lobe-weights")
+    st.add_argument("--overwrite", action="store_true",
+                    help="replace <name>_stats.json / .csv already in --out (default: refuse, so that the "
+                         "figures `segment` wrote are not lost)")
     st.set_defaults(func=cmd_stats)
 
     d = subparsers.add_parser(
@@ -77,39 +81,48 @@ def add_subcommands(subparsers) -> None:
         "bench", help="time the pipeline stages on a synthetic 512x512xN CT",
         description="Seconds per stage, lesion slices/s, peak RSS, and SSA-Net forward time with and "
                     "without the spatial convolution.")
-    b.add_argument("--slices", type=int, default=8, help="N (default 8)")
+    b.add_argument("--slices", type=positive_int, default=8, help="N (default 8)")
     b.add_argument("--size", type=int, default=512, help="in-plane size (default 512)")
     b.add_argument("--checkpoint", help="model to time (default: a randomly initialised full-size SSA-Net)")
     b.add_argument("--lungs", default="classical", choices=["auto", "lungmask", "classical"])
     b.add_argument("--lung-weights")
     b.add_argument("--device", default="auto")
-    b.add_argument("--batch-size", type=int, default=None)
+    b.add_argument("--batch-size", type=positive_int, default=None,
+                   help="slices per forward pass (default 4 on a CPU, 16 on a GPU)")
     b.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="time with / without the mirrored pass (default: what the model records)")
     b.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bfloat16 on a CPU with native bf16 (default, as segment); --no-bf16: float32")
-    b.add_argument("--repeats", type=int, default=3, help="forward passes per variant (after one warm-up)")
+    b.add_argument("--repeats", type=positive_int, default=3, help="forward passes per variant (after one warm-up)")
     b.add_argument("--json", help="also write the figures here")
     b.set_defaults(func=cmd_bench)
 
 
 # ------------------------------------------------------------------------- segment
 
-def find_cases(path) -> list:
+def find_cases(path, out=None) -> list:
     """[(name, path)] of the CTs in ``path``: the file itself, a DICOM folder as one case,
-    or a folder whose CT files and subfolders are one case each."""
-    from .io import case_name, is_dicom_file, is_volume_file
+    or a folder whose CT files and subfolders are one case each (a subfolder: its DICOM
+    series, or the one CT file it holds, named after the subfolder). The engine's own
+    outputs (``.seg.nrrd``, confidence maps) and the output folder ``out`` are not cases,
+    so results may be written into or under the input folder and the run repeated."""
+    from .io import case_name, is_dicom_file, is_engine_output, is_volume_file
 
     p = Path(path)
     if not p.exists():
         raise InputError(f"input not found: {p}")
     if p.is_file():
         return [(case_name(p), p)]
-    entries = sorted(p.iterdir())
+    out = Path(out).absolute() if out is not None else None
+    entries = [e for e in sorted(p.iterdir()) if not (out is not None and e.absolute() == out)]
     if any(is_dicom_file(e) for e in entries):
         return [(p.name, p)]
-    cases = [(case_name(e), e) for e in entries if is_volume_file(e)]
-    cases += [(e.name, e) for e in entries if e.is_dir() and not e.name.startswith(".")]
+    cases = [(case_name(e), e) for e in entries if is_volume_file(e) and not is_engine_output(e)]
+    for e in entries:
+        if e.is_dir() and not e.name.startswith("."):
+            inner = [f for f in sorted(e.iterdir()) if is_volume_file(f) and not is_engine_output(f)]
+            dicom = any(is_dicom_file(f) for f in e.iterdir()) or any(f.is_dir() for f in e.iterdir())
+            cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
     if not cases:
         raise InputError(f"{p}: the folder is empty" if not entries else
                          f"{p}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM) or case folders found")
@@ -152,24 +165,37 @@ def _stage_weight(stage, fraction):
 
 def cmd_segment(args) -> int:
     from .io import check_writable
-    from .pipeline import load_model, outputs_complete, process_case
+    from .pipeline import load_model, outputs_complete, outputs_from_other_input, process_case
 
-    cases = find_cases(args.input)
+    cases = find_cases(args.input, out=args.out)
     if args.lung_mask and len(cases) > 1:
         raise InputError("--lung-mask belongs to one CT; it cannot be used with a folder of several cases")
     out = check_writable(args.out)
     prog = _Progress(args.progress_json, len(cases))
     todo = {n for n, _ in cases if args.overwrite or not outputs_complete(out, n)}
-    skipped = [n for n, _ in cases if n not in todo]
+    # outputs of the same name made from another input are neither skipped as done nor replaced
+    clashes = {n: other for n, path in cases if n not in todo and not args.overwrite
+               for other in [outputs_from_other_input(out, n, path)] if other}
+    skipped = [n for n, _ in cases if n not in todo and n not in clashes]
+    failures = []
+    for n, other in clashes.items():
+        e = InputError(f"{out} already holds outputs named {n!r} made from another input ({other}); "
+                       "they are left as they are: give another --out, or --overwrite to replace them")
+        if len(cases) == 1:
+            raise e
+        failures.append((n, e))
+        prog.event(event="error", case=n, message=f"InputError: {e}")
+        if not args.progress_json:
+            print(f"{n}: FAILED: {e}", file=sys.stderr)
     for n in skipped:
         prog.event(event="skipped", case=n, reason="outputs exist (use --overwrite to redo)")
         if not args.progress_json:
             print(f"{n}: outputs exist, skipped (use --overwrite to redo)", file=sys.stderr)
     if not todo:
-        prog.event(event="finished", n_cases=len(cases), n_failed=0, n_skipped=len(skipped), failed=[])
-        return 0
+        prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
+                   failed=[n for n, _ in failures])
+        return _report_failures(failures, len(cases))
     model = load_model(args.checkpoint)
-    failures = []
     single = len(cases) == 1
     for i, (name, path) in enumerate(cases):
         if name not in todo:
@@ -210,8 +236,12 @@ def cmd_segment(args) -> int:
                   f"severity {sev['total']}/{sev['max']}, lungs: {result.info['lung_method']} -> {paths['segmentation']}")
     prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                failed=[n for n, _ in failures])
+    return _report_failures(failures, len(cases))
+
+
+def _report_failures(failures, n_cases: int) -> int:
     if failures:
-        print(f"{len(failures)} of {len(cases)} cases failed:", file=sys.stderr)
+        print(f"{len(failures)} of {n_cases} cases failed:", file=sys.stderr)
         for n, e in failures:
             print(f"  {n}: {e}", file=sys.stderr)
         return 1
@@ -267,8 +297,14 @@ def cmd_stats(args) -> int:
     from .lungstep import compute_lungs
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, write_stats
 
+    out = Path(args.out)
+    name = case_name(args.ct)
+    existing = [p for p in (out / f"{name}_stats.json", out / f"{name}_stats.csv") if p.exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"{existing[0]} exists (from `segment` or an earlier `stats`); give another --out "
+                         "for the recomputed figures, or --overwrite to replace it")
     ct, info = read_ct(args.ct)
-    out = check_writable(args.out)
+    out = check_writable(out)
     lung_labels = None
     if str(args.labels).lower().endswith(".seg.nrrd"):
         segs = read_segments(args.labels, ct, what="labels")
@@ -309,8 +345,10 @@ def cmd_stats(args) -> int:
             print(f"note: {res.notice}", file=sys.stderr)
     stats = compute_stats(ct, image_like(lab, ct), image_like(lung_labels.astype(np.uint8), ct),
                           image_like(lobes, ct) if lobes is not None else None, names)
-    stats["info"] = {"input": info, "labels": str(args.labels), "lung_method": method}
-    name = case_name(args.ct)
+    # the keys segment's stats JSON has for the same things, plus where the labels came from
+    stats["info"] = {"source": str(Path(args.ct).absolute()), "size": info["size"], "spacing_mm": info["spacing_mm"],
+                     "input": info, "labels": str(Path(args.labels).absolute()), "lung_method": method,
+                     "recomputed_by": "ssalesionseg stats"}
     write_stats(stats, out / f"{name}_stats.json", out / f"{name}_stats.csv")
     inf = stats["lesions"]["infection"]
     print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "

@@ -45,6 +45,15 @@ def is_volume_file(p: Path) -> bool:
     return p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
 
 
+def is_engine_output(p: Path) -> bool:
+    """A file the engine writes beside its results, never a CT to segment: a ``.seg.nrrd``
+    or the ``<name>_confidence.nrrd`` of a case whose ``<name>_stats.json`` is beside it."""
+    low = p.name.lower()
+    if low.endswith(".seg.nrrd"):
+        return True
+    return low.endswith("_confidence.nrrd") and p.with_name(p.name[: -len("_confidence.nrrd")] + "_stats.json").is_file()
+
+
 def is_dicom_file(p: Path) -> bool:
     if not p.is_file():
         return False
@@ -84,6 +93,8 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
 
 
 def _read_file(p: Path) -> sitk.Image:
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_complete(p)   # ITK reads a cut-off NIfTI without a word, the rest as zeros
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as e:
@@ -92,20 +103,85 @@ def _read_file(p: Path) -> sitk.Image:
         raise InputError(f"cannot read {p}: not a readable image file or corrupt ({detail.strip()[:200]})") from None
 
 
+def check_nifti_complete(p: Path) -> None:
+    """Refuse a NIfTI-1/-2 file (``.nii`` or ``.nii.gz``) that holds fewer voxel bytes than its
+    header announces: a cut-off download or copy. A ``.nii.gz`` is decompressed once to count
+    (about a second for a 300-slice CT); a gzip stream that ends early is refused as well."""
+    import gzip
+    import struct
+    import zlib
+
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    try:
+        with opener(p, "rb") as f:
+            head = f.read(540)
+            if len(head) < 348:
+                raise InputError(f"{p}: too short for a NIfTI header ({len(head)} bytes); the file is "
+                                 "cut off or not NIfTI — copy or export it again")
+            for end in "<>":
+                n = struct.unpack(end + "i", head[:4])[0]
+                if n in (348, 540):
+                    break
+            else:
+                return   # not a NIfTI header we know: let the reader decide
+            if n == 348:
+                dims = struct.unpack(end + "8h", head[40:56])
+                bitpix = struct.unpack(end + "h", head[72:74])[0]
+                offset = int(struct.unpack(end + "f", head[108:112])[0])
+            else:
+                dims = struct.unpack(end + "8q", head[16:80])
+                bitpix = struct.unpack(end + "h", head[14:16])[0]
+                offset = struct.unpack(end + "q", head[168:176])[0]
+            nd = int(dims[0])
+            if not 1 <= nd <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:nd + 1]):
+                return
+            need = max(offset, n) + int(np.prod([int(d) for d in dims[1:nd + 1]], dtype=np.int64)) * bitpix // 8
+            have = len(head)
+            while chunk := f.read(1 << 22):
+                have += len(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise InputError(f"{p}: the compressed data end early or are damaged ({e}); the file is cut off "
+                         "or corrupt — copy or export it again") from None
+    except OSError as e:
+        raise InputError(f"cannot read {p}: {e.strerror or e}") from None
+    if have < need:
+        raise InputError(f"{p}: the file is cut off — its header announces {need} bytes of image data "
+                         f"and header, it holds {have}; copy or export it again")
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """ITK prints warnings (e.g. GDCM's on a folder without DICOM) straight to the terminal;
+    the engine reports problems itself."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
     series = []  # (n files, series uid, dir, files)
-    for d, _, files in os.walk(folder):
-        if not files:
-            continue
-        try:
-            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(d)
-        except RuntimeError:
-            uids = ()
-        for uid in uids:
-            names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(d, uid)
-            if names:
-                series.append((len(names), uid, d, list(names)))
+    with _quiet_itk():
+        for d, _, files in os.walk(folder):
+            if not files:
+                continue
+            try:
+                uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(d)
+            except RuntimeError:
+                uids = ()
+            for uid in uids:
+                names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(d, uid)
+                if names:
+                    series.append((len(names), uid, d, list(names)))
     if not series:
+        volumes = sorted(str(Path(d, f).relative_to(folder)) for d, _, files in os.walk(folder) for f in files
+                         if f.lower().endswith(VOLUME_SUFFIXES) and not is_engine_output(Path(d, f)))
+        if volumes:
+            raise InputError(f"{folder}: a folder is read as one DICOM series, and this one holds none but "
+                             f"{len(volumes)} CT file(s) ({', '.join(volumes[:3])}{', ...' if len(volumes) > 3 else ''}); "
+                             "give those files, or the folder that holds them, as the input")
         has_files = any(files for _, _, files in os.walk(folder))
         what = "no DICOM series" if has_files else "nothing (empty folder)"
         raise InputError(f"{folder}: found {what}; give a CT file (NIfTI/NRRD/MHA/DICOM) or a folder of DICOM files")
@@ -246,7 +322,7 @@ def _on_grid(img: sitk.Image, reference: sitk.Image, p: Path, what: str) -> sitk
     had = bool(np.count_nonzero(sitk.GetArrayViewFromImage(img)))
     img = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
     if had and not np.count_nonzero(sitk.GetArrayViewFromImage(img)):
-        raise InputError(f"{p}: the {what} does not overlap the CT (different grid, no common voxels)")
+        raise InputError(f"{p}: {what} and CT do not overlap (different grids, no common voxels)")
     return img
 
 

@@ -15,6 +15,8 @@ Slices are streamed in batches, so memory does not grow with the number of slice
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +226,23 @@ def outputs_complete(out_dir, name: str) -> bool:
     return all(p.is_file() for p in output_paths(out_dir, name).values())
 
 
+def outputs_from_other_input(out_dir, name: str, input_path) -> str | None:
+    """The input that the existing outputs ``name`` in ``out_dir`` were made from, when that
+    is provably another file or folder than ``input_path`` (their stats JSON records it and
+    it still exists); else None (the same input, or nothing to tell)."""
+    try:
+        info = json.loads((Path(out_dir) / f"{name}_stats.json").read_text()).get("info") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    recorded = info.get("source")
+    if not recorded:
+        return None
+    try:
+        return None if os.path.samefile(recorded, input_path) else str(recorded)
+    except OSError:   # moved, renamed or relative to another folder: cannot tell
+        return None
+
+
 def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str) -> dict:
     """Write the four outputs (plus the confidence map when present). All files are written
     under temporary names first and only renamed into place once every one succeeded."""
@@ -260,7 +279,7 @@ def process_case(input_path, out_dir, name: str | None = None, progress: Progres
     ct, read_info = read_ct(input_path)
     report("read", 1.0)
     t_read = time.perf_counter() - t
-    result = segment_image(ct, progress=progress, source=str(input_path), **kwargs)
+    result = segment_image(ct, progress=progress, source=str(Path(input_path).absolute()), **kwargs)
     result.info["input"] = read_info
     result.info["timings_s"]["read"] = t_read
     t = time.perf_counter()

@@ -64,8 +64,10 @@ def write_overlay(path, ct: sitk.Image, labels: sitk.Image, lungs: sitk.Image, c
             ax.contour(lung[z] > 0, levels=[0.5], colors=["#4fc3f7"], linewidths=0.8)
         z_mm = float(ct_l.TransformIndexToPhysicalPoint((0, 0, int(z)))[2])
         ax.set_title(f"slice {z}  (z = {z_mm:.0f} mm)", fontsize=9)
-        ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="w", fontsize=9, va="center")
-        ax.text(0.96, 0.5, "L", transform=ax.transAxes, color="w", fontsize=9, va="center")
+        ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="w", fontsize=9, va="center",
+                fontweight="bold", bbox=dict(boxstyle="round,pad=0.15", fc="black", ec="none", alpha=0.6))
+        ax.text(0.96, 0.5, "L", transform=ax.transAxes, color="w", fontsize=9, va="center",
+                fontweight="bold", bbox=dict(boxstyle="round,pad=0.15", fc="black", ec="none", alpha=0.6))
         ax.axis("off")
     handles = [Patch(facecolor=color(name), label=name) for name, _ in segs]
     handles.append(Patch(facecolor="none", edgecolor="#4fc3f7", label="Lung outline"))

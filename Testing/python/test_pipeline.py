@@ -659,3 +659,93 @@ def test_bench_runs_small(tmp_path):
     assert f["precision"] == r["precision"]  # the forward timing runs as the pipeline does
     r32 = run_bench(n_slices=1, size=64, device="cpu", repeats=1, cpu_bf16=False)
     assert r32["precision"] == r32["forward"]["precision"] == "float32"
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_cut_off_nifti_is_refused(tmp_path, phantom, suffix):
+    """ITK reads a truncated NIfTI without a word and fills the rest with zeros (0 HU: lesion
+    volumes off by half); the reader must refuse it instead."""
+    img, _ = phantom
+    whole = write_image(img, tmp_path / f"ct{suffix}", compress=False)
+    assert read_ct(whole)[0].GetSize() == img.GetSize()   # the complete file is fine
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut off") as e:
+        read_ct(cut)
+    assert str(cut) in str(e.value)
+
+
+def _segment_args(src, out, ckpt, *more):
+    return ["segment", str(src), "--out", str(out), "--checkpoint", str(ckpt), "--lungs", "classical",
+            "--device", "cpu", *more]
+
+
+def test_outputs_written_into_or_under_the_input_folder_can_be_rerun(tmp_path, tiny_ckpt, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    img, _ = synthetic_chest_ct(3, 128, spacing=SP)
+    write_image(img, cases / "a.nii.gz")
+    for out in (cases, cases / "results"):
+        for _ in range(2):   # the second run finds the first run's outputs: skipped, not read as CTs
+            assert cli.main(_segment_args(cases, out, tiny_ckpt, "--save-probability")) == 0
+        assert outputs_complete(out, "a")
+    assert [n for n, _ in cli.find_cases(cases, out=cases / "results")] == ["a"]
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_outputs_of_another_input_are_neither_skipped_nor_replaced(tmp_path, tiny_ckpt, capsys):
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    for folder, seed in ((first, 0), (second, 1)):
+        folder.mkdir()
+        img, _ = synthetic_chest_ct(3, 128, spacing=SP, seed=seed)
+        write_image(img, folder / "a.nii.gz")
+    assert cli.main(_segment_args(first, out, tiny_ckpt)) == 0
+    stamp = (out / "a_stats.json").stat().st_mtime_ns
+    write_image(synthetic_chest_ct(3, 128, spacing=SP, seed=2)[0], second / "b.nii.gz")
+    assert cli.main(_segment_args(second, out, tiny_ckpt)) == 1   # a folder run: that case fails, b runs
+    assert "made from another input" in capsys.readouterr().err and outputs_complete(out, "b")
+    assert cli.main(_segment_args(second / "a.nii.gz", out, tiny_ckpt)) == 2   # one file: an error
+    assert (out / "a_stats.json").stat().st_mtime_ns == stamp
+    assert cli.main(_segment_args(first, out, tiny_ckpt)) == 0   # the same input again: skipped
+    assert cli.main(_segment_args(second, out, tiny_ckpt, "--overwrite")) == 0
+    info = json.loads((out / "a_stats.json").read_text())["info"]
+    assert os.path.samefile(info["source"], second / "a.nii.gz")
+
+
+def test_per_patient_subfolders_and_their_messages(tmp_path, phantom):
+    img, _ = phantom
+    root = tmp_path / "patients"
+    for p in ("p1", "p2"):
+        (root / p).mkdir(parents=True)
+        write_image(img, root / p / "ct.nii.gz")
+    assert [(n, c.name) for n, c in cli.find_cases(root)] == [("p1", "ct.nii.gz"), ("p2", "ct.nii.gz")]
+    write_image(img, root / "p2" / "ct_followup.nii.gz")   # two CTs: not guessed, named instead
+    cases = dict(cli.find_cases(root))
+    assert cases["p2"].is_dir()
+    with pytest.raises(InputError, match="holds none but 2 CT file"):
+        read_ct(cases["p2"])
+
+
+def test_stats_keeps_existing_figures_unless_told(tmp_path, phantom, exact_result, capsys):
+    img, _ = phantom
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    write_seg_nrrd(tmp_path / "ph.seg.nrrd", exact_result.labels, exact_result.lungs, exact_result.class_names)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ph_stats.json").write_text('{"from": "segment"}')
+    args = ["stats", "--ct", str(ct_path), "--labels", str(tmp_path / "ph.seg.nrrd"), "--out", str(out)]
+    assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "ph_stats.json").read_text()) == {"from": "segment"}
+    assert cli.main(args + ["--overwrite"]) == 0
+    info = json.loads((out / "ph_stats.json").read_text())["info"]
+    assert os.path.samefile(info["source"], ct_path) and info["size"] == list(img.GetSize())
+
+
+def test_segment_refuses_a_batch_size_below_one(tmp_path, tiny_ckpt, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(_segment_args(tmp_path / "x.nii.gz", tmp_path / "o", tiny_ckpt, "--batch-size", "-3"))
+    assert "must be 1 or more" in capsys.readouterr().err
+    from ssanet.inference import Predictor
+    with pytest.raises(ValueError, match="batch size"):
+        Predictor(torch.nn.Identity(), "cpu", batch_size=0)

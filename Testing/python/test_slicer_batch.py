@@ -166,6 +166,17 @@ def test_batch_processes_a_dicom_folder_and_a_nifti(input_folder, tmp_path, mrml
     assert sum("skipped" in line for line in lines) == 2
 
 
+def test_batch_output_inside_the_input_folder_is_not_read_back_as_cases(input_folder, mrml_scene, fake_engine):
+    for out in (input_folder.path, input_folder.path / "results"):
+        args = batch.parse_args(["--input", str(input_folder.path), "--output", str(out), "--device", "cpu"])
+        for expected in ("All 2 cases done", "skipped"):   # the rerun skips; the outputs are not cases
+            lines = []
+            assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
+            assert any(expected in line for line in lines), lines
+        assert [n for n, _ in batch.find_cases(str(input_folder.path), str(out))] == ["patient_dicom",
+                                                                                     "patient_nifti"]
+
+
 def test_batch_goes_on_after_a_bad_case_and_fails_at_the_end(input_folder, tmp_path, mrml_scene, fake_engine):
     (input_folder.path / "broken.nrrd").write_bytes(b"NRRD0004\nthis is not a valid header\n")
     out = tmp_path / "out"

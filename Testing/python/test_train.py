@@ -8,7 +8,7 @@ import torch
 
 from ssanet import checkpoint as ckpt
 from ssanet import data
-from ssanet.cli import main as cli_main
+from ssanet.cli import build_parser, main as cli_main
 from ssanet.train import TrainConfig, make_loader, train
 
 
@@ -217,7 +217,8 @@ def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["semiseg_renderings"] is True and res["n_slices"] == 10   # 6 MedSeg + 4 crops
     with pytest.raises(SystemExit, match="--split val"):
-        cli_main(["evaluate", "--data", str(data_root), "--checkpoint", str(soup), "--semiseg-renderings"])
+        cli_main(["evaluate", "--data", str(data_root), "--checkpoint", str(soup), "--split", "test",
+                  "--semiseg-renderings"])
 
 
 def test_weight_ema_update_rule():
@@ -399,3 +400,35 @@ def test_ensemble_command_then_bundle_script_int8_and_no_training_from_it(tmp_pa
         assert sha == ckpt.sha256_of(ens)
         ref = ckpt.load_checkpoint(ens)[0].members[k].state_dict()
         assert all(torch.equal(v, ref[n]) for n, v in net.state_dict().items())
+
+
+def test_fine_tuning_keeps_the_init_checkpoints_size(tmp_path, capsys):
+    """Fine-tuning the bundle without --size must not silently drop it to 256² (its figures
+    fall there); an explicit different --size is kept with a note; odd sizes are refused."""
+    from ssanet.model import SSANet
+    from ssanet.train import TrainConfig, training_size
+    p = tmp_path / "m512.safetensors"
+    ckpt.save_checkpoint(p, SSANet(2, 3, layers=(1, 1, 1, 1)), {"preprocessing": {"size": 512}})
+    assert training_size(None, str(p))[0] == 512 and "512" in training_size(None, str(p))[1]
+    assert training_size(None, "") == (TrainConfig.size, None)
+    size, why = training_size(320, str(p))
+    assert size == 320 and "trained at 512" in why
+    assert training_size(512, str(p)) == (512, None)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        training_size(300, "")
+    # the CLI path: the run's config records the resolved size before any data are read
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "r"), "--init", str(p)])
+    assert args.size is None
+    from ssanet.cli import resolve_training_size
+    resolve_training_size(args)
+    assert args.size == 512 and "--size not given" in capsys.readouterr().out
+    assert build_parser().parse_args(["semisup", "--out", "x"]).size is None
+
+
+def test_evaluate_defaults_to_validation_and_rejects_bad_numbers(capsys):
+    assert build_parser().parse_args(["evaluate"]).split == "val"   # test only when asked
+    for argv in (["evaluate", "--split", "foo"], ["evaluate", "--batch-size", "0"],
+                 ["train", "--out", "x", "--batch-size", "-3"], ["train", "--out", "x", "--val-every", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+    assert "must be 1 or more" in capsys.readouterr().err

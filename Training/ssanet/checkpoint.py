@@ -78,6 +78,9 @@ def save_checkpoint(path, model: SSANet | SSANetEnsemble, meta: dict | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     save_file(state, str(tmp), metadata={"ssanet": json.dumps(meta)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # safetensors creates 0600; a model is shared like any output
     os.replace(tmp, path)
     return sha256_of(path)
 

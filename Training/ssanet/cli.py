@@ -12,6 +12,9 @@ from .data import AUGMENT_PRESETS
 from .train import TrainConfig
 
 
+EVAL_SPLITS = ["val", "test", "train", "free", "all"]
+
+
 def _add_data_args(p):
     p.add_argument("--data", help="data root holding covid-semiseg/ and medseg100/ "
                    "(default: $SSALESIONSEG_DATA)")
@@ -21,13 +24,16 @@ def _add_train_args(p):
     d = TrainConfig()
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
-    p.add_argument("--classes", default=d.classes, choices=["infection", "ggo,consolidation"])
-    p.add_argument("--size", type=int, default=d.size, help="training slice size (paper: 512)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--classes", default=d.classes, choices=["infection", "ggo,consolidation"],
+                   help="'ggo,consolidation' (one 3-class model, the default) or 'infection' (binary)")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"training slice size (paper: 512; default: the --init checkpoint's size, "
+                        f"else {d.size})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs} (the paper's)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch,
                    help="batches per epoch drawn at random (default 0: one pass over the data)")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--sad-start", type=int, default=d.sad_start_epoch, dest="sad_start_epoch",
                    help="epoch at which SAD is switched on (paper: 40 of 150)")
     p.add_argument("--no-sad", dest="sad", action="store_false")
@@ -62,10 +68,11 @@ def _add_train_args(p):
     p.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay (e.g. "
                         "0.99) and validate / save it instead of the raw weights (default 0: off)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     _add_fold_args(p)
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
-    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps (default auto: a GPU when present)")
+    p.add_argument("--val-every", type=positive_int, default=d.val_every, metavar="N",
+                   help=f"validate every N epochs (default {d.val_every})")
     p.add_argument("--workers", type=int, default=d.workers, metavar="N",
                    help="processes that augment the training slices (default -1: none on a CPU, up to 4 "
                         "on a GPU; the batches are the same for any N)")
@@ -83,6 +90,28 @@ def _add_fold_args(p):
                    help="with --folds: validate on part I (0-based), train on the others")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, intervals)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be 1 or more")
+    return v
+
+
+def resolve_training_size(a) -> None:
+    """Fill ``a.size`` (None when --size was not given) from --init or the default, saying so."""
+    from .train import training_size
+    try:
+        a.size, why = training_size(a.size, getattr(a, "init", "") or "")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if why:
+        print(why)
+
+
 def _config_from_args(a) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(a).items() if k in names})
@@ -90,8 +119,12 @@ def _config_from_args(a) -> TrainConfig:
 
 def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
     n_crops = sum(s.source == "covid-semiseg" for s in splits["train"])
-    cfg.data_description = {"train": f"MedSeg-100 train subset, {len(splits['train'])} slices"
-                            + (f" (incl. {n_crops} COVID-SemiSeg renderings)" if n_crops else ""),
+    n_cases = sum(n for _, n in cases)
+    n_medseg = len(splits["train"]) - n_crops - n_cases
+    cfg.data_description = {"train": f"MedSeg-100 train subset, {n_medseg} slices"
+                            + (f" + {n_crops} COVID-SemiSeg renderings of them" if n_crops else "")
+                            + (f" + {n_cases} slices of exported cases" if n_cases else ""),
+                            "n_train": len(splits["train"]),
                             "val": [s.id for s in splits["val"]]}
     if cases:
         cfg.data_description["cases"] = {Path(f).name: n for f, n in cases}
@@ -134,6 +167,7 @@ def cmd_train(a):
         from . import checkpoint
         checkpoint.require_single_network({**checkpoint.read_meta(a.init), "path": a.init}, "--init",
                                           a.init_member)
+    resolve_training_size(a)
     splits, cases = _training_splits(a)
     cfg = _describe(_config_from_args(a), splits, cases)
     best = train_run(cfg, splits, a.out)
@@ -186,6 +220,9 @@ def load_split(data, root, dataset, split):
             return data.default_splits(root)[split]
         return data.load_medseg100(root, split)
     if dataset == "covid-semiseg":
+        if split not in ("train", "test"):
+            raise SystemExit(f"--dataset covid-semiseg has the splits train and test, not {split!r}; its "
+                             "held-out validation crops are scored by `--split val --semiseg-renderings`")
         # the crops (lungs' bounding box, nominal 0.7 mm) placed on the model's grid as the
         # pipeline places a CT, not stretched to a square
         return data.on_model_grid(data.load_covid_semiseg(root, split))
@@ -233,6 +270,7 @@ def cmd_ablation(a):
     from .evaluate import evaluate_samples, write_json
     from .inference import Predictor, select_device
 
+    resolve_training_size(a)
     splits, cases = _training_splits(a)
     test = load_split(data, a.data, a.eval_dataset, a.eval_split)
     base = _config_from_args(a)
@@ -328,15 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="medseg100: the COVID-SemiSeg slices at full 512² with lung mask "
                         "(same GT pixels); covid-semiseg: the original crops (their own rendering, "
                         "lung masks from ssanet.lungs), on the model's grid")
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="val", choices=EVAL_SPLITS,
+                   help="val (default: the 6 held-out MedSeg slices, what `train` selects by), test (the "
+                        "48 COVID-SemiSeg test slices: final evaluation only, never for choosing), "
+                        "train (the 46 training slices), free (MedSeg slices 23 and 49), all (MedSeg's 100)")
     e.add_argument("--semiseg-renderings", action="store_true",
                    help="with --split val: add the COVID-SemiSeg renderings of the validation "
                         "slices, as `train --semiseg-renderings` validates")
     _add_fold_args(e)
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--overlays", help="write prediction-vs-GT PNGs into this folder")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--device", default="auto", help="auto (default: a GPU when present) | cpu | cuda | mps")
+    e.add_argument("--batch-size", type=positive_int, default=None,
+                   help="slices per forward pass (default 4 on a CPU, 16 on a GPU)")
     e.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the left-right mirrored prediction (default: what the "
                         "checkpoint records, off unless it says so)")
@@ -347,14 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("info", help="parameter count and FLOPs of the Table-3 variants")
-    i.add_argument("--size", type=int, default=512)
-    i.add_argument("--num-classes", type=int, default=3)
+    i.add_argument("--size", type=int, default=512, help="input size the FLOPs are counted at (default 512)")
+    i.add_argument("--num-classes", type=int, default=3,
+                   help="3 (background, GGO, consolidation; default) or 1 (binary infection)")
     i.set_defaults(func=cmd_info)
 
     ab = sub.add_parser("ablation", help="train + evaluate the four Table-3 variants")
     _add_train_args(ab)
     ab.add_argument("--eval-dataset", default="medseg100", choices=["medseg100", "covid-semiseg"])
-    ab.add_argument("--eval-split", default="test")
+    ab.add_argument("--eval-split", default="test", choices=EVAL_SPLITS,
+                    help="where the four trained variants are scored (default test: Table 3 reports "
+                         "the test split; the variants are compared, never chosen, on it)")
     ab.set_defaults(func=cmd_ablation)
 
     for modname in ("ssalesionseg.cli", "ssanet.semisup"):

@@ -83,6 +83,8 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
                  batch_size: int | None = None, flip_tta: bool = False, cpu_bf16: bool = False):
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch size must be 1 or more, got {batch_size}")
         self.flip_tta = bool(flip_tta)
         self.device = torch.device(device) if isinstance(device, str) else device
         self.amp_dtype = inference_amp_dtype(self.device, cpu_bf16)

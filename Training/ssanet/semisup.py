@@ -63,6 +63,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .cli import EVAL_SPLITS, positive_int
 from .data import AUGMENT_PRESETS
 from .losses import class_weights, pixel_counts
 from .train import TrainConfig, comparable_training
@@ -918,9 +919,11 @@ def _add_args(p) -> None:
                    help="class weights 1/(C*P_c) in the cross-entropy (--no-reweight: plain CE)")
     p.add_argument("--trust", action=BooleanFlag, default=d.trust,
                    help="trust module (--no-trust: plain argmax pseudo labels)")
-    p.add_argument("--size", type=int, default=t.size, help="training slice size (paper: 512)")
-    p.add_argument("--epochs-per-round", type=int, default=t.epochs, dest="epochs")
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--size", type=int, default=None,
+                   help=f"training slice size (paper: 512; default: the --init checkpoint's size, else {t.size})")
+    p.add_argument("--epochs-per-round", type=int, default=t.epochs, dest="epochs",
+                   help=f"epochs of each round's training (default {t.epochs})")
+    p.add_argument("--batch-size", type=positive_int, default=t.batch_size, help=f"default {t.batch_size}")
     p.add_argument("--steps-per-epoch", type=int, default=t.steps_per_epoch,
                    help="batches per epoch drawn at random (default 0: one pass over the round's "
                         "slices, so later rounds cost more); N fixes every round's budget")
@@ -984,10 +987,13 @@ def _pool_for(a, pool):
 
 
 def _check_init(a) -> None:
-    """Refuse an --init the loop cannot start from before the pool is read and prepared."""
+    """Refuse an --init the loop cannot start from before the pool is read and prepared, and
+    settle the slice size (--init's own unless --size says otherwise)."""
+    from .cli import resolve_training_size
     if a.init:
         from . import checkpoint as ckpt
         ckpt.require_single_network({**ckpt.read_meta(a.init), "path": a.init}, "--init", a.init_member)
+    resolve_training_size(a)
 
 
 def cmd_semisup(a) -> int:
@@ -1033,5 +1039,6 @@ def add_subcommands(subparsers) -> None:
                     "(default: round 1 of S2, trained on the labeled slices alone)")
     ab.add_argument("--eval-dataset", default="medseg100", choices=["medseg100", "covid-semiseg"],
                     help="medseg100: the COVID-SemiSeg test slices at full size (same GT pixels)")
-    ab.add_argument("--eval-split", default="test")
+    ab.add_argument("--eval-split", default="test", choices=EVAL_SPLITS,
+                    help="where S1-S4 are scored (default test: Table 4 reports it; compared, never chosen on)")
     ab.set_defaults(func=cmd_semisup_ablation)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,6 +128,29 @@ def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
     return meta["sha256"]   # load_checkpoint hashed the file already
 
 
+def training_size(size: int | None, init: str = "") -> tuple[int, str | None]:
+    """The slice size a run trains at, and a line saying why when it is not the plain default.
+
+    ``size`` given: that size (with a note when it differs from the ``init`` checkpoint's own,
+    e.g. a deliberate 320 -> 512 stage). Not given: the ``init`` checkpoint's size, so that
+    fine-tuning the bundled 512² model stays at 512² (its figures drop at other sizes); with
+    no ``init``, ``TrainConfig.size``."""
+    own = None
+    if init:
+        own = (ckpt.read_meta(init).get("preprocessing") or {}).get("size")
+    if size is None:
+        if own:
+            return int(own), f"--size not given: training at {own}², the size --init was trained at"
+        return TrainConfig.size, None
+    if size < 16 or size % 32:
+        raise ValueError(f"--size {size}: use a multiple of 32 (the network halves the slice five "
+                         "times), e.g. 256, 320 or 512")
+    if own and int(own) != size:
+        return size, (f"note: --init was trained at {own}², this run trains at {size}² as asked; "
+                      f"its figures at {size}² can be lower (omit --size to keep {own}²)")
+    return size, None
+
+
 class WeightEMA:
     """Exponential moving average of a model's weights and buffers (BatchNorm statistics
     included), updated after every optimizer step with decay ``min(decay, (1+n)/(10+n))``
@@ -222,6 +246,14 @@ def comparable_training(config: dict) -> dict:
     """A TrainConfig as written to JSON, in the form two runs are compared in: settings added
     after it was written take their defaults (what that run used), ``_RUN_ONLY`` is dropped."""
     d = json.loads(json.dumps({**asdict(TrainConfig()), **config}))
+    desc = d.get("data_description")
+    if isinstance(desc, dict) and isinstance(desc.get("train"), str):
+        # the "train" line is for people and its wording changes; the slice count is compared
+        # (runs written before n_train led their line with it)
+        text = desc.pop("train")
+        if "n_train" not in desc:
+            found = re.search(r"(\d+) slices", text)
+            desc["n_train"] = int(found.group(1)) if found else text
     return {k: v for k, v in d.items() if k not in _RUN_ONLY}
 
 
