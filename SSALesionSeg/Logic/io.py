@@ -338,6 +338,8 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
 def check_writable(folder: str | os.PathLike) -> Path:
     """Create ``folder`` if needed and prove it is writable (clear error otherwise)."""
     d = Path(folder)
+    if d.exists() and not d.is_dir():
+        raise InputError(f"output folder {d} is a file, not a folder; give a folder for the outputs")
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / f".ssalesionseg-write-test-{uuid.uuid4().hex}"

@@ -327,8 +327,17 @@ def cmd_ensemble(a):
                       "flip_tta": bool((meta.get("inference") or {}).get("flip_tta", False))}))
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("ssalesionseg")
+    except Exception:   # running from a source tree that was not pip-installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssalesionseg", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train SSA-Net on the labeled data (resumable)")
