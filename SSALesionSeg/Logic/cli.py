@@ -120,8 +120,9 @@ def find_cases(path, out=None) -> list:
     cases = [(case_name(e), e) for e in entries if is_volume_file(e) and not is_engine_output(e)]
     for e in entries:
         if e.is_dir() and not e.name.startswith("."):
-            inner = [f for f in sorted(e.iterdir()) if is_volume_file(f) and not is_engine_output(f)]
-            dicom = any(is_dicom_file(f) for f in e.iterdir()) or any(f.is_dir() for f in e.iterdir())
+            listing = sorted(e.iterdir())
+            inner = [f for f in listing if is_volume_file(f) and not is_engine_output(f)]
+            dicom = any(f.is_dir() or is_dicom_file(f) for f in listing)
             cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
     if not cases:
         raise InputError(f"{p}: the folder is empty" if not entries else
@@ -178,15 +179,23 @@ def cmd_segment(args) -> int:
                for other in [outputs_from_other_input(out, n, path)] if other}
     skipped = [n for n, _ in cases if n not in todo and n not in clashes]
     failures = []
-    for n, other in clashes.items():
-        e = InputError(f"{out} already holds outputs named {n!r} made from another input ({other}); "
-                       "they are left as they are: give another --out, or --overwrite to replace them")
-        if len(cases) == 1:
+    single = len(cases) == 1
+
+    def fail(name, e):
+        """A case that failed: a single case raises (the caller reports it); in a folder the
+        failure is reported and the others go on."""
+        prog.event(event="error", case=name, message=f"{type(e).__name__}: {e}")
+        if single:
             raise e
-        failures.append((n, e))
-        prog.event(event="error", case=n, message=f"InputError: {e}")
+        failures.append((name, e))
         if not args.progress_json:
-            print(f"{n}: FAILED: {e}", file=sys.stderr)
+            print(f"{name}: FAILED: {e}", file=sys.stderr)
+            if not isinstance(e, (InputError, ValueError, RuntimeError, OSError)):
+                traceback.print_exception(type(e), e, e.__traceback__)
+
+    for n, other in clashes.items():
+        fail(n, InputError(f"{out} already holds outputs named {n!r} made from another input ({other}); "
+                           "they are left as they are: give another --out, or --overwrite to replace them"))
     for n in skipped:
         prog.event(event="skipped", case=n, reason="outputs exist (use --overwrite to redo)")
         if not args.progress_json:
@@ -196,7 +205,6 @@ def cmd_segment(args) -> int:
                    failed=[n for n, _ in failures])
         return _report_failures(failures, len(cases))
     model = load_model(args.checkpoint)
-    single = len(cases) == 1
     for i, (name, path) in enumerate(cases):
         if name not in todo:
             continue
@@ -214,14 +222,7 @@ def cmd_segment(args) -> int:
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as e:
-            prog.event(event="error", case=name, message=f"{type(e).__name__}: {e}")
-            if single:
-                raise
-            failures.append((name, e))
-            if not args.progress_json:
-                print(f"{name}: FAILED: {e}", file=sys.stderr)
-                if not isinstance(e, (InputError, ValueError, RuntimeError, OSError)):
-                    traceback.print_exc()
+            fail(name, e)
             continue
         for notice in result.notices:
             prog.event(event="notice", case=name, message=notice)

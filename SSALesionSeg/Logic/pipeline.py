@@ -231,7 +231,7 @@ def outputs_from_other_input(out_dir, name: str, input_path) -> str | None:
     is provably another file or folder than ``input_path`` (their stats JSON records it and
     it still exists); else None (the same input, or nothing to tell)."""
     try:
-        info = json.loads((Path(out_dir) / f"{name}_stats.json").read_text()).get("info") or {}
+        info = json.loads(output_paths(out_dir, name)["stats_json"].read_text()).get("info") or {}
     except (OSError, ValueError, AttributeError):
         return None
     recorded = info.get("source")

@@ -142,7 +142,7 @@ def training_size(size: int | None, init: str = "") -> tuple[int, str | None]:
         if own:
             return int(own), f"--size not given: training at {own}², the size --init was trained at"
         return TrainConfig.size, None
-    if size < 16 or size % 32:
+    if size < 32 or size % 32:
         raise ValueError(f"--size {size}: use a multiple of 32 (the network halves the slice five "
                          "times), e.g. 256, 320 or 512")
     if own and int(own) != size:
