@@ -118,3 +118,38 @@ def test_total_loss_switches_sad_on_at_start_epoch():
     assert "sad" not in before and "sad" in after
     assert after["sad"].item() == pytest.approx(0.1 * sad_loss(feats).item())
     assert after["total"].item() == pytest.approx(before["total"].item() + after["sad"].item(), rel=1e-6)
+
+
+def test_unknown_pixels_carry_no_loss():
+    """Pixels whose target is IGNORE_INDEX (untrusted pseudo labels with --untrusted ignore):
+    Dice and CE equal the losses over the known pixels alone, whatever is predicted there."""
+    from ssanet.data import IGNORE_INDEX
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 6)
+    target = torch.randint(0, 3, (2, 4, 6))
+    known = target.clone()
+    known[:, :, 3:] = IGNORE_INDEX                  # the right half unknown
+    other = logits.clone()
+    other[:, :, :, 3:] = torch.randn(2, 3, 4, 3) * 10
+    w = [0.5, 2.0, 1.0]
+    for fn in (lambda lg, t: soft_dice_loss(lg, t),
+               lambda lg, t: soft_dice_loss(lg, t, per_slice=True),
+               lambda lg, t: reweighted_cross_entropy(lg, t, w)):
+        a, b = fn(logits, known).item(), fn(other, known).item()
+        assert a == pytest.approx(b, abs=1e-6)
+        # the same as the loss over the known half only
+        assert a == pytest.approx(fn(logits[..., :3].contiguous(), target[..., :3].contiguous()).item(), abs=1e-6)
+        assert a != pytest.approx(fn(logits, target).item(), abs=1e-4)
+    # binary Dice too
+    blog = torch.randn(1, 1, 2, 4)
+    bt = torch.tensor([[[1, 0, IGNORE_INDEX, IGNORE_INDEX], [0, 1, IGNORE_INDEX, IGNORE_INDEX]]])
+    assert soft_dice_loss(blog, bt).item() == pytest.approx(
+        soft_dice_loss(blog[..., :2], bt[..., :2]).item(), abs=1e-6)
+    # a batch with nothing known gives zero cross-entropy with a gradient path, not NaN
+    lg = torch.randn(1, 3, 2, 2, requires_grad=True)
+    ce = reweighted_cross_entropy(lg, torch.full((1, 2, 2), IGNORE_INDEX), w)
+    assert ce.item() == 0.0
+    ce.backward()
+    # and pixel counts (class shares for re-weighting) count no unknown pixel
+    from ssanet.data import UNKNOWN_LABEL
+    assert pixel_counts([np.array([[0, 1, UNKNOWN_LABEL], [2, UNKNOWN_LABEL, 1]], np.uint8)], 3).tolist() == [1, 2, 1]

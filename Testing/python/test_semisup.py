@@ -4,6 +4,7 @@ Rounds that only need *a* model use a scripted trainer that writes constant-outp
 checkpoints, so pseudo labels and validation scores are known exactly; the resume test
 runs the real trainer (tiny SSA-Net, 32 px, one epoch).
 """
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import ssanet.train as train_mod
 from ssanet import checkpoint as ckpt
 from ssanet import semisup as S
-from ssanet.data import Sample
+from ssanet.data import UNKNOWN_LABEL, Sample
 from ssanet.losses import class_weights, pixel_counts
 from ssanet.model import SSANet
 from ssanet.train import TrainConfig
@@ -159,6 +160,9 @@ def test_trust_filter_eta_boundary_and_lung():
         # batched input
         lab2 = S.trust_filter(np.stack([p, p]), np.stack([lung, ~lung]), eta)
         assert lab2[0].tolist() == [[0, 1, 2], [0, 0, 0]] and lab2[1].tolist() == [[0, 0, 0], [0, 2, 0]]
+        # --untrusted ignore: the lung pixels not trusted are unknown, the rest as above
+        unk = S.trust_filter(p, lung, eta, untrusted=UNKNOWN_LABEL)
+        assert unk.tolist() == [[UNKNOWN_LABEL, 1, 2], [UNKNOWN_LABEL, 0, 0]]
     with pytest.raises(ValueError):
         S.trust_filter(np.zeros((3, 2, 3)), np.ones((3, 2), bool))
 
@@ -227,6 +231,30 @@ def test_renew_pseudo_labels_uses_the_new_model():
     # probability 0.995 is not trusted at eta 0.999
     strict = S.renew_pseudo_labels(const_model(2), ids, slices, eta=0.999)
     assert all(not m.any() for m in strict.values())
+    # --untrusted ignore: the same pixels are unknown inside the lung, background outside
+    unknown = S.renew_pseudo_labels(const_model(2), ids, slices, eta=0.999, untrusted="ignore")
+    for i in ids:
+        lung = slices[i].lung
+        assert np.all(unknown[i][lung] == UNKNOWN_LABEL) and np.all(unknown[i][~lung] == 0)
+
+
+def test_unknown_pseudo_label_pixels_reach_the_loss_as_ignored():
+    from ssanet.data import IGNORE_INDEX, SliceDataset
+    _, _, pool = make_data(n_pool=1)
+    s = S.SlicePool(pool, SIZE)[pool[0].id]
+    lab = np.zeros((SIZE, SIZE), np.uint8)
+    lab[:4] = UNKNOWN_LABEL
+    lab[4:6] = 2
+    sample = dataclasses.replace(s, label=lab)
+    for classes, lesion in ((3, 2), (1, 1)):
+        _, y = SliceDataset([sample], size=SIZE, num_classes=classes)[0]
+        y = y.numpy()
+        assert np.all(y[:4] == IGNORE_INDEX) and np.all(y[4:6] == lesion) and np.all(y[6:] == 0)
+    # augmentation moves unknown pixels with the label (nearest neighbour), never into a class
+    _, y = SliceDataset([sample], size=SIZE, augment=True, seed=3)[0]
+    assert set(np.unique(y.numpy())) <= {IGNORE_INDEX, 0, 2} and (y == IGNORE_INDEX).any()
+    with pytest.raises(ValueError, match="untrusted"):
+        small_config(untrusted="unknown").validate()
 
 
 def test_loop_renews_stores_reweights_and_stops(tmp_path):
@@ -477,6 +505,13 @@ def test_cli_subcommands_parse():
     c = S.config_from_args(p.parse_args(["semisup", "--out", "R", "--semiseg-renderings", "--augment", "strong",
                                          "--workers", "2"]))
     assert (c.semiseg_renderings, c.train.augment, c.train.workers) == (True, "strong", 2)
+    assert cfg.untrusted == "background"     # the paper's trust module
+    assert S.config_from_args(p.parse_args(["semisup", "--out", "R", "--untrusted", "ignore"])).untrusted == "ignore"
+    # a run that predates --untrusted resumes as the paper's (background), not as ignore
+    pre = c.to_dict()
+    pre.pop("untrusted")
+    assert S._comparable(pre) == S._comparable(c.to_dict())
+    assert S._comparable(pre) != S._comparable({**c.to_dict(), "untrusted": "ignore"})
     # workers change how a round trains, not what: a run may resume with another count
     assert S._comparable(c.to_dict()) == S._comparable({**c.to_dict(), "train": {**c.to_dict()["train"], "workers": 0}})
     # a state written before a setting existed compares at that setting's default

@@ -56,6 +56,9 @@ SEMISEG_DIR = Path("covid-semiseg") / "Dataset"
 
 # torch.nn.CrossEntropyLoss's default ignore_index: the target of an unlabeled sample.
 IGNORE_INDEX = -100
+# label value of a pixel whose class is not known (a pseudo label the trust module did not
+# keep, ``semisup --untrusted ignore``): SliceDataset turns it into IGNORE_INDEX
+UNKNOWN_LABEL = 255
 
 _GET_DATA = (
     "The public data: MedSeg COVID-19 segmentation (medicalsegmentation.com/covid19; "
@@ -685,7 +688,7 @@ class SliceDataset(_TorchDataset):
     ``x`` is :func:`~ssanet.preprocess.make_input` of the resized slice and lung mask.
     ``y`` holds the classes 0/1/2 for ``num_classes=3``, the binary infection mask
     (label > 0) for ``num_classes`` 1 or 2, and :data:`IGNORE_INDEX` everywhere for
-    unlabeled samples. Resizing happens once here (bilinear image, nearest masks).
+    unlabeled samples and where the label is :data:`UNKNOWN_LABEL`. Resizing happens once here (bilinear image, nearest masks).
 
     With ``augment`` every item is augmented with a generator seeded by
     ``(seed, epoch, index)``: call :meth:`set_epoch` before each epoch. An item can also be
@@ -735,8 +738,7 @@ class SliceDataset(_TorchDataset):
         x = make_input(image, lung, blank_outside_lung=self.blank_outside_lung)
         if label is None:
             y = np.full(image.shape, IGNORE_INDEX, np.int64)
-        elif self.num_classes < 3:
-            y = (label > 0).astype(np.int64)
         else:
-            y = label.astype(np.int64)
+            y = (label > 0).astype(np.int64) if self.num_classes < 3 else label.astype(np.int64)
+            y[label == UNKNOWN_LABEL] = IGNORE_INDEX
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORE_INDEX
+
 SAD_ALPHA = 0.1
 SAD_START_EPOCH = 40
 
@@ -30,7 +32,12 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     per-slice DSC: a slice without a class then scores ``smooth / (predicted mass + smooth)``
     for it, so false positives there cost as much as anywhere (in the batch sum they are
     diluted by the other slices' lesions).
+
+    Pixels whose target is not a class index (``ssanet.data.IGNORE_INDEX``) count for no
+    class, as the cross-entropy's ``ignore_index`` skips them.
     """
+    known = ((target >= 0) & (target < max(2, logits.shape[1])))[:, None]
+    target = torch.where(known[:, 0], target, torch.zeros_like(target))
     if logits.shape[1] == 1:
         probs = torch.sigmoid(logits)
         onehot = target.float()[:, None]
@@ -38,6 +45,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     else:
         probs = torch.softmax(logits, dim=1)
         onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    probs = probs * known
     dims = (2, 3) if per_slice else (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
@@ -114,7 +122,9 @@ def reweighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     w = None
     if weights is not None:
         w = torch.as_tensor(weights, dtype=logits.dtype, device=logits.device)
-    return F.cross_entropy(logits, target.long(), weight=w)
+    if not bool((target != IGNORE_INDEX).any()):   # nothing known: no signal (not NaN)
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target.long(), weight=w, ignore_index=IGNORE_INDEX)
 
 
 @dataclass

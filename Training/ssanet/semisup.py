@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .cli import EVAL_SPLITS, positive_int
-from .data import AUGMENT_PRESETS
+from .data import AUGMENT_PRESETS, UNKNOWN_LABEL
 from .losses import class_weights, pixel_counts
 from .train import TrainConfig, comparable_training
 
@@ -75,6 +75,8 @@ STATE_FORMAT = "ssanet-semisup/1"
 SAD_START_FRACTION = 40 / 150
 # options that may change between a run and its resumption without changing its results
 RESUMABLE_CHANGES = ("max_rounds", "patience", "pseudo_batch_size", "device")
+# what an untrusted pixel's pseudo label is: background (the paper) or unknown (no loss)
+UNTRUSTED_CHOICES = ("background", "ignore")
 
 
 # ------------------------------------------------------------------ configuration
@@ -89,6 +91,7 @@ class SemiSupConfig:
     patience: int = 2
     reweight: bool = True
     trust: bool = True
+    untrusted: str = "background"       # "ignore": untrusted lung pixels carry no loss
     unlabeled_limit: int = 0            # 0 = the whole pool
     pseudo_batch_size: int = 16
     contact_sheet_n: int = 8
@@ -104,6 +107,9 @@ class SemiSupConfig:
             raise ValueError(f"t must be >= 1, got {self.t}")
         if not 0.0 <= self.eta < 1.0:
             raise ValueError(f"eta must be in [0, 1), got {self.eta}")
+        if self.untrusted not in UNTRUSTED_CHOICES:
+            raise ValueError(f"untrusted must be one of {', '.join(UNTRUSTED_CHOICES)}, "
+                             f"got {self.untrusted!r}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.max_rounds < 1:
@@ -129,9 +135,12 @@ def _comparable(cfg_dict: dict) -> dict:
 
 # ------------------------------------------------------------------- paper pieces
 
-def trust_filter(probs, lung, eta: float = 0.95) -> np.ndarray:
+def trust_filter(probs, lung, eta: float = 0.95, untrusted: int = 0) -> np.ndarray:
     """The trust module: argmax class where its probability exceeds ``eta``, else
-    background; background outside the lung.
+    ``untrusted`` (the paper: 0, background); background outside the lung.
+
+    ``untrusted=ssanet.data.UNKNOWN_LABEL`` marks the lung pixels the model is unsure of as
+    unknown, so that training skips them instead of learning them as background.
 
     ``probs`` (C, H, W) or (N, C, H, W) with background as channel 0; ``lung`` (H, W) or
     (N, H, W). The comparison is strict: a probability equal to ``eta`` is not trusted.
@@ -144,7 +153,8 @@ def trust_filter(probs, lung, eta: float = 0.95) -> np.ndarray:
         raise ValueError(f"lung mask {lung.shape} does not match probabilities {probs.shape}")
     cls = probs.argmax(axis=-3)
     conf = np.take_along_axis(probs, np.expand_dims(cls, -3), axis=-3)[..., 0, :, :]
-    return np.where((conf > eta) & lung, cls, 0).astype(np.uint8)
+    out = np.where(conf > eta, cls, untrusted)
+    return np.where(lung, out, 0).astype(np.uint8)
 
 
 def argmax_labels(probs, lung) -> np.ndarray:
@@ -378,9 +388,11 @@ def _predictor_and_meta(model, meta, device, batch_size):
 
 
 def renew_pseudo_labels(model, added_ids: Sequence[str], pool: Mapping, meta: dict | None = None,
-                        *, eta: float = 0.95, trust: bool = True, device="cpu",
-                        batch_size: int = 16) -> dict[str, np.ndarray]:
-    """Pseudo labels (uint8 0/1/2, lung-restricted) of every slice in ``added_ids``.
+                        *, eta: float = 0.95, trust: bool = True, untrusted: str = "background",
+                        device="cpu", batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Pseudo labels (uint8 0/1/2, lung-restricted) of every slice in ``added_ids``; with
+    the trust module and ``untrusted="ignore"`` the lung pixels it does not trust are
+    :data:`~ssanet.data.UNKNOWN_LABEL`.
 
     ``model``: a checkpoint path, an SSANet or a :class:`~ssanet.inference.Predictor`;
     ``meta`` gives the preprocessing (a checkpoint brings its own; default: the slices'
@@ -407,7 +419,8 @@ def renew_pseudo_labels(model, added_ids: Sequence[str], pool: Mapping, meta: di
             images = np.stack([pool[i].image for i in part])
             lungs = np.stack([np.asarray(pool[i].lung, bool) for i in part])
             probs = predict_slices(predictor, images, lungs, meta, batch_size=batch_size)
-            labels = trust_filter(probs, lungs, eta) if trust else argmax_labels(probs, lungs)
+            labels = (trust_filter(probs, lungs, eta, UNKNOWN_LABEL if untrusted == "ignore" else 0)
+                      if trust else argmax_labels(probs, lungs))
             out.update(zip(part, labels))
     return {i: out[i] for i in ids}
 
@@ -578,7 +591,8 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
         if r > 1:
             new = schedule.next()
             pseudo = renew_pseudo_labels(round_dir(out, r - 1) / "best.safetensors", schedule.added,
-                                         slices, eta=cfg.eta, trust=cfg.trust, device=device,
+                                         slices, eta=cfg.eta, trust=cfg.trust,
+                                         untrusted=cfg.untrusted, device=device,
                                          batch_size=cfg.pseudo_batch_size)
             save_pseudo_labels(rdir / "pseudo_labels.npz", pseudo)
         t_pseudo = time.time() - t0
@@ -776,7 +790,8 @@ def _plot_rounds(out: Path, state: dict) -> None:
 
 
 def contact_sheet(samples, labels, path, title: str = "", cols: int = 4) -> None:
-    """A grid of slices with their pseudo labels (GGO red, consolidation green)."""
+    """A grid of slices with their pseudo labels (GGO red, consolidation green, unknown
+    pixels of ``--untrusted ignore`` blue)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -784,7 +799,7 @@ def contact_sheet(samples, labels, path, title: str = "", cols: int = 4) -> None
 
     if not samples:
         return
-    cm = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.5), (0.2, 0.9, 0.2, 0.5)])
+    cm = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.5), (0.2, 0.9, 0.2, 0.5), (0.2, 0.4, 1, 0.35)])
     rows = math.ceil(len(samples) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
@@ -794,7 +809,8 @@ def contact_sheet(samples, labels, path, title: str = "", cols: int = 4) -> None
         lung = np.asarray(s.lung, bool)
         if lung.any() and not lung.all():
             ax.contour(lung.astype(float), levels=[0.5], colors="yellow", linewidths=0.4)
-        ax.imshow(lab, cmap=cm, vmin=0, vmax=2, interpolation="nearest")
+        shown = np.where(np.asarray(lab) == UNKNOWN_LABEL, 3, lab)
+        ax.imshow(shown, cmap=cm, vmin=0, vmax=3, interpolation="nearest")
         ax.set_title(s.id[-28:], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -919,6 +935,10 @@ def _add_args(p) -> None:
                    help="class weights 1/(C*P_c) in the cross-entropy (--no-reweight: plain CE)")
     p.add_argument("--trust", action=BooleanFlag, default=d.trust,
                    help="trust module (--no-trust: plain argmax pseudo labels)")
+    p.add_argument("--untrusted", default=d.untrusted, choices=UNTRUSTED_CHOICES,
+                   help="pseudo label of a lung pixel the trust module does not keep: background "
+                        "(the paper) or ignore (no loss there, so unsure lesions are not learnt "
+                        "as background)")
     p.add_argument("--size", type=int, default=None,
                    help=f"training slice size (paper: 512; default: the --init checkpoint's size, else {t.size})")
     p.add_argument("--epochs-per-round", type=int, default=t.epochs, dest="epochs",
@@ -964,7 +984,8 @@ def config_from_args(a) -> SemiSupConfig:
                        val_every=max(1, min(a.val_every, a.epochs)), augment=a.augment,
                        workers=a.workers)
     return SemiSupConfig(t=a.t, eta=a.eta, max_rounds=a.max_rounds, patience=a.patience,
-                         reweight=a.reweight, trust=a.trust, unlabeled_limit=a.unlabeled_limit,
+                         reweight=a.reweight, trust=a.trust, untrusted=a.untrusted,
+                         unlabeled_limit=a.unlabeled_limit,
                          pseudo_batch_size=a.pseudo_batch_size, init=a.init or "",
                          init_member=a.init_member,
                          warm_start=a.warm_start, semiseg_renderings=a.semiseg_renderings,
