@@ -607,7 +607,7 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
                 f"{short['class']} pixels against {100 * short['labeled_share']:.2f} % in the "
                 f"labeled slices; trained on them the model may stop calling {short['class']} "
                 f"(the trust threshold --eta keeps only pixels the previous model is sure of; "
-                f"a stronger M1, a lower --eta or --reweight are the levers)")
+                f"a stronger M1, a lower --eta, --reweight or --untrusted ignore are the levers)")
         if r == 1:
             init = cfg.init
         else:
