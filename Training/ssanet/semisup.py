@@ -668,7 +668,8 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
             contact_sheet([slices[i] for i in show], [pseudo[i] for i in show],
                           out / f"pseudo_round_{r:02d}.png",
                           f"round {r}: pseudo labels by the round-{r - 1} model "
-                          f"({'trust eta=%g' % cfg.eta if cfg.trust else 'argmax'})")
+                          f"({'trust eta=%g' % cfg.eta if cfg.trust else 'argmax'}"
+                          f"{'; untrusted: unknown, blue' if cfg.trust and cfg.untrusted == 'ignore' else ''})")
         log(f"round {r}: validation DSC ggo {val_classes['ggo']['dsc']:.3f} consolidation "
             f"{val_classes['consolidation']['dsc']:.3f} (mean {score:.3f}; best round "
             f"{stop.best_round}, {stop.counter}/{cfg.patience} without improvement) "
