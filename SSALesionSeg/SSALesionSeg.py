@@ -364,12 +364,15 @@ def cudaAvailable():
 #
 
 
-class SSALesionSegLogic(ScriptedLoadableModuleLogic, ProcessingLogic):
+class SSALesionSegLogic(ProcessingLogic, ScriptedLoadableModuleLogic):
     """Slicer's face of SSALesionSegLib.logic.ProcessingLogic.
 
     ``process(inputVolume, outputSegmentation, lungMethod, checkpoint, device,
     progressCallback=None, waitForCompletion=True)`` is the single entry point used by
-    the panel, the self-test and SSALesionSegBatch.py.
+    the panel and the self-test (SSALesionSegBatch.py calls ProcessingLogic's directly).
+
+    ProcessingLogic comes first: Slicer's ScriptedLoadableModuleLogic.__init__ calls
+    super().__init__() without arguments, which must reach object, not ProcessingLogic.
     """
 
     def __init__(self):

@@ -270,8 +270,12 @@ def module_with_stubbed_qt(monkeypatch):
     from SSALesionSegLib import mrml
 
     class ScriptedLoadableModuleLogic:
+        # as Slicer's own (Base/Python/slicer/ScriptedLoadableModule.py since 5.0): a
+        # cooperative __init__ that calls super().__init__() with no arguments
         def __init__(self, parent=None):
-            pass
+            super().__init__()
+            self.moduleName = self.__class__.__name__.removesuffix("Logic")
+            self.isSingletonParameterNode = True
 
         def getParameterNode(self):
             return None
@@ -310,6 +314,15 @@ def test_module_file_defines_the_template_classes(module_with_stubbed_qt):
     parameters = list(inspect.signature(module.SSALesionSegLogic.process).parameters)
     assert parameters[:8] == ["self", "inputVolume", "outputSegmentation", "lungMethod", "checkpoint", "device",
                               "progressCallback", "waitForCompletion"]
+
+
+def test_logic_builds_under_slicers_cooperative_base_class(module_with_stubbed_qt):
+    """The panel's setup() and the self-test build SSALesionSegLogic(); with Slicer's base
+    class calling super().__init__() that must not reach ProcessingLogic without a scene."""
+    module, headless = module_with_stubbed_qt
+    logic = module.SSALesionSegLogic()
+    assert logic.scene is headless.scene and logic.moduleName == "SSALesionSeg"
+    assert logic.isSingletonParameterNode and os.path.isdir(logic.moduleDir)
 
 
 def test_self_test_passes_with_the_fake_engine(module_with_stubbed_qt, monkeypatch, tmp_path):
