@@ -516,9 +516,25 @@ def table_values(tableNode):
     return {keys.GetValue(row): values.GetValue(row) for row in range(table.GetNumberOfRows())}
 
 
+def statistics_table_owner(scene, tableNode):
+    """The segmentation node whose statistics table ``tableNode`` is, or None."""
+    if tableNode is None:
+        return None
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+        if node.GetNodeReferenceID(STATISTICS_REFERENCE_ROLE) == tableNode.GetID():
+            return node
+    return None
+
+
 def ensure_statistics_table(scene, segmentationNode, tableNode=None, name=None):
     """The statistics table of a segmentation: the given one, the one referenced by
-    the segmentation from an earlier run, or a new one."""
+    the segmentation from an earlier run, or a new one. A given table that holds another
+    segmentation's figures is left to that segmentation (a second case run into a new
+    segmentation must not overwrite the first case's table)."""
+    owner = statistics_table_owner(scene, tableNode)
+    if owner is not None and owner is not segmentationNode:
+        tableNode = None
     if tableNode is None:
         tableNode = segmentationNode.GetNodeReference(STATISTICS_REFERENCE_ROLE)
     if tableNode is None:

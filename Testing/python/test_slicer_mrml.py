@@ -335,6 +335,31 @@ def test_rerun_updates_the_same_segments_and_table(case, fake_engine):
     assert first.tableNode.GetNumberOfRows() == len(mrml.table_values(first.tableNode))
 
 
+def test_a_second_case_never_overwrites_the_first_cases_table(case, fake_engine):
+    """The panel keeps the last table selected; a run into a new segmentation (or a
+    recompute of another one) with that table must leave the first case's figures alone."""
+    logic = make_logic(case, fake_engine)
+    first = logic.process(case.volume, None, "auto", None, "cpu")
+    figures = mrml.table_values(first.tableNode)
+    second = logic.process(case.volume, None, "auto", None, "cpu", statisticsTable=first.tableNode)
+    assert second.segmentationNode is not first.segmentationNode
+    assert second.tableNode is not first.tableNode
+    assert first.segmentationNode.GetNodeReference(mrml.STATISTICS_REFERENCE_ROLE) is first.tableNode
+    assert second.segmentationNode.GetNodeReference(mrml.STATISTICS_REFERENCE_ROLE) is second.tableNode
+    # edit the second case, recompute it with the first case's table still selected
+    spec = mrml.lesion_specs()[0]
+    mrml.set_segment_from_array(second.segmentationNode, spec, np.zeros_like(case.labels, bool),
+                                mrml.ijk_to_ras_from_image(case.ct))
+    recomputed = logic.recomputeStatistics(case.volume, second.segmentationNode, first.tableNode)
+    assert recomputed.tableNode is second.tableNode
+    assert mrml.table_values(second.tableNode)["lesions.ggo.volume_ml"] == 0
+    assert mrml.table_values(first.tableNode) == figures
+    # a table of no segmentation (e.g. made by the user) is still used as given
+    own = case.scene.AddNewNodeByClass("vtkMRMLTableNode", "my table")
+    third = logic.process(case.volume, None, "auto", None, "cpu", statisticsTable=own)
+    assert third.tableNode is own
+
+
 def test_rerun_into_a_loaded_segmentation_matches_segments_by_name(case, fake_engine, tmp_path):
     logic = make_logic(case, fake_engine)
     result = logic.process(case.volume, None, "auto", None, "cpu")
