@@ -322,7 +322,7 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         outputDir = str(parameters.exportDirectory)
         overwrite = False
         caseName = mrml.safe_case_name(parameters.inputVolume.GetName())
-        if os.path.exists(os.path.join(outputDir, "labels", caseName + ".nii.gz")):
+        if mrml.existing_training_case_files(outputDir, caseName):
             if not slicer.util.confirmOkCancelDisplay(
                     f"Case '{caseName}' already exists in {outputDir}. Overwrite it?"):
                 return

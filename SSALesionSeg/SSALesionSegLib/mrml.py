@@ -620,9 +620,9 @@ def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None,
     reads; also ``lungs/<case>.nii.gz`` (1 right, 2 left) when the lung segments exist, so
     fine-tuning sees the corrected lungs too. Returns the written paths."""
     caseName = safe_case_name(caseName or volumeNode.GetName())
-    paths = {folder: os.path.join(outputDir, folder, caseName + ".nii.gz") for folder in ("images", "labels", "lungs")}
+    paths = training_case_paths(outputDir, caseName)
     if not overwrite:
-        existing = [p for p in paths.values() if os.path.exists(p)]
+        existing = existing_training_case_files(outputDir, caseName)
         if existing:
             raise FileExistsError(f"Training case '{caseName}' already exists: {existing[0]}")
     labels, lungs = labelmaps_from_result_segments(segmentationNode, volumeNode, requireLungs=False)
@@ -630,10 +630,24 @@ def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None,
     written = []
     for folder, image in images.items():
         if image is None:
+            # the case being replaced had lungs this one lacks: its old mask must not pair up
+            if os.path.exists(paths[folder]):
+                os.remove(paths[folder])
             continue
         os.makedirs(os.path.dirname(paths[folder]), exist_ok=True)
         written.append(write_image_atomically(image, paths[folder]))
     return written
+
+
+def training_case_paths(outputDir, caseName):
+    """{folder: path} of a training case's files (images/, labels/, lungs/)."""
+    return {folder: os.path.join(os.fspath(outputDir), folder, caseName + ".nii.gz")
+            for folder in ("images", "labels", "lungs")}
+
+
+def existing_training_case_files(outputDir, caseName):
+    """The files of case ``caseName`` already in ``outputDir`` (any of the three folders)."""
+    return [p for p in training_case_paths(outputDir, caseName).values() if os.path.exists(p)]
 
 
 def write_image_atomically(image, path):

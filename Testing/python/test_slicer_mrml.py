@@ -506,6 +506,26 @@ def test_export_training_case_writes_the_pair_the_training_kit_reads(case, fake_
     assert sum(float((s.label == 1).sum()) for s in grid) * 0.49 == pytest.approx(ggo_mm2, rel=0.1)
 
 
+def test_export_refuses_any_existing_file_of_the_case_and_overwrite_replaces_the_whole_case(case, fake_engine, tmp_path):
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    out = tmp_path / "cases"
+    assert mrml.existing_training_case_files(out, "Phantom_CT") == []
+    logic.exportTrainingCase(case.volume, node, str(out))
+    os.remove(out / "labels" / "Phantom_CT.nii.gz")   # only images/ and lungs/ left
+    assert mrml.existing_training_case_files(out, "Phantom_CT") == [
+        str(out / "images" / "Phantom_CT.nii.gz"), str(out / "lungs" / "Phantom_CT.nii.gz")]
+    with pytest.raises(FileExistsError, match="images"):
+        logic.exportTrainingCase(case.volume, node, str(out))
+    # the corrected case has no lung segments: overwriting drops the old case's lung mask
+    for name in ("Right_lung", "Left_lung"):
+        node.GetSegmentation().RemoveSegment(name)
+    written = logic.exportTrainingCase(case.volume, node, str(out), overwrite=True)
+    assert sorted(os.path.relpath(p, out) for p in written) == [
+        os.path.join("images", "Phantom_CT.nii.gz"), os.path.join("labels", "Phantom_CT.nii.gz")]
+    assert not (out / "lungs" / "Phantom_CT.nii.gz").exists()
+
+
 def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
     lungsNode = mrml.import_result_to_segmentation(
         case.scene, case.volume, None, _image(case.lungs, case.ct), None, specs=mrml.lung_specs())
