@@ -26,7 +26,7 @@ if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 
 from SSALesionSegLib import dependencies, engine, mrml, phantom  # noqa: E402
-from SSALesionSegLib.logic import ProcessingLogic  # noqa: E402
+from SSALesionSegLib.logic import ProcessingLogic, missing_choice  # noqa: E402
 
 
 #
@@ -59,9 +59,10 @@ Lung masks: lungmask (Hofmanninger et al., European Radiology Experimental 2020)
 def loadTerminology():
     """Make the lesion types known to Slicer's terminology selector."""
     path = os.path.join(_MODULE_DIR, "Resources", "Terminology", "SSALesionSeg.term.json")
-    try:
-        slicer.modules.terminologies.logic().LoadTerminologyFromFile(path)
-    except Exception as e:  # segments still show names and colours without it
+    try:  # segments still show names and colours without it
+        if not slicer.modules.terminologies.logic().LoadTerminologyFromFile(path):
+            logging.warning(f"SSALesionSeg: could not load terminology {path}")
+    except Exception as e:
         logging.warning(f"SSALesionSeg: could not load terminology {path}: {e}")
 
 
@@ -128,6 +129,8 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._installing = False   # dependencies being installed (pip runs processEvents)
+        self._shownOutput = None   # the segmentation the summary label describes
         self._pollTimer = None
 
     def setup(self):
@@ -172,6 +175,8 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self._showSummary(None, "")
+        self.ui.statusLabel.text = ""
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -194,34 +199,48 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGui()
 
     def _markUnavailableDevices(self):
-        # connectGui refills the combo box, so this runs after every connection.
-        if cudaAvailable():
-            return
+        # connectGui refills the combo box, so this runs after every connection (and again
+        # once PyTorch has been installed).
+        available = cudaAvailable()
         index = [d for d in Device].index(Device.CUDA)
         item = self.ui.deviceComboBox.model().item(index)
         if item is not None:
-            item.setEnabled(False)
+            item.setEnabled(available)
         self.ui.deviceComboBox.setItemData(
-            index, "No CUDA GPU is available to this Slicer's PyTorch.", qt.Qt.ToolTipRole)
+            index, "" if available else "No CUDA GPU is available to this Slicer's PyTorch.", qt.Qt.ToolTipRole)
+
+    def _showSummary(self, segmentationNode, text):
+        self._shownOutput = segmentationNode
+        self.ui.summaryLabel.text = text
 
     def _updateGui(self, caller=None, event=None):
         parameters = self._parameterNode
         running = self._run is not None
+        busy = running or self._installing
         haveInput = bool(parameters and parameters.inputVolume)
+        if parameters and self._shownOutput is not None and parameters.outputSegmentation is not self._shownOutput:
+            self._showSummary(None, "")   # the figures shown belong to another segmentation
         self.ui.lungSegmentationSelector.enabled = bool(parameters) and parameters.lungMethod == LungMethod.EXISTING
         self.ui.checkpointPathLineEdit.enabled = bool(parameters) and not parameters.useBundledModel
         for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.outputsCollapsibleButton):
-            widget.enabled = not running
-        if running:
+            widget.enabled = not busy
+        if self._installing:
+            self.ui.applyButton.text = "Apply"
+            self.ui.applyButton.toolTip = "Installing the Python packages the segmentation needs..."
+            self.ui.applyButton.enabled = False
+        elif running:
             self.ui.applyButton.text = "Cancel"
             self.ui.applyButton.toolTip = "Stop the segmentation; the scene is left as it was."
             self.ui.applyButton.enabled = True
         else:
+            reason = missing_choice(
+                parameters.inputVolume, parameters.lungMethod.value, parameters.lungSegmentation,
+                str(parameters.checkpointPath), checkpointRequired=not parameters.useBundledModel
+            ) if parameters else "Select an input CT volume."
             self.ui.applyButton.text = "Apply"
-            self.ui.applyButton.toolTip = ("Segment ground-glass opacity and consolidation."
-                                           if haveInput else "Select an input CT volume.")
-            self.ui.applyButton.enabled = haveInput
-        haveResult = haveInput and bool(parameters.outputSegmentation) and not running
+            self.ui.applyButton.toolTip = reason or "Segment ground-glass opacity and consolidation."
+            self.ui.applyButton.enabled = reason is None
+        haveResult = haveInput and bool(parameters.outputSegmentation) and not busy
         for button in (self.ui.showSegmentEditorButton, self.ui.recomputeStatisticsButton,
                        self.ui.exportTrainingCaseButton):
             button.enabled = haveResult
@@ -232,6 +251,8 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._run is not None:
             self.cancelRun()
             return
+        if self._installing:
+            return
         parameters = self._parameterNode
         output = parameters.outputSegmentation
         if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
@@ -240,9 +261,20 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "To keep them, choose 'Create new segmentation' as output instead.",
                     windowTitle="Replace segmentation?"):
                 return
+        # Installing asks first (no wait cursor over the question) and runs pip, which
+        # processes events: the panel stays disabled meanwhile.
+        self._installing = True
+        self._updateGui()
+        try:
+            with slicer.util.tryWithErrorDisplay("Failed to install the Python packages."):
+                ready = self.logic.ensureDependencies()
+        finally:
+            self._installing = False
+            self._markUnavailableDevices()
+            self._updateGui()
+        if not ready:
+            return
         with slicer.util.tryWithErrorDisplay("Failed to start the segmentation.", waitCursor=True):
-            if not self.logic.ensureDependencies():
-                return
             checkpoint = None if parameters.useBundledModel else str(parameters.checkpointPath)
             self._run = self.logic.process(
                 parameters.inputVolume, output, parameters.lungMethod.value, checkpoint, parameters.device.value,
@@ -289,9 +321,9 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showResult(self, result):
         parameters = self._parameterNode
+        self._showSummary(result.segmentationNode, result.summary)
         parameters.outputSegmentation = result.segmentationNode
         parameters.statisticsTable = result.tableNode
-        self.ui.summaryLabel.text = result.summary
         self.ui.resultsCollapsibleButton.collapsed = False
         showResultInViews(parameters.inputVolume, result.tableNode)
 
@@ -314,7 +346,7 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result = self.logic.recomputeStatistics(
                 parameters.inputVolume, parameters.outputSegmentation, parameters.statisticsTable)
             parameters.statisticsTable = result.tableNode
-            self.ui.summaryLabel.text = result.summary
+            self._showSummary(parameters.outputSegmentation, result.summary)
             showResultInViews(parameters.inputVolume, result.tableNode)
 
     def onExportTrainingCase(self):
@@ -347,15 +379,17 @@ _cudaAvailable = None
 
 
 def cudaAvailable():
+    """Whether this Slicer's PyTorch sees a CUDA GPU; not known (False, asked again next
+    time) while PyTorch is not installed."""
     global _cudaAvailable
     if _cudaAvailable is None:
-        _cudaAvailable = False
-        if dependencies.is_installed("torch"):
-            try:
-                import torch
-                _cudaAvailable = bool(torch.cuda.is_available())
-            except Exception:
-                pass
+        if not dependencies.is_installed("torch"):
+            return False
+        try:
+            import torch
+            _cudaAvailable = bool(torch.cuda.is_available())
+        except Exception:
+            _cudaAvailable = False
     return _cudaAvailable
 
 

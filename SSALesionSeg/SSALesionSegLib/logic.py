@@ -37,6 +37,21 @@ class ProcessResult:
         self.classNames = classNames
 
 
+def missing_choice(inputVolume, lungMethod, lungSegmentation=None, checkpoint=None, checkpointRequired=False):
+    """What the user still has to choose before a run can start (a sentence), or None.
+
+    The panel shows it on the disabled Apply button; ``process`` raises it as ValueError.
+    ``checkpointRequired``: the user chose their own model file instead of the bundled one.
+    """
+    if inputVolume is None:
+        return "Select an input CT volume."
+    if lungMethod == "existing" and lungSegmentation is None:
+        return "Select the segmentation that holds the lungs, or choose another lung method."
+    if checkpointRequired and not (checkpoint and os.path.isfile(os.fspath(checkpoint))):
+        return "Choose a model file (.safetensors), or tick 'Use the bundled model'."
+    return None
+
+
 def check_choices(lungMethod, checkpoint, device, flipTTA="model"):
     """Validate the panel's choices before anything runs; returns the checkpoint path or None."""
     if lungMethod not in engine_.LUNG_METHODS:
@@ -90,14 +105,13 @@ class ProcessingLogic:
         so cancelling leaves the scene as it was. ``flipTTA``: "model" (the checkpoint's
         setting), "on" or "off" (engine.FLIP_TTA).
         """
-        if inputVolume is None:
-            raise ValueError("Select an input CT volume")
+        reason = missing_choice(inputVolume, lungMethod, lungSegmentation)
+        if reason:
+            raise ValueError(reason)
         checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
         ct = mrml.image_from_volume_node(inputVolume)
         lungMask = None
         if lungMethod == "existing":
-            if lungSegmentation is None:
-                raise ValueError("Select the segmentation that holds the lungs")
             lungMask = mrml.lung_mask_from_segmentation(lungSegmentation, inputVolume)
 
         if not waitForCompletion:

@@ -344,3 +344,60 @@ def test_self_test_passes_with_the_fake_engine(module_with_stubbed_qt, monkeypat
     assert headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     node = headless.scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
     assert node.GetSegmentation().GetSegment("Consolidation").GetColor()[1] > 0.7
+
+
+def test_panel_apply_button_says_what_is_missing(module_with_stubbed_qt, tmp_path):
+    """The panel's own enable logic (_updateGui), run on plain stand-ins for the Qt widgets
+    and the parameter node: Apply is enabled only when a run can start, and its tooltip
+    names what is missing; the summary of one segmentation is not shown beside another."""
+    import pathlib
+    module, headless = module_with_stubbed_qt
+
+    class Widget(types.SimpleNamespace):
+        enabled, text, toolTip, collapsed = True, "", "", True
+
+    names = ("inputsCollapsibleButton", "modelCollapsibleButton", "outputsCollapsibleButton", "applyButton",
+             "lungSegmentationSelector", "checkpointPathLineEdit", "showSegmentEditorButton",
+             "recomputeStatisticsButton", "exportTrainingCaseButton", "summaryLabel", "statusLabel")
+    panel = module.SSALesionSegWidget.__new__(module.SSALesionSegWidget)
+    panel.ui = types.SimpleNamespace(**{n: Widget() for n in names})
+    panel._run, panel._installing, panel._shownOutput = None, False, None
+    volume = headless.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    lungs = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs")
+    params = types.SimpleNamespace(inputVolume=None, lungMethod=module.LungMethod.AUTO, lungSegmentation=None,
+                                   useBundledModel=True, checkpointPath=pathlib.Path(), outputSegmentation=None)
+    panel._parameterNode = params
+    apply = panel.ui.applyButton
+
+    def state():
+        panel._updateGui()
+        return apply.enabled, apply.toolTip
+
+    assert state() == (False, "Select an input CT volume.")
+    params.inputVolume = volume
+    assert state()[0] is True and apply.text == "Apply"
+    params.lungMethod = module.LungMethod.EXISTING
+    assert state()[0] is False and "holds the lungs" in apply.toolTip
+    params.lungSegmentation = lungs
+    assert state()[0] is True
+    params.useBundledModel = False           # the path field still holds Path() -> "."
+    assert state()[0] is False and "model file" in apply.toolTip
+    model = tmp_path / "mine.safetensors"
+    model.write_bytes(b"x")
+    params.checkpointPath = model
+    assert state()[0] is True
+    panel._installing = True                 # pip is running: nothing can start twice
+    assert state()[0] is False and not panel.ui.inputsCollapsibleButton.enabled
+    panel._installing = False
+    panel._run = object()                    # a run in the background: Apply is Cancel
+    assert state()[0] is True and apply.text == "Cancel"
+    panel._run = None
+
+    first = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "case A")
+    params.outputSegmentation = first
+    panel._showSummary(first, "Infection 12 mL")
+    panel._updateGui()
+    assert panel.ui.summaryLabel.text == "Infection 12 mL" and panel.ui.exportTrainingCaseButton.enabled
+    params.outputSegmentation = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "case B")
+    panel._updateGui()
+    assert panel.ui.summaryLabel.text == ""
