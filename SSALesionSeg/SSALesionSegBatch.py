@@ -5,9 +5,12 @@ Desktop Slicer:
 Python with the slicer-core wheel:
   python <module dir>/SSALesionSegBatch.py --input DIR --output DIR
 
-Each NIfTI/NRRD/MHA file and each folder of DICOM files in --input is one case;
---output receives <case>.seg.nrrd and <case>_stats.json. A failing case is reported
-and the rest continue; the exit code is 1 if any case failed.
+The cases are found as `ssalesionseg segment` finds them (the engine's
+cli.find_cases): each NIfTI/NRRD/MHA file and each subfolder of --input (its DICOM
+series — the CT series with the most slices, searched in its subfolders too — or the
+one CT file it holds), or --input itself when it is one DICOM series. --output receives
+<case>.seg.nrrd and <case>_stats.json. A failing case is reported and the rest
+continue; the exit code is 1 if any case failed, 2 if the batch could not run at all.
 
 Slicer also loads every .py file of a module folder as a module; this file therefore
 does its work only when run as a script (see the hidden module class at the end).
@@ -15,6 +18,7 @@ Outside the Slicer application it imports neither Qt nor, until it runs, slicer.
 """
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -23,8 +27,6 @@ import traceback
 import warnings
 
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _use_module_dir():
@@ -55,62 +57,39 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not os.path.isdir(args.input):
         parser.error(f"--input is not a folder: {args.input}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"--output is a file, not a folder: {args.output}")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint not found: {args.checkpoint}")
     return args
 
 
-def _strip_suffix(name):
-    lower = name.lower()
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def _engine_module(name):
+    """A module of the engine (``ssalesionseg``: installed, else the bundled Logic/)."""
+    _use_module_dir()
+    from SSALesionSegLib import engine
 
-
-def dicom_series_files(folder):
-    """Files of the DICOM series with the most slices in a folder, in slice order; [] if none."""
-    import SimpleITK as sitk
-
-    best = []
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)   # GDCM warns on folders without DICOM
-    try:
-        for seriesId in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or []:
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, seriesId)
-            if len(files) > len(best):
-                best = list(files)
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-    return best
-
-
-def _is_own_output(entry, inputDir):
-    """A file this tool writes beside its results (never a CT): a .seg.nrrd, or a case's
-    _confidence.nrrd next to its _stats.json."""
-    lower = entry.lower()
-    if lower.endswith(".seg.nrrd"):
-        return True
-    return lower.endswith("_confidence.nrrd") and os.path.isfile(
-        os.path.join(inputDir, entry[: -len("_confidence.nrrd")] + "_stats.json"))
+    engine.import_engine_package(_MODULE_DIR)
+    return importlib.import_module(f"{engine.ENGINE_PACKAGE}.{name}")
 
 
 def find_cases(inputDir, outputDir=None):
-    """[(case name, [files])]: image files, and DICOM folders directly under inputDir; the
-    tool's own outputs and the output folder are left out, so --output may lie inside --input."""
-    cases = []
-    skipDir = os.path.abspath(outputDir) if outputDir else None
-    for entry in sorted(os.listdir(inputDir)):
-        path = os.path.join(inputDir, entry)
-        if os.path.abspath(path) == skipDir or _is_own_output(entry, inputDir):
-            continue
-        if os.path.isfile(path) and entry.lower().endswith(IMAGE_SUFFIXES) and not entry.startswith("."):
-            cases.append((_strip_suffix(entry), [path]))
-        elif os.path.isdir(path):
-            files = dicom_series_files(path)
-            if files:
-                cases.append((entry, files))
-    return cases
+    """[(case name, path)] as `ssalesionseg segment` finds them; the tool's own outputs and
+    the output folder are left out, so --output may lie inside --input. Raises the
+    engine's InputError (with what to do) when there is nothing to process or two inputs
+    would write the same outputs."""
+    return _engine_module("cli").find_cases(inputDir, out=outputDir)
+
+
+def case_files(path):
+    """(files for Slicer's reader, note or None): a CT file, or the DICOM series the
+    engine would read from a folder (the CT series with the most slices)."""
+    if os.path.isfile(path):
+        return [str(path)], None
+    from pathlib import Path
+
+    files, info = _engine_module("io").dicom_series_choice(Path(path))
+    return files, info.get("dicom_series_note")
 
 
 def load_volume(volumesLogic, name, files):
@@ -153,14 +132,14 @@ def run_batch(args, context=None, out=print):
     from SSALesionSegLib import mrml
 
     context = context or _Context()
-    cases = find_cases(args.input, args.output)
-    if not cases:
-        out(f"No CT files or DICOM folders found in {args.input}")
+    try:
+        cases = find_cases(args.input, args.output)
+    except _engine_module("errors").InputError as e:
+        out(f"Nothing processed: {e}")
         return 1
     os.makedirs(args.output, exist_ok=True)
     failed = []
-    for index, (name, files) in enumerate(cases, start=1):
-        caseName = mrml.safe_case_name(name)
+    for index, (caseName, path) in enumerate(cases, start=1):
         segPath = os.path.join(args.output, caseName + ".seg.nrrd")
         statsPath = os.path.join(args.output, caseName + "_stats.json")
         prefix = f"[{index}/{len(cases)}] {caseName}"
@@ -170,6 +149,9 @@ def run_batch(args, context=None, out=print):
         nodes = []
         started = time.time()
         try:
+            files, note = case_files(path)
+            if note:
+                out(f"{prefix}: note: {note}")
             volume = load_volume(context.volumesLogic, caseName, files)
             nodes.append(volume)
             lastStage = [None]
@@ -192,7 +174,7 @@ def run_batch(args, context=None, out=print):
         except Exception as e:
             failed.append(caseName)
             out(f"{prefix}: FAILED: {type(e).__name__}: {e}")
-            logging.debug(traceback.format_exc())
+            logging.info(traceback.format_exc())
         finally:
             mrml.remove_nodes(context.scene, nodes)
     if failed:
@@ -204,7 +186,14 @@ def run_batch(args, context=None, out=print):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return run_batch(args)
+    try:
+        return run_batch(args)
+    except Exception as e:
+        # Slicer --no-main-window --python-script keeps running after an uncaught error:
+        # report it and exit, so that a batch job never hangs.
+        logging.info(traceback.format_exc())
+        print(f"SSALesionSegBatch.py: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 # Slicer's module scan loads this file and expects a module class named after it;

@@ -162,6 +162,23 @@ def _quiet_itk():
 
 
 def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
+    names, info = dicom_series_choice(folder)
+    best = info["dicom"]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"cannot read DICOM series {best['series_uid']} in {best['folder']}: "
+                         f"{str(e).strip().splitlines()[-1][:200]}") from None
+    return img, info
+
+
+def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
+    """The files of the series a DICOM folder is read as — the CT series with the most
+    slices, searched in the folder and its subfolders — and what was found (``info``:
+    ``dicom``, and ``dicom_series_found`` / ``dicom_series_note`` when there were several).
+    InputError saying what to give instead when the folder holds no DICOM series."""
     series = []  # (n files, series uid, dir, files)
     with _quiet_itk():
         for d, _, files in os.walk(folder):
@@ -193,20 +210,13 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
     ct = [s for s in described if s.get("modality", "CT") == "CT"] or described
     best = max(ct, key=lambda s: s["n_files"])
     names = next(x[3] for x in series if x[1] == best["series_uid"] and x[2] == best["folder"])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(names)
-    try:
-        img = reader.Execute()
-    except RuntimeError as e:
-        raise InputError(f"cannot read DICOM series {best['series_uid']} in {best['folder']}: "
-                         f"{str(e).strip().splitlines()[-1][:200]}") from None
     info = {"dicom": best}
     if len(described) > 1:
         info["dicom_series_found"] = [{k: s.get(k) for k in ("series_uid", "modality", "n_files", "description")}
                                       for s in described]
         info["dicom_series_note"] = (f"{len(described)} series found; used the CT series with the most "
                                      f"slices ({best['n_files']} files, {best.get('description') or best['series_uid']})")
-    return img, info
+    return list(names), info
 
 
 def _dicom_summary(files) -> dict:

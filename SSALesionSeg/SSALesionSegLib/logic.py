@@ -119,10 +119,11 @@ class ProcessingLogic:
             run.start(ct, lungMask, lungMethod, checkpoint, device, flipTTA)
             return run
 
+        engine = self.engine   # loaded before the try: a missing engine is its own error
         try:
-            result = engine_.run_segmentation(self.engine, ct, lungMethod, checkpoint, device, lungMask,
+            result = engine_.run_segmentation(engine, ct, lungMethod, checkpoint, device, lungMask,
                                               progressCallback, cancelRequested, flipTTA)
-        except self.engine.Cancelled as e:
+        except engine.Cancelled as e:
             raise Cancelled(str(e) or "Cancelled") from e
         return self.applyResult(inputVolume, outputSegmentation, result.labels, result.lungs, result.stats,
                                 getattr(result, "info", None), statisticsTable, getattr(result, "class_names", None))
@@ -157,23 +158,18 @@ class ProcessingLogic:
         os.makedirs(outputDir, exist_ok=True)
         segPath = os.path.join(outputDir, caseName + ".seg.nrrd")
         statsPath = os.path.join(outputDir, caseName + "_stats.json")
-        partial = segPath + ".partial.seg.nrrd"
-        try:
-            mrml.save_segmentation(result.segmentationNode, partial)
-            os.replace(partial, segPath)
+        partialSeg, partialStats = segPath + ".partial.seg.nrrd", statsPath + ".partial"
+        try:   # both written before either replaces an earlier result, so a pair always matches
+            mrml.save_segmentation(result.segmentationNode, partialSeg)
+            with open(partialStats, "w", encoding="utf-8") as f:
+                f.write(mrml.stats_to_json(result.stats))
+            os.replace(partialSeg, segPath)
+            os.replace(partialStats, statsPath)
         finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-        write_text_atomically(statsPath, mrml.stats_to_json(result.stats))
+            for partial in (partialSeg, partialStats):
+                if os.path.exists(partial):
+                    os.remove(partial)
         return segPath, statsPath
-
-
-def write_text_atomically(path, text):
-    temporary = path + ".partial"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
-    return path
 
 
 class BackgroundRun:
@@ -327,6 +323,9 @@ class BackgroundRun:
     def _cleanup(self):
         if self.process is not None and self.process.poll() is None:
             kill_process_tree(self.process)
+        if self.process is not None and self.process.stdout is not None and (
+                self._reader is None or not self._reader.is_alive()):
+            self.process.stdout.close()
         if self.workDir:
             shutil.rmtree(self.workDir, ignore_errors=True)
             self.workDir = None
@@ -340,10 +339,9 @@ def launch(command, environment=None):
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
     else:
         kwargs["start_new_session"] = True
-    env = None
-    if environment:
-        env = os.environ.copy()
-        env.update(environment)
+    env = os.environ.copy()
+    env["PYTHONIOENCODING"] = "utf-8"   # the pipe is read as UTF-8 (Windows children use the code page)
+    env.update(environment or {})
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, **kwargs)
 
@@ -353,7 +351,10 @@ def kill_process_tree(process):
         return
     try:
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+            done = subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True,
+                                  creationflags=subprocess.CREATE_NO_WINDOW)
+            if done.returncode != 0:
+                process.kill()
         else:
             os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):

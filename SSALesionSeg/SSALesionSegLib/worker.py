@@ -41,6 +41,10 @@ def _json_safe(value):
 
 
 def main(argv=None):
+    # The panel reads this pipe as UTF-8; a Windows child would write the locale's code page
+    # (strictly: a non-ASCII path in a traceback then raised inside the error report).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")
     args = parse_args(argv if argv is not None else sys.argv[1:])
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
@@ -71,8 +75,8 @@ def main(argv=None):
              class_names=list(getattr(result, "class_names", None) or []) or None, **names)
         return 0
     except Exception as e:  # reported to the panel, which shows the message
-        traceback.print_exc(file=sys.stdout)
         emit(event="error", message=f"{type(e).__name__}: {e}")
+        traceback.print_exc(file=sys.stdout)
         return 1
 
 

@@ -34,15 +34,15 @@ DICOM_SPACING = (0.75, 0.75, 2.0)
 DICOM_ORIGIN = (-18.0, -15.0, -100.0)
 
 
-def write_dicom_series(image, folder):
+def write_dicom_series(image, folder, modality="CT", seriesUid="1.2.826.0.1.3680043.2.1125.1.2"):
     """A CT series SimpleITK writes slice by slice with the tags a CT reader needs."""
     os.makedirs(folder, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    studyUid, seriesUid = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
+    studyUid = "1.2.826.0.1.3680043.2.1125.1.1"
     direction = image.GetDirection()
     common = {
-        "0008|0060": "CT", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0010|0010": "Phantom^Chest",
+        "0008|0060": modality, "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0010|0010": "Phantom^Chest",
         "0010|0020": "PHANTOM1", "0020|000d": studyUid, "0020|000e": seriesUid, "0008|103e": "Phantom chest CT",
         "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
                                                     direction[1], direction[4], direction[7])),
@@ -112,14 +112,56 @@ def test_parse_args_rejects_bad_arguments(tmp_path, capsys, argv, message):
 
 
 def test_find_cases_takes_image_files_and_dicom_folders(input_folder):
-    (input_folder.path / "empty_folder").mkdir()
     cases = batch.find_cases(str(input_folder.path))
-    assert [name for name, _ in cases] == ["patient_dicom", "patient_nifti"]
-    assert len(cases[0][1]) == 6 and cases[0][1][0].endswith("IM0001.dcm")
+    assert [name for name, _ in cases] == ["patient_nifti", "patient_dicom"]   # as `ssalesionseg segment`
+    files, note = batch.case_files(cases[1][1])
+    assert len(files) == 6 and files[0].endswith("IM0001.dcm") and note is None
+    assert batch.case_files(cases[0][1]) == ([str(cases[0][1])], None)
+
+
+def test_dicom_in_subfolders_and_the_ct_series_among_others(input_folder, tmp_path):
+    """A case folder holding its series one level down, beside a longer non-CT series:
+    the CT series is read, and the batch says which one and that there were others."""
+    mr = sitk.Image(40, 36, 9, sitk.sitkInt16)
+    mr.SetSpacing(DICOM_SPACING)
+    case = input_folder.path / "patient_nested"
+    write_dicom_series(input_folder.ct, str(case / "series_ct"))
+    write_dicom_series(mr, str(case / "series_mr"), modality="MR", seriesUid="1.2.826.0.1.3680043.2.1125.1.9")
+    cases = dict(batch.find_cases(str(input_folder.path)))
+    files, note = batch.case_files(cases["patient_nested"])
+    assert len(files) == 6 and all(os.sep + "series_ct" + os.sep in f for f in files)
+    assert "2 series found" in note and "CT series" in note
+
+
+def test_inputs_that_would_share_outputs_are_refused_before_anything_runs(tmp_path, mrml_scene, fake_engine):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ct, _, _ = phantom.make_phantom(size=(40, 36, 6))
+    sitk.WriteImage(ct, str(folder / "patient_1.nii.gz"))
+    sitk.WriteImage(ct, str(folder / "Patient_1.nrrd"))   # one file with it on Windows and macOS
+    lines = []
+    args = batch.parse_args(["--input", str(folder), "--output", str(tmp_path / "out")])
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 1
+    assert "several inputs would write the same outputs" in lines[-1] and "rename" in lines[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_error_outside_the_cases_ends_the_script_with_code_2(tmp_path, monkeypatch, capsys):
+    """Slicer --python-script does not exit on an uncaught error; main() must."""
+    def broken(args):
+        raise PermissionError("cannot create the output folder")
+    monkeypatch.setattr(batch, "run_batch", broken)
+    assert batch.main(["--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert "error: PermissionError: cannot create the output folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        batch.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "afile")])
+    assert exit_.value.code == 2 and "is a file" in capsys.readouterr().err
 
 
 def test_volumes_logic_loads_the_dicom_series_with_its_geometry(input_folder, mrml_scene):
-    name, files = batch.find_cases(str(input_folder.path))[0]
+    name, path = batch.find_cases(str(input_folder.path))[1]
+    files, _ = batch.case_files(path)
     volume = batch.load_volume(mrml_scene.volumesLogic, name, files)
     image = mrml.image_from_volume_node(volume)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(input_folder.ct))
@@ -173,8 +215,8 @@ def test_batch_output_inside_the_input_folder_is_not_read_back_as_cases(input_fo
             lines = []
             assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
             assert any(expected in line for line in lines), lines
-        assert [n for n, _ in batch.find_cases(str(input_folder.path), str(out))] == ["patient_dicom",
-                                                                                     "patient_nifti"]
+        assert [n for n, _ in batch.find_cases(str(input_folder.path), str(out))] == ["patient_nifti",
+                                                                                     "patient_dicom"]
 
 
 def test_batch_goes_on_after_a_bad_case_and_fails_at_the_end(input_folder, tmp_path, mrml_scene, fake_engine):
