@@ -129,7 +129,7 @@ def find_cases(path, out=None) -> list:
                          f"{p}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM) or case folders found")
     # names equal but for letter case are one file on Windows and macOS file systems
     keys = [n.casefold() for n, _ in cases]
-    dup = sorted({f"{n} ({path.name})" for n, path in cases if keys.count(n.casefold()) > 1})
+    dup = sorted({f"{n} ({path.relative_to(p)})" for n, path in cases if keys.count(n.casefold()) > 1})
     if dup:
         raise InputError(f"{p}: several inputs would write the same outputs: {', '.join(dup)}; "
                          "rename one of each, or segment them into different --out folders")

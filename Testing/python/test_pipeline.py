@@ -727,6 +727,22 @@ def test_per_patient_subfolders_and_their_messages(tmp_path, phantom):
         read_ct(cases["p2"])
 
 
+def test_inputs_that_would_write_the_same_outputs_are_named(tmp_path, phantom):
+    img, _ = phantom
+    root = tmp_path / "in"
+    root.mkdir()
+    write_image(img, root / "a.nii.gz")
+    (root / "a").mkdir()                                  # a case folder of the same name
+    write_image(img, root / "a" / "ct.nii.gz")
+    write_image(img, root / "B.nrrd")
+    write_image(img, root / "b.mha")                      # one file with B on Windows and macOS
+    with pytest.raises(InputError) as e:
+        cli.find_cases(root)
+    message = str(e.value)
+    assert "a (a.nii.gz)" in message and f"a ({os.path.join('a', 'ct.nii.gz')})" in message
+    assert "B (B.nrrd)" in message and "b (b.mha)" in message and "rename" in message
+
+
 def test_stats_keeps_existing_figures_unless_told(tmp_path, phantom, exact_result, capsys):
     img, _ = phantom
     ct_path = write_image(img, tmp_path / "ph.nii.gz")
