@@ -201,7 +201,7 @@ class BackgroundRun:
     def command(self, inputPath, outputDir, lungMaskPath, lungMethod, checkpoint, device, flipTTA="model"):
         command = [self.logic.pythonExecutable, WORKER_SCRIPT, "--input", inputPath, "--output-dir", outputDir,
                    "--lungs", lungMethod, "--device", device, "--flip-tta", flipTTA,
-                   "--module-dir", self.logic.moduleDir]
+                   "--module-dir", self.logic.moduleDir, "--exit-with-parent"]
         if checkpoint:
             command += ["--checkpoint", checkpoint]
         if lungMaskPath:
@@ -256,7 +256,7 @@ class BackgroundRun:
         returnCode = self.process.wait()
         try:
             if returnCode != 0 or self._done is None:
-                message = self.error or f"The segmentation process exited with code {returnCode}"
+                message = self.error or exit_message(returnCode)
                 tail = "\n".join(self.log[-20:])
                 raise RuntimeError(message + (f"\n\nProcess output:\n{tail}" if tail else ""))
             self.result = self._applyOutputs()
@@ -323,12 +323,24 @@ class BackgroundRun:
     def _cleanup(self):
         if self.process is not None and self.process.poll() is None:
             kill_process_tree(self.process)
+        if self.process is not None and self.process.stdin is not None:
+            self.process.stdin.close()
         if self.process is not None and self.process.stdout is not None and (
                 self._reader is None or not self._reader.is_alive()):
             self.process.stdout.close()
         if self.workDir:
             shutil.rmtree(self.workDir, ignore_errors=True)
             self.workDir = None
+
+
+def exit_message(returnCode):
+    """What a worker's exit code without an error report means, and what to do."""
+    if returnCode in (-9, 137):   # SIGKILL: on Linux nearly always the kernel's out-of-memory killer
+        return ("The segmentation process was killed (code %d), most likely for lack of memory. "
+                "Close other programs or large scenes and try again; the GPU or a smaller CT "
+                "(crop it in Crop Volume) needs less." % returnCode)
+    return (f"The segmentation process exited with code {returnCode} without reporting an error; "
+            "its output is below.")
 
 
 def launch(command, environment=None):
@@ -342,7 +354,9 @@ def launch(command, environment=None):
     env = os.environ.copy()
     env["PYTHONIOENCODING"] = "utf-8"   # the pipe is read as UTF-8 (Windows children use the code page)
     env.update(environment or {})
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    # stdin is a pipe this process never writes to: when it exits or crashes the pipe
+    # closes and the worker (started with --exit-with-parent) stops too
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
                             text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, **kwargs)
 
 

@@ -15,12 +15,31 @@ import argparse
 import json
 import os
 import sys
+import threading
 import traceback
+
+# exit code when the parent went away (its end of our stdin closed)
+ORPHANED = 3
 
 
 def emit(**message):
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
+
+
+def exit_when_parent_goes():
+    """Slicer holds our stdin open and never writes to it; when Slicer exits or crashes the
+    pipe closes, and a worker nobody waits for must not keep the GPU and a copy of the CT."""
+    fd = sys.stdin.fileno()
+
+    def watch():   # os.read on the descriptor: no lock that interpreter shutdown would wait for
+        try:
+            while os.read(fd, 1024):
+                pass
+        except OSError:
+            pass
+        os._exit(ORPHANED)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def parse_args(argv):
@@ -33,6 +52,8 @@ def parse_args(argv):
     parser.add_argument("--checkpoint")
     parser.add_argument("--lung-mask")
     parser.add_argument("--module-dir")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="exit when stdin closes (the parent that started this worker is gone)")
     return parser.parse_args(argv)
 
 
@@ -46,6 +67,8 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")
     args = parse_args(argv if argv is not None else sys.argv[1:])
+    if args.exit_with_parent:
+        exit_when_parent_goes()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         import SimpleITK as sitk

@@ -634,6 +634,26 @@ def test_background_failure_reports_the_engine_error(case, fake_engine_dir, monk
     assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+def test_background_worker_stops_when_slicer_is_gone(case, fake_engine_dir, monkeypatch):
+    """Slicer's end of the worker's stdin closes when Slicer exits or crashes; the worker
+    (which would otherwise keep the GPU and a copy of the CT) must stop by itself."""
+    monkeypatch.setenv("FAKE_ENGINE_DELAY", "20")
+    run = background_logic(case, fake_engine_dir).process(case.volume, None, "auto", None, "cpu",
+                                                          waitForCompletion=False)
+    started = time.time()
+    run.process.stdin.close()           # what the operating system does when Slicer dies
+    assert run.process.wait(timeout=15) == 3
+    assert time.time() - started < 15
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        run.wait()
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_exit_messages_say_what_happened():
+    assert "lack of memory" in logic_.exit_message(-9) and "Crop Volume" in logic_.exit_message(-9)
+    assert "code 1 without reporting an error" in logic_.exit_message(1)
+
+
 # ---------------------------------------------------------------------------
 # Engine loader
 # ---------------------------------------------------------------------------
