@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from .errors import Cancelled, FallbackWarning, InputError
+from .stats import severity_text
 
 
 def add_subcommands(subparsers) -> None:
@@ -236,7 +237,7 @@ def cmd_segment(args) -> int:
             sev = result.stats["severity"]
             inf = result.stats["lesions"]["infection"]
             print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), "
-                  f"severity {sev['total']}/{sev['max']}, lungs: {result.info['lung_method']} -> {paths['segmentation']}")
+                  f"severity {severity_text(sev)}, lungs: {result.info['lung_method']} -> {paths['segmentation']}")
     prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                failed=[n for n, _ in failures])
     return _report_failures(failures, len(cases))
@@ -285,7 +286,7 @@ def format_summary(result, paths) -> str:
             pct = les[key].get("percent_of_lung")
             lines.append(f"{label + ':':<15} {les[key]['volume_ml']:8.1f} mL  {pct or 0:5.1f} % of lung")
     sev = st["severity"]
-    lines.append(f"Severity score: {sev['total']}/{sev['max']} ({sev.get('scheme', '')})")
+    lines.append(f"Severity score: {severity_text(sev)} ({sev.get('scheme', '')})")
     lines.extend(f"Note: {n}" for n in result.notices)
     return "\n".join(lines)
 
@@ -355,7 +356,7 @@ def cmd_stats(args) -> int:
     write_stats(stats, out / f"{name}_stats.json", out / f"{name}_stats.csv")
     inf = stats["lesions"]["infection"]
     print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "
-          f"{stats['severity']['total']}/{stats['severity']['max']} -> {out / (name + '_stats.json')}")
+          f"{severity_text(stats['severity'])} -> {out / (name + '_stats.json')}")
     return 0
 
 

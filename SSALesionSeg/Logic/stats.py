@@ -4,10 +4,13 @@ Volumes are voxel counts times the voxel volume. Lesion percentages count lesion
 inside the lung (the engine's labels are always inside it; a hand-edited labelmap may
 not be). Mean/std HU are over the lesion voxels of the CT.
 
-Severity (CT severity score, lobar extent): each region scores 0 (no lesion), 1 (< 5 %),
-2 (5-25 %), 3 (26-50 %), 4 (51-75 %), 5 (> 75 %) of its volume involved by any lesion.
-Per lobe when lobes are available (total 0-25), else per lung (total 0-10), and the
-scheme used is named in the output.
+Severity (CT severity score, lobar extent; Pan et al., Radiology 2020): each region scores
+0 (no lesion), 1 (< 5 %), 2 (5-25 %), 3 (> 25 and < 50 %), 4 (50-75 %), 5 (> 75 %) of its
+volume involved by any lesion. Per lobe when lobes are available (total 0-25, the published
+score), else per lung (total 0-10: the same bins on the two lungs, an adaptation, not the
+published score); the output names the scheme and ``basis`` ("per lobe" / "per lung"), and
+every display writes the basis beside the total. A region with no voxels (a lung or lobe
+the mask lacks) is not scored (``score`` None) and ``regions_scored`` says how many were.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def severity_bin(percent: float) -> int:
         return 1
     if percent <= 25:
         return 2
-    if percent <= 50:
+    if percent < 50:
         return 3
     if percent <= 75:
         return 4
@@ -108,23 +111,36 @@ def compute_stats(ct, labels, lungs, lobes=None, label_names=None) -> dict:
             cnt = int(np.count_nonzero(r))
             pct = _pct(np.count_nonzero(infection & r), cnt)
             regions[name] = {"volume_ml": cnt * voxel_ml, "percent_involved": pct,
-                             "score": severity_bin(pct or 0.0)}
+                             "score": None if pct is None else severity_bin(pct)}
         out["lobes"] = {k: {"volume_ml": v["volume_ml"]} for k, v in regions.items()}
-        scheme, max_total = "CT severity score per lobe (0-5 each, total 0-25)", 25
+        scheme, basis, max_total = "CT severity score per lobe (0-5 each, total 0-25; Pan et al. 2020)", "per lobe", 25
     else:
         regions = {}
         for side in ("right", "left"):
             pct = _pct(np.count_nonzero(infection & lung_masks[side]), lung_counts[side])
-            regions[f"{side}_lung"] = {"percent_involved": pct, "score": severity_bin(pct or 0.0)}
-        scheme, max_total = "CT severity score per lung (0-5 each, total 0-10; no lobes available)", 10
+            regions[f"{side}_lung"] = {"percent_involved": pct, "score": None if pct is None else severity_bin(pct)}
+        scheme, basis, max_total = ("the lobar CT score's 0-5 bins on each lung, total 0-10; no lobes available, "
+                                    "so not the published 0-25 score", "per lung", 10)
+    scored = [r["score"] for r in regions.values() if r["score"] is not None]
     out["severity"] = {
         "scheme": scheme,
-        "bins_percent": ["0: none", "1: <5", "2: 5-25", "3: 26-50", "4: 51-75", "5: >75"],
+        "basis": basis,
+        "bins_percent": ["0: none", "1: <5", "2: 5-25", "3: >25-<50", "4: 50-75", "5: >75"],
         "regions": regions,
-        "total": int(sum(r["score"] for r in regions.values())),
+        "total": int(sum(scored)),
         "max": max_total,
+        "regions_scored": len(scored),
     }
     return out
+
+
+def severity_text(severity: dict) -> str:
+    """'4/10 per lung', '7/25 per lobe' (+ how many regions were scored when not all)."""
+    text = f"{severity['total']}/{severity['max']} {severity.get('basis', '')}".rstrip()
+    scored, n = severity.get("regions_scored"), len(severity.get("regions") or {})
+    if scored is not None and n and scored < n:
+        text += f" ({scored} of {n} regions scored)"
+    return text
 
 
 def _pct(part, whole):

@@ -566,7 +566,7 @@ def _number(value):
 
 def summary_line(stats):
     """One line for the panel, e.g.
-    'Infection 12.4 mL (3.1 % of lungs): GGO 10.0 mL, consolidation 2.4 mL. Severity 4/10.'"""
+    'Infection 12.4 mL (3.1 % of lungs): GGO 10.0 mL, consolidation 2.4 mL. Severity 4/10 per lung.'"""
     lesions = stats.get("lesions") or {}
 
     def lesion(name, field):
@@ -588,6 +588,9 @@ def summary_line(stats):
     if score is not None:
         maximum = _number(severity.get("max")) if isinstance(severity, dict) else None
         text = f"Severity {score:g}" + (f"/{maximum:g}" if maximum is not None else "")
+        basis = severity.get("basis") if isinstance(severity, dict) else None
+        if basis:   # "4/10 per lung" is not the 0-25 lobar score a reader may expect
+            text += f" {basis}"
         line = f"{line}. {text}" if line else text
     return f"{line}." if line else "No statistics."
 

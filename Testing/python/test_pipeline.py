@@ -132,13 +132,13 @@ def test_stats_match_independent_recomputation(phantom, exact_result):
         assert e["mean_hu"] == pytest.approx(hu[m].mean(), rel=5e-3)
         assert e["std_hu"] == pytest.approx(hu[m].std(), rel=5e-3)
     sev = st["severity"]
-    assert sev["max"] == 10 and "per lung" in sev["scheme"]
+    assert sev["max"] == 10 and sev["basis"] == "per lung" and "not the published 0-25" in sev["scheme"]
     assert sev["total"] == sum(r["score"] for r in sev["regions"].values())
     assert st["info"]["lung_method"] == "file" and st["info"]["timings_s"]["lesions"] >= 0
 
 
 def test_severity_per_lobe(phantom, exact_result):
-    from ssalesionseg.stats import compute_stats, severity_bin
+    from ssalesionseg.stats import compute_stats, severity_bin, severity_text
 
     img, truth = phantom
     lungs = sitk.GetArrayFromImage(exact_result.lungs)
@@ -152,8 +152,13 @@ def test_severity_per_lobe(phantom, exact_result):
     lab = sitk.GetArrayFromImage(exact_result.labels) > 0
     pct = 100 * (lab & (lobes == 3)).sum() / (lobes == 3).sum()
     assert sev["regions"]["right_upper"]["score"] == severity_bin(pct)
-    assert sev["regions"]["right_middle"]["score"] == 0 and sev["regions"]["right_middle"]["percent_involved"] is None
-    assert [severity_bin(p) for p in (0, 1, 5, 25, 26, 50, 51, 75, 76)] == [0, 1, 2, 2, 3, 3, 4, 4, 5]
+    # a lobe the mask lacks is not scored (not a 0 that would look like a healthy lobe)
+    assert sev["regions"]["right_middle"]["score"] is None and sev["regions"]["right_middle"]["percent_involved"] is None
+    # Pan et al. 2020: 1 <5 %, 2 5-25 %, 3 26-49 %, 4 50-75 %, 5 >75 % (exactly 50 % is a 4)
+    assert [severity_bin(p) for p in (0, 1, 5, 25, 26, 49.9, 50, 51, 75, 76)] == [0, 1, 2, 2, 3, 3, 4, 4, 4, 5]
+    assert sev["basis"] == "per lobe" and sev["regions_scored"] == 3     # two lobes of the mask are empty
+    assert sev["total"] == sum(r["score"] for r in sev["regions"].values() if r["score"] is not None)
+    assert severity_text(sev) == f"{sev['total']}/25 per lobe (3 of 5 regions scored)"
 
 
 def test_resampling_to_model_pixel_size(phantom, truth_lungs_path):

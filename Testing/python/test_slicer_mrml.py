@@ -309,7 +309,7 @@ def test_table_values_equal_engine_stats(case, fake_engine):
     assert json.loads(table.GetAttribute(mrml.STATS_ATTRIBUTE)) == json.loads(json.dumps(result.stats))
     assert result.summary.startswith("Infection ")
     assert "GGO" in result.summary
-    assert f"Severity {result.stats['severity']['total']}/10" in result.summary
+    assert f"Severity {result.stats['severity']['total']}/10 per lung" in result.summary
 
 
 def test_summary_line_tolerates_scalar_and_missing_fields():
