@@ -129,9 +129,36 @@ def _lungmask(ct: sitk.Image, weights: Path, lobe_weights: Path | None, device: 
             raise LungWeightsError(f"cannot load lungmask lobe weights {lobe_weights}: {e}") from None
         lobes = np.asarray(lobe_inf.apply(ct), dtype=np.uint8)
         lobes[lobes > 5] = 0
+        lobes, filled = fill_lobes(lobes, labels, ct.GetSpacing()[::-1])
         details["lobe_model"] = "LTRCLobes"
+        details["lobe_voxels_filled_from_r231"] = filled
         details["lobe_weights"] = str(lobe_weights)
     return LungResult(labels=labels, method="lungmask", lobes=lobes, details=details)
+
+
+# lungmask LTRCLobes labels per side of the R231 lung labels (1 right, 2 left)
+LOBES_OF_SIDE = {1: (3, 4, 5), 2: (1, 2)}
+
+
+def fill_lobes(lobes: np.ndarray, lungs: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, int]:
+    """Give every lung voxel the lobes model left out the nearest lobe of its own side.
+
+    LTRCLobes leaves out dense lung (consolidation, effusion) that R231 includes — what
+    lungmask's ``LTRCLobes_R231`` fill model is for; without it the per-lobe severity score
+    would miss the densest lesions. Returns (filled lobes, number of voxels filled)."""
+    from scipy import ndimage as ndi
+
+    out = np.array(lobes, dtype=np.uint8, copy=True)
+    filled = 0
+    for side, side_lobes in LOBES_OF_SIDE.items():
+        has_lobe = np.isin(out, side_lobes)
+        missing = (lungs == side) & (out == 0)
+        if not missing.any() or not has_lobe.any():
+            continue
+        _, nearest = ndi.distance_transform_edt(~has_lobe, sampling=spacing_zyx, return_indices=True)
+        out[missing] = out[tuple(ix[missing] for ix in nearest)]
+        filled += int(missing.sum())
+    return out, filled
 
 
 def _mask_array(mask, ct: sitk.Image) -> np.ndarray:

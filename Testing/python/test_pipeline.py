@@ -137,6 +137,34 @@ def test_stats_match_independent_recomputation(phantom, exact_result):
     assert st["info"]["lung_method"] == "file" and st["info"]["timings_s"]["lesions"] >= 0
 
 
+def test_lobes_are_filled_where_the_lobe_model_leaves_out_dense_lung():
+    """LTRCLobes leaves dense consolidation out of every lobe; R231's lung includes it. The
+    gap goes to the nearest lobe of the same side, so the per-lobe score sees the lesion."""
+    from ssalesionseg.lungstep import fill_lobes
+    from ssalesionseg.stats import compute_stats
+
+    lungs = np.zeros((4, 20, 40), np.uint8)
+    lungs[:, 2:18, 2:18] = 1        # right lung (R231 label 1)
+    lungs[:, 2:18, 22:38] = 2       # left lung
+    lobes = np.zeros_like(lungs)
+    lobes[:, 2:10, 2:18] = 3        # right upper
+    lobes[:, 10:18, 2:18] = 5       # right lower
+    lobes[:, 2:18, 22:38] = 1       # left upper
+    lobes[:, 12:18, 10:18] = 0      # dense posterior right lower lobe: no lobe label
+    lobes[:, 2:4, 22:26] = 0        # a small left gap
+    filled, n = fill_lobes(lobes, lungs, (2.0, 1.0, 1.0))
+    assert n == 4 * 6 * 8 + 4 * 2 * 4
+    assert np.all(filled[:, 12:18, 10:18] == 5) and np.all(filled[:, 2:4, 22:26] == 1)
+    assert np.array_equal(filled[lobes > 0], lobes[lobes > 0]) and not filled[lungs == 0].any()
+
+    ct = sitk.GetImageFromArray(np.full(lungs.shape, -800, np.int16))
+    labels = np.zeros_like(lungs)
+    labels[:, 12:18, 10:18] = 2     # the consolidation in the gap: 37.5 % of the right lower lobe
+    before = compute_stats(ct, labels, lungs, lobes)["severity"]["regions"]["right_lower"]
+    after = compute_stats(ct, labels, lungs, filled)["severity"]["regions"]["right_lower"]
+    assert before["score"] == 0 and after["score"] == 3 and after["percent_involved"] == pytest.approx(37.5)
+
+
 def test_severity_per_lobe(phantom, exact_result):
     from ssalesionseg.stats import compute_stats, severity_bin, severity_text
 
