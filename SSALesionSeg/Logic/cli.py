@@ -169,7 +169,8 @@ def _stage_weight(stage, fraction):
 
 def cmd_segment(args) -> int:
     from .io import check_writable
-    from .pipeline import load_model, outputs_complete, outputs_from_other_input, process_case
+    from .pipeline import (checkpoint_sha256, load_model, outputs_complete, outputs_from_other_input,
+                           outputs_from_other_model, process_case)
 
     cases = find_cases(args.input, out=args.out)
     if args.lung_mask and len(cases) > 1:
@@ -180,7 +181,13 @@ def cmd_segment(args) -> int:
     # outputs of the same name made from another input are neither skipped as done nor replaced
     clashes = {n: other for n, path in cases if n not in todo and not args.overwrite
                for other in [outputs_from_other_input(out, n, path)] if other}
-    skipped = [n for n, _ in cases if n not in todo and n not in clashes]
+    # ... and outputs of another model are not "done" for this one (nor replaced unasked)
+    done_by_other_model = {}
+    if any(n not in todo and n not in clashes for n, _ in cases):
+        sha = checkpoint_sha256(args.checkpoint)
+        done_by_other_model = {n: other for n, _ in cases if n not in todo and n not in clashes
+                               for other in [outputs_from_other_model(out, n, sha)] if other}
+    skipped = [n for n, _ in cases if n not in todo and n not in clashes and n not in done_by_other_model]
     failures = []
     single = len(cases) == 1
 
@@ -199,6 +206,10 @@ def cmd_segment(args) -> int:
     for n, other in clashes.items():
         fail(n, InputError(f"{out} already holds outputs named {n!r} made from another input ({other}); "
                            "they are left as they are: give another --out, or --overwrite to replace them"))
+    for n, other in done_by_other_model.items():
+        fail(n, InputError(f"{out} already holds outputs named {n!r} made with another model ({other}); "
+                           "they are left as they are: give another --out to keep both, or --overwrite to "
+                           "replace them with this model's"))
     for n in skipped:
         prog.event(event="skipped", case=n, reason="outputs exist (use --overwrite to redo)")
         if not args.progress_json:
@@ -334,9 +345,17 @@ def cmd_stats(args) -> int:
             for m in left:
                 lung_labels[m] = 2
     else:
-        lab = read_labelmap(args.labels, ct, what="labels").astype(np.uint8)
+        lab = read_labelmap(args.labels, ct, what="labels")
         names = dict(BINARY_NAMES) if args.classes == "binary" else dict(MULTICLASS_NAMES)
-        lab[~np.isin(lab, list(names))] = 0
+        extra = sorted(int(v) for v in np.unique(lab) if v != 0 and v not in names)
+        if extra:
+            expected = "0 background, 1 infection" if args.classes == "binary" else \
+                "0 background, 1 GGO, 2 consolidation"
+            raise InputError(f"{args.labels}: label values {extra[:5]}{' ...' if len(extra) > 5 else ''} are not "
+                             f"classes of --classes {args.classes} ({expected})"
+                             + ("; a 0/1/2 map is --classes multiclass" if args.classes == "binary" and extra == [2]
+                                else "; is this the labelmap (not the CT), with 0/1/2 values?"))
+        lab = lab.astype(np.uint8)
     lobes = None
     method = "segmentation file"
     if lung_labels is None:
@@ -355,6 +374,10 @@ def cmd_stats(args) -> int:
                      "recomputed_by": "ssalesionseg stats"}
     write_stats(stats, out / f"{name}_stats.json", out / f"{name}_stats.csv")
     inf = stats["lesions"]["infection"]
+    if inf.get("outside_lung_volume_ml", 0) > 0.05 * max(inf["volume_ml"], 1e-9):
+        print(f"note: {inf['outside_lung_volume_ml']:.1f} of the {inf['volume_ml']:.1f} mL of lesion lie outside "
+              "the lung mask: they count in the volumes, not in the percentages or the severity score",
+              file=sys.stderr)
     print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "
           f"{severity_text(stats['severity'])} -> {out / (name + '_stats.json')}")
     return 0

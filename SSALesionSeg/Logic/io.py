@@ -18,15 +18,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ssanet.preprocess import hu_problem
+
 from .errors import InputError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 MIN_INPLANE_PX = 16
-# A CT in HU always shows air (outside the body or in the lungs); MR, PET or raw stored
-# values without the rescale intercept do not.
-AIR_HU = -500.0
-MIN_AIR_FRACTION = 0.001
 
 
 # ------------------------------------------------------------------------ file names
@@ -267,13 +265,9 @@ def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
     if bad.any():
         raise InputError(f"{source}: {int(bad.sum())} voxels are NaN or infinite; fix or mask them "
                          "before segmenting (they have no Hounsfield value)")
-    air = float(np.count_nonzero(arr < AIR_HU)) / arr.size
-    if air < MIN_AIR_FRACTION:
-        lo, hi = float(arr.min()), float(arr.max())
-        hint = (" (values look like stored pixel values without the DICOM rescale intercept)"
-                if lo >= 0 and hi > 1000 else "")
-        raise InputError(f"{source} does not look like a CT in Hounsfield units: almost no voxels below "
-                         f"{AIR_HU:.0f} HU (air), value range {lo:.0f}..{hi:.0f}{hint}")
+    problem = hu_problem(arr)
+    if problem:
+        raise InputError(f"{source} {problem}")
     return img
 
 

@@ -243,6 +243,26 @@ def outputs_from_other_input(out_dir, name: str, input_path) -> str | None:
         return None
 
 
+def checkpoint_sha256(checkpoint=None) -> str | None:
+    """SHA-256 of the model file ``checkpoint`` resolves to (the documented order), or None."""
+    from ssanet.checkpoint import resolve_checkpoint, sha256_of
+    path, _ = resolve_checkpoint(checkpoint)
+    return sha256_of(path) if Path(path).is_file() else None
+
+
+def outputs_from_other_model(out_dir, name: str, sha256: str | None) -> str | None:
+    """The model the existing outputs ``name`` were made with, when their stats JSON records
+    another model file than the one with ``sha256``; else None."""
+    try:
+        info = json.loads(output_paths(out_dir, name)["stats_json"].read_text()).get("info") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    recorded = (info.get("checkpoint") or {}) if isinstance(info.get("checkpoint"), dict) else {}
+    if not sha256 or not recorded.get("sha256") or recorded["sha256"] == sha256:
+        return None
+    return f"{recorded.get('name') or 'a model'} (SHA-256 {recorded['sha256'][:12]}…)"
+
+
 def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str) -> dict:
     """Write the four outputs (plus the confidence map when present). All files are written
     under temporary names first and only renamed into place once every one succeeded."""

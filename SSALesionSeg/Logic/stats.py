@@ -2,7 +2,7 @@
 
 Volumes are voxel counts times the voxel volume. Lesion percentages count lesion voxels
 inside the lung (the engine's labels are always inside it; a hand-edited labelmap may
-not be). Mean/std HU are over the lesion voxels of the CT.
+not be: ``outside_lung_volume_ml`` says how much is not). Mean/std HU are over the lesion voxels of the CT.
 
 Severity (CT severity score, lobar extent; Pan et al., Radiology 2020): each region scores
 0 (no lesion), 1 (< 5 %), 2 (5-25 %), 3 (> 25 and < 50 %), 4 (50-75 %), 5 (> 75 %) of its
@@ -88,8 +88,10 @@ def compute_stats(ct, labels, lungs, lobes=None, label_names=None) -> dict:
             continue
         m = np.isin(lab, classes[name])
         n = int(np.count_nonzero(m))
+        inside = int(np.count_nonzero(m & lung_masks["total"]))
         entry = {"volume_ml": n * voxel_ml,
-                 "percent_of_lung": _pct(np.count_nonzero(m & lung_masks["total"]), lung_counts["total"])}
+                 "percent_of_lung": _pct(inside, lung_counts["total"]),
+                 "outside_lung_volume_ml": (n - inside) * voxel_ml}
         for side in ("right", "left"):
             k = int(np.count_nonzero(m & lung_masks[side]))
             entry[f"percent_of_{side}_lung"] = _pct(k, lung_counts[side])

@@ -507,6 +507,39 @@ def test_training_cases_land_on_the_model_grid(tmp_path):
     assert s.image[s.lung].mean() < s.image[~s.lung & (s.image > 0)].mean()
 
 
+def test_training_cases_refuse_what_segment_and_stats_would_refuse(tmp_path):
+    """A CT not in HU, labels that are not 0/1/2, and a label on another grid than its CT
+    are refused with the file named (train used to take all three without a word)."""
+    import SimpleITK as sitk
+
+    def case(name):
+        folder = tmp_path / name
+        _write_case(folder, "c")
+        return folder
+
+    def rewrite(path, fn):
+        img = sitk.ReadImage(str(path))
+        new = fn(img)
+        sitk.WriteImage(new, str(path))
+
+    folder = case("rescaled")   # the CT rescaled to 0..255, as an 8-bit export would be
+    rewrite(folder / "images" / "c.nii.gz", lambda im: sitk.Cast(sitk.RescaleIntensity(im, 0, 255), sitk.sitkUInt8))
+    with pytest.raises(ValueError, match=r"c\.nii\.gz does not look like a CT in Hounsfield units"):
+        D.load_training_cases(folder)
+    folder = case("mask255")   # a 0/255 mask
+    rewrite(folder / "labels" / "c.nii.gz", lambda im: sitk.Cast(im * 255, sitk.sitkUInt8))
+    with pytest.raises(ValueError, match=r"holds values \[255\]; training cases use 0 background, 1 GGO"):
+        D.load_training_cases(folder)
+    folder = case("shifted")   # the label moved 50 mm: same shape, another place
+    def shift(im):
+        im.SetOrigin((50.0, 0.0, 0.0))
+        return im
+    rewrite(folder / "labels" / "c.nii.gz", shift)
+    with pytest.raises(ValueError, match="not on its image's grid"):
+        D.load_training_cases(folder)
+    assert len(D.load_training_cases(case("good"))) == 4
+
+
 def test_training_cases_folder_must_have_the_export_layout(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="labels/"):

@@ -18,7 +18,8 @@ from ssalesionseg.io import read_ct, write_image
 from ssalesionseg.lungstep import compute_lungs, resolve_weights
 from ssalesionseg.pipeline import outputs_complete, process_case, segment_image
 from ssalesionseg.segfile import write_seg_nrrd
-from ssanet.checkpoint import CheckpointError, save_checkpoint
+from ssalesionseg.geometry import image_like
+from ssanet.checkpoint import CheckpointError, read_meta, save_checkpoint, sha256_of
 from ssanet.model import SSANet
 
 SP = (1.4, 1.4, 2.5)
@@ -744,6 +745,53 @@ def test_outputs_of_another_input_are_neither_skipped_nor_replaced(tmp_path, tin
     assert cli.main(_segment_args(second, out, tiny_ckpt, "--overwrite")) == 0
     info = json.loads((out / "a_stats.json").read_text())["info"]
     assert os.path.samefile(info["source"], second / "a.nii.gz")
+
+
+def test_outputs_of_another_model_are_neither_skipped_nor_replaced(tmp_path, tiny_ckpt, capsys):
+    """Segmenting again with a fine-tuned model into the old folder must not say 'skipped'
+    and keep the old model's figures as if they were the new one's."""
+    src, out = tmp_path / "ct", tmp_path / "out"
+    src.mkdir()
+    write_image(synthetic_chest_ct(3, 128, spacing=SP)[0], src / "a.nii.gz")
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0
+    stamp = (out / "a_stats.json").stat().st_mtime_ns
+    torch.manual_seed(1)
+    other = tmp_path / "finetuned.safetensors"
+    save_checkpoint(other, SSANet(in_channels=2, num_classes=3, layers=(1, 1, 1, 1), width=(8, 16, 32, 64)),
+                    {"preprocessing": read_meta(tiny_ckpt)["preprocessing"]})
+    capsys.readouterr()
+    assert cli.main(_segment_args(src / "a.nii.gz", out, other)) == 2
+    err = capsys.readouterr().err
+    assert "made with another model (tiny.safetensors" in err and "--overwrite" in err
+    assert (out / "a_stats.json").stat().st_mtime_ns == stamp
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0            # the same model: skipped
+    assert "outputs exist, skipped" in capsys.readouterr().err
+    assert cli.main(_segment_args(src, out, other, "--overwrite")) == 0
+    info = json.loads((out / "a_stats.json").read_text())["info"]
+    assert info["checkpoint"]["sha256"] == sha256_of(other)
+
+
+def test_stats_refuses_labels_that_are_not_the_classes(tmp_path, phantom, exact_result, capsys):
+    img, _ = phantom
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    lab = sitk.GetArrayFromImage(exact_result.labels)
+    for name, arr, classes, message in (
+            ("mask255", (lab > 0).astype(np.uint8) * 255, "multiclass", "label values [255]"),
+            ("the_ct", sitk.GetArrayFromImage(img).astype(np.int16), "multiclass", "not the CT"),
+            ("three", lab, "binary", "a 0/1/2 map is --classes multiclass")):
+        path = write_image(image_like(arr, img), tmp_path / f"{name}.nii.gz")
+        assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(path), "--out", str(tmp_path / name),
+                         "--classes", classes, "--lungs", "classical"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / name / "ph_stats.json").exists()
+    # lesion labels outside the lung mask: counted in the volume, said so
+    outside = lab.copy()
+    outside[:, :3, :3] = 1
+    path = write_image(image_like(outside, img), tmp_path / "outside.nii.gz")
+    assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(path), "--out", str(tmp_path / "o"),
+                     "--lungs", "classical"]) == 0
+    st = json.loads((tmp_path / "o" / "ph_stats.json").read_text())
+    assert st["lesions"]["infection"]["outside_lung_volume_ml"] > 0
 
 
 def test_per_patient_subfolders_and_their_messages(tmp_path, phantom):

@@ -165,7 +165,7 @@ def read_meta(path) -> dict:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"{path} is not an SSA-Net checkpoint (not a readable safetensors file: {e}). "
-            "Train one with `ssalesionseg train` or omit --checkpoint to use the default model."
+            "Give a .safetensors file written by `ssalesionseg train` (or the bundled model)."
         ) from None
     if "ssanet" not in header:
         raise CheckpointError(f"{path} is a safetensors file but has no SSA-Net header; "

@@ -127,7 +127,7 @@ def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
                             "n_train": len(splits["train"]),
                             "val": [s.id for s in splits["val"]]}
     if cases:
-        cfg.data_description["cases"] = {Path(f).name: n for f, n in cases}
+        cfg.data_description["cases"] = {str(Path(f).absolute()): n for f, n in cases}   # two may share a name
     return cfg
 
 

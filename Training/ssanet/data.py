@@ -41,7 +41,7 @@ try:
 except ImportError:  # the loaders stay usable where PyTorch is not installed (e.g. Slicer)
     _TorchDataset = object
 
-from .preprocess import (LUNG_WINDOW_HU, canonical_from_source, make_input, resize_image,
+from .preprocess import (LUNG_WINDOW_HU, canonical_from_source, hu_problem, make_input, resize_image,
                          window_hu)
 
 ENV_VAR = "SSALESIONSEG_DATA"
@@ -115,6 +115,13 @@ def _read_index(path) -> np.ndarray:
         if im.mode not in ("P", "L"):
             im = im.convert("L")
         return np.array(im, dtype=np.uint8)
+
+
+def _same_geometry(a, b, tol: float = 1e-3) -> bool:
+    """Origin, spacing and direction equal within ``tol`` (mm / unitless)."""
+    return (np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * 10) and
+            np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol) and
+            np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
 
 
 def _clean_label(lab) -> np.ndarray:
@@ -433,8 +440,10 @@ def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_W
     are reoriented with ``sitk.DICOMOrient(img, "LPS")`` so that ``arr[z]`` is in canonical
     orientation, and windowed with :func:`~ssanet.preprocess.window_hu`.
 
-    ``label_dir`` None gives unlabeled samples. Label values 1 and 2 are kept (a binary
-    infection mask thus reads as class 1: use it with ``num_classes=1``), others -> 0.
+    ``label_dir`` None gives unlabeled samples. Labels must hold 0, 1 (GGO) and 2
+    (consolidation) only (a binary infection mask thus reads as class 1: use it with
+    ``num_classes=1``); other values, a CT not in HU, or a companion volume on another grid
+    than its image are refused (ValueError naming the file).
     Lung: ``lung_dir`` volumes (> 0), else ``lung_fn(hu (Z, Y, X) float32) -> bool``,
     by default ``ssanet.lungs.lung_mask_from_hu``. Spacing (sy, sx) comes from the image.
     """
@@ -453,14 +462,30 @@ def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_W
             raise FileNotFoundError(f"no lung volume named like {ip.name} in {lung_dir}")
         img = _read_lps(ip, sitk.sitkFloat32)
         hu = sitk.GetArrayFromImage(img)
+        problem = hu_problem(hu)
+        if problem:
+            raise ValueError(f"image {ip} {problem}; training cases hold the CT in HU "
+                             "(the Slicer module's 'Export as training case' writes it so)")
 
         def companion(path, what):
-            arr = sitk.GetArrayFromImage(_read_lps(path))
+            other = _read_lps(path)
+            arr = sitk.GetArrayFromImage(other)
             if arr.shape != hu.shape:
                 raise ValueError(f"{what} {path.name} has shape {arr.shape}, image {hu.shape}")
+            if not _same_geometry(other, img):
+                raise ValueError(f"{what} {path.name} is not on its image's grid (origin {other.GetOrigin()} vs "
+                                 f"{img.GetOrigin()}, spacing {other.GetSpacing()} vs {img.GetSpacing()}): "
+                                 "resample it onto the CT, or export both from the same volume")
             return arr
 
-        lab = _clean_label(companion(labels[stem], "label")) if label_dir is not None else None
+        if label_dir is not None:
+            raw = companion(labels[stem], "label")
+            extra = sorted(int(v) for v in np.unique(raw) if v not in (0, 1, 2))
+            if extra:
+                raise ValueError(f"label {labels[stem].name} holds values {extra[:5]}{' ...' if len(extra) > 5 else ''}; "
+                                 "training cases use 0 background, 1 GGO, 2 consolidation (a 0/255 mask: divide "
+                                 "it by 255 first; 1 is GGO, or infection with `--classes infection`)")
+        lab = raw.astype(np.uint8) if label_dir is not None else None
         if lung_dir is not None:
             lung = companion(lungs[stem], "lung mask") > 0
         else:

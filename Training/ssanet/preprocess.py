@@ -35,6 +35,23 @@ LUNG_WINDOW_HU = (-1250.0, 250.0)
 
 # ----------------------------------------------------------------------------- window
 
+# a CT in Hounsfield units has air (around -1000 HU) outside the body and in the lungs
+AIR_HU = -500.0
+MIN_AIR_FRACTION = 0.001
+
+
+def hu_problem(hu) -> str | None:
+    """Why ``hu`` does not look like a CT in Hounsfield units (a sentence), or None."""
+    arr = np.asarray(hu)
+    if arr.size and float(np.count_nonzero(arr < AIR_HU)) / arr.size >= MIN_AIR_FRACTION:
+        return None
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    hint = (" (values look like stored pixel values without the DICOM rescale intercept)"
+            if lo >= 0 and hi > 1000 else "")
+    return (f"does not look like a CT in Hounsfield units: almost no voxels below {AIR_HU:.0f} HU "
+            f"(air), value range {lo:.0f}..{hi:.0f}{hint}")
+
+
 def window_hu(hu, window=LUNG_WINDOW_HU) -> np.ndarray:
     """HU -> float32 in [0, 255], linear inside ``window`` and clipped outside."""
     lo, hi = float(window[0]), float(window[1])
