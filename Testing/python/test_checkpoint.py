@@ -231,3 +231,43 @@ def test_ensemble_refusals(tmp_path):
     _, emeta = ckpt.load_checkpoint(pe)
     with pytest.raises(ckpt.CheckpointError, match=r"ensemble of 2 networks \(a.safetensors, b.safetensors\)"):
         ckpt.require_single_network(emeta, "--init")
+
+
+def test_a_member_comes_out_of_an_ensemble_as_it_went_in(tmp_path):
+    """`ssalesionseg member`: one network of an ensemble (e.g. the bundled one) as its own
+    file — the same weights, the member's training record, where it came from — and an
+    ensemble rebuilt from the members predicts what the original did."""
+    from ssanet.cli import main
+    from ssanet.model import probabilities
+
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ckpt.save_checkpoint(pa, _small(), {"preprocessing": {"size": 64}, "training": {"epoch": 7}})
+    ckpt.save_checkpoint(pb, _perturbed(3), {"preprocessing": {"size": 64}, "training": {"epoch": 9}})
+    ens, meta = ckpt.ensemble_checkpoints([pa, pb])
+    pe = tmp_path / "ens.safetensors"
+    ckpt.save_checkpoint(pe, ens, meta)
+    out = tmp_path / "m1.safetensors"
+    main(["member", str(pe), "1", "--out", str(out), "--storage", "float32"])
+    single, smeta = ckpt.load_checkpoint(out)
+    original, _ = ckpt.load_checkpoint(pb)
+    for k, v in original.state_dict().items():
+        torch.testing.assert_close(single.state_dict()[k], v)
+    assert smeta["training"]["epoch"] == 9 and not ckpt.is_ensemble(smeta)
+    assert smeta["training"]["member_of"]["member_name"] == "b.safetensors"
+    assert smeta["training"]["member_of"]["sha256"] == ckpt.sha256_of(pe)
+    info = ckpt.describe(pe)
+    assert info["networks"] == 2 and [m["epoch"] for m in info["members"]] == [7, 9]
+    assert ckpt.describe(out)["member_of"]["member"] == 1
+    # recombined: the same predictions
+    m0 = tmp_path / "m0.safetensors"
+    main(["member", str(pe), "0", "--out", str(m0), "--storage", "float32"])
+    again, _ = ckpt.ensemble_checkpoints([m0, out])
+    x = torch.rand(2, 2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(probabilities(again(x)), probabilities(ens.eval()(x)), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ckpt.CheckpointError, match="networks 0 to 1, not 2"):
+        ckpt.ensemble_member(pe, 2)
+    with pytest.raises(ckpt.CheckpointError, match="single network"):
+        ckpt.ensemble_member(pa, 0)
+    with pytest.raises(SystemExit, match="exists"):
+        main(["member", str(pe), "1", "--out", str(out)])

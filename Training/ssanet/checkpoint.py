@@ -301,6 +301,48 @@ def ensemble_checkpoints(paths) -> tuple[SSANetEnsemble, dict]:
     return model, meta
 
 
+def ensemble_member(path, member: int) -> tuple[SSANet, dict]:
+    """Network ``member`` of an ensemble checkpoint as a single network (to fine-tune or
+    ship alone, or to recombine with ``ensemble_checkpoints``); its meta is the ensemble's
+    (classes, preprocessing, inference) with the member's own training record and
+    ``training.member_of`` naming the file it came from."""
+    model, meta = load_checkpoint(path)
+    n = network_count(meta)
+    if n == 1:
+        raise CheckpointError(f"{path} is a single network, not an ensemble: use it as it is")
+    if not 0 <= member < n:
+        raise CheckpointError(f"{path} has networks 0 to {n - 1}, not {member}")
+    record = ((meta.get("training") or {}).get("ensemble_of") or [{}] * network_count(meta))[member]
+    out = {k: v for k, v in meta.items()
+           if k not in ("path", "name", "sha256", "val_metrics", "test_metrics", "training", "ensemble",
+                        "storage_dtype", "source_checkpoint_sha256")}
+    out["training"] = {**(record.get("training") or {}),
+                       "member_of": {"name": meta["name"], "sha256": meta["sha256"], "member": member,
+                                     "member_name": record.get("name"), "member_sha256": record.get("sha256")}}
+    return model.members[member], out
+
+
+def describe(path) -> dict:
+    """What a checkpoint is, from its header and size (nothing is loaded or run)."""
+    path = Path(path)
+    meta = read_meta(path)
+    training = meta.get("training") or {}
+    members = training.get("ensemble_of") or []
+    pre = meta.get("preprocessing") or {}
+    return {
+        "file": str(path), "size_mb": round(path.stat().st_size / 1e6, 1), "sha256": sha256_of(path),
+        "networks": network_count(meta), "storage": meta.get("storage_dtype", "float32"),
+        "classes": meta.get("class_names"), "input_size": pre.get("size"),
+        "pixel_spacing_mm": pre.get("pixel_spacing_mm"), "blank_outside_lung": pre.get("blank_outside_lung"),
+        "flip_tta": bool((meta.get("inference") or {}).get("flip_tta", False)),
+        "members": [{"index": i, "name": m.get("name"), "sha256": m.get("sha256"),
+                     "epoch": (m.get("training") or {}).get("epoch")} for i, m in enumerate(members)],
+        "epoch": training.get("epoch"), "init_sha256": training.get("init_sha256"),
+        "member_of": training.get("member_of"),
+        "val_metrics": meta.get("val_metrics"), "test_metrics": meta.get("test_metrics"),
+    }
+
+
 def load_state_for_resume(path) -> dict:
     """A training-state file (optimizer, epoch) written by the trainer: tensors only."""
     return torch.load(path, map_location="cpu", weights_only=True)

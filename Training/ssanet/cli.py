@@ -245,6 +245,10 @@ def _min_lesion_mm2(text: str) -> float:
 
 
 def cmd_info(a):
+    if a.checkpoint:
+        from . import checkpoint
+        print(json.dumps(checkpoint.describe(a.checkpoint), indent=2))
+        return
     from .model import SSANet, count_flops, count_parameters
     rows = []
     for name, kw in ABLATION_VARIANTS.items():
@@ -327,6 +331,18 @@ def cmd_ensemble(a):
                       "flip_tta": bool((meta.get("inference") or {}).get("flip_tta", False))}))
 
 
+def cmd_member(a):
+    from . import checkpoint
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise SystemExit(f"{out} exists; choose another --out (or --overwrite)")
+    model, meta = checkpoint.ensemble_member(a.ensemble, a.index)
+    sha = checkpoint.save_checkpoint(out, model, meta, storage=a.storage)
+    print(json.dumps({"out": str(out), "sha256": sha, "member": a.index, "of": str(a.ensemble),
+                      "storage": a.storage, "size_mb": round(out.stat().st_size / 1e6, 1)}))
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -368,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--overwrite", action="store_true")
     en.set_defaults(func=cmd_ensemble)
 
+    mb = sub.add_parser("member", help="one network of an ensemble checkpoint (e.g. of the bundled model) "
+                                       "as a file of its own, to fine-tune, ship alone or recombine")
+    mb.add_argument("ensemble", help="an ensemble checkpoint (`ssalesionseg info --checkpoint` lists its members)")
+    mb.add_argument("index", type=int, help="which network (0-based)")
+    mb.add_argument("--out", required=True, help="the single-network checkpoint (.safetensors)")
+    mb.add_argument("--storage", default="float16", choices=["float32", "float16", "int8"],
+                    help="weight storage (default float16)")
+    mb.add_argument("--overwrite", action="store_true")
+    mb.set_defaults(func=cmd_member)
+
     e = sub.add_parser("evaluate", help="DSC / HD95 / MAE / NSD per class on a split")
     _add_data_args(e)
     e.add_argument("--checkpoint", help="model file (default: the bundled default model)")
@@ -397,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_min_lesion_arg(e)
     e.set_defaults(func=cmd_evaluate)
 
-    i = sub.add_parser("info", help="parameter count and FLOPs of the Table-3 variants")
+    i = sub.add_parser("info", help="what a checkpoint is (--checkpoint: members, classes, size, storage, "
+                                    "metrics), else parameter count and FLOPs of the Table-3 variants")
+    i.add_argument("--checkpoint", help="describe this model file (its header; nothing is run)")
     i.add_argument("--size", type=int, default=512, help="input size the FLOPs are counted at (default 512)")
     i.add_argument("--num-classes", type=int, default=3,
                    help="3 (background, GGO, consolidation; default) or 1 (binary infection)")
