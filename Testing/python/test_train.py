@@ -154,7 +154,7 @@ def test_init_fine_tunes_from_the_checkpoint_weights(tmp_path):
     assert "init_sha256" not in meta2["training"]
 
 
-def test_init_with_other_classes_is_refused(tmp_path):
+def test_init_with_other_classes_is_refused(tmp_path, capsys):
     from ssanet.model import SSANet
     binary = tmp_path / "binary.safetensors"
     ckpt.save_checkpoint(binary, SSANet(2, 1, layers=(1, 1, 1, 1)), {"preprocessing": {"size": 64}})
@@ -162,6 +162,10 @@ def test_init_with_other_classes_is_refused(tmp_path):
     cfg = TrainConfig(size=64, epochs=1, batch_size=2, device="cpu", init=str(binary))
     with pytest.raises(ckpt.CheckpointError, match="classes"):
         train(cfg, slices[:1], slices[1:], tmp_path / "ft", log=lambda *_: None)
+    # the CLI refuses it before reading any data, and leaves no run folder behind
+    assert cli_main(["train", "--data", str(tmp_path / "no_data_needed"), "--out", str(tmp_path / "cli_ft"),
+                     "--init", str(binary), "--classes", "ggo,consolidation"]) == 2
+    assert "classes" in capsys.readouterr().err and not (tmp_path / "cli_ft").exists()
 
 
 def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
@@ -173,7 +177,7 @@ def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
                    "--cases", str(tmp_path / "export")])
     assert rc in (0, None)
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["data_description"]["cases"] == {"export": 4}
+    assert cfg["data_description"]["cases"] == {str((tmp_path / "export").absolute()): 4}   # by path: two may share a name
     rc = cli_main(["train", "--data", str(data_root), "--out", str(tmp_path / "run2"), "--epochs", "1",
                    "--cases", str(tmp_path / "nothing")])
     assert rc != 0 and "Export as training case" in capsys.readouterr().err

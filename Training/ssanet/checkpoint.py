@@ -297,8 +297,17 @@ def ensemble_checkpoints(paths) -> tuple[SSANetEnsemble, dict]:
     meta = {k: v for k, v in metas[0].items()
             if k not in ("path", "name", "sha256", "val_metrics", "test_metrics", "training")}
     meta["training"] = {"ensemble_of": [
-        {"name": m["name"], "sha256": m["sha256"], "training": m.get("training")} for m in metas]}
+        {"name": _member_name(p, m), "sha256": m["sha256"], "training": m.get("training")}
+        for p, m in zip(paths, metas)]}
     return model, meta
+
+
+def _member_name(path: Path, meta: dict) -> str:
+    """A member's name in an ensemble's header: its file name, with the run folder when the
+    file is a run's generic best/last checkpoint ("ft0/best.safetensors")."""
+    if path.name in ("best.safetensors", "last.safetensors") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return meta["name"]
 
 
 def ensemble_member(path, member: int) -> tuple[SSANet, dict]:

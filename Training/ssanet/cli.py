@@ -163,13 +163,13 @@ def _training_splits(a) -> tuple[dict, list]:
 
 
 def cmd_train(a):
-    if a.init:   # refuse a checkpoint training cannot start from before the data are read
-        from . import checkpoint
-        checkpoint.require_single_network({**checkpoint.read_meta(a.init), "path": a.init}, "--init",
-                                          a.init_member)
     resolve_training_size(a)
+    cfg = _config_from_args(a)
+    if a.init:   # refuse a checkpoint training cannot start from before the data are read
+        from .train import check_init
+        check_init(cfg)
     splits, cases = _training_splits(a)
-    cfg = _describe(_config_from_args(a), splits, cases)
+    cfg = _describe(cfg, splits, cases)
     best = train_run(cfg, splits, a.out)
     print(json.dumps({"best_epoch": best["epoch"], "best_val_score": best["score"]}))
 

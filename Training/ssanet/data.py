@@ -535,6 +535,9 @@ def load_training_cases(folder, pixel_mm: float = 0.7, fov: int = 512) -> list[S
     training case*: ``images/``, ``labels/`` (1 GGO, 2 consolidation) and optionally
     ``lungs/``, files paired by name), on the model's grid (:func:`on_model_grid`)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist (or is not a folder): give the folder the "
+                                "Slicer module's 'Export as training case' wrote (images/, labels/, lungs/)")
     for sub in ("images", "labels"):
         if not (folder / sub).is_dir():
             raise FileNotFoundError(f"{folder} has no {sub}/ folder: expected the layout of the "

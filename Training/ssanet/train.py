@@ -102,14 +102,13 @@ def _score(val: dict) -> float:
     return float(np.mean([m["dsc_pooled"] for m in val["classes"].values()]))
 
 
-def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
-    """Copy the weights of checkpoint ``cfg.init`` into ``model`` (fine-tuning); returns its
-    SHA-256. The checkpoint must be the same network with the same classes and the same
-    input (lung blanking); its slice size may differ (the network is fully convolutional)."""
-    loaded, meta = ckpt.load_checkpoint(cfg.init)
+def check_init(cfg: TrainConfig, meta: dict | None = None) -> None:
+    """Refuse an ``--init`` checkpoint this training cannot start from (an ensemble without
+    a member, other classes, other lung blanking), from its header: callers check before
+    reading any data."""
+    if meta is None:
+        meta = {**ckpt.read_meta(cfg.init), "path": cfg.init}
     ckpt.require_single_network(meta, "--init", cfg.init_member)
-    if ckpt.is_ensemble(meta):
-        loaded = loaded.members[cfg.init_member]
     want = ckpt.default_class_names(cfg.num_classes)
     if meta.get("class_names") != want:
         raise ckpt.CheckpointError(
@@ -120,6 +119,16 @@ def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
         raise ckpt.CheckpointError(
             f"--init {cfg.init} was trained with blank_outside_lung={blank}; train with the same "
             "setting (--keep-outside-lung) or start from scratch")
+
+
+def load_init_weights(model: SSANet, cfg: TrainConfig) -> str:
+    """Copy the weights of checkpoint ``cfg.init`` into ``model`` (fine-tuning); returns its
+    SHA-256. The checkpoint must be the same network with the same classes and the same
+    input (lung blanking); its slice size may differ (the network is fully convolutional)."""
+    loaded, meta = ckpt.load_checkpoint(cfg.init)
+    check_init(cfg, meta)
+    if ckpt.is_ensemble(meta):
+        loaded = loaded.members[cfg.init_member]
     try:
         model.load_state_dict(loaded.state_dict())
     except RuntimeError as e:
@@ -304,7 +313,8 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         torch.set_rng_state(st["torch_rng"])
         log(f"resuming {out} at epoch {start_epoch}")
     elif init_sha:
-        log(f"starting from the weights of {cfg.init} (sha256 {init_sha[:12]}…)")
+        member = f" (network {cfg.init_member} of the ensemble)" if cfg.init_member >= 0 else ""
+        log(f"starting from the weights of {cfg.init}{member} (sha256 {init_sha[:12]}…)")
     if cfg.ema and ema is None:
         ema = WeightEMA(model, cfg.ema)
     ema_model = ema.model.to(device) if ema else model   # what is validated and saved
