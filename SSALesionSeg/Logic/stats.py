@@ -69,7 +69,10 @@ def compute_stats(ct, labels, lungs, lobes=None, label_names=None) -> dict:
     for what, a in (("labels", lab), ("lungs", lung)) + ((("lobes", _arr(lobes)),) if lobes is not None else ()):
         if a.shape != hu.shape:
             raise ValueError(f"{what} shape {a.shape} differs from the CT {hu.shape}")
-    voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
+    # spacing product times |det(direction)|: 1 for the usual (orthonormal) axes, less for a
+    # sheared grid (gantry-tilted CT stored without resampling)
+    direction = np.asarray(ct.GetDirection(), float).reshape(ct.GetDimension(), ct.GetDimension())
+    voxel_ml = float(np.prod(ct.GetSpacing()) * abs(np.linalg.det(direction))) / 1000.0
 
     lung_masks = {side: np.isin(lung, vals) for side, vals in LUNG_SIDES.items()}
     lung_counts = {side: int(np.count_nonzero(m)) for side, m in lung_masks.items()}

@@ -166,6 +166,22 @@ def test_lobes_are_filled_where_the_lobe_model_leaves_out_dense_lung():
     assert before["score"] == 0 and after["score"] == 3 and after["percent_involved"] == pytest.approx(37.5)
 
 
+def test_voxel_volume_of_a_sheared_grid():
+    """A gantry-tilted CT stored without resampling has non-orthogonal axes: the voxel is a
+    parallelepiped of volume spacing product x |det(direction)|."""
+    from ssalesionseg.stats import compute_stats
+    arr = np.full((2, 4, 4), -800, np.int16)
+    ct = sitk.GetImageFromArray(arr)
+    ct.SetSpacing((0.5, 0.5, 2.0))
+    tilt = np.deg2rad(20)
+    ct.SetDirection((1, 0, 0, 0, 1, np.sin(tilt), 0, 0, np.cos(tilt)))   # z axis tilted in y
+    lungs = np.ones(arr.shape, np.uint8)
+    st = compute_stats(ct, np.zeros(arr.shape, np.uint8), lungs)
+    assert st["voxel_volume_ml"] == pytest.approx(0.5 * 0.5 * 2.0 * np.cos(tilt) / 1000)
+    ct.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert compute_stats(ct, np.zeros(arr.shape, np.uint8), lungs)["voxel_volume_ml"] == pytest.approx(0.0005)
+
+
 def test_severity_per_lobe(phantom, exact_result):
     from ssalesionseg.stats import compute_stats, severity_bin, severity_text
 
