@@ -182,6 +182,12 @@ def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
                    "--cases", str(tmp_path / "nothing")])
     assert rc != 0 and "Export as training case" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
+    # held-out cases are scored on the same grid: evaluate --cases
+    out = tmp_path / "cases_eval.json"
+    assert cli_main(["evaluate", "--checkpoint", str(run / "best.safetensors"), "--cases", str(tmp_path / "export"),
+                     "--device", "cpu", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_slices"] == 4 and res["dataset"] == "cases" and "score of the cases" in capsys.readouterr().out
 
 
 def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):

@@ -189,9 +189,17 @@ def cmd_evaluate(a):
     if as_trained and (a.dataset, a.split) != ("medseg100", "val"):
         raise SystemExit("--semiseg-renderings and --folds go with --split val (the validation images "
                          "`train` selects by with the same options)")
+    if a.cases and as_trained:
+        raise SystemExit("--cases scores exported cases; it does not combine with --semiseg-renderings or --folds")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
-    samples = (_training_splits(a)[0]["val"] if as_trained
-               else load_split(data, a.data, a.dataset, a.split))
+    if a.cases:   # held-out corrected cases, placed on the slice grid exactly as `train --cases` places them
+        samples = data.load_training_cases(a.cases, TrainConfig().nominal_spacing_mm)
+        if not samples:
+            raise SystemExit(f"{a.cases}: no labeled slices with lung found")
+        a.dataset, a.split = "cases", str(a.cases)
+    else:
+        samples = (_training_splits(a)[0]["val"] if as_trained
+                   else load_split(data, a.data, a.dataset, a.split))
     predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta,
                                          cpu_bf16=a.bf16)
     res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays, min_lesion_mm2=a.min_lesion_mm2)
@@ -201,8 +209,9 @@ def cmd_evaluate(a):
           + (f" ({predictor.precision})" if predictor.amp_dtype is not None else "")
           + (f" (lesion islands < {res['min_lesion_mm2']:g} mm² removed)" if res["min_lesion_mm2"] else ""))
     print(format_table(res))
-    if a.split == "val":
-        print(f"validation score (mean pooled DSC, what train selects by): {_score(res):.4f}")
+    if a.split == "val" or a.cases:
+        what = "score of the cases" if a.cases else "validation score"
+        print(f"{what} (mean pooled DSC, what train selects by): {_score(res):.4f}")
         per_slice = sum(m["dsc"] for m in res["classes"].values()) / len(res["classes"])
         print(f"mean over classes of the per-slice mean DSC: {per_slice:.4f}")
     if a.json:
@@ -405,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="val (default: the 6 held-out MedSeg slices, what `train` selects by), test (the "
                         "48 COVID-SemiSeg test slices: final evaluation only, never for choosing), "
                         "train (the 46 training slices), free (MedSeg slices 23 and 49), all (MedSeg's 100)")
+    e.add_argument("--cases", metavar="DIR",
+                   help="score exported training cases instead of a split (images/, labels/, lungs/ as the "
+                        "Slicer module's 'Export as training case' writes them), e.g. held-out corrected cases")
     e.add_argument("--semiseg-renderings", action="store_true",
                    help="with --split val: add the COVID-SemiSeg renderings of the validation "
                         "slices, as `train --semiseg-renderings` validates")
