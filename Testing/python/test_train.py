@@ -182,6 +182,17 @@ def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
                    "--cases", str(tmp_path / "nothing")])
     assert rc != 0 and "Export as training case" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
+    # a case without lesion pixels trains, and says so (an export that lost its segments?)
+    import SimpleITK as sitk
+    empty = tmp_path / "empty_export"
+    _write_case(empty, "negative")
+    lab = sitk.ReadImage(str(empty / "labels" / "negative.nii.gz"))
+    sitk.WriteImage(lab * 0, str(empty / "labels" / "negative.nii.gz"))
+    capsys.readouterr()
+    assert cli_main(["train", "--data", str(data_root), "--out", str(tmp_path / "run3"), "--size", "64",
+                     "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "1", "--device", "cpu",
+                     "--cases", str(empty)]) in (0, None)
+    assert "case negative has no lesion pixels" in capsys.readouterr().out
     # held-out cases are scored on the same grid: evaluate --cases
     out = tmp_path / "cases_eval.json"
     assert cli_main(["evaluate", "--checkpoint", str(run / "best.safetensors"), "--cases", str(tmp_path / "export"),

@@ -159,6 +159,10 @@ def _training_splits(a) -> tuple[dict, list]:
         splits["train"] = splits["train"] + extra
         cases.append((folder, len(extra)))
         print(f"{folder}: {len(extra)} slices added to the training set")
+        for volume in sorted({s.meta.get("volume") for s in extra}):
+            if not any(s.label.any() for s in extra if s.meta.get("volume") == volume):
+                print(f"note: case {volume} has no lesion pixels: it trains as a lesion-free case "
+                      "(export it again if the segments were lost)")
     return splits, cases
 
 
