@@ -218,8 +218,11 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._run is not None
         busy = running or self._installing
         haveInput = bool(parameters and parameters.inputVolume)
-        if parameters and self._shownOutput is not None and parameters.outputSegmentation is not self._shownOutput:
-            self._showSummary(None, "")   # the figures shown belong to another segmentation
+        shown = self._shownOutput
+        if parameters and shown is not None:
+            current = parameters.outputSegmentation
+            if current is None or current.GetID() != shown.GetID():
+                self._showSummary(None, "")   # the figures shown belong to another segmentation
         self.ui.lungSegmentationSelector.enabled = bool(parameters) and parameters.lungMethod == LungMethod.EXISTING
         self.ui.checkpointPathLineEdit.enabled = bool(parameters) and not parameters.useBundledModel
         for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.outputsCollapsibleButton):

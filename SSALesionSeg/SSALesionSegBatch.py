@@ -132,9 +132,10 @@ def run_batch(args, context=None, out=print):
     from SSALesionSegLib import mrml
 
     context = context or _Context()
+    InputError = _engine_module("errors").InputError
     try:
         cases = find_cases(args.input, args.output)
-    except _engine_module("errors").InputError as e:
+    except InputError as e:
         out(f"Nothing processed: {e}")
         return 1
     os.makedirs(args.output, exist_ok=True)
