@@ -10,7 +10,9 @@ cli.find_cases): each NIfTI/NRRD/MHA file and each subfolder of --input (its DIC
 series — the CT series with the most slices, searched in its subfolders too — or the
 one CT file it holds), or --input itself when it is one DICOM series. --output receives
 <case>.seg.nrrd and <case>_stats.json. A failing case is reported and the rest
-continue; the exit code is 1 if any case failed, 2 if the batch could not run at all.
+continue; the exit code is 1 if any case failed or there was nothing to process (no
+cases, or inputs that would write the same outputs), 2 on bad arguments or an error
+outside the cases.
 
 Slicer also loads every .py file of a module folder as a module; this file therefore
 does its work only when run as a script (see the hidden module class at the end).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -114,11 +115,12 @@ def find_cases(path, out=None) -> list:
         raise InputError(f"input not found: {p}")
     if p.is_file():
         return [(case_name(p), p)]
-    out = Path(out).absolute() if out is not None else None
-    entries = [e for e in sorted(p.iterdir()) if not (out is not None and e.absolute() == out)]
+    out = os.path.abspath(out) if out is not None else None
+    entries = [e for e in sorted(p.iterdir()) if not (out is not None and os.path.abspath(e) == out)]
     if any(is_dicom_file(e) for e in entries):
-        return [(p.name, p)]
-    cases = [(case_name(e), e) for e in entries if is_volume_file(e) and not is_engine_output(e)]
+        return [(p.resolve().name or "case", p)]   # "--input ." names the case after the folder
+    cases = [(case_name(e), e) for e in entries
+             if is_volume_file(e) and not is_engine_output(e) and not e.name.startswith(".")]
     for e in entries:
         if e.is_dir() and not e.name.startswith("."):
             listing = sorted(e.iterdir())

@@ -431,6 +431,8 @@ _FIELDS = {
     "score": ("score", "points"),
     "total": ("total", "points"),
     "max": ("maximum", "points"),
+    "outside_lung_volume_ml": ("Volume outside the lung mask", "mL"),
+    "regions_scored": ("regions scored", "regions"),
 }
 
 
@@ -591,6 +593,10 @@ def summary_line(stats):
         basis = severity.get("basis") if isinstance(severity, dict) else None
         if basis:   # "4/10 per lung" is not the 0-25 lobar score a reader may expect
             text += f" {basis}"
+        scored = severity.get("regions_scored") if isinstance(severity, dict) else None
+        regions = len(severity.get("regions") or {}) if isinstance(severity, dict) else 0
+        if _is_number(scored) and regions and scored < regions:
+            text += f" ({scored:g} of {regions} regions scored)"
         line = f"{line}. {text}" if line else text
     return f"{line}." if line else "No statistics."
 

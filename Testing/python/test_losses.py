@@ -140,6 +140,13 @@ def test_unknown_pixels_carry_no_loss():
         # the same as the loss over the known half only
         assert a == pytest.approx(fn(logits[..., :3].contiguous(), target[..., :3].contiguous()).item(), abs=1e-6)
         assert a != pytest.approx(fn(logits, target).item(), abs=1e-4)
+    # with the background class counted too, unknown pixels are still no class
+    for a, b in ((logits, other),):
+        assert soft_dice_loss(a, known, ignore_background=False).item() == pytest.approx(
+            soft_dice_loss(a[..., :3].contiguous(), target[..., :3].contiguous(), ignore_background=False).item(),
+            abs=1e-6)
+        assert soft_dice_loss(a, known, ignore_background=False).item() == pytest.approx(
+            soft_dice_loss(b, known, ignore_background=False).item(), abs=1e-6)
     # binary Dice too
     blog = torch.randn(1, 1, 2, 4)
     bt = torch.tensor([[[1, 0, IGNORE_INDEX, IGNORE_INDEX], [0, 1, IGNORE_INDEX, IGNORE_INDEX]]])

@@ -840,6 +840,20 @@ def test_inputs_that_would_write_the_same_outputs_are_named(tmp_path, phantom):
     assert "B (B.nrrd)" in message and "b (b.mha)" in message and "rename" in message
 
 
+def test_find_cases_skips_hidden_files_and_knows_the_output_folder_however_spelt(tmp_path, phantom, monkeypatch):
+    img, _ = phantom
+    root = tmp_path / "cases"
+    root.mkdir()
+    write_image(img, root / "a.nii.gz")
+    (root / "._a.nii.gz").write_bytes(b"\0\5\26\7")          # macOS AppleDouble file beside it
+    (root / "out").mkdir()
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert [n for n, _ in cli.find_cases("../cases", out=root / "out")] == ["a"]
+    assert [n for n, _ in cli.find_cases(root, out="../cases/out")] == ["a"]
+
+
 def test_stats_keeps_existing_figures_unless_told(tmp_path, phantom, exact_result, capsys):
     img, _ = phantom
     ct_path = write_image(img, tmp_path / "ph.nii.gz")

@@ -159,6 +159,11 @@ def test_an_error_outside_the_cases_ends_the_script_with_code_2(tmp_path, monkey
     assert exit_.value.code == 2 and "is a file" in capsys.readouterr().err
 
 
+def test_a_dicom_folder_given_as_dot_is_named_after_the_folder(input_folder, monkeypatch):
+    monkeypatch.chdir(input_folder.path / "patient_dicom")
+    assert [n for n, _ in batch.find_cases(".")] == ["patient_dicom"]
+
+
 def test_volumes_logic_loads_the_dicom_series_with_its_geometry(input_folder, mrml_scene):
     name, path = batch.find_cases(str(input_folder.path))[1]
     files, _ = batch.case_files(path)

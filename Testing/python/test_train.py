@@ -453,3 +453,16 @@ def test_evaluate_defaults_to_validation_and_rejects_bad_numbers(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(argv)
     assert "must be 1 or more" in capsys.readouterr().err
+
+
+def test_runs_with_cases_compare_by_slice_counts_not_folder_spelling():
+    """config.json keyed --cases by folder name before 2026-12 and by full path since: a run
+    written either way resumes with the same cases (moved or not); other counts do not."""
+    from ssanet.train import comparable_training
+    base = {"data_description": {"train": "MedSeg-100 train subset, 46 slices + 24 slices of exported cases",
+                                 "n_train": 70, "val": ["a"]}}
+    old = {**base, "data_description": {**base["data_description"], "cases": {"export": 24}}}
+    new = {**base, "data_description": {**base["data_description"], "cases": {"/data/x/export": 24}}}
+    other = {**base, "data_description": {**base["data_description"], "cases": {"/data/x/export": 25}}}
+    assert comparable_training(old) == comparable_training(new)
+    assert comparable_training(new) != comparable_training(other)

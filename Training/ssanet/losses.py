@@ -46,6 +46,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
         probs = torch.softmax(logits, dim=1)
         onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     probs = probs * known
+    onehot = onehot * known   # an unknown pixel is no class, background included
     dims = (2, 3) if per_slice else (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)

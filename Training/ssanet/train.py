@@ -263,6 +263,10 @@ def comparable_training(config: dict) -> dict:
         if "n_train" not in desc:
             found = re.search(r"(\d+) slices", text)
             desc["n_train"] = int(found.group(1)) if found else text
+    if isinstance(desc, dict) and isinstance(desc.get("cases"), dict):
+        # where the case folders are (names before 2026-12, full paths since) is not what the
+        # run trains on; their slice counts are
+        desc["cases"] = sorted(desc["cases"].values())
     return {k: v for k, v in d.items() if k not in _RUN_ONLY}
 
 
