@@ -325,6 +325,8 @@ class BackgroundRun:
             kill_process_tree(self.process)
         if self.process is not None and self.process.stdin is not None:
             self.process.stdin.close()
+        if self._reader is not None and self._reader.is_alive():
+            self._reader.join(timeout=2)   # the killed worker's pipe ends: the reader sees EOF
         if self.process is not None and self.process.stdout is not None and (
                 self._reader is None or not self._reader.is_alive()):
             self.process.stdout.close()

@@ -617,6 +617,7 @@ def test_background_cancel_kills_the_worker_and_leaves_the_scene_as_it_was(case,
 
     assert run.state == run.CANCELLED
     assert run.process.poll() is not None
+    assert run.process.stdout.closed and run.process.stdin.closed   # no descriptors left per run
     assert not os.path.exists(workDir)
     assert run.poll() is None
     assert case.scene.GetNumberOfNodes() == nodesBefore
