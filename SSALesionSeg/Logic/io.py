@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ssanet.preprocess import hu_problem
+from ssanet.preprocess import hu_problem, same_grid
 
 from .errors import InputError
 
@@ -328,13 +328,6 @@ def _on_grid(img: sitk.Image, reference: sitk.Image, p: Path, what: str) -> sitk
     if had and not np.count_nonzero(sitk.GetArrayViewFromImage(img)):
         raise InputError(f"{p}: {what} and CT do not overlap (different grids, no common voxels)")
     return img
-
-
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tol, atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=max(tol, tol * max(b.GetSpacing())))
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
 
 
 # ----------------------------------------------------------------------------- write

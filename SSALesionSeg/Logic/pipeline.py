@@ -226,15 +226,20 @@ def outputs_complete(out_dir, name: str) -> bool:
     return all(p.is_file() for p in output_paths(out_dir, name).values())
 
 
+def _recorded_info(out_dir, name: str) -> dict:
+    """The ``info`` the existing stats JSON of ``name`` in ``out_dir`` records ({} if none)."""
+    try:
+        info = json.loads(output_paths(out_dir, name)["stats_json"].read_text()).get("info") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def outputs_from_other_input(out_dir, name: str, input_path) -> str | None:
     """The input that the existing outputs ``name`` in ``out_dir`` were made from, when that
     is provably another file or folder than ``input_path`` (their stats JSON records it and
     it still exists); else None (the same input, or nothing to tell)."""
-    try:
-        info = json.loads(output_paths(out_dir, name)["stats_json"].read_text()).get("info") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    recorded = info.get("source")
+    recorded = _recorded_info(out_dir, name).get("source")
     if not recorded:
         return None
     try:
@@ -253,11 +258,8 @@ def checkpoint_sha256(checkpoint=None) -> str | None:
 def outputs_from_other_model(out_dir, name: str, sha256: str | None) -> str | None:
     """The model the existing outputs ``name`` were made with, when their stats JSON records
     another model file than the one with ``sha256``; else None."""
-    try:
-        info = json.loads(output_paths(out_dir, name)["stats_json"].read_text()).get("info") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    recorded = (info.get("checkpoint") or {}) if isinstance(info.get("checkpoint"), dict) else {}
+    recorded = _recorded_info(out_dir, name).get("checkpoint")
+    recorded = recorded if isinstance(recorded, dict) else {}
     if not sha256 or not recorded.get("sha256") or recorded["sha256"] == sha256:
         return None
     return f"{recorded.get('name') or 'a model'} (SHA-256 {recorded['sha256'][:12]}…)"

@@ -321,7 +321,7 @@ def ensemble_member(path, member: int) -> tuple[SSANet, dict]:
         raise CheckpointError(f"{path} is a single network, not an ensemble: use it as it is")
     if not 0 <= member < n:
         raise CheckpointError(f"{path} has networks 0 to {n - 1}, not {member}")
-    record = ((meta.get("training") or {}).get("ensemble_of") or [{}] * network_count(meta))[member]
+    record = ((meta.get("training") or {}).get("ensemble_of") or [{}] * n)[member]
     out = {k: v for k, v in meta.items()
            if k not in ("path", "name", "sha256", "val_metrics", "test_metrics", "training", "ensemble",
                         "storage_dtype", "source_checkpoint_sha256")}

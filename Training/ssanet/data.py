@@ -42,7 +42,7 @@ except ImportError:  # the loaders stay usable where PyTorch is not installed (e
     _TorchDataset = object
 
 from .preprocess import (LUNG_WINDOW_HU, canonical_from_source, hu_problem, make_input, resize_image,
-                         window_hu)
+                         same_grid, window_hu)
 
 ENV_VAR = "SSALESIONSEG_DATA"
 
@@ -115,13 +115,6 @@ def _read_index(path) -> np.ndarray:
         if im.mode not in ("P", "L"):
             im = im.convert("L")
         return np.array(im, dtype=np.uint8)
-
-
-def _same_geometry(a, b, tol: float = 1e-3) -> bool:
-    """Origin, spacing and direction equal within ``tol`` (mm / unitless)."""
-    return (np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * 10) and
-            np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol) and
-            np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
 
 
 def _clean_label(lab) -> np.ndarray:
@@ -472,20 +465,21 @@ def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_W
             arr = sitk.GetArrayFromImage(other)
             if arr.shape != hu.shape:
                 raise ValueError(f"{what} {path.name} has shape {arr.shape}, image {hu.shape}")
-            if not _same_geometry(other, img):
+            if not same_grid(other, img):
                 raise ValueError(f"{what} {path.name} is not on its image's grid (origin {other.GetOrigin()} vs "
                                  f"{img.GetOrigin()}, spacing {other.GetSpacing()} vs {img.GetSpacing()}): "
                                  "resample it onto the CT, or export both from the same volume")
             return arr
 
+        lab = None
         if label_dir is not None:
-            raw = companion(labels[stem], "label")
-            extra = sorted(int(v) for v in np.unique(raw) if v not in (0, 1, 2))
+            lab = companion(labels[stem], "label")
+            extra = sorted(int(v) for v in np.unique(lab) if v not in (0, 1, 2))
             if extra:
                 raise ValueError(f"label {labels[stem].name} holds values {extra[:5]}{' ...' if len(extra) > 5 else ''}; "
                                  "training cases use 0 background, 1 GGO, 2 consolidation (a 0/255 mask: divide "
                                  "it by 255 first; 1 is GGO, or infection with `--classes infection`)")
-        lab = raw.astype(np.uint8) if label_dir is not None else None
+            lab = lab.astype(np.uint8)
         if lung_dir is not None:
             lung = companion(lungs[stem], "lung mask") > 0
         else:

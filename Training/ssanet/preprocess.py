@@ -52,6 +52,15 @@ def hu_problem(hu) -> str | None:
             f"(air), value range {lo:.0f}..{hi:.0f}{hint}")
 
 
+def same_grid(a, b, tol: float = 1e-3) -> bool:
+    """Two SimpleITK images on the same voxel grid: size, spacing, origin and direction
+    equal within ``tol`` (the origin within ``tol`` of the largest voxel spacing)."""
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tol, atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=max(tol, tol * max(b.GetSpacing())))
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
 def window_hu(hu, window=LUNG_WINDOW_HU) -> np.ndarray:
     """HU -> float32 in [0, 255], linear inside ``window`` and clipped outside."""
     lo, hi = float(window[0]), float(window[1])
