@@ -48,6 +48,10 @@ def add_subcommands(subparsers) -> None:
     add_min_lesion_arg(s)
     s.add_argument("--save-probability", action="store_true",
                    help="also write <name>_confidence.nrrd (max class probability)")
+    s.add_argument("--labelmaps", action="store_true",
+                   help="also write <name>_lesions.nii.gz (0 background, 1 GGO, 2 consolidation) and "
+                        "<name>_lungs.nii.gz (1 right, 2 left): plain labelmaps on the CT's grid for tools "
+                        "that do not read .seg.nrrd")
     s.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
     s.add_argument("--progress-json", action="store_true",
                    help="print one JSON object per line for every progress event (for the Slicer module)")
@@ -69,6 +73,24 @@ def add_subcommands(subparsers) -> None:
                     help="replace <name>_stats.json / .csv already in --out (default: refuse, so that the "
                          "figures `segment` wrote are not lost)")
     st.set_defaults(func=cmd_stats)
+
+    e = subparsers.add_parser(
+        "export-case", help="write a (corrected) result as a training case for `train --cases`",
+        description="Writes OUT/images/<name>.nii.gz (the CT in HU), OUT/labels/<name>.nii.gz (0 background, "
+                    "1 GGO, 2 consolidation) and, when the segmentation has lung segments or --lung-mask is "
+                    "given, OUT/lungs/<name>.nii.gz (1 right, 2 left): the layout `ssalesionseg train --cases OUT` "
+                    "reads, as the Slicer module's 'Export as training case' writes it. Correct the labels "
+                    "first (e.g. the .seg.nrrd in Slicer's Segment Editor, or a labelmap in any editor).")
+    e.add_argument("--ct", required=True, help="the CT the labels belong to (file or DICOM folder)")
+    e.add_argument("--labels", required=True, help="labelmap (1 GGO, 2 consolidation) or .seg.nrrd")
+    e.add_argument("--out", required=True, help="the training-cases folder (created if missing)")
+    e.add_argument("--name", help="case name (default: the CT's name)")
+    e.add_argument("--classes", default="multiclass", choices=["multiclass", "binary"],
+                   help="meaning of labelmap values: 1 GGO / 2 consolidation, or 1 infection")
+    e.add_argument("--lung-mask", help="lung segmentation on the CT grid (labelmap or .seg.nrrd) when --labels "
+                                       "has no lung segments (default: none; training then finds the lungs)")
+    e.add_argument("--overwrite", action="store_true", help="replace a case of the same name already in --out")
+    e.set_defaults(func=cmd_export_case)
 
     d = subparsers.add_parser(
         "demo", help="segment the bundled sample CT with the default model and print a summary")
@@ -171,24 +193,27 @@ def _stage_weight(stage, fraction):
 
 def cmd_segment(args) -> int:
     from .io import check_writable
-    from .pipeline import (checkpoint_sha256, load_model, outputs_complete, outputs_from_other_input,
-                           outputs_from_other_model, process_case)
+    from .pipeline import (checkpoint_sha256, load_model, optional_outputs, output_paths, outputs_complete,
+                           outputs_from_other_input, outputs_from_other_model, process_case)
 
     cases = find_cases(args.input, out=args.out)
     if args.lung_mask and len(cases) > 1:
         raise InputError("--lung-mask belongs to one CT; it cannot be used with a folder of several cases")
     out = check_writable(args.out)
     prog = _Progress(args.progress_json, len(cases))
-    todo = {n for n, _ in cases if args.overwrite or not outputs_complete(out, n)}
-    # outputs of the same name made from another input are neither skipped as done nor replaced
-    clashes = {n: other for n, path in cases if n not in todo and not args.overwrite
+    wanted = optional_outputs(args.save_probability, args.labelmaps)
+    # outputs already there (their stats JSON records what made them) are not replaced unasked
+    # when another input or another model made them -- also when this run asks for more of them
+    recorded = set() if args.overwrite else {n for n, _ in cases if output_paths(out, n)["stats_json"].is_file()}
+    clashes = {n: other for n, path in cases if n in recorded
                for other in [outputs_from_other_input(out, n, path)] if other}
-    # ... and outputs of another model are not "done" for this one (nor replaced unasked)
     done_by_other_model = {}
-    if any(n not in todo and n not in clashes for n, _ in cases):
+    if recorded - set(clashes):
         sha = checkpoint_sha256(args.checkpoint)
-        done_by_other_model = {n: other for n, _ in cases if n not in todo and n not in clashes
+        done_by_other_model = {n: other for n, _ in cases if n in recorded and n not in clashes
                                for other in [outputs_from_other_model(out, n, sha)] if other}
+    todo = {n for n, _ in cases if n not in clashes and n not in done_by_other_model
+            and (args.overwrite or not outputs_complete(out, n, wanted))}
     skipped = [n for n, _ in cases if n not in todo and n not in clashes and n not in done_by_other_model]
     failures = []
     single = len(cases) == 1
@@ -234,7 +259,8 @@ def cmd_segment(args) -> int:
                                              lobe_weights=args.lobe_weights, lung_mask=args.lung_mask,
                                              device=args.device, batch_size=args.batch_size,
                                              save_probability=args.save_probability, flip_tta=args.flip_tta,
-                                             min_lesion_mm2=args.min_lesion_mm2, cpu_bf16=args.bf16)
+                                             min_lesion_mm2=args.min_lesion_mm2, cpu_bf16=args.bf16,
+                                             labelmaps=args.labelmaps)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as e:
@@ -310,7 +336,7 @@ def cmd_stats(args) -> int:
     import numpy as np
 
     from .geometry import image_like
-    from .io import case_name, check_writable, read_ct, read_labelmap, read_segments
+    from .io import case_name, check_writable, read_ct, read_result_labels
     from .lungstep import compute_lungs
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, write_stats
 
@@ -322,42 +348,8 @@ def cmd_stats(args) -> int:
                          "for the recomputed figures, or --overwrite to replace it")
     ct, info = read_ct(args.ct)
     out = check_writable(out)
-    lung_labels = None
-    if str(args.labels).lower().endswith(".seg.nrrd"):
-        segs = read_segments(args.labels, ct, what="labels")
-        lower = {n.lower(): m for n, m in segs.items()}
-        lab = np.zeros(ct.GetSize()[::-1], np.uint8)
-        if "infection" in lower and not ({"ground-glass opacity", "consolidation"} & set(lower)):
-            lab[lower["infection"]] = 1
-            names = dict(BINARY_NAMES)
-        else:
-            for n, m in segs.items():
-                key = n.lower()
-                if "ground" in key or key in ("ggo",):
-                    lab[m] = 1
-                elif "consolidation" in key:
-                    lab[m] = 2
-            names = dict(MULTICLASS_NAMES)
-        right = [m for n, m in lower.items() if "lung" in n and "right" in n]
-        left = [m for n, m in lower.items() if "lung" in n and "left" in n]
-        if right or left:
-            lung_labels = np.zeros(lab.shape, np.uint8)
-            for m in right:
-                lung_labels[m] = 1
-            for m in left:
-                lung_labels[m] = 2
-    else:
-        lab = read_labelmap(args.labels, ct, what="labels")
-        names = dict(BINARY_NAMES) if args.classes == "binary" else dict(MULTICLASS_NAMES)
-        extra = sorted(int(v) for v in np.unique(lab) if v != 0 and v not in names)
-        if extra:
-            expected = "0 background, 1 infection" if args.classes == "binary" else \
-                "0 background, 1 GGO, 2 consolidation"
-            raise InputError(f"{args.labels}: label values {extra[:5]}{' ...' if len(extra) > 5 else ''} are not "
-                             f"classes of --classes {args.classes} ({expected})"
-                             + ("; a 0/1/2 map is --classes multiclass" if args.classes == "binary" and extra == [2]
-                                else "; is this the labelmap (not the CT), with 0/1/2 values?"))
-        lab = lab.astype(np.uint8)
+    lab, lung_labels, binary = read_result_labels(args.labels, ct, args.classes)
+    names = dict(BINARY_NAMES) if binary else dict(MULTICLASS_NAMES)
     lobes = None
     method = "segmentation file"
     if lung_labels is None:
@@ -385,6 +377,31 @@ def cmd_stats(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- export-case
+
+def cmd_export_case(args) -> int:
+    from .geometry import image_like
+    from .io import case_name, check_writable, read_ct, read_result_labels
+    from .lungstep import compute_lungs
+    from .trainingcase import safe_case_name, write_training_case
+
+    case = safe_case_name(args.name or case_name(args.ct))
+    ct, _ = read_ct(args.ct)
+    lab, lungs, binary = read_result_labels(args.labels, ct, args.classes)
+    if lungs is None and args.lung_mask:
+        lungs = compute_lungs(ct, lung_mask=args.lung_mask).labels
+    out = check_writable(args.out)
+    written = write_training_case(out, case, ct, image_like(lab, ct),
+                                  None if lungs is None else image_like(lungs.astype("uint8"), ct),
+                                  overwrite=args.overwrite)
+    kinds = "1 infection" if binary else "1 GGO, 2 consolidation"
+    print(f"{case}: {len(written)} files in {out} ({', '.join(Path(p).parent.name for p in written)}; labels {kinds}"
+          f"{'' if lungs is not None else '; no lung mask: training finds the lungs'})")
+    print(f"train on it: ssalesionseg train --cases {out} --init <model> ..."
+          + (" --classes infection" if binary else ""))
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 
 def cmd_bench(args) -> int:
@@ -407,7 +424,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (InputError, ValueError, RuntimeError, FileNotFoundError) as e:
+    except (InputError, ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -43,13 +43,22 @@ def is_volume_file(p: Path) -> bool:
     return p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
 
 
+# what `segment` writes per case: always, and on request (--save-probability, --labelmaps)
+OUTPUT_SUFFIXES = {"segmentation": ".seg.nrrd", "stats_json": "_stats.json", "stats_csv": "_stats.csv",
+                   "overlay": "_overlay.png"}
+OPTIONAL_OUTPUT_SUFFIXES = {"confidence": "_confidence.nrrd", "lesion_labelmap": "_lesions.nii.gz",
+                            "lung_labelmap": "_lungs.nii.gz"}
+
+
 def is_engine_output(p: Path) -> bool:
-    """A file the engine writes beside its results, never a CT to segment: a ``.seg.nrrd``
-    or the ``<name>_confidence.nrrd`` of a case whose ``<name>_stats.json`` is beside it."""
+    """A file the engine writes beside its results, never a CT to segment: a ``.seg.nrrd``,
+    or an optional output (``<name>_confidence.nrrd``, ``_lesions.nii.gz``, ``_lungs.nii.gz``)
+    of a case whose ``<name>_stats.json`` is beside it."""
     low = p.name.lower()
     if low.endswith(".seg.nrrd"):
         return True
-    return low.endswith("_confidence.nrrd") and p.with_name(p.name[: -len("_confidence.nrrd")] + "_stats.json").is_file()
+    return any(low.endswith(suf) and p.with_name(p.name[: -len(suf)] + "_stats.json").is_file()
+               for suf in OPTIONAL_OUTPUT_SUFFIXES.values())
 
 
 def is_dicom_file(p: Path) -> bool:
@@ -318,6 +327,49 @@ def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "s
     if not out:
         raise InputError(f"{p}: the segmentation has no segments")
     return out
+
+
+def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: str = "multiclass"):
+    """A result as ``(lesions, lungs, binary)`` on ``reference``'s grid, from a ``.seg.nrrd``
+    (segments named like *Ground-glass opacity* / *Consolidation* or *Infection*, and
+    *Right lung* / *Left lung*) or a labelmap file (``classes``: "multiclass" = 1 GGO,
+    2 consolidation; "binary" = 1 infection). ``lesions``: uint8 (z, y, x); ``lungs``: uint8
+    1 right / 2 left from the segmentation's lung segments, None when it has none (and for
+    a labelmap); ``binary``: whether the lesions are the one infection class."""
+    if str(path).lower().endswith(".seg.nrrd"):
+        segs = read_segments(path, reference, what="labels")
+        lower = {n.lower(): m for n, m in segs.items()}
+        lab = np.zeros(reference.GetSize()[::-1], np.uint8)
+        binary = "infection" in lower and not ({"ground-glass opacity", "consolidation"} & set(lower))
+        if binary:
+            lab[lower["infection"]] = 1
+        else:
+            for key, m in lower.items():
+                if "ground" in key or key == "ggo":
+                    lab[m] = 1
+                elif "consolidation" in key:
+                    lab[m] = 2
+        right = [m for n, m in lower.items() if "lung" in n and "right" in n]
+        left = [m for n, m in lower.items() if "lung" in n and "left" in n]
+        lungs = None
+        if right or left:
+            lungs = np.zeros(lab.shape, np.uint8)
+            for m in right:
+                lungs[m] = 1
+            for m in left:
+                lungs[m] = 2
+        return lab, lungs, binary
+    lab = read_labelmap(path, reference, what="labels")
+    binary = classes == "binary"
+    allowed = (0, 1) if binary else (0, 1, 2)
+    extra = sorted(int(v) for v in np.unique(lab) if v not in allowed)
+    if extra:
+        expected = "0 background, 1 infection" if binary else "0 background, 1 GGO, 2 consolidation"
+        raise InputError(f"{path}: label values {extra[:5]}{' ...' if len(extra) > 5 else ''} are not "
+                         f"classes of --classes {classes} ({expected})"
+                         + ("; a 0/1/2 map is --classes multiclass" if binary and extra == [2]
+                            else "; is this the labelmap (not the CT), with 0/1/2 values?"))
+    return lab.astype(np.uint8), None, binary
 
 
 def _on_grid(img: sitk.Image, reference: sitk.Image, p: Path, what: str) -> sitk.Image:

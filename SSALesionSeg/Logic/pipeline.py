@@ -27,7 +27,8 @@ import SimpleITK as sitk
 
 from .errors import Cancelled, InputError
 from .geometry import array_from_lps, image_like, to_lps
-from .io import atomic_path, check_writable, read_ct, validate_ct, write_image
+from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, atomic_path, check_writable, read_ct,
+                 validate_ct, write_image)
 from .lungstep import compute_lungs
 from .stats import compute_stats, label_names_for, write_stats
 
@@ -213,17 +214,22 @@ def _lesions(ct, lungs_img, predictor, meta, min_lesion_mm2, save_probability, r
 
 # -------------------------------------------------------------------------- one case
 
-OUTPUT_SUFFIXES = {"segmentation": ".seg.nrrd", "stats_json": "_stats.json", "stats_csv": "_stats.csv",
-                   "overlay": "_overlay.png"}
+def optional_outputs(save_probability: bool = False, labelmaps: bool = False) -> tuple:
+    """The keys of :data:`~.io.OPTIONAL_OUTPUT_SUFFIXES` a run asks for."""
+    return (("confidence",) if save_probability else ()) + (("lesion_labelmap", "lung_labelmap") if labelmaps else ())
 
 
-def output_paths(out_dir, name: str) -> dict:
+def output_paths(out_dir, name: str, optional=()) -> dict:
+    """{key: path} of the outputs of case ``name``: the four always written, plus ``optional``."""
     out_dir = Path(out_dir)
-    return {k: out_dir / f"{name}{suf}" for k, suf in OUTPUT_SUFFIXES.items()}
+    suffixes = {**OUTPUT_SUFFIXES, **{k: OPTIONAL_OUTPUT_SUFFIXES[k] for k in optional}}
+    return {k: out_dir / f"{name}{suf}" for k, suf in suffixes.items()}
 
 
-def outputs_complete(out_dir, name: str) -> bool:
-    return all(p.is_file() for p in output_paths(out_dir, name).values())
+def outputs_complete(out_dir, name: str, optional=()) -> bool:
+    """Every output of ``name`` is there, including the ``optional`` ones this run asks for
+    (a rerun with ``--labelmaps`` is not "done" by outputs written without them)."""
+    return all(p.is_file() for p in output_paths(out_dir, name, optional).values())
 
 
 def _recorded_info(out_dir, name: str) -> dict:
@@ -265,32 +271,35 @@ def outputs_from_other_model(out_dir, name: str, sha256: str | None) -> str | No
     return f"{recorded.get('name') or 'a model'} (SHA-256 {recorded['sha256'][:12]}…)"
 
 
-def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str) -> dict:
-    """Write the four outputs (plus the confidence map when present). All files are written
-    under temporary names first and only renamed into place once every one succeeded."""
+def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str, labelmaps: bool = False) -> dict:
+    """Write the four outputs, plus the confidence map when present and, with ``labelmaps``,
+    the lesion (0 background, 1 GGO, 2 consolidation) and lung (1 right, 2 left) labelmaps
+    as NIfTI on the CT's grid. All files are written under temporary names first and only
+    renamed into place once every one succeeded."""
     from .report import write_overlay
     from .segfile import write_seg_nrrd
 
     check_writable(out_dir)
-    paths = output_paths(out_dir, name)
-    if result.probability is not None:
-        paths["confidence"] = Path(out_dir) / f"{name}_confidence.nrrd"
+    paths = output_paths(out_dir, name, optional_outputs(result.probability is not None, labelmaps))
     with contextlib.ExitStack() as stack:
         # entered first = renamed last: the stats JSON appears only when everything is in place
         tmp = {k: stack.enter_context(atomic_path(paths[k])) for k in
-               ("stats_json", "stats_csv", "segmentation", "overlay", "confidence") if k in paths}
+               ("stats_json", "stats_csv", "segmentation", "overlay") + tuple(OPTIONAL_OUTPUT_SUFFIXES) if k in paths}
         write_seg_nrrd(tmp["segmentation"], result.labels, result.lungs, result.class_names)
         write_overlay(tmp["overlay"], ct, result.labels, result.lungs, result.class_names, title=name)
-        if "confidence" in tmp:
-            write_image(result.probability, tmp["confidence"])
+        for key, image in (("confidence", result.probability), ("lesion_labelmap", result.labels),
+                           ("lung_labelmap", result.lungs)):
+            if key in tmp:
+                write_image(image, tmp[key])
         result.stats.setdefault("info", result.info)["outputs"] = {k: str(p) for k, p in paths.items()}
         write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
     return paths
 
 
 def process_case(input_path, out_dir, name: str | None = None, progress: ProgressFn | None = None,
-                 **kwargs) -> tuple[SegmentationResult, dict]:
-    """Read ``input_path``, segment it and write the outputs into ``out_dir``."""
+                 labelmaps: bool = False, **kwargs) -> tuple[SegmentationResult, dict]:
+    """Read ``input_path``, segment it and write the outputs into ``out_dir`` (``labelmaps``:
+    also the NIfTI labelmaps, :func:`write_outputs`)."""
     from .io import case_name
 
     check_writable(out_dir)
@@ -306,7 +315,7 @@ def process_case(input_path, out_dir, name: str | None = None, progress: Progres
     result.info["timings_s"]["read"] = t_read
     t = time.perf_counter()
     report("write", 0.0)
-    paths = write_outputs(result, ct, out_dir, name)
+    paths = write_outputs(result, ct, out_dir, name, labelmaps=labelmaps)
     result.info["timings_s"]["write"] = time.perf_counter() - t
     report("write", 1.0)
     return result, paths

@@ -11,7 +11,6 @@ arrays are indexed (k, j, i), as are SimpleITK arrays from GetArrayFromImage.
 import importlib
 import json
 import os
-import re
 
 import numpy as np
 import SimpleITK as sitk
@@ -605,72 +604,29 @@ def summary_line(stats):
 # Training-case export
 # ---------------------------------------------------------------------------
 
+def _training_case_module():
+    """The engine's training-case writer (light module: no torch)."""
+    _engine.import_engine_package()
+    return importlib.import_module(_engine.ENGINE_PACKAGE + ".trainingcase")
+
+
 def safe_case_name(name):
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
-    return cleaned or "case"
-
-
-def ct_image_for_export(volumeNode):
-    """CT as SimpleITK image, int16 when the values are whole HU (they nearly always are)."""
-    image = image_from_volume_node(volumeNode)
-    array = sitk.GetArrayViewFromImage(image)
-    if array.size and np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            return sitk.Cast(image, sitk.sitkFloat32)
-    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-    if -32768 <= low and high <= 32767:
-        return sitk.Cast(image, sitk.sitkInt16)
-    return sitk.Cast(image, sitk.sitkFloat32)
-
-
-def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None, overwrite=False):
-    """Write ``<outputDir>/images/<case>.nii.gz`` (CT in HU) and ``<outputDir>/labels/<case>.nii.gz``
-    (0 background, 1 GGO, 2 consolidation), the layout ``ssanet.data.load_volume_pairs``
-    reads; also ``lungs/<case>.nii.gz`` (1 right, 2 left) when the lung segments exist, so
-    fine-tuning sees the corrected lungs too. Returns the written paths."""
-    caseName = safe_case_name(caseName or volumeNode.GetName())
-    paths = training_case_paths(outputDir, caseName)
-    if not overwrite:
-        existing = existing_training_case_files(outputDir, caseName)
-        if existing:
-            raise FileExistsError(f"Training case '{caseName}' already exists: {existing[0]}")
-    labels, lungs = labelmaps_from_result_segments(segmentationNode, volumeNode, requireLungs=False)
-    images = {"images": ct_image_for_export(volumeNode), "labels": labels, "lungs": lungs}
-    written = []
-    for folder, image in images.items():
-        if image is None:
-            # the case being replaced had lungs this one lacks: its old mask must not pair up
-            if os.path.exists(paths[folder]):
-                os.remove(paths[folder])
-            continue
-        os.makedirs(os.path.dirname(paths[folder]), exist_ok=True)
-        written.append(write_image_atomically(image, paths[folder]))
-    return written
-
-
-def training_case_paths(outputDir, caseName):
-    """{folder: path} of a training case's files (images/, labels/, lungs/)."""
-    return {folder: os.path.join(os.fspath(outputDir), folder, caseName + ".nii.gz")
-            for folder in ("images", "labels", "lungs")}
+    return _training_case_module().safe_case_name(name)
 
 
 def existing_training_case_files(outputDir, caseName):
-    """The files of case ``caseName`` already in ``outputDir`` (any of the three folders)."""
-    return [p for p in training_case_paths(outputDir, caseName).values() if os.path.exists(p)]
+    """The files of case ``caseName`` already in ``outputDir`` (any of images/, labels/, lungs/)."""
+    return _training_case_module().existing_case_files(outputDir, caseName)
 
 
-def write_image_atomically(image, path):
-    """Write next to the target, then rename, so an interrupted write never leaves a
-    file that looks complete."""
-    directory, name = os.path.split(os.fspath(path))
-    temporary = os.path.join(directory, f".partial-{os.getpid()}-{name}")
-    try:
-        sitk.WriteImage(image, temporary, True)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None, overwrite=False):
+    """Write the (edited) result as a training case — ``images/<case>.nii.gz`` (CT in HU),
+    ``labels/<case>.nii.gz`` (0 background, 1 GGO, 2 consolidation) and ``lungs/<case>.nii.gz``
+    (1 right, 2 left) when the lung segments exist — with the engine's writer, the layout
+    ``ssalesionseg train --cases`` reads. Returns the written paths."""
+    labels, lungs = labelmaps_from_result_segments(segmentationNode, volumeNode, requireLungs=False)
+    return _training_case_module().write_training_case(
+        outputDir, caseName or volumeNode.GetName(), image_from_volume_node(volumeNode), labels, lungs, overwrite)
 
 
 def remove_nodes(scene, nodes):

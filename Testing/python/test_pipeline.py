@@ -5,6 +5,7 @@ exactly, so the tests check plumbing and geometry, not accuracy.
 """
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -787,6 +788,56 @@ def test_outputs_of_another_model_are_neither_skipped_nor_replaced(tmp_path, tin
     assert info["checkpoint"]["sha256"] == sha256_of(other)
 
 
+def test_labelmaps_are_the_seg_nrrd_as_plain_nifti_and_a_rerun_asks_for_them(tmp_path, tiny_ckpt, capsys):
+    """--labelmaps: <name>_lesions.nii.gz / _lungs.nii.gz hold what the .seg.nrrd holds (read
+    back by slicerio), on the CT's grid; outputs written without them are not "done" for a run
+    that asks for them, yet outputs of another input are still not replaced to add them; the
+    labelmaps beside the input are not read back as cases."""
+    import slicerio
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    img, _ = synthetic_chest_ct(3, 128, spacing=SP)
+    write_image(img, cases / "a.nii.gz")
+    assert cli.main(_segment_args(cases, cases, tiny_ckpt)) == 0
+    assert not (cases / "a_lesions.nii.gz").exists()
+    stamp = (cases / "a_stats.json").stat().st_mtime_ns
+    assert cli.main(_segment_args(cases, cases, tiny_ckpt, "--labelmaps")) == 0   # redone, not skipped
+    assert (cases / "a_stats.json").stat().st_mtime_ns != stamp
+    assert outputs_complete(cases, "a", ("lesion_labelmap", "lung_labelmap"))
+    lesions = sitk.ReadImage(str(cases / "a_lesions.nii.gz"))
+    lungs = sitk.ReadImage(str(cases / "a_lungs.nii.gz"))
+    for image in (lesions, lungs):
+        assert image.GetSize() == img.GetSize()
+        np.testing.assert_allclose(image.GetOrigin(), img.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), img.GetDirection(), atol=1e-6)
+    seg = slicerio.read_segmentation(str(cases / "a.seg.nrrd"))
+    voxels = np.asarray(seg["voxels"])              # (layer, i, j, k)
+    by_name = {s["name"]: voxels[int(s["layer"])] == int(s["labelValue"]) for s in seg["segments"]}
+    les = sitk.GetArrayFromImage(lesions).transpose(2, 1, 0)
+    lun = sitk.GetArrayFromImage(lungs).transpose(2, 1, 0)
+    np.testing.assert_array_equal(les == 1, by_name["Ground-glass opacity"])
+    np.testing.assert_array_equal(les == 2, by_name["Consolidation"])
+    np.testing.assert_array_equal(lun == 1, by_name["Right lung"])
+    np.testing.assert_array_equal(lun == 2, by_name["Left lung"])
+    assert by_name["Right lung"].any() and by_name["Left lung"].any()
+    capsys.readouterr()
+    assert cli.main(_segment_args(cases, cases, tiny_ckpt, "--labelmaps")) == 0   # now complete: skipped
+    assert "outputs exist, skipped" in capsys.readouterr().err
+    assert [n for n, _ in cli.find_cases(cases, out=cases)] == ["a"]
+    # another CT of the same name: its outputs lack the labelmaps, still they are not replaced
+    other = tmp_path / "other"
+    other.mkdir()
+    write_image(synthetic_chest_ct(3, 128, spacing=SP, seed=3)[0], other / "b.nii.gz")
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(other / "b.nii.gz", out, tiny_ckpt)) == 0
+    stamp = (out / "b_stats.json").stat().st_mtime_ns
+    write_image(img, tmp_path / "b.nii.gz")
+    assert cli.main(_segment_args(tmp_path / "b.nii.gz", out, tiny_ckpt, "--labelmaps")) == 2
+    assert "made from another input" in capsys.readouterr().err
+    assert (out / "b_stats.json").stat().st_mtime_ns == stamp and not (out / "b_lesions.nii.gz").exists()
+
+
 def test_stats_refuses_labels_that_are_not_the_classes(tmp_path, phantom, exact_result, capsys):
     img, _ = phantom
     ct_path = write_image(img, tmp_path / "ph.nii.gz")
@@ -876,3 +927,63 @@ def test_segment_refuses_a_batch_size_below_one(tmp_path, tiny_ckpt, capsys):
     from ssanet.inference import Predictor
     with pytest.raises(ValueError, match="batch size"):
         Predictor(torch.nn.Identity(), "cpu", batch_size=0)
+
+
+# ------------------------------------------------------------------- export-case
+
+def test_export_case_turns_a_corrected_result_into_what_train_cases_reads(tmp_path, phantom, exact_result, capsys):
+    """segment -> correct the .seg.nrrd -> export-case -> `train --cases` without Slicer: the
+    files are read back by SimpleITK and by the training kit with the corrected labels."""
+    from ssanet.data import load_training_cases
+
+    img, truth = phantom
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    corrected = sitk.GetArrayFromImage(exact_result.labels).copy()
+    corrected[corrected == 2] = 1                      # the reader calls the consolidation GGO
+    write_seg_nrrd(tmp_path / "ph.seg.nrrd", image_like(corrected, img), exact_result.lungs,
+                   exact_result.class_names)
+    cases = tmp_path / "cases"
+    args = ["export-case", "--ct", str(ct_path), "--labels", str(tmp_path / "ph.seg.nrrd"), "--out", str(cases)]
+    assert cli.main(args) == 0
+    assert "train --cases" in capsys.readouterr().out
+    ct_back = sitk.ReadImage(str(cases / "images" / "ph.nii.gz"))
+    labels_back = sitk.ReadImage(str(cases / "labels" / "ph.nii.gz"))
+    lungs_back = sitk.ReadImage(str(cases / "lungs" / "ph.nii.gz"))
+    assert ct_back.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ct_back), sitk.GetArrayFromImage(img))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels_back), corrected)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(lungs_back), sitk.GetArrayFromImage(exact_result.lungs))
+    np.testing.assert_allclose(labels_back.GetOrigin(), img.GetOrigin(), atol=1e-4)
+    samples = load_training_cases(cases, pixel_mm=0.7, fov=512)
+    assert samples and all(s.image.shape == (512, 512) for s in samples)
+    assert sum(int((s.label == 1).sum()) for s in samples) > 0 and not any((s.label == 2).any() for s in samples)
+    # the case is not replaced without --overwrite, and nothing of it changes
+    before = (cases / "labels" / "ph.nii.gz").read_bytes()
+    assert cli.main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert (cases / "labels" / "ph.nii.gz").read_bytes() == before
+    # a labelmap without lungs, under another name, beside the case with lungs: training reads both
+    write_image(exact_result.labels, tmp_path / "lab.nrrd")
+    assert cli.main(["export-case", "--ct", str(ct_path), "--labels", str(tmp_path / "lab.nrrd"), "--out", str(cases),
+                     "--name", "second read"]) == 0
+    assert "no lung mask" in capsys.readouterr().out
+    assert not (cases / "lungs" / "second_read.nii.gz").exists()
+    by_case = {}
+    for s in load_training_cases(cases, pixel_mm=0.7, fov=512):
+        by_case.setdefault(s.meta["volume"], []).append(s)
+    assert sorted(by_case) == ["ph", "second_read"]
+    assert sum(int((s.label == 2).sum()) for s in by_case["second_read"]) > 0
+
+
+def test_export_case_refuses_what_training_would_refuse(tmp_path, phantom, exact_result, capsys):
+    img, _ = phantom
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    lab = sitk.GetArrayFromImage(exact_result.labels)
+    mask255 = write_image(image_like((lab > 0).astype(np.uint8) * 255, img), tmp_path / "m.nii.gz")
+    rescaled = write_image(sitk.Cast(sitk.RescaleIntensity(img, 0, 255), sitk.sitkUInt8), tmp_path / "r.nii.gz")
+    good = write_image(exact_result.labels, tmp_path / "lab.nrrd")
+    for ct, labels, message in ((ct_path, mask255, "label values [255]"),
+                                (rescaled, good, "Hounsfield")):
+        out = tmp_path / f"out_{Path(labels).stem}_{Path(ct).stem}"
+        assert cli.main(["export-case", "--ct", str(ct), "--labels", str(labels), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() or not any(out.rglob("*.nii.gz"))

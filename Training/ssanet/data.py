@@ -425,7 +425,7 @@ def _read_lps(path, pixel_type=None):
 
 
 def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_WINDOW_HU,
-                      lung_fn: Callable | None = None) -> list[Sample]:
+                      lung_fn: Callable | None = None, lungs_optional: bool = False) -> list[Sample]:
     """One :class:`Sample` per axial slice with lung, from CT volumes in HU.
 
     Files pair by name (COVID-19-CT-Seg layout: the same file name in ``image_dir``,
@@ -438,7 +438,10 @@ def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_W
     ``num_classes=1``); other values, a CT not in HU, or a companion volume on another grid
     than its image are refused (ValueError naming the file).
     Lung: ``lung_dir`` volumes (> 0), else ``lung_fn(hu (Z, Y, X) float32) -> bool``,
-    by default ``ssanet.lungs.lung_mask_from_hu``. Spacing (sy, sx) comes from the image.
+    by default ``ssanet.lungs.lung_mask_from_hu``; with ``lungs_optional`` an image without
+    a lung volume in ``lung_dir`` gets ``lung_fn``'s lungs instead of an error (training
+    cases exported with and without lung segments share one folder). Spacing (sy, sx)
+    comes from the image.
     """
     import SimpleITK as sitk
 
@@ -451,7 +454,7 @@ def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_W
     for stem, ip in images.items():
         if label_dir is not None and stem not in labels:
             raise FileNotFoundError(f"no label volume named like {ip.name} in {label_dir}")
-        if lung_dir is not None and stem not in lungs:
+        if lung_dir is not None and stem not in lungs and not lungs_optional:
             raise FileNotFoundError(f"no lung volume named like {ip.name} in {lung_dir}")
         img = _read_lps(ip, sitk.sitkFloat32)
         hu = sitk.GetArrayFromImage(img)
@@ -480,7 +483,7 @@ def load_volume_pairs(image_dir, label_dir=None, lung_dir=None, *, window=LUNG_W
                                  "training cases use 0 background, 1 GGO, 2 consolidation (a 0/255 mask: divide "
                                  "it by 255 first; 1 is GGO, or infection with `--classes infection`)")
             lab = lab.astype(np.uint8)
-        if lung_dir is not None:
+        if stem in lungs:
             lung = companion(lungs[stem], "lung mask") > 0
         else:
             lung = np.asarray((lung_fn or _default_lung_fn("hu"))(hu), dtype=bool)
@@ -537,7 +540,8 @@ def load_training_cases(folder, pixel_mm: float = 0.7, fov: int = 512) -> list[S
             raise FileNotFoundError(f"{folder} has no {sub}/ folder: expected the layout of the "
                                     "Slicer module's 'Export as training case' (images/, labels/, lungs/)")
     lungs = folder / "lungs"
-    samples = load_volume_pairs(folder / "images", folder / "labels", lungs if lungs.is_dir() else None)
+    samples = load_volume_pairs(folder / "images", folder / "labels", lungs if lungs.is_dir() else None,
+                                lungs_optional=True)
     return on_model_grid(samples, pixel_mm, fov)
 
 

@@ -1,0 +1,95 @@
+"""A (corrected) result as a training case: the layout ``ssalesionseg train --cases`` reads.
+
+    <folder>/images/<case>.nii.gz   the CT in HU (int16 when the values are whole HU)
+    <folder>/labels/<case>.nii.gz   0 background, 1 GGO, 2 consolidation (binary models: 1 infection)
+    <folder>/lungs/<case>.nii.gz    1 right, 2 left lung (optional, per case; without it
+                                    training finds the lungs with ``ssanet.lungs``)
+
+Written by ``ssalesionseg export-case`` and by the Slicer module's *Export as training
+case*; read back by :func:`ssanet.data.load_training_cases`. A case is written whole or
+refused whole: any file of it already there is an error unless ``overwrite``, and
+overwriting a case without lungs removes the old case's lung mask so it cannot pair up
+with the new labels.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ssanet.preprocess import hu_problem, same_grid
+
+from .errors import InputError
+from .io import write_image
+
+FOLDERS = ("images", "labels", "lungs")
+
+
+def safe_case_name(name: str) -> str:
+    """``name`` with everything but letters, digits, ``_ . -`` replaced (a file-name stem)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._")
+    return cleaned or "case"
+
+
+def case_paths(folder, case: str) -> dict:
+    """{"images" | "labels" | "lungs": path} of case ``case`` in ``folder``."""
+    return {sub: os.path.join(os.fspath(folder), sub, case + ".nii.gz") for sub in FOLDERS}
+
+
+def existing_case_files(folder, case: str) -> list:
+    """The files of case ``case`` already in ``folder`` (any of the three sub-folders)."""
+    return [p for p in case_paths(folder, case).values() if os.path.exists(p)]
+
+
+def ct_for_export(ct: sitk.Image) -> sitk.Image:
+    """The CT as int16 when its values are whole HU in range (they nearly always are), else float32."""
+    array = sitk.GetArrayViewFromImage(ct)
+    if array.size and np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            return sitk.Cast(ct, sitk.sitkFloat32)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if -32768 <= low and high <= 32767:
+        return sitk.Cast(ct, sitk.sitkInt16)
+    return sitk.Cast(ct, sitk.sitkFloat32)
+
+
+def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
+                        lungs: sitk.Image | None = None, overwrite: bool = False) -> list:
+    """Write one training case (module docstring); returns the written paths.
+
+    Refused before anything is written: a CT that is not in HU, labels or lungs on another
+    grid than the CT, label values other than 0/1/2, an existing file of the case (without
+    ``overwrite``)."""
+    case = safe_case_name(case)
+    problem = hu_problem(sitk.GetArrayViewFromImage(ct))
+    if problem:
+        raise InputError(f"the CT of case '{case}' {problem}; training cases hold the CT in HU")
+    for what, image in (("labels", labels), ("lungs", lungs)):
+        if image is not None and not same_grid(image, ct):
+            raise InputError(f"the {what} of case '{case}' are not on the CT's grid (size {image.GetSize()} vs "
+                             f"{ct.GetSize()}, origin {image.GetOrigin()} vs {ct.GetOrigin()})")
+    extra = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v not in (0, 1, 2))
+    if extra:
+        raise InputError(f"the labels of case '{case}' hold values {extra[:5]}; training cases use "
+                         "0 background, 1 GGO, 2 consolidation")
+    paths = case_paths(folder, case)
+    if not overwrite:
+        existing = existing_case_files(folder, case)
+        if existing:
+            raise FileExistsError(f"training case '{case}' already exists: {existing[0]} "
+                                  "(give another case name, or overwrite it)")
+    images = {"images": ct_for_export(ct), "labels": sitk.Cast(labels, sitk.sitkUInt8),
+              "lungs": None if lungs is None else sitk.Cast(lungs, sitk.sitkUInt8)}
+    written = []
+    for sub, image in images.items():
+        if image is None:
+            # the case being replaced had lungs this one lacks: its old mask must not pair up
+            if os.path.exists(paths[sub]):
+                os.remove(paths[sub])
+            continue
+        Path(paths[sub]).parent.mkdir(parents=True, exist_ok=True)
+        written.append(os.fspath(write_image(image, paths[sub])))
+    return written
