@@ -201,6 +201,45 @@ def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
     assert res["n_slices"] == 4 and res["dataset"] == "cases" and "score of the cases" in capsys.readouterr().out
 
 
+def test_cases_only_trains_without_the_shared_data(tmp_path, monkeypatch, capsys):
+    """A researcher with only their own corrected cases: `train --cases-only` needs no data
+    root; whole cases are held out for validation (or --val-cases), never one case in both."""
+    from test_data import _write_case  # pytest's prepend import mode puts Testing/python on sys.path
+    monkeypatch.delenv("SSALESIONSEG_DATA", raising=False)
+    cases, val = tmp_path / "cases", tmp_path / "val"
+    for name in ("a", "b", "c"):
+        _write_case(cases, name)
+    _write_case(val, "v")
+    common = ["--size", "64", "--epochs", "1", "--batch-size", "2", "--steps-per-epoch", "1", "--device", "cpu"]
+    run = tmp_path / "run"
+    assert cli_main(["train", "--out", str(run), "--cases", str(cases), "--cases-only", *common]) in (0, None)
+    desc = json.loads((run / "config.json").read_text())["data_description"]
+    assert len(desc["val_cases"]) == 1 and desc["n_train"] == 8 and len(desc["val"]) == 4   # 3 cases x 4 slices
+    held = Path(desc["val_cases"][0]).name.split(".")[0]
+    assert held in ("a", "b", "c") and all(i.startswith(held + "_z") for i in desc["val"])
+    assert desc["train"] == "8 slices of exported cases"
+    model, meta = ckpt.load_checkpoint(run / "best.safetensors")
+    assert meta["val_metrics"]
+    assert "held out of --cases" in capsys.readouterr().out
+    run2 = tmp_path / "run2"
+    assert cli_main(["train", "--out", str(run2), "--cases", str(cases), "--val-cases", str(val), "--cases-only",
+                     *common]) in (0, None)
+    desc = json.loads((run2 / "config.json").read_text())["data_description"]
+    assert desc["n_train"] == 12 and [Path(p).name for p in desc["val_cases"]] == ["v.nii.gz"]
+    # refused: no cases, the shared data's options, a case in both, one case to hold out
+    for args, message in (
+            (["--cases-only"], "give them with --cases"),
+            (["--cases", str(cases), "--cases-only", "--semiseg-renderings"], "reads no COVID-SemiSeg"),
+            (["--cases", str(cases), "--val-cases", str(cases), "--cases-only"], "is in --cases and --val-cases"),
+            (["--cases", str(val), "--cases-only"], "needs at least two")):
+        with pytest.raises(SystemExit) as e:
+            rc = cli_main(["train", "--out", str(tmp_path / "no"), *args, *common])
+            raise SystemExit(rc)
+        assert e.value.code != 0
+        assert message in f"{e.value.code} {capsys.readouterr().err}"
+    assert not (tmp_path / "no").exists()
+
+
 def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
     """`train --augment strong` records its preset; `average` soups two runs, scores the
     soup on validation like train does, and never overwrites a file."""

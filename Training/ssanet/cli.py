@@ -55,7 +55,15 @@ def _add_train_args(p):
                         "K-th network (0-based); fine-tune each and recombine with `ssalesionseg ensemble`")
     p.add_argument("--cases", action="append", metavar="DIR",
                    help="add the CT cases in DIR (images/, labels/, lungs/: the Slicer module's "
-                        "'Export as training case') to the training slices; repeatable")
+                        "'Export as training case' or `ssalesionseg export-case`) to the training slices; "
+                        "repeatable")
+    p.add_argument("--val-cases", action="append", metavar="DIR",
+                   help="choose the best epoch on these exported cases instead of the standard validation "
+                        "images; repeatable")
+    p.add_argument("--cases-only", action="store_true",
+                   help="train on the --cases alone, without the COVID-SemiSeg / MedSeg data (none needed): "
+                        "validation on --val-cases, else on whole cases held out from --cases (a fifth, at "
+                        "least one)")
     p.add_argument("--semiseg-renderings", action="store_true",
                    help="also train (and validate) on COVID-SemiSeg's own renderings of the training "
                         "slices (the crops, with lung masks from ssanet.lungs), not only MedSeg-100's")
@@ -118,14 +126,21 @@ def _config_from_args(a) -> TrainConfig:
 
 
 def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
-    n_crops = sum(s.source == "covid-semiseg" for s in splits["train"])
-    n_cases = sum(n for _, n in cases)
-    n_medseg = len(splits["train"]) - n_crops - n_cases
-    cfg.data_description = {"train": f"MedSeg-100 train subset, {n_medseg} slices"
-                            + (f" + {n_crops} COVID-SemiSeg renderings of them" if n_crops else "")
-                            + (f" + {n_cases} slices of exported cases" if n_cases else ""),
+    def counts(samples):
+        n_crops = sum(s.source == "covid-semiseg" for s in samples)
+        n_cases = sum(s.source == "volume" for s in samples)
+        return len(samples) - n_crops - n_cases, n_crops, n_cases
+
+    n_medseg, n_crops, n_cases = counts(splits["train"])
+    parts = ([f"MedSeg-100 train subset, {n_medseg} slices"] if n_medseg or not n_cases else []) \
+        + ([f"{n_crops} COVID-SemiSeg renderings of them"] if n_crops else []) \
+        + ([f"{n_cases} slices of exported cases"] if n_cases else [])
+    cfg.data_description = {"train": " + ".join(parts),
                             "n_train": len(splits["train"]),
                             "val": [s.id for s in splits["val"]]}
+    if counts(splits["val"])[2]:
+        cfg.data_description["val_cases"] = sorted({str((s.meta or {}).get("path", s.id)) for s in splits["val"]
+                                                    if s.source == "volume"})
     if cases:
         cfg.data_description["cases"] = {str(Path(f).absolute()): n for f, n in cases}   # two may share a name
     return cfg
@@ -144,25 +159,54 @@ def _folds_of(a) -> tuple[int, int]:
 def _training_splits(a) -> tuple[dict, list]:
     """train / val / test as `train` uses them: the default split, plus COVID-SemiSeg's own
     renderings with ``--semiseg-renderings`` and the exported cases of ``--cases`` (added to
-    train); also returns [(folder, slices added)] for the run's description."""
+    train); ``--val-cases`` replaces the validation images; ``--cases-only`` uses the cases
+    alone (validation: ``--val-cases``, else whole cases held out). Also returns
+    [(folder, slices added)] for the run's description."""
     from . import data
-    root = data.data_root(a.data)
     folds, fold = _folds_of(a)
-    splits = data.fold_splits(root, folds, fold) if folds else data.default_splits(root)
-    if getattr(a, "semiseg_renderings", False):
-        splits = data.with_semiseg_renderings(splits, root)
-    cases = []
-    for folder in getattr(a, "cases", None) or []:
+    cases_only = getattr(a, "cases_only", False)
+    if cases_only:
+        if not getattr(a, "cases", None):
+            raise SystemExit("--cases-only trains on the exported cases alone: give them with --cases DIR")
+        if folds or getattr(a, "semiseg_renderings", False):
+            raise SystemExit("--cases-only reads no COVID-SemiSeg / MedSeg data: --folds and --semiseg-renderings "
+                             "do not apply (cross-validate cases by exporting them into separate folders)")
+        splits = {"train": [], "val": []}
+    else:
+        root = data.data_root(a.data)
+        splits = data.fold_splits(root, folds, fold) if folds else data.default_splits(root)
+        if getattr(a, "semiseg_renderings", False):
+            splits = data.with_semiseg_renderings(splits, root)
+
+    def read_cases(folder):
         extra = data.load_training_cases(folder, TrainConfig().nominal_spacing_mm)
         if not extra:
             raise SystemExit(f"{folder}: no labeled slices with lung found")
+        for volume in sorted({s.meta.get("volume") for s in extra}):
+            if not any(s.label.any() for s in extra if s.meta.get("volume") == volume):
+                print(f"note: case {volume} has no lesion pixels: it counts as a lesion-free case "
+                      f"({folder}; export it again if the segments were lost)")
+        return extra
+
+    cases = []
+    for folder in getattr(a, "cases", None) or []:
+        extra = read_cases(folder)
         splits["train"] = splits["train"] + extra
         cases.append((folder, len(extra)))
         print(f"{folder}: {len(extra)} slices added to the training set")
-        for volume in sorted({s.meta.get("volume") for s in extra}):
-            if not any(s.label.any() for s in extra if s.meta.get("volume") == volume):
-                print(f"note: case {volume} has no lesion pixels: it trains as a lesion-free case "
-                      "(export it again if the segments were lost)")
+    val_dirs = getattr(a, "val_cases", None) or []
+    if val_dirs:
+        splits["val"] = [s for folder in val_dirs for s in read_cases(folder)]
+        both = {s.meta["path"] for s in splits["val"]} & {(s.meta or {}).get("path") for s in splits["train"]}
+        if both:
+            raise SystemExit(f"{sorted(both)[0]} is in --cases and --val-cases: validate on cases not trained on")
+        print(f"validation: {len(splits['val'])} slices of {len({s.meta['path'] for s in splits['val']})} "
+              "exported case(s) (--val-cases)")
+    elif cases_only:
+        splits["train"], splits["val"] = data.hold_out_cases(splits["train"], seed=getattr(a, "seed", 0))
+        held = sorted({s.meta["volume"] for s in splits["val"]})
+        print(f"validation: case(s) {', '.join(held)} held out of --cases ({len(splits['val'])} slices; "
+              "--val-cases chooses them yourself)")
     return splits, cases
 
 

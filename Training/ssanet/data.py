@@ -547,6 +547,20 @@ def load_training_cases(folder, pixel_mm: float = 0.7, fov: int = 512) -> list[S
 
 # --------------------------------------------------------------------------- splits
 
+def hold_out_cases(samples, fraction: float = 0.2, seed: int = 0):
+    """(train, val) of exported-case slices with whole cases held out for validation: a
+    ``fraction`` of the cases (at least one, chosen with ``seed``), so that no case is in
+    both. Cases are told apart by their image file (``meta["path"]``)."""
+    key = [str((s.meta or {}).get("path", s.id)) for s in samples]
+    volumes = sorted(set(key))
+    if len(volumes) < 2:
+        raise ValueError(f"{len(volumes)} exported case: holding out a case for validation needs at least two "
+                         "(export more, or give a validation folder with --val-cases)")
+    n_val = max(1, int(round(fraction * len(volumes))))
+    held = {volumes[i] for i in np.random.default_rng(seed).permutation(len(volumes))[:n_val]}
+    return ([s for s, k in zip(samples, key) if k not in held], [s for s, k in zip(samples, key) if k in held])
+
+
 def split_train_val(samples, n_val: int, seed: int):
     """Deterministic split into (train, val) lists; both keep the input order."""
     n = len(samples)
