@@ -128,8 +128,11 @@ def find_cases(path, out=None) -> list:
     """[(name, path)] of the CTs in ``path``: the file itself, a DICOM folder as one case,
     or a folder whose CT files and subfolders are one case each (a subfolder: its DICOM
     series, or the one CT file it holds, named after the subfolder). The engine's own
-    outputs (``.seg.nrrd``, confidence maps) and the output folder ``out`` are not cases,
-    so results may be written into or under the input folder and the run repeated."""
+    outputs (``.seg.nrrd``, optional outputs), hidden files (macOS ``._`` copies), a
+    ``DICOMDIR`` index, the output folder ``out`` and subfolders holding only an earlier
+    run's results are not cases, so results may be written into or under the input folder
+    and the run repeated. Loose DICOM files beside CT files are refused (which series they
+    belong to is not guessed); an unreadable subfolder is a case that fails with a message."""
     from .io import case_name, is_dicom_file, is_engine_output, is_volume_file
 
     p = Path(path)
@@ -138,17 +141,37 @@ def find_cases(path, out=None) -> list:
     if p.is_file():
         return [(case_name(p), p)]
     out = os.path.abspath(out) if out is not None else None
-    entries = [e for e in sorted(p.iterdir()) if not (out is not None and os.path.abspath(e) == out)]
-    if any(is_dicom_file(e) for e in entries):
+
+    def listing(folder):
+        return [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")
+                and not (out is not None and os.path.abspath(e) == out)]
+
+    try:
+        entries = listing(p)
+    except OSError as e:
+        raise InputError(f"cannot list {p}: {e.strerror or e}") from None
+    volumes = [e for e in entries if is_volume_file(e) and not is_engine_output(e)]
+    loose_dicom = [e for e in entries if is_dicom_file(e)]
+    if loose_dicom and not volumes:
         return [(p.resolve().name or "case", p)]   # "--input ." names the case after the folder
-    cases = [(case_name(e), e) for e in entries
-             if is_volume_file(e) and not is_engine_output(e) and not e.name.startswith(".")]
+    if loose_dicom:
+        raise InputError(f"{p} holds CT files ({', '.join(e.name for e in volumes[:3])}) and loose DICOM files "
+                         f"({', '.join(e.name for e in loose_dicom[:3])}{', ...' if len(loose_dicom) > 3 else ''}): "
+                         "put each DICOM series in a subfolder of its own (one case per subfolder), or remove them")
+    cases = [(case_name(e), e) for e in volumes]
     for e in entries:
-        if e.is_dir() and not e.name.startswith("."):
-            listing = sorted(e.iterdir())
-            inner = [f for f in listing if is_volume_file(f) and not is_engine_output(f)]
-            dicom = any(f.is_dir() or is_dicom_file(f) for f in listing)
-            cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
+        if not e.is_dir():
+            continue
+        try:
+            inside = listing(e)
+        except OSError:   # unreadable: reading it fails as this case, with the reason
+            cases.append((e.name, e))
+            continue
+        inner = [f for f in inside if is_volume_file(f) and not is_engine_output(f)]
+        dicom = any(f.is_dir() or is_dicom_file(f) for f in inside)
+        if not inner and not dicom and any(f.name.endswith("_stats.json") for f in inside):
+            continue   # an earlier run's output folder
+        cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
     if not cases:
         raise InputError(f"{p}: the folder is empty" if not entries else
                          f"{p}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM) or case folders found")
@@ -193,8 +216,8 @@ def _stage_weight(stage, fraction):
 
 def cmd_segment(args) -> int:
     from .io import check_writable
-    from .pipeline import (checkpoint_sha256, load_model, optional_outputs, output_paths, outputs_complete,
-                           outputs_from_other_input, outputs_from_other_model, process_case)
+    from .pipeline import (checkpoint_sha256, foreign_files, load_model, optional_outputs, output_paths,
+                           outputs_complete, outputs_from_other_input, outputs_from_other_model, process_case)
 
     cases = find_cases(args.input, out=args.out)
     if args.lung_mask and len(cases) > 1:
@@ -214,15 +237,22 @@ def cmd_segment(args) -> int:
                                for other in [outputs_from_other_model(out, n, sha)] if other}
     todo = {n for n, _ in cases if n not in clashes and n not in done_by_other_model
             and (args.overwrite or not outputs_complete(out, n, wanted))}
-    skipped = [n for n, _ in cases if n not in todo and n not in clashes and n not in done_by_other_model]
+    # files at the outputs' names that no earlier run of this case wrote are the user's: kept
+    foreign = {} if args.overwrite else {n: f for n in sorted(todo) for f in [foreign_files(out, n, wanted)] if f}
+    todo -= set(foreign)
+    skipped = [n for n, _ in cases if n not in todo and n not in clashes and n not in done_by_other_model
+               and n not in foreign]
     failures = []
-    single = len(cases) == 1
+    # one CT given (a file or a DICOM series): its error is the command's (exit status 2);
+    # in a folder of cases a case's error is reported and the others go on (exit status 1)
+    single = len(cases) == 1 and Path(cases[0][1]) == Path(args.input)
 
     def fail(name, e):
         """A case that failed: a single case raises (the caller reports it); in a folder the
         failure is reported and the others go on."""
         prog.event(event="error", case=name, message=f"{type(e).__name__}: {e}")
         if single:
+            prog.event(event="finished", n_cases=1, n_failed=1, n_skipped=0, failed=[name])
             raise e
         failures.append((name, e))
         if not args.progress_json:
@@ -237,6 +267,10 @@ def cmd_segment(args) -> int:
         fail(n, InputError(f"{out} already holds outputs named {n!r} made with another model ({other}); "
                            "they are left as they are: give another --out to keep both, or --overwrite to "
                            "replace them with this model's"))
+    for n, files in foreign.items():
+        fail(n, InputError(f"{out} already holds {', '.join(f.name for f in files)}, which no earlier run of case "
+                           f"{n!r} wrote (your own file?); it is left as it is: give another --out, or "
+                           "--overwrite to replace it"))
     for n in skipped:
         prog.event(event="skipped", case=n, reason="outputs exist (use --overwrite to redo)")
         if not args.progress_json:
@@ -424,7 +458,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (InputError, ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
+    except (InputError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

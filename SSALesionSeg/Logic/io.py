@@ -30,8 +30,11 @@ MIN_INPLANE_PX = 16
 # ------------------------------------------------------------------------ file names
 
 def case_name(path: str | os.PathLike) -> str:
-    """Output base name of an input: the file name without its volume suffix(es)."""
+    """Output base name of an input: the file name without its volume suffix(es); a folder
+    given as ``.`` or ``..`` is named after the folder it is."""
     p = Path(path)
+    if p.name in ("", ".", ".."):
+        p = Path(os.path.abspath(p))
     name = p.name
     for suf in (".seg.nrrd",) + VOLUME_SUFFIXES + DICOM_SUFFIXES:
         if name.lower().endswith(suf):
@@ -62,7 +65,9 @@ def is_engine_output(p: Path) -> bool:
 
 
 def is_dicom_file(p: Path) -> bool:
-    if not p.is_file():
+    """A DICOM image file by name (``.dcm`` ...) or preamble; not a hidden file (macOS ``._``
+    copies) and not a ``DICOMDIR`` index, which point at images but are none."""
+    if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
         return False
     if p.name.lower().endswith(DICOM_SUFFIXES):
         return True
@@ -85,6 +90,9 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
     if not p.exists():
         raise InputError(f"input not found: {p}")
     info: dict = {"input": str(p)}
+    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        raise InputError(f"cannot read {p}: permission denied (the {'folder' if p.is_dir() else 'file'} is not "
+                         "readable for this user)")
     if p.is_dir():
         img, dinfo = _read_dicom_folder(p)
         info.update(dinfo)
@@ -92,6 +100,7 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
         img = _read_file(p)
         if is_dicom_file(p):
             info["dicom"] = _dicom_summary([p])
+            img = _single_dicom_slice_spacing(img, p)
     img = validate_ct(img, str(p))
     info["size"] = list(img.GetSize())
     info["spacing_mm"] = [float(s) for s in img.GetSpacing()]
@@ -103,7 +112,8 @@ def _read_file(p: Path) -> sitk.Image:
     if p.name.lower().endswith((".nii", ".nii.gz")):
         check_nifti_complete(p)   # ITK reads a cut-off NIfTI without a word, the rest as zeros
     try:
-        return sitk.ReadImage(str(p))
+        with _quiet_itk():   # a damaged file is reported below; ITK's own lines would interleave with the cases'
+            return sitk.ReadImage(str(p))
     except RuntimeError as e:
         msg = str(e).strip().splitlines()
         detail = next((m for m in msg if "ERROR" in m or "Unable" in m or "Could not" in m), msg[-1] if msg else "")
@@ -168,17 +178,64 @@ def _quiet_itk():
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
+def _single_dicom_slice_spacing(img: sitk.Image, p: Path) -> sitk.Image:
+    """A one-slice DICOM file read by ITK has 1 mm between slices; volumes need the slice's own
+    thickness (SliceThickness, else SpacingBetweenSlices) instead."""
+    if img.GetDimension() != 3 or img.GetSize()[2] != 1:
+        return img
+    try:
+        import pydicom
+        ds = pydicom.dcmread(str(p), stop_before_pixels=True, force=True)
+        step = float(ds.get("SliceThickness", None) or ds.get("SpacingBetweenSlices", None) or 0)
+    except Exception:   # no usable tag: ITK's value stays
+        return img
+    if step > 0:
+        img.SetSpacing(tuple(img.GetSpacing()[:2]) + (step,))
+    return img
+
+
 def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
     names, info = dicom_series_choice(folder)
     best = info["dicom"]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        img = reader.Execute()
+        with _quiet_itk():   # ITK's "non uniform sampling" warning: checked and reported below
+            img = reader.Execute()
     except RuntimeError as e:
         raise InputError(f"cannot read DICOM series {best['series_uid']} in {best['folder']}: "
                          f"{str(e).strip().splitlines()[-1][:200]}") from None
+    problem = slice_spacing_problem(reader, img)
+    if problem:
+        raise InputError(f"DICOM series {best.get('description') or best['series_uid']} in {best['folder']}: "
+                         f"{problem}; volumes and positions would be wrong — export the complete series again")
     return img, info
+
+
+def slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, tol: float = 0.1) -> str | None:
+    """Why the slices a series reader read are not evenly spaced along the slice normal (a
+    missing or unreadable file, two acquisitions mixed), or None. ITK would place them at the
+    mean spacing and only warn."""
+    n = img.GetDepth() if img.GetDimension() == 3 else 0
+    if n < 3:
+        return None
+    normal = np.asarray(img.GetDirection(), float).reshape(3, 3)[:, 2]
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                              for i in range(n)])
+    except (RuntimeError, ValueError):   # no ImagePositionPatient: nothing to check against
+        return None
+    if positions.shape != (n, 3):
+        return None
+    gaps = np.diff(positions @ normal)
+    step = float(np.median(np.abs(gaps)))
+    bad = np.flatnonzero(np.abs(np.abs(gaps) - step) > tol * step + 0.01)
+    if step <= 0 or not len(bad):
+        return None if step > 0 else f"{n} slices at the same position"
+    i = int(bad[0])
+    return (f"the slices are not evenly spaced: {abs(gaps[i]):.2f} mm between slices {i + 1} and {i + 2} of {n}, "
+            f"{step:.2f} mm elsewhere ({len(bad)} such gap{'s' if len(bad) > 1 else ''}: a slice missing or unreadable?)")
 
 
 def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:

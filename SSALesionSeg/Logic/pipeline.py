@@ -228,8 +228,28 @@ def output_paths(out_dir, name: str, optional=()) -> dict:
 
 def outputs_complete(out_dir, name: str, optional=()) -> bool:
     """Every output of ``name`` is there, including the ``optional`` ones this run asks for
-    (a rerun with ``--labelmaps`` is not "done" by outputs written without them)."""
-    return all(p.is_file() for p in output_paths(out_dir, name, optional).values())
+    (a rerun with ``--labelmaps`` is not "done" by outputs written without them), and those
+    are the ones its stats JSON lists (not a file of the user's that has the same name)."""
+    paths = output_paths(out_dir, name, optional)
+    recorded = recorded_output_names(out_dir, name)
+    return (all(p.is_file() for p in paths.values())
+            and all(paths[k].name in recorded for k in optional))
+
+
+def recorded_output_names(out_dir, name: str) -> set:
+    """File names of the outputs the stats JSON of ``name`` in ``out_dir`` lists as written
+    with it (empty when there is no stats JSON)."""
+    outputs = _recorded_info(out_dir, name).get("outputs")
+    return {Path(str(v)).name for v in outputs.values()} if isinstance(outputs, dict) else set()
+
+
+def foreign_files(out_dir, name: str, optional=()) -> list:
+    """Files in ``out_dir`` at the names the outputs of ``name`` would take that the engine did
+    not write with the case's stats JSON (e.g. the user's own ``<name>_lungs.nii.gz`` or
+    ``<name>.seg.nrrd``): writing the case would replace them."""
+    recorded = recorded_output_names(out_dir, name)
+    return [p for k, p in output_paths(out_dir, name, optional).items()
+            if p.exists() and k != "stats_json" and p.name not in recorded]
 
 
 def _recorded_info(out_dir, name: str) -> dict:
@@ -281,6 +301,9 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
 
     check_writable(out_dir)
     paths = output_paths(out_dir, name, optional_outputs(result.probability is not None, labelmaps))
+    # optional outputs of the run being replaced that this one does not write: stale after it
+    stale = [p for k, p in output_paths(out_dir, name, tuple(OPTIONAL_OUTPUT_SUFFIXES)).items()
+             if k not in paths and p.name in recorded_output_names(out_dir, name)]
     with contextlib.ExitStack() as stack:
         # entered first = renamed last: the stats JSON appears only when everything is in place
         tmp = {k: stack.enter_context(atomic_path(paths[k])) for k in
@@ -293,6 +316,9 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
                 write_image(image, tmp[key])
         result.stats.setdefault("info", result.info)["outputs"] = {k: str(p) for k, p in paths.items()}
         write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
+    for p in stale:
+        with contextlib.suppress(OSError):
+            p.unlink()
     return paths
 
 
@@ -312,6 +338,8 @@ def process_case(input_path, out_dir, name: str | None = None, progress: Progres
     t_read = time.perf_counter() - t
     result = segment_image(ct, progress=progress, source=str(Path(input_path).absolute()), **kwargs)
     result.info["input"] = read_info
+    if read_info.get("dicom_series_note"):
+        result.notices.append(read_info["dicom_series_note"])
     result.info["timings_s"]["read"] = t_read
     t = time.perf_counter()
     report("write", 0.0)

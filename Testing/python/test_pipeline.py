@@ -596,28 +596,108 @@ def test_tiny_volume_smaller_than_a_tile(tiny_ckpt, phantom):
     assert res.labels.GetSize() == small.GetSize()
 
 
+def _write_dicom_series(vol, folder, uid, desc, prefix, skip=()):
+    """``vol`` as one DICOM file per slice (slices in ``skip`` left out, as a lost file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    w = sitk.ImageFileWriter()
+    w.KeepOriginalImageUIDOn()
+    for i in range(vol.GetDepth()):
+        if i in skip:
+            continue
+        s = sitk.Cast(vol[:, :, i], sitk.sitkInt16)
+        for k, v in (("0008|0060", "CT"), ("0020|000e", uid), ("0008|103e", desc),
+                     ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                     ("0020|0032", "\\".join(str(c) for c in vol.TransformIndexToPhysicalPoint((0, 0, i)))),
+                     ("0018|0050", str(vol.GetSpacing()[2])),
+                     ("0020|0013", str(i + 1)), ("0008|0018", f"{uid}.{i + 1}")):
+            s.SetMetaData(k, v)
+        w.SetFileName(str(folder / f"{prefix}{i:03d}.dcm"))
+        w.Execute(s)
+
+
 def test_dicom_folder_with_several_series(tmp_path, phantom):
     img, _ = phantom
-
-    def write_series(vol, uid, desc, prefix):
-        w = sitk.ImageFileWriter()
-        w.KeepOriginalImageUIDOn()
-        for i in range(vol.GetDepth()):
-            s = vol[:, :, i]
-            for k, v in (("0008|0060", "CT"), ("0020|000e", uid), ("0008|103e", desc),
-                         ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                         ("0020|0032", "\\".join(str(c) for c in vol.TransformIndexToPhysicalPoint((0, 0, i)))),
-                         ("0020|0013", str(i + 1)), ("0008|0018", f"{uid}.{i + 1}")):
-                s.SetMetaData(k, v)
-            w.SetFileName(str(tmp_path / f"{prefix}{i:03d}.dcm"))
-            w.Execute(s)
-
-    write_series(img[:, :, :4], "1.2.826.0.1.3680043.2.1125.2.1", "four", "a")
-    write_series(img[:, :, :2], "1.2.826.0.1.3680043.2.1125.2.2", "two", "b")
+    _write_dicom_series(img[:, :, :4], tmp_path, "1.2.826.0.1.3680043.2.1125.2.1", "four", "a")
+    _write_dicom_series(img[:, :, :2], tmp_path, "1.2.826.0.1.3680043.2.1125.2.2", "two", "b")
     ct, info = read_ct(tmp_path)
     assert ct.GetSize()[2] == 4 and info["dicom"]["description"] == "four"
     assert len(info["dicom_series_found"]) == 2 and "most slices" in info["dicom_series_note"]
     assert cli.find_cases(tmp_path) == [(tmp_path.name, tmp_path)]
+
+
+def test_dicom_series_with_a_missing_slice_is_refused_and_a_single_slice_keeps_its_thickness(tmp_path, phantom):
+    """ITK reads a series with a lost file at the mean spacing (volumes and positions wrong)
+    and only warns; a one-file DICOM gets 1 mm between slices. Both were silent."""
+    img, _ = phantom
+    _write_dicom_series(img, tmp_path / "gap", "1.2.826.0.1.3680043.2.1125.3.1", "gap", "s", skip=(3,))
+    with pytest.raises(InputError, match=r"not evenly spaced: 5\.00 mm between slices 3 and 4 of 5, 2\.50 mm"):
+        read_ct(tmp_path / "gap")
+    _write_dicom_series(img, tmp_path / "whole", "1.2.826.0.1.3680043.2.1125.3.2", "whole", "s")
+    ct, _ = read_ct(tmp_path / "whole")
+    assert ct.GetSize() == img.GetSize() and ct.GetSpacing()[2] == pytest.approx(2.5)
+    one, _ = read_ct(tmp_path / "whole" / "s002.dcm")
+    assert one.GetSize()[2] == 1 and one.GetSpacing()[2] == pytest.approx(2.5)
+
+
+def test_folders_of_cases_as_batch_users_have_them(tmp_path, phantom):
+    """A DICOMDIR beside patient folders, macOS ._ files inside them, an earlier run's output
+    folder and loose DICOM files among CT files: each case found once, nothing collapsed."""
+    img, _ = phantom
+    cd = tmp_path / "cd"
+    for k, patient in enumerate(("pat1", "pat2")):
+        _write_dicom_series(img[:, :, : 3 + k], cd / patient, f"1.2.826.0.1.3680043.2.1125.4.{k}", patient, "i")
+    (cd / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    (cd / "pat1" / "._i000.dcm").write_bytes(b"\0\5\26\7")
+    assert [n for n, _ in cli.find_cases(cd)] == ["pat1", "pat2"]
+    assert read_ct(cd / "pat1")[0].GetSize()[2] == 3
+
+    mixed = tmp_path / "mixed"
+    (mixed / "p").mkdir(parents=True)
+    write_image(img, mixed / "a.nii.gz")
+    write_image(img, mixed / "p" / "ct.nii.gz")
+    (mixed / "p" / "._ct.nii.gz").write_bytes(b"\0\5\26\7")
+    (mixed / "earlier_run").mkdir()
+    for suffix in (".seg.nrrd", "_stats.json", "_stats.csv", "_overlay.png"):
+        (mixed / "earlier_run" / f"a{suffix}").write_bytes(b"x")
+    assert [(n, c.name) for n, c in cli.find_cases(mixed)] == [("a", "a.nii.gz"), ("p", "ct.nii.gz")]
+    _write_dicom_series(img[:, :, :1], mixed, "1.2.826.0.1.3680043.2.1125.4.9", "stray", "stray")
+    with pytest.raises(InputError, match=r"CT files \(a\.nii\.gz\) and loose DICOM files \(stray000\.dcm\)"):
+        cli.find_cases(mixed)
+
+
+def test_a_case_folder_in_a_folder_of_cases_fails_as_a_case_with_exit_status_1(tmp_path, tiny_ckpt, capsys):
+    """Exit status 2 is for one CT given; a folder of cases whose only case fails reports it and
+    returns 1, as with many cases, and --progress-json ends with a finished event either way."""
+    root = tmp_path / "cases"
+    root.mkdir()
+    write_image(image_like(np.zeros((3, 64, 64), np.int16), synthetic_chest_ct(3, 64, spacing=SP)[0]),
+                root / "flat.nii.gz")   # 0 HU everywhere: not a CT in HU
+    assert cli.main(_segment_args(root, tmp_path / "o", tiny_ckpt, "--progress-json")) == 1
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events][-2:] == ["error", "finished"] and events[-1]["n_failed"] == 1
+    assert cli.main(_segment_args(root / "flat.nii.gz", tmp_path / "o", tiny_ckpt, "--progress-json")) == 2
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[-1]["event"] == "finished" and events[-1]["failed"] == ["flat"]
+
+
+def test_files_of_the_user_at_output_names_are_kept_and_overwrite_clears_stale_outputs(tmp_path, tiny_ckpt, capsys):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    img, truth = synthetic_chest_ct(3, 128, spacing=SP)
+    write_image(img, folder / "p1.nii.gz")
+    mine = image_like((truth["right_lung"] | truth["left_lung"]).astype(np.uint8), img)
+    write_image(mine, tmp_path / "p1_lungs.nii.gz")   # the user's own lung mask, where --labelmaps writes
+    before = (tmp_path / "p1_lungs.nii.gz").read_bytes()
+    assert cli.main(_segment_args(folder / "p1.nii.gz", tmp_path, tiny_ckpt, "--labelmaps")) == 2
+    assert "p1_lungs.nii.gz, which no earlier run" in capsys.readouterr().err
+    assert (tmp_path / "p1_lungs.nii.gz").read_bytes() == before and not (tmp_path / "p1.seg.nrrd").exists()
+    # --overwrite replaces it; a later --overwrite run without --labelmaps removes the labelmaps it
+    # wrote, so they cannot pass for the new run's
+    assert cli.main(_segment_args(folder / "p1.nii.gz", tmp_path, tiny_ckpt, "--labelmaps", "--overwrite")) == 0
+    assert outputs_complete(tmp_path, "p1", ("lesion_labelmap", "lung_labelmap"))
+    assert cli.main(_segment_args(folder / "p1.nii.gz", tmp_path, tiny_ckpt, "--overwrite")) == 0
+    assert not (tmp_path / "p1_lungs.nii.gz").exists() and not (tmp_path / "p1_lesions.nii.gz").exists()
+    assert outputs_complete(tmp_path, "p1")
 
 
 def test_corrupt_and_mismatched_checkpoint(tmp_path, phantom):
@@ -959,7 +1039,9 @@ def test_export_case_turns_a_corrected_result_into_what_train_cases_reads(tmp_pa
     assert sum(int((s.label == 1).sum()) for s in samples) > 0 and not any((s.label == 2).any() for s in samples)
     # the case is not replaced without --overwrite, and nothing of it changes
     before = (cases / "labels" / "ph.nii.gz").read_bytes()
-    assert cli.main(args) == 2 and "already exists" in capsys.readouterr().err
+    from ssanet.cli import main as console_main   # the `ssalesionseg` command itself
+    for entry in (cli.main, console_main):
+        assert entry(args) == 2 and "already exists" in capsys.readouterr().err
     assert (cases / "labels" / "ph.nii.gz").read_bytes() == before
     # a labelmap without lungs, under another name, beside the case with lungs: training reads both
     write_image(exact_result.labels, tmp_path / "lab.nrrd")

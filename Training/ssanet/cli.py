@@ -514,7 +514,7 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     try:
         rc = args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:   # OSError: missing, existing, unreadable files
         print(f"error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)
