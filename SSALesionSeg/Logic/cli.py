@@ -217,7 +217,8 @@ def _stage_weight(stage, fraction):
 def cmd_segment(args) -> int:
     from .io import check_writable
     from .pipeline import (checkpoint_sha256, foreign_files, load_model, optional_outputs, output_paths,
-                           outputs_complete, outputs_from_other_input, outputs_from_other_model, process_case)
+                           outputs_complete, outputs_from_other_input, outputs_from_other_model, process_case,
+                           recomputed_by_stats)
 
     cases = find_cases(args.input, out=args.out)
     if args.lung_mask and len(cases) > 1:
@@ -235,13 +236,16 @@ def cmd_segment(args) -> int:
         sha = checkpoint_sha256(args.checkpoint)
         done_by_other_model = {n: other for n, _ in cases if n in recorded and n not in clashes
                                for other in [outputs_from_other_model(out, n, sha)] if other}
-    todo = {n for n, _ in cases if n not in clashes and n not in done_by_other_model
+    # figures `stats` recomputed from corrected labels into this folder: the user's, kept
+    corrected = {n for n in recorded - set(clashes) - set(done_by_other_model) if recomputed_by_stats(out, n)}
+    corrected_incomplete = {n for n in corrected if not outputs_complete(out, n, wanted)}
+    todo = {n for n, _ in cases if n not in clashes and n not in done_by_other_model and n not in corrected
             and (args.overwrite or not outputs_complete(out, n, wanted))}
-    # files at the outputs' names that no earlier run of this case wrote are the user's: kept
+    # files at the outputs' names that are not this case's unchanged outputs are the user's: kept
     foreign = {} if args.overwrite else {n: f for n in sorted(todo) for f in [foreign_files(out, n, wanted)] if f}
     todo -= set(foreign)
     skipped = [n for n, _ in cases if n not in todo and n not in clashes and n not in done_by_other_model
-               and n not in foreign]
+               and n not in foreign and n not in corrected_incomplete]
     failures = []
     # one CT given (a file or a DICOM series): its error is the command's (exit status 2);
     # in a folder of cases a case's error is reported and the others go on (exit status 1)
@@ -268,13 +272,19 @@ def cmd_segment(args) -> int:
                            "they are left as they are: give another --out to keep both, or --overwrite to "
                            "replace them with this model's"))
     for n, files in foreign.items():
-        fail(n, InputError(f"{out} already holds {', '.join(f.name for f in files)}, which no earlier run of case "
-                           f"{n!r} wrote (your own file?); it is left as it is: give another --out, or "
-                           "--overwrite to replace it"))
+        fail(n, InputError(f"{out} already holds {', '.join(f.name for f in files)}, not as segment wrote it for "
+                           f"case {n!r} (your own file, or corrected in place?); it is left as it is: give another "
+                           "--out, or --overwrite to replace it"))
+    for n in sorted(corrected_incomplete):
+        fail(n, InputError(f"{out} holds figures of case {n!r} recomputed by `ssalesionseg stats` (corrected "
+                           "labels?); they are left as they are: give another --out, or --overwrite to segment the "
+                           "case again"))
     for n in skipped:
-        prog.event(event="skipped", case=n, reason="outputs exist (use --overwrite to redo)")
+        reason = ("figures recomputed by `ssalesionseg stats` are kept" if n in corrected
+                  else "outputs exist")
+        prog.event(event="skipped", case=n, reason=f"{reason} (use --overwrite to redo)")
         if not args.progress_json:
-            print(f"{n}: outputs exist, skipped (use --overwrite to redo)", file=sys.stderr)
+            print(f"{n}: {reason}, skipped (use --overwrite to redo)", file=sys.stderr)
     if not todo:
         prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                    failed=[n for n, _ in failures])
@@ -370,20 +380,22 @@ def cmd_stats(args) -> int:
     import numpy as np
 
     from .geometry import image_like
-    from .io import case_name, check_writable, read_ct, read_result_labels
+    from .io import check_writable, read_ct, read_result_labels, result_case_name
     from .lungstep import compute_lungs
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, write_stats
 
     out = Path(args.out)
-    name = case_name(args.ct)
+    name = result_case_name(args.labels, args.ct)
     existing = [p for p in (out / f"{name}_stats.json", out / f"{name}_stats.csv") if p.exists()]
     if existing and not args.overwrite:
         raise InputError(f"{existing[0]} exists (from `segment` or an earlier `stats`); give another --out "
                          "for the recomputed figures, or --overwrite to replace it")
     ct, info = read_ct(args.ct)
     out = check_writable(out)
-    lab, lung_labels, binary = read_result_labels(args.labels, ct, args.classes)
-    names = dict(BINARY_NAMES) if binary else dict(MULTICLASS_NAMES)
+    result = read_result_labels(args.labels, ct, args.classes)
+    _label_notes(result, args)
+    lab, lung_labels = result.lesions, result.lungs
+    names = dict(BINARY_NAMES) if result.binary else dict(MULTICLASS_NAMES)
     lobes = None
     method = "segmentation file"
     if lung_labels is None:
@@ -413,21 +425,39 @@ def cmd_stats(args) -> int:
 
 # --------------------------------------------------------------------- export-case
 
+def _label_notes(result, args) -> None:
+    """Say what of a (corrected) result is not used, instead of dropping it silently."""
+    if result.ignored:
+        print(f"note: segments not used (not GGO, consolidation, infection or a lung by terminology, ID or name): "
+              f"{', '.join(result.ignored)}", file=sys.stderr)
+    if result.lungs is not None and getattr(args, "lung_mask", None):
+        print("note: --lung-mask is not used: the segmentation has its own lung segments", file=sys.stderr)
+
+
 def cmd_export_case(args) -> int:
     from .geometry import image_like
-    from .io import case_name, check_writable, read_ct, read_result_labels
+    from .io import check_writable, read_ct, read_result_labels, result_case_name
     from .lungstep import compute_lungs
     from .trainingcase import safe_case_name, write_training_case
 
-    case = safe_case_name(args.name or case_name(args.ct))
+    wanted = args.name or result_case_name(args.labels, args.ct)
+    case = safe_case_name(wanted)
+    if args.name and case != args.name:
+        print(f"note: case name {args.name!r} is written as {case!r} (letters, digits, _ . - only)", file=sys.stderr)
     ct, _ = read_ct(args.ct)
-    lab, lungs, binary = read_result_labels(args.labels, ct, args.classes)
+    result = read_result_labels(args.labels, ct, args.classes)
+    _label_notes(result, args)
+    lab, lungs, binary = result.lesions, result.lungs, result.binary
     if lungs is None and args.lung_mask:
         lungs = compute_lungs(ct, lung_mask=args.lung_mask).labels
     out = check_writable(args.out)
-    written = write_training_case(out, case, ct, image_like(lab, ct),
-                                  None if lungs is None else image_like(lungs.astype("uint8"), ct),
-                                  overwrite=args.overwrite)
+    try:
+        written = write_training_case(out, case, ct, image_like(lab, ct),
+                                      None if lungs is None else image_like(lungs.astype("uint8"), ct),
+                                      overwrite=args.overwrite,
+                                      class_names=("background", "infection") if binary else None)
+    except FileExistsError as e:
+        raise InputError(f"{e}; give another --name, or --overwrite to replace that case") from None
     kinds = "1 infection" if binary else "1 GGO, 2 consolidation"
     print(f"{case}: {len(written)} files in {out} ({', '.join(Path(p).parent.name for p in written)}; labels {kinds}"
           f"{'' if lungs is not None else '; no lung mask: training finds the lungs'})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -341,8 +342,7 @@ def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
 
 def read_labelmap(path: str | os.PathLike, reference: sitk.Image, what: str = "labelmap") -> np.ndarray:
     """A label image file (any SimpleITK format) as an integer array (z, y, x) on
-    ``reference``'s grid. Another grid covering the same space is resampled with nearest
-    neighbour; one that does not overlap the CT is an error."""
+    ``reference``'s grid (:func:`_on_grid`: the same grid, or a crop of it)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{what} not found: {p}")
@@ -356,9 +356,41 @@ def read_labelmap(path: str | os.PathLike, reference: sitk.Image, what: str = "l
     return sitk.GetArrayFromImage(_on_grid(sitk.Cast(img, sitk.sitkUInt16), reference, p, what))
 
 
-def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "segmentation") -> dict:
-    """A Slicer ``.seg.nrrd`` as {segment name: bool mask (z, y, x) on ``reference``'s grid}.
-    Segments may overlap (they live in different layers), hence one mask each."""
+# segment roles by terminology type code (the codes of .terminology) and by the IDs the
+# engine writes (Slicer keeps a segment's ID when the user renames it)
+_ROLE_BY_CODE = {"1217294009": "ggo", "9656002": "consolidation", "52988006": "infection"}
+_ROLE_BY_ID = {"ground_glass_opacity": "ggo", "consolidation": "consolidation", "infection": "infection",
+               "right_lung": "right_lung", "left_lung": "left_lung"}
+
+
+def segment_role(segment: dict) -> str | None:
+    """What a ``.seg.nrrd`` segment (a ``slicerio`` record) is: "ggo", "consolidation",
+    "infection", "right_lung", "left_lung", "lung" (no side) or None — by its terminology
+    (SNOMED CT type and laterality), else its ID, else its name."""
+    term = segment.get("terminology") or {}
+    code = (term.get("type") or [None, None])[1]
+    if code == "39607008":   # Lung, with or without laterality
+        side = (term.get("typeModifier") or [None, None])[1]
+        return {"24028007": "right_lung", "7771000": "left_lung"}.get(side, "lung")
+    if code in _ROLE_BY_CODE:
+        return _ROLE_BY_CODE[code]
+    role = _ROLE_BY_ID.get(str(segment.get("id", "")).lower())
+    if role:
+        return role
+    name = str(segment.get("name", "")).lower()
+    if "lung" in name:
+        return "right_lung" if "right" in name else "left_lung" if "left" in name else "lung"
+    if "ground" in name or name == "ggo":
+        return "ggo"
+    if "consolidation" in name:
+        return "consolidation"
+    return "infection" if name in ("infection", "lesion", "lesions") else None
+
+
+def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "segmentation") -> list:
+    """A Slicer ``.seg.nrrd`` as [(segment name, role (:func:`segment_role`), bool mask (z, y, x)
+    on ``reference``'s grid)]. Segments may overlap (they live in different layers), hence one
+    mask each."""
     import slicerio
 
     p = Path(path)
@@ -373,49 +405,52 @@ def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "s
         voxels = voxels[None]
     ijk_to_lps = np.asarray(seg["ijkToLPS"], float)
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
-    out = {}
+    out = []
     for k, s in enumerate(seg.get("segments", []), start=1):
         mask = voxels[int(s.get("layer", 0))] == int(s["labelValue"])
         img = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)).astype(np.uint8))
         img.SetSpacing(tuple(float(v) for v in spacing))
         img.SetDirection(tuple((ijk_to_lps[:3, :3] / spacing).ravel()))
         img.SetOrigin(tuple(float(v) for v in ijk_to_lps[:3, 3]))
-        out[s.get("name") or f"Segment_{k}"] = sitk.GetArrayFromImage(_on_grid(img, reference, p, what)) > 0
+        out.append((s.get("name") or f"Segment_{k}", segment_role(s),
+                    sitk.GetArrayFromImage(_on_grid(img, reference, p, what)) > 0))
     if not out:
         raise InputError(f"{p}: the segmentation has no segments")
     return out
 
 
-def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: str = "multiclass"):
-    """A result as ``(lesions, lungs, binary)`` on ``reference``'s grid, from a ``.seg.nrrd``
-    (segments named like *Ground-glass opacity* / *Consolidation* or *Infection*, and
-    *Right lung* / *Left lung*) or a labelmap file (``classes``: "multiclass" = 1 GGO,
-    2 consolidation; "binary" = 1 infection). ``lesions``: uint8 (z, y, x); ``lungs``: uint8
-    1 right / 2 left from the segmentation's lung segments, None when it has none (and for
-    a labelmap); ``binary``: whether the lesions are the one infection class."""
+@dataclass
+class ResultLabels:
+    """A (corrected) result read back: ``lesions`` uint8 (z, y, x) 0 / 1 GGO / 2 consolidation
+    (``binary``: 1 infection); ``lungs`` uint8 1 right / 2 left, or None when the file has no
+    lung segments (and for a labelmap); ``ignored``: names of segments that are none of these."""
+    lesions: np.ndarray
+    lungs: np.ndarray | None
+    binary: bool
+    ignored: list
+
+
+def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: str = "multiclass") -> ResultLabels:
+    """A result on ``reference``'s grid from a ``.seg.nrrd`` (segments recognised by
+    terminology, ID or name: :func:`segment_role`) or a labelmap file (``classes``:
+    "multiclass" = 1 GGO, 2 consolidation; "binary" = 1 infection)."""
     if str(path).lower().endswith(".seg.nrrd"):
         segs = read_segments(path, reference, what="labels")
-        lower = {n.lower(): m for n, m in segs.items()}
+        roles = {role for _, role, _ in segs}
+        binary = "infection" in roles and not ({"ggo", "consolidation"} & roles)
         lab = np.zeros(reference.GetSize()[::-1], np.uint8)
-        binary = "infection" in lower and not ({"ground-glass opacity", "consolidation"} & set(lower))
-        if binary:
-            lab[lower["infection"]] = 1
-        else:
-            for key, m in lower.items():
-                if "ground" in key or key == "ggo":
-                    lab[m] = 1
-                elif "consolidation" in key:
-                    lab[m] = 2
-        right = [m for n, m in lower.items() if "lung" in n and "right" in n]
-        left = [m for n, m in lower.items() if "lung" in n and "left" in n]
+        value = {"infection": 1} if binary else {"ggo": 1, "consolidation": 2}
+        for _, role, m in segs:
+            if role in value:
+                lab[m] = value[role]
         lungs = None
-        if right or left:
+        if roles & {"right_lung", "left_lung"}:
             lungs = np.zeros(lab.shape, np.uint8)
-            for m in right:
-                lungs[m] = 1
-            for m in left:
-                lungs[m] = 2
-        return lab, lungs, binary
+            for _, role, m in segs:
+                if role in ("right_lung", "left_lung"):
+                    lungs[m] = 1 if role == "right_lung" else 2
+        ignored = [n for n, role, _ in segs if role not in value and role not in ("right_lung", "left_lung")]
+        return ResultLabels(lab, lungs, binary, ignored)
     lab = read_labelmap(path, reference, what="labels")
     binary = classes == "binary"
     allowed = (0, 1) if binary else (0, 1, 2)
@@ -426,16 +461,56 @@ def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: 
                          f"classes of --classes {classes} ({expected})"
                          + ("; a 0/1/2 map is --classes multiclass" if binary and extra == [2]
                             else "; is this the labelmap (not the CT), with 0/1/2 values?"))
-    return lab.astype(np.uint8), None, binary
+    return ResultLabels(lab.astype(np.uint8), None, binary, [])
+
+
+def result_case_name(labels_path, ct_path) -> str:
+    """The case name for figures or a training case made from ``labels_path``: the name
+    ``segment`` gave it when the labels are one of its outputs (``<name>.seg.nrrd`` or
+    ``<name>_lesions.nii.gz`` with ``<name>_stats.json`` beside it; a folder of patients
+    names each after its folder), else the CT's name."""
+    p = Path(labels_path)
+    low = p.name.lower()
+    for suffix in (".seg.nrrd", OPTIONAL_OUTPUT_SUFFIXES["lesion_labelmap"]):
+        if low.endswith(suffix):
+            name = p.name[: -len(suffix)]
+            if name and p.with_name(name + "_stats.json").is_file():
+                return name
+    return case_name(ct_path)
+
+
+def _grid_text(img: sitk.Image) -> str:
+    return (f"size {img.GetSize()}, spacing {tuple(round(v, 4) for v in img.GetSpacing())}, "
+            f"origin {tuple(round(v, 2) for v in img.GetOrigin())}")
 
 
 def _on_grid(img: sitk.Image, reference: sitk.Image, p: Path, what: str) -> sitk.Image:
+    """``img`` on ``reference``'s grid: as it is when the grids are the same; copied voxel for
+    voxel when it is a crop of that grid (Slicer saves segmentations cropped to their
+    extent); anything else is refused, since resampling would silently move or lose labels."""
     if same_grid(img, reference):
         return img
-    had = bool(np.count_nonzero(sitk.GetArrayViewFromImage(img)))
+    if img.GetSize() == reference.GetSize():
+        raise InputError(f"{p}: the {what} has the CT's size but another position or spacing ({_grid_text(img)}; "
+                         f"CT {_grid_text(reference)}) — saved without the CT's geometry (e.g. from an array)? "
+                         "Save it with the CT's header (SimpleITK: CopyInformation from the CT)")
+    aligned = (np.allclose(img.GetSpacing(), reference.GetSpacing(), rtol=1e-3, atol=1e-4)
+               and np.allclose(img.GetDirection(), reference.GetDirection(), atol=1e-3))
+    if aligned:
+        index = np.asarray(reference.TransformPhysicalPointToContinuousIndex(img.GetOrigin()))
+        aligned = bool(np.all(np.abs(index - np.round(index)) < 0.05))
+    if not aligned:
+        raise InputError(f"{p}: the {what} is on another voxel grid than the CT ({_grid_text(img)}; CT "
+                         f"{_grid_text(reference)}); resample it onto the CT first (nearest neighbour, the CT as "
+                         "reference: Slicer's Resample Scalar/Vector/DWI Volume, or sitk.Resample)")
+    had = int(np.count_nonzero(sitk.GetArrayViewFromImage(img)))
     img = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
-    if had and not np.count_nonzero(sitk.GetArrayViewFromImage(img)):
+    kept = int(np.count_nonzero(sitk.GetArrayViewFromImage(img)))
+    if had and not kept:
         raise InputError(f"{p}: {what} and CT do not overlap (different grids, no common voxels)")
+    if kept < had:
+        raise InputError(f"{p}: {had - kept} of the {had} labelled voxels of the {what} lie outside the CT "
+                         "(a labelmap of another, larger scan?)")
     return img
 
 

@@ -182,9 +182,9 @@ def _mask_array(mask, ct: sitk.Image) -> np.ndarray:
 def _from_file(path, ct: sitk.Image) -> LungResult:
     if isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(".seg.nrrd"):  # lungs by segment name
         segs = read_segments(path, ct, what="lung mask")
-        right = [m for n, m in segs.items() if "lung" in n.lower() and "right" in n.lower()]
-        left = [m for n, m in segs.items() if "lung" in n.lower() and "left" in n.lower()]
-        any_lung = [m for n, m in segs.items() if "lung" in n.lower()]
+        right = [m for _, role, m in segs if role == "right_lung"]
+        left = [m for _, role, m in segs if role == "left_lung"]
+        any_lung = [m for _, role, m in segs if role in ("right_lung", "left_lung", "lung")]
         if right or left:
             labels = np.zeros(ct.GetSize()[::-1], np.uint8)
             for m in right:
@@ -194,7 +194,8 @@ def _from_file(path, ct: sitk.Image) -> LungResult:
         elif any_lung:
             labels = _sides_of(np.logical_or.reduce(any_lung), ct)
         else:
-            raise InputError(f"{path}: no segment named like a lung (segments: {', '.join(segs)})")
+            raise InputError(f"{path}: no lung segment (by name or terminology) among "
+                             f"{', '.join(n for n, _, _ in segs)}")
     else:
         arr = _mask_array(path, ct)
         values = set(np.unique(arr).tolist()) - {0}

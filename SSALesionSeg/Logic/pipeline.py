@@ -236,6 +236,12 @@ def outputs_complete(out_dir, name: str, optional=()) -> bool:
             and all(paths[k].name in recorded for k in optional))
 
 
+def recomputed_by_stats(out_dir, name: str) -> bool:
+    """The stats JSON of ``name`` in ``out_dir`` was written by ``ssalesionseg stats`` (figures of
+    corrected labels), not by ``segment``."""
+    return bool(_recorded_info(out_dir, name).get("recomputed_by"))
+
+
 def recorded_output_names(out_dir, name: str) -> set:
     """File names of the outputs the stats JSON of ``name`` in ``out_dir`` lists as written
     with it (empty when there is no stats JSON)."""
@@ -244,12 +250,28 @@ def recorded_output_names(out_dir, name: str) -> set:
 
 
 def foreign_files(out_dir, name: str, optional=()) -> list:
-    """Files in ``out_dir`` at the names the outputs of ``name`` would take that the engine did
-    not write with the case's stats JSON (e.g. the user's own ``<name>_lungs.nii.gz`` or
-    ``<name>.seg.nrrd``): writing the case would replace them."""
+    """Files in ``out_dir`` at the names the outputs of ``name`` would take that are not the
+    engine's unchanged outputs: not written with the case's stats JSON (e.g. the user's own
+    ``<name>_lungs.nii.gz``), or changed since (a ``.seg.nrrd`` corrected in place; told by
+    the SHA-256 the stats JSON records, or for runs before it by a newer modification time).
+    Writing the case would replace them."""
+    from ssanet.checkpoint import sha256_of
+
     recorded = recorded_output_names(out_dir, name)
-    return [p for k, p in output_paths(out_dir, name, optional).items()
-            if p.exists() and k != "stats_json" and p.name not in recorded]
+    hashes = _recorded_info(out_dir, name).get("outputs_sha256") or {}
+    stats_json = output_paths(out_dir, name)["stats_json"]
+    foreign = []
+    for k, p in output_paths(out_dir, name, optional).items():
+        if k in ("stats_json", "stats_csv") or not p.exists():
+            continue
+        if p.name not in recorded:
+            foreign.append(p)
+        elif isinstance(hashes, dict) and hashes.get(k):
+            if sha256_of(p) != hashes[k]:
+                foreign.append(p)
+        elif stats_json.is_file() and p.stat().st_mtime > stats_json.stat().st_mtime + 2:
+            foreign.append(p)
+    return foreign
 
 
 def _recorded_info(out_dir, name: str) -> dict:
@@ -296,6 +318,8 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
     the lesion (0 background, 1 GGO, 2 consolidation) and lung (1 right, 2 left) labelmaps
     as NIfTI on the CT's grid. All files are written under temporary names first and only
     renamed into place once every one succeeded."""
+    from ssanet.checkpoint import sha256_of
+
     from .report import write_overlay
     from .segfile import write_seg_nrrd
 
@@ -314,7 +338,10 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
                            ("lung_labelmap", result.lungs)):
             if key in tmp:
                 write_image(image, tmp[key])
-        result.stats.setdefault("info", result.info)["outputs"] = {k: str(p) for k, p in paths.items()}
+        info = result.stats.setdefault("info", result.info)
+        info["outputs"] = {k: str(p) for k, p in paths.items()}
+        # so that a rerun can tell its own outputs from ones corrected in place
+        info["outputs_sha256"] = {k: sha256_of(tmp[k]) for k in tmp if k not in ("stats_json", "stats_csv")}
         write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
     for p in stale:
         with contextlib.suppress(OSError):

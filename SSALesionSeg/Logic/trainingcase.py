@@ -4,6 +4,8 @@
     <folder>/labels/<case>.nii.gz   0 background, 1 GGO, 2 consolidation (binary models: 1 infection)
     <folder>/lungs/<case>.nii.gz    1 right, 2 left lung (optional, per case; without it
                                     training finds the lungs with ``ssanet.lungs``)
+    <folder>/labels/<case>.json     {"class_names": [...]}: what the label values mean, so a
+                                    binary (infection) case is not trained as GGO
 
 Written by ``ssalesionseg export-case`` and by the Slicer module's *Export as training
 case*; read back by :func:`ssanet.data.load_training_cases`. A case is written whole or
@@ -13,6 +15,7 @@ with the new labels.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -23,9 +26,10 @@ import SimpleITK as sitk
 from ssanet.preprocess import hu_problem, same_grid
 
 from .errors import InputError
-from .io import write_image
+from .io import atomic_path, write_image
 
 FOLDERS = ("images", "labels", "lungs")
+MULTICLASS = ("background", "ggo", "consolidation")
 
 
 def safe_case_name(name: str) -> str:
@@ -39,9 +43,14 @@ def case_paths(folder, case: str) -> dict:
     return {sub: os.path.join(os.fspath(folder), sub, case + ".nii.gz") for sub in FOLDERS}
 
 
+def sidecar_path(folder, case: str) -> str:
+    """``labels/<case>.json``: the class names of the case's label values."""
+    return os.path.join(os.fspath(folder), "labels", case + ".json")
+
+
 def existing_case_files(folder, case: str) -> list:
     """The files of case ``case`` already in ``folder`` (any of the three sub-folders)."""
-    return [p for p in case_paths(folder, case).values() if os.path.exists(p)]
+    return [p for p in list(case_paths(folder, case).values()) + [sidecar_path(folder, case)] if os.path.exists(p)]
 
 
 def ct_for_export(ct: sitk.Image) -> sitk.Image:
@@ -57,13 +66,16 @@ def ct_for_export(ct: sitk.Image) -> sitk.Image:
 
 
 def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
-                        lungs: sitk.Image | None = None, overwrite: bool = False) -> list:
+                        lungs: sitk.Image | None = None, overwrite: bool = False, class_names=None) -> list:
     """Write one training case (module docstring); returns the written paths.
+    ``class_names``: what the label values mean (default: background, GGO, consolidation;
+    ``("background", "infection")`` for a binary model's result).
 
     Refused before anything is written: a CT that is not in HU, labels or lungs on another
-    grid than the CT, label values other than 0/1/2, an existing file of the case (without
-    ``overwrite``)."""
+    grid than the CT, label values that are not classes, an existing file of the case
+    (without ``overwrite``)."""
     case = safe_case_name(case)
+    class_names = [str(c).lower() for c in (class_names or MULTICLASS)]
     problem = hu_problem(sitk.GetArrayViewFromImage(ct))
     if problem:
         raise InputError(f"the CT of case '{case}' {problem}; training cases hold the CT in HU")
@@ -71,16 +83,15 @@ def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
         if image is not None and not same_grid(image, ct):
             raise InputError(f"the {what} of case '{case}' are not on the CT's grid (size {image.GetSize()} vs "
                              f"{ct.GetSize()}, origin {image.GetOrigin()} vs {ct.GetOrigin()})")
-    extra = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v not in (0, 1, 2))
+    extra = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v >= len(class_names))
     if extra:
-        raise InputError(f"the labels of case '{case}' hold values {extra[:5]}; training cases use "
-                         "0 background, 1 GGO, 2 consolidation")
+        raise InputError(f"the labels of case '{case}' hold values {extra[:5]}; its classes are "
+                         + ", ".join(f"{i} {n}" for i, n in enumerate(class_names)))
     paths = case_paths(folder, case)
     if not overwrite:
         existing = existing_case_files(folder, case)
         if existing:
-            raise FileExistsError(f"training case '{case}' already exists: {existing[0]} "
-                                  "(give another case name, or overwrite it)")
+            raise FileExistsError(f"training case '{case}' already exists: {existing[0]}")
     images = {"images": ct_for_export(ct), "labels": sitk.Cast(labels, sitk.sitkUInt8),
               "lungs": None if lungs is None else sitk.Cast(lungs, sitk.sitkUInt8)}
     written = []
@@ -92,4 +103,6 @@ def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
             continue
         Path(paths[sub]).parent.mkdir(parents=True, exist_ok=True)
         written.append(os.fspath(write_image(image, paths[sub])))
+    with atomic_path(sidecar_path(folder, case)) as tmp:
+        Path(tmp).write_text(json.dumps({"class_names": class_names}) + "\n")
     return written

@@ -626,7 +626,8 @@ def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None,
     ``ssalesionseg train --cases`` reads. Returns the written paths."""
     labels, lungs = labelmaps_from_result_segments(segmentationNode, volumeNode, requireLungs=False)
     return _training_case_module().write_training_case(
-        outputDir, caseName or volumeNode.GetName(), image_from_volume_node(volumeNode), labels, lungs, overwrite)
+        outputDir, caseName or volumeNode.GetName(), image_from_volume_node(volumeNode), labels, lungs, overwrite,
+        class_names=class_names_of(segmentationNode))
 
 
 def remove_nodes(scene, nodes):

@@ -689,7 +689,7 @@ def test_files_of_the_user_at_output_names_are_kept_and_overwrite_clears_stale_o
     write_image(mine, tmp_path / "p1_lungs.nii.gz")   # the user's own lung mask, where --labelmaps writes
     before = (tmp_path / "p1_lungs.nii.gz").read_bytes()
     assert cli.main(_segment_args(folder / "p1.nii.gz", tmp_path, tiny_ckpt, "--labelmaps")) == 2
-    assert "p1_lungs.nii.gz, which no earlier run" in capsys.readouterr().err
+    assert "p1_lungs.nii.gz, not as segment wrote it" in capsys.readouterr().err
     assert (tmp_path / "p1_lungs.nii.gz").read_bytes() == before and not (tmp_path / "p1.seg.nrrd").exists()
     # --overwrite replaces it; a later --overwrite run without --labelmaps removes the labelmaps it
     # wrote, so they cannot pass for the new run's
@@ -1069,3 +1069,81 @@ def test_export_case_refuses_what_training_would_refuse(tmp_path, phantom, exact
         assert cli.main(["export-case", "--ct", str(ct), "--labels", str(labels), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists() or not any(out.rglob("*.nii.gz"))
+
+
+def test_corrections_made_in_place_are_never_replaced_unasked(tmp_path, tiny_ckpt, capsys):
+    """A .seg.nrrd corrected where segment wrote it, or figures `stats` recomputed into the
+    same folder, survive reruns that ask for more outputs; --overwrite still replaces them."""
+    src = tmp_path / "ct.nii.gz"
+    write_image(synthetic_chest_ct(3, 128, spacing=SP)[0], src)
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0
+    seg = out / "ct.seg.nrrd"
+    corrected = seg.read_bytes() + b"\n"      # any change to the file
+    seg.write_bytes(corrected)
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps")) == 2
+    assert "ct.seg.nrrd, not as segment wrote it" in capsys.readouterr().err
+    assert seg.read_bytes() == corrected and not (out / "ct_lesions.nii.gz").exists()
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0        # nothing asked for: skipped, kept
+    assert seg.read_bytes() == corrected
+    # figures recomputed by stats: kept by a plain rerun, refused by one that would redo the case
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--overwrite")) == 0
+    assert cli.main(["stats", "--ct", str(src), "--labels", str(seg), "--out", str(out), "--overwrite"]) == 0
+    stamp = (out / "ct_stats.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0
+    assert "recomputed by `ssalesionseg stats` are kept, skipped" in capsys.readouterr().err
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--save-probability")) == 2
+    assert "recomputed by `ssalesionseg stats`" in capsys.readouterr().err
+    assert (out / "ct_stats.json").stat().st_mtime_ns == stamp
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--save-probability", "--overwrite")) == 0
+    assert json.loads((out / "ct_stats.json").read_text())["info"]["outputs_sha256"]["confidence"]
+
+
+def test_labels_are_read_on_the_ct_grid_or_refused(tmp_path, phantom, exact_result, capsys):
+    """A labelmap saved without the CT's geometry, or on another voxel grid, would be moved or
+    lost by resampling: refused. A crop of the CT's grid (as Slicer saves segmentations) is
+    copied exactly."""
+    img, _ = phantom
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    lab = exact_result.labels
+    bare = write_image(sitk.GetImageFromArray(sitk.GetArrayFromImage(lab)), tmp_path / "bare.nii.gz")
+    finer = write_image(sitk.Resample(lab, [s * 2 for s in lab.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                                      lab.GetOrigin(), [v / 2 for v in lab.GetSpacing()], lab.GetDirection()),
+                        tmp_path / "finer.nii.gz")
+    arr = sitk.GetArrayFromImage(lab)
+    z, y, x = (np.flatnonzero(arr.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    crop = sitk.RegionOfInterest(lab, [int(x[-1] - x[0] + 1), int(y[-1] - y[0] + 1), int(z[-1] - z[0] + 1)],
+                                 [int(x[0]), int(y[0]), int(z[0])])
+    cropped = write_image(crop, tmp_path / "cropped.nii.gz")
+    for labels, message in ((bare, "has the CT's size but another position"), (finer, "another voxel grid")):
+        assert cli.main(["export-case", "--ct", str(ct_path), "--labels", str(labels), "--out",
+                         str(tmp_path / "cases")]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main(["export-case", "--ct", str(ct_path), "--labels", str(cropped), "--out", str(tmp_path / "cases")]) == 0
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "ph.nii.gz")))
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_segments_are_known_by_terminology_and_id_and_the_rest_is_named(tmp_path, phantom, exact_result, capsys):
+    """A GGO segment renamed in the Segment Editor keeps its terminology and ID: still GGO.
+    A segment the reader does not know is named in a note instead of dropped silently."""
+    import nrrd
+
+    img, _ = phantom
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    seg = tmp_path / "ph.seg.nrrd"
+    write_seg_nrrd(seg, exact_result.labels, exact_result.lungs, exact_result.class_names)
+    data, header = nrrd.read(str(seg))
+    header["Segment0_Name"] = "GGO (corrected)"
+    header["Segment0_ID"] = "Segment_7"                    # and a new ID: the terminology alone tells
+    header["Segment2_Name"] = "my notes"                   # a lung segment renamed to a free name
+    header["Segment2_Tags"] = "Segmentation.Status:completed|"
+    header["Segment2_ID"] = "Segment_8"
+    nrrd.write(str(seg), data, header)
+    assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(seg), "--out", str(tmp_path / "s"),
+                     "--lungs", "classical"]) == 0
+    err = capsys.readouterr().err
+    assert "segments not used" in err and "my notes" in err
+    st = json.loads((tmp_path / "s" / "ph_stats.json").read_text())
+    assert st["lesions"]["ggo"]["volume_ml"] == pytest.approx(exact_result.stats["lesions"]["ggo"]["volume_ml"])

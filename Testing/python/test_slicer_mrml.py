@@ -512,9 +512,12 @@ def test_export_refuses_any_existing_file_of_the_case_and_overwrite_replaces_the
     out = tmp_path / "cases"
     assert mrml.existing_training_case_files(out, "Phantom_CT") == []
     logic.exportTrainingCase(case.volume, node, str(out))
-    os.remove(out / "labels" / "Phantom_CT.nii.gz")   # only images/ and lungs/ left
+    assert json.loads((out / "labels" / "Phantom_CT.json").read_text()) == {
+        "class_names": ["background", "ggo", "consolidation"]}   # what the label values mean
+    os.remove(out / "labels" / "Phantom_CT.nii.gz")   # images/, lungs/ and the class list left
     assert mrml.existing_training_case_files(out, "Phantom_CT") == [
-        str(out / "images" / "Phantom_CT.nii.gz"), str(out / "lungs" / "Phantom_CT.nii.gz")]
+        str(out / "images" / "Phantom_CT.nii.gz"), str(out / "lungs" / "Phantom_CT.nii.gz"),
+        str(out / "labels" / "Phantom_CT.json")]
     with pytest.raises(FileExistsError, match="images"):
         logic.exportTrainingCase(case.volume, node, str(out))
     # the corrected case has no lung segments: overwriting drops the old case's lung mask

@@ -209,7 +209,7 @@ def test_cases_only_trains_without_the_shared_data(tmp_path, monkeypatch, capsys
     cases, val = tmp_path / "cases", tmp_path / "val"
     for name in ("a", "b", "c"):
         _write_case(cases, name)
-    _write_case(val, "v")
+    _write_case(val, "v", spacing=(0.9, 0.9, 2.5))   # another CT than the training cases
     common = ["--size", "64", "--epochs", "1", "--batch-size", "2", "--steps-per-epoch", "1", "--device", "cpu"]
     run = tmp_path / "run"
     assert cli_main(["train", "--out", str(run), "--cases", str(cases), "--cases-only", *common]) in (0, None)
@@ -230,7 +230,7 @@ def test_cases_only_trains_without_the_shared_data(tmp_path, monkeypatch, capsys
     for args, message in (
             (["--cases-only"], "give them with --cases"),
             (["--cases", str(cases), "--cases-only", "--semiseg-renderings"], "reads no COVID-SemiSeg"),
-            (["--cases", str(cases), "--val-cases", str(cases), "--cases-only"], "is in --cases and --val-cases"),
+            (["--cases", str(cases), "--val-cases", str(cases), "--cases-only"], "(--val-cases) is the CT of"),
             (["--cases", str(val), "--cases-only"], "needs at least two")):
         with pytest.raises(SystemExit) as e:
             rc = cli_main(["train", "--out", str(tmp_path / "no"), *args, *common])
@@ -238,6 +238,49 @@ def test_cases_only_trains_without_the_shared_data(tmp_path, monkeypatch, capsys
         assert e.value.code != 0
         assert message in f"{e.value.code} {capsys.readouterr().err}"
     assert not (tmp_path / "no").exists()
+
+
+def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsys):
+    """A binary (infection) export is not trained as GGO; the same CT exported twice is one
+    case (no validation on a training case); without the shared data the error names
+    --cases-only; a changed rerun names what changed; evaluate takes several folders."""
+    import shutil
+    from test_data import _write_case
+    monkeypatch.delenv("SSALESIONSEG_DATA", raising=False)
+    cases, copy, binary = tmp_path / "cases", tmp_path / "copy", tmp_path / "binary"
+    for name in ("a", "b"):
+        _write_case(cases, name)
+    for sub in ("images", "labels"):
+        (copy / sub).mkdir(parents=True)
+        shutil.copy(cases / sub / "a.nii.gz", copy / sub / "again.nii.gz")
+    _write_case(binary, "bin")
+    (binary / "labels" / "bin.json").write_text(json.dumps({"class_names": ["background", "infection"]}))
+    common = ["--size", "64", "--epochs", "1", "--batch-size", "2", "--steps-per-epoch", "1", "--device", "cpu"]
+
+    def refused(args, message):
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(cli_main(["train", "--out", str(tmp_path / "no"), *args, *common]))
+        assert e.value.code != 0 and message in f"{e.value.code} {capsys.readouterr().err}"
+
+    refused(["--cases", str(binary), "--cases", str(cases), "--cases-only"], "hold infection labels")
+    refused(["--cases", str(cases), "--val-cases", str(copy), "--cases-only"], "is the CT of")
+    refused(["--cases", str(cases)], "add --cases-only")
+    assert not (tmp_path / "no").exists()
+    run = tmp_path / "run"
+    assert cli_main(["train", "--out", str(run), "--cases", str(cases), "--cases", str(binary), "--cases-only",
+                     "--classes", "infection", *common]) in (0, None)
+    refused_run = ["train", "--out", str(run), "--cases", str(cases), "--cases", str(binary), "--cases-only",
+                   "--classes", "infection", *[("3" if a == "1" and common[i - 1] == "--epochs" else a)
+                                               for i, a in enumerate(common)]]
+    with pytest.raises(SystemExit) as e:
+        cli_main(refused_run)
+    assert "epochs: 1 -> 3" in str(e.value.code)
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", "--checkpoint", str(run / "best.safetensors"), "--cases", str(cases),
+                     "--cases", str(copy), "--device", "cpu", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n_slices"] == 12
+    assert "trained on: its score is not a held-out figure" in capsys.readouterr().err
 
 
 def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -173,15 +174,27 @@ def _training_splits(a) -> tuple[dict, list]:
                              "do not apply (cross-validate cases by exporting them into separate folders)")
         splits = {"train": [], "val": []}
     else:
-        root = data.data_root(a.data)
+        try:
+            root = data.data_root(a.data)
+        except FileNotFoundError as e:
+            if getattr(a, "cases", None):
+                raise FileNotFoundError(f"{e} To train on your --cases alone, add --cases-only.") from None
+            raise
         splits = data.fold_splits(root, folds, fold) if folds else data.default_splits(root)
         if getattr(a, "semiseg_renderings", False):
             splits = data.with_semiseg_renderings(splits, root)
+
+    multiclass = getattr(a, "classes", "ggo,consolidation") != "infection"
 
     def read_cases(folder):
         extra = data.load_training_cases(folder, TrainConfig().nominal_spacing_mm)
         if not extra:
             raise SystemExit(f"{folder}: no labeled slices with lung found")
+        binary = sorted({s.meta["volume"] for s in extra if len(s.meta["label_classes"]) < 3})
+        if multiclass and binary:
+            raise SystemExit(f"{folder}: case(s) {', '.join(binary)} hold infection labels (a binary model's "
+                             "result): a GGO / consolidation model cannot learn from them; train with "
+                             "--classes infection, or relabel them as GGO / consolidation and export again")
         for volume in sorted({s.meta.get("volume") for s in extra}):
             if not any(s.label.any() for s in extra if s.meta.get("volume") == volume):
                 print(f"note: case {volume} has no lesion pixels: it counts as a lesion-free case "
@@ -193,21 +206,40 @@ def _training_splits(a) -> tuple[dict, list]:
         extra = read_cases(folder)
         splits["train"] = splits["train"] + extra
         cases.append((folder, len(extra)))
-        print(f"{folder}: {len(extra)} slices added to the training set")
+        print(f"{folder}: {len(extra)} slices of {len({s.meta['path'] for s in extra})} case(s)")
     val_dirs = getattr(a, "val_cases", None) or []
     if val_dirs:
         splits["val"] = [s for folder in val_dirs for s in read_cases(folder)]
-        both = {s.meta["path"] for s in splits["val"]} & {(s.meta or {}).get("path") for s in splits["train"]}
-        if both:
-            raise SystemExit(f"{sorted(both)[0]} is in --cases and --val-cases: validate on cases not trained on")
-        print(f"validation: {len(splits['val'])} slices of {len({s.meta['path'] for s in splits['val']})} "
-              "exported case(s) (--val-cases)")
+        train_images = {s.meta["path"] for s in splits["train"] if s.source == "volume"}
+        val_images = {s.meta["path"] for s in splits["val"]}
+        same = _same_files(train_images, val_images)
+        if same:
+            raise SystemExit(f"{same[1]} (--val-cases) is the CT of {same[0]} (--cases): validate on cases not "
+                             "trained on")
+        print(f"validation: {len(splits['val'])} slices of {len(val_images)} exported case(s) (--val-cases)")
     elif cases_only:
         splits["train"], splits["val"] = data.hold_out_cases(splits["train"], seed=getattr(a, "seed", 0))
         held = sorted({s.meta["volume"] for s in splits["val"]})
         print(f"validation: case(s) {', '.join(held)} held out of --cases ({len(splits['val'])} slices; "
               "--val-cases chooses them yourself)")
+    if cases:
+        print(f"training: {len(splits['train'])} slices")
     return splits, cases
+
+
+def _same_files(first, second):
+    """A pair (a, b) of files in ``first`` and ``second`` with the same content, or None:
+    the same CT exported twice under two names is one case."""
+    from .checkpoint import sha256_of
+
+    by_size = {}
+    for f in first:
+        by_size.setdefault(os.path.getsize(f), []).append(f)
+    for g in second:
+        for f in by_size.get(os.path.getsize(g), []):
+            if os.path.samefile(f, g) or sha256_of(f) == sha256_of(g):
+                return f, g
+    return None
 
 
 def cmd_train(a):
@@ -241,10 +273,16 @@ def cmd_evaluate(a):
         raise SystemExit("--cases scores exported cases; it does not combine with --semiseg-renderings or --folds")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
     if a.cases:   # held-out corrected cases, placed on the slice grid exactly as `train --cases` places them
-        samples = data.load_training_cases(a.cases, TrainConfig().nominal_spacing_mm)
+        samples = [s for folder in a.cases for s in data.load_training_cases(folder, TrainConfig().nominal_spacing_mm)]
         if not samples:
-            raise SystemExit(f"{a.cases}: no labeled slices with lung found")
-        a.dataset, a.split = "cases", str(a.cases)
+            raise SystemExit(f"{', '.join(a.cases)}: no labeled slices with lung found")
+        config = (meta.get("training") or {}).get("config") or {}
+        trained_on = set((config.get("data_description") or {}).get("cases") or {})
+        for folder in a.cases:
+            if str(Path(folder).absolute()) in trained_on:
+                print(f"note: {folder} is a --cases folder this model was trained on: its score is not a held-out "
+                      "figure", file=sys.stderr)
+        a.dataset, a.split = "cases", ", ".join(str(f) for f in a.cases)
     else:
         samples = (_training_splits(a)[0]["val"] if as_trained
                    else load_split(data, a.data, a.dataset, a.split))
@@ -462,9 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="val (default: the 6 held-out MedSeg slices, what `train` selects by), test (the "
                         "48 COVID-SemiSeg test slices: final evaluation only, never for choosing), "
                         "train (the 46 training slices), free (MedSeg slices 23 and 49), all (MedSeg's 100)")
-    e.add_argument("--cases", metavar="DIR",
+    e.add_argument("--cases", metavar="DIR", action="append",
                    help="score exported training cases instead of a split (images/, labels/, lungs/ as the "
-                        "Slicer module's 'Export as training case' writes them), e.g. held-out corrected cases")
+                        "Slicer module's 'Export as training case' writes them), e.g. held-out corrected cases; "
+                        "repeatable")
     e.add_argument("--semiseg-renderings", action="store_true",
                    help="with --split val: add the COVID-SemiSeg renderings of the validation "
                         "slices, as `train --semiseg-renderings` validates")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -542,6 +543,16 @@ def load_training_cases(folder, pixel_mm: float = 0.7, fov: int = 512) -> list[S
     lungs = folder / "lungs"
     samples = load_volume_pairs(folder / "images", folder / "labels", lungs if lungs.is_dir() else None,
                                 lungs_optional=True)
+    classes = {}
+    for s in samples:   # labels/<case>.json: what the values mean (older exports: 0/1/2)
+        stem = s.meta["volume"]
+        if stem not in classes:
+            sidecar = folder / "labels" / f"{stem}.json"
+            try:
+                classes[stem] = json.loads(sidecar.read_text()).get("class_names") if sidecar.is_file() else None
+            except (OSError, ValueError, AttributeError):
+                raise ValueError(f"{sidecar}: not the class list an export writes; export the case again") from None
+        s.meta["label_classes"] = classes[stem] or ["background", "ggo", "consolidation"]
     return on_model_grid(samples, pixel_mm, fov)
 
 

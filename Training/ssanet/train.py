@@ -300,9 +300,13 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
     ema = None
     state_path = out / "train_state.pt"
     if state_path.is_file() and (out / "last.safetensors").is_file():
-        if comparable_training(json.loads((out / "config.json").read_text())) != \
-                comparable_training(asdict(cfg)):
-            raise SystemExit(f"{out} holds a run with another configuration; use a new --out "
+        before, now = comparable_training(json.loads((out / "config.json").read_text())), comparable_training(asdict(cfg))
+        if before != now:
+            differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4] if k != "data_description")
+            if "data_description" in differ:
+                shown = "; ".join(x for x in (shown, "the training or validation data") if x)
+            raise SystemExit(f"{out} holds a run with another configuration ({shown}); use a new --out "
                              "directory (or the same options) to resume")
         last, _ = ckpt.load_checkpoint(out / "last.safetensors")
         st = ckpt.load_state_for_resume(state_path)
@@ -315,7 +319,9 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         start_epoch = int(st["epoch"]) + 1
         best = {"score": float(st["best_score"]), "epoch": int(st["best_epoch"]), "val": None}
         torch.set_rng_state(st["torch_rng"])
-        log(f"resuming {out} at epoch {start_epoch}")
+        log(f"resuming {out} at epoch {start_epoch}" if start_epoch < cfg.epochs else
+            f"{out} has finished its {cfg.epochs} epochs (best: epoch {best['epoch']}); nothing to do — "
+            "a new --out trains again")
     elif init_sha:
         member = f" (network {cfg.init_member} of the ensemble)" if cfg.init_member >= 0 else ""
         log(f"starting from the weights of {cfg.init}{member} (sha256 {init_sha[:12]}…)")
