@@ -172,6 +172,13 @@ def find_cases(path, out=None) -> list:
         if not inner and not dicom and any(f.name.endswith("_stats.json") for f in inside):
             continue   # an earlier run's output folder
         cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
+    if not cases and entries and not any(e.is_dir() for e in entries):
+        from .io import dicom_series_choice
+        try:   # DICOM files without a .dcm name or the 128-byte preamble: GDCM still reads them
+            dicom_series_choice(p)
+            return [(p.resolve().name or "case", p)]
+        except InputError:
+            pass
     if not cases:
         raise InputError(f"{p}: the folder is empty" if not entries else
                          f"{p}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM) or case folders found")
@@ -414,6 +421,9 @@ def cmd_stats(args) -> int:
                      "recomputed_by": "ssalesionseg stats"}
     write_stats(stats, out / f"{name}_stats.json", out / f"{name}_stats.csv")
     inf = stats["lesions"]["infection"]
+    if (inf["percent_of_lung"] or 0) > 90:
+        print(f"note: the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: is --labels a lung mask "
+              "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?", file=sys.stderr)
     if inf.get("outside_lung_volume_ml", 0) > 0.05 * max(inf["volume_ml"], 1e-9):
         print(f"note: {inf['outside_lung_volume_ml']:.1f} of the {inf['volume_ml']:.1f} mL of lesion lie outside "
               "the lung mask: they count in the volumes, not in the percentages or the severity score",

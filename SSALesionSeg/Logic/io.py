@@ -199,6 +199,7 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
     names, info = dicom_series_choice(folder)
     best = info["dicom"]
     reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")   # also files without a DICOM name or preamble, which GDCM found
     reader.SetFileNames(names)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:

@@ -1147,3 +1147,23 @@ def test_segments_are_known_by_terminology_and_id_and_the_rest_is_named(tmp_path
     assert "segments not used" in err and "my notes" in err
     st = json.loads((tmp_path / "s" / "ph_stats.json").read_text())
     assert st["lesions"]["ggo"]["volume_ml"] == pytest.approx(exact_result.stats["lesions"]["ggo"]["volume_ml"])
+
+
+def test_dicom_files_without_names_or_preamble_and_a_lung_mask_given_as_labels(tmp_path, phantom, exact_result, capsys):
+    import pydicom
+
+    img, _ = phantom
+    series = tmp_path / "series"
+    _write_dicom_series(img, series, "1.2.826.0.1.3680043.2.1125.5.1", "bare", "s")
+    for f in sorted(series.iterdir()):      # as some PACS exports: no suffix, no preamble
+        ds = pydicom.dcmread(str(f))
+        ds.preamble = None
+        ds.save_as(str(series / f.stem), enforce_file_format=False)
+        f.unlink()
+    assert cli.find_cases(series) == [("series", series)]
+    assert read_ct(series)[0].GetSize() == img.GetSize()
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    lungs = write_image(exact_result.lungs, tmp_path / "ph_lungs.nii.gz")
+    assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(lungs), "--lung-mask", str(lungs),
+                     "--out", str(tmp_path / "s")]) == 0
+    assert "is --labels a lung mask" in capsys.readouterr().err
