@@ -124,15 +124,17 @@ def add_subcommands(subparsers) -> None:
 
 # ------------------------------------------------------------------------- segment
 
-def find_cases(path, out=None) -> list:
+def find_cases(path, out=None, notes=None) -> list:
     """[(name, path)] of the CTs in ``path``: the file itself, a DICOM folder as one case,
     or a folder whose CT files and subfolders are one case each (a subfolder: its DICOM
     series, or the one CT file it holds, named after the subfolder). The engine's own
     outputs (``.seg.nrrd``, optional outputs), hidden files (macOS ``._`` copies), a
     ``DICOMDIR`` index, the output folder ``out`` and subfolders holding only an earlier
     run's results are not cases, so results may be written into or under the input folder
-    and the run repeated. Loose DICOM files beside CT files are refused (which series they
-    belong to is not guessed); an unreadable subfolder is a case that fails with a message."""
+    and the run repeated. A folder with DICOM files of its own, or a ``DICOMDIR`` (an
+    exported disc), is one DICOM case, as a case subfolder is; CT files beside its DICOM
+    files (e.g. a lung mask) are then not cases, which is said in ``notes`` (a list, when
+    given). An unreadable subfolder is a case that fails with a message."""
     from .io import case_name, is_dicom_file, is_engine_output, is_volume_file
 
     p = Path(path)
@@ -152,12 +154,11 @@ def find_cases(path, out=None) -> list:
         raise InputError(f"cannot list {p}: {e.strerror or e}") from None
     volumes = [e for e in entries if is_volume_file(e) and not is_engine_output(e)]
     loose_dicom = [e for e in entries if is_dicom_file(e)]
-    if loose_dicom and not volumes:
+    if loose_dicom or any(e.name.upper() == "DICOMDIR" and e.is_file() for e in entries):
+        if volumes and notes is not None:
+            notes.append(f"{p} is read as one DICOM case (it holds DICOM files); the other image files in it are "
+                         f"not cases: {', '.join(e.name for e in volumes[:3])}{', ...' if len(volumes) > 3 else ''}")
         return [(p.resolve().name or "case", p)]   # "--input ." names the case after the folder
-    if loose_dicom:
-        raise InputError(f"{p} holds CT files ({', '.join(e.name for e in volumes[:3])}) and loose DICOM files "
-                         f"({', '.join(e.name for e in loose_dicom[:3])}{', ...' if len(loose_dicom) > 3 else ''}): "
-                         "put each DICOM series in a subfolder of its own (one case per subfolder), or remove them")
     cases = [(case_name(e), e) for e in volumes]
     for e in entries:
         if not e.is_dir():
@@ -227,7 +228,10 @@ def cmd_segment(args) -> int:
                            outputs_complete, outputs_from_other_input, outputs_from_other_model, process_case,
                            recomputed_by_stats)
 
-    cases = find_cases(args.input, out=args.out)
+    notes = []
+    cases = find_cases(args.input, out=args.out, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.lung_mask and len(cases) > 1:
         raise InputError("--lung-mask belongs to one CT; it cannot be used with a folder of several cases")
     out = check_writable(args.out)
@@ -311,7 +315,7 @@ def cmd_segment(args) -> int:
                                              device=args.device, batch_size=args.batch_size,
                                              save_probability=args.save_probability, flip_tta=args.flip_tta,
                                              min_lesion_mm2=args.min_lesion_mm2, cpu_bf16=args.bf16,
-                                             labelmaps=args.labelmaps)
+                                             labelmaps=args.labelmaps, replace=args.overwrite)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as e:

@@ -215,10 +215,11 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
     return img, info
 
 
-def slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, tol: float = 0.1) -> str | None:
-    """Why the slices a series reader read are not evenly spaced along the slice normal (a
-    missing or unreadable file, two acquisitions mixed), or None. ITK would place them at the
-    mean spacing and only warn."""
+def slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image) -> str | None:
+    """Why the slices a series reader read are not evenly spaced along the slice normal — a
+    gap of 1.5 steps or more (a missing or unreadable file) or of half a step or less (two
+    acquisitions mixed, a duplicate) — or None. ITK would place them at the mean spacing and
+    only warn. Smaller variation (positions rounded to 0.1 mm) is not a defect."""
     n = img.GetDepth() if img.GetDimension() == 3 else 0
     if n < 3:
         return None
@@ -232,7 +233,7 @@ def slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, tol: 
         return None
     gaps = np.diff(positions @ normal)
     step = float(np.median(np.abs(gaps)))
-    bad = np.flatnonzero(np.abs(np.abs(gaps) - step) > tol * step + 0.01)
+    bad = np.flatnonzero((np.abs(gaps) >= 1.5 * step) | (np.abs(gaps) <= 0.5 * step))
     if step <= 0 or not len(bad):
         return None if step > 0 else f"{n} slices at the same position"
     i = int(bad[0])
@@ -445,12 +446,16 @@ def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: 
             if role in value:
                 lab[m] = value[role]
         lungs = None
-        if roles & {"right_lung", "left_lung"}:
+        present = {role for _, role, m in segs if m.any()}   # an empty lung segment tells nothing
+        if present & {"right_lung", "left_lung"}:
             lungs = np.zeros(lab.shape, np.uint8)
             for _, role, m in segs:
                 if role in ("right_lung", "left_lung"):
                     lungs[m] = 1 if role == "right_lung" else 2
-        ignored = [n for n, role, _ in segs if role not in value and role not in ("right_lung", "left_lung")]
+        elif "lung" in present:   # one segment for both lungs: split into sides as a lung mask is
+            from .lungstep import _sides_of
+            lungs = _sides_of(np.logical_or.reduce([m for _, role, m in segs if role == "lung"]), reference)
+        ignored = [n for n, role, _ in segs if role not in value and role not in ("right_lung", "left_lung", "lung")]
         return ResultLabels(lab, lungs, binary, ignored)
     lab = read_labelmap(path, reference, what="labels")
     binary = classes == "binary"
@@ -485,22 +490,35 @@ def _grid_text(img: sitk.Image) -> str:
             f"origin {tuple(round(v, 2) for v in img.GetOrigin())}")
 
 
+def on_lattice(img: sitk.Image, reference: sitk.Image, tol: float = 0.05) -> bool:
+    """Every voxel centre of ``img`` is a voxel centre of ``reference``: the same voxels, maybe
+    cropped, padded, flipped or with the axes in another order (another orientation of the
+    same scan), so nearest-neighbour resampling copies the labels exactly."""
+    if img.GetDimension() != 3 or reference.GetDimension() != 3:
+        return False
+    to_ref = np.linalg.inv(np.asarray(reference.GetDirection(), float).reshape(3, 3) * np.asarray(reference.GetSpacing()))
+    step = to_ref @ (np.asarray(img.GetDirection(), float).reshape(3, 3) * np.asarray(img.GetSpacing()))
+    offset = to_ref @ (np.asarray(img.GetOrigin(), float) - np.asarray(reference.GetOrigin(), float))
+    # one voxel step of img is one voxel step of reference along one axis (a signed permutation)
+    if not np.all((np.abs(step) < tol) | (np.abs(np.abs(step) - 1) < tol)):
+        return False
+    if not (np.all((np.abs(step) > 0.5).sum(axis=0) == 1) and np.all((np.abs(step) > 0.5).sum(axis=1) == 1)):
+        return False
+    return bool(np.all(np.abs(offset - np.round(offset)) < tol))
+
+
 def _on_grid(img: sitk.Image, reference: sitk.Image, p: Path, what: str) -> sitk.Image:
     """``img`` on ``reference``'s grid: as it is when the grids are the same; copied voxel for
-    voxel when it is a crop of that grid (Slicer saves segmentations cropped to their
-    extent); anything else is refused, since resampling would silently move or lose labels."""
+    voxel when its voxels are the CT's (:func:`on_lattice`: a crop, as Slicer saves
+    segmentations, or another orientation of the same grid); anything else is refused, since
+    resampling would silently move or lose labels."""
     if same_grid(img, reference):
         return img
-    if img.GetSize() == reference.GetSize():
-        raise InputError(f"{p}: the {what} has the CT's size but another position or spacing ({_grid_text(img)}; "
-                         f"CT {_grid_text(reference)}) — saved without the CT's geometry (e.g. from an array)? "
-                         "Save it with the CT's header (SimpleITK: CopyInformation from the CT)")
-    aligned = (np.allclose(img.GetSpacing(), reference.GetSpacing(), rtol=1e-3, atol=1e-4)
-               and np.allclose(img.GetDirection(), reference.GetDirection(), atol=1e-3))
-    if aligned:
-        index = np.asarray(reference.TransformPhysicalPointToContinuousIndex(img.GetOrigin()))
-        aligned = bool(np.all(np.abs(index - np.round(index)) < 0.05))
-    if not aligned:
+    if not on_lattice(img, reference):
+        if img.GetSize() == reference.GetSize():
+            raise InputError(f"{p}: the {what} has the CT's size but another position or spacing ({_grid_text(img)}; "
+                             f"CT {_grid_text(reference)}) — saved without the CT's geometry (e.g. from an array)? "
+                             "Save it with the CT's header (SimpleITK: CopyInformation from the CT)")
         raise InputError(f"{p}: the {what} is on another voxel grid than the CT ({_grid_text(img)}; CT "
                          f"{_grid_text(reference)}); resample it onto the CT first (nearest neighbour, the CT as "
                          "reference: Slicer's Resample Scalar/Vector/DWI Volume, or sitk.Resample)")

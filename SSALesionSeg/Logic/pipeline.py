@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ntpath
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import SimpleITK as sitk
 
 from .errors import Cancelled, InputError
 from .geometry import array_from_lps, image_like, to_lps
-from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, atomic_path, check_writable, read_ct,
+from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, read_ct, temp_path_for,
                  validate_ct, write_image)
 from .lungstep import compute_lungs
 from .stats import compute_stats, label_names_for, write_stats
@@ -246,7 +247,8 @@ def recorded_output_names(out_dir, name: str) -> set:
     """File names of the outputs the stats JSON of ``name`` in ``out_dir`` lists as written
     with it (empty when there is no stats JSON)."""
     outputs = _recorded_info(out_dir, name).get("outputs")
-    return {Path(str(v)).name for v in outputs.values()} if isinstance(outputs, dict) else set()
+    # ntpath: the folder may have been written on Windows (backslashes) and read here
+    return {ntpath.basename(str(v)) for v in outputs.values()} if isinstance(outputs, dict) else set()
 
 
 def foreign_files(out_dir, name: str, optional=()) -> list:
@@ -313,11 +315,18 @@ def outputs_from_other_model(out_dir, name: str, sha256: str | None) -> str | No
     return f"{recorded.get('name') or 'a model'} (SHA-256 {recorded['sha256'][:12]}…)"
 
 
-def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str, labelmaps: bool = False) -> dict:
+def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str, labelmaps: bool = False,
+                  replace: bool = False) -> dict:
     """Write the four outputs, plus the confidence map when present and, with ``labelmaps``,
     the lesion (0 background, 1 GGO, 2 consolidation) and lung (1 right, 2 left) labelmaps
-    as NIfTI on the CT's grid. All files are written under temporary names first and only
-    renamed into place once every one succeeded."""
+    as NIfTI on the CT's grid.
+
+    Every file is written under a temporary name first; only when all are written are they
+    renamed into place, the stats JSON last. If a rename fails part-way (a file held open,
+    e.g. the CSV in a spreadsheet), this case's outputs no longer belong together and are
+    all removed, so that a rerun does it again instead of taking them for done or for the
+    user's. Optional outputs of the earlier run that this one does not write are removed when
+    ``replace`` (``--overwrite``), else kept and still listed as that run's."""
     from ssanet.checkpoint import sha256_of
 
     from .report import write_overlay
@@ -325,13 +334,14 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
 
     check_writable(out_dir)
     paths = output_paths(out_dir, name, optional_outputs(result.probability is not None, labelmaps))
-    # optional outputs of the run being replaced that this one does not write: stale after it
-    stale = [p for k, p in output_paths(out_dir, name, tuple(OPTIONAL_OUTPUT_SUFFIXES)).items()
-             if k not in paths and p.name in recorded_output_names(out_dir, name)]
-    with contextlib.ExitStack() as stack:
-        # entered first = renamed last: the stats JSON appears only when everything is in place
-        tmp = {k: stack.enter_context(atomic_path(paths[k])) for k in
-               ("stats_json", "stats_csv", "segmentation", "overlay") + tuple(OPTIONAL_OUTPUT_SUFFIXES) if k in paths}
+    earlier = _recorded_info(out_dir, name)
+    earlier_names = recorded_output_names(out_dir, name)
+    others = {k: p for k, p in output_paths(out_dir, name, tuple(OPTIONAL_OUTPUT_SUFFIXES)).items()
+              if k not in paths and p.name in earlier_names}
+    order = [k for k in ("segmentation", "overlay") + tuple(OPTIONAL_OUTPUT_SUFFIXES) if k in paths] + \
+        ["stats_csv", "stats_json"]
+    tmp = {k: temp_path_for(paths[k]) for k in order}
+    try:
         write_seg_nrrd(tmp["segmentation"], result.labels, result.lungs, result.class_names)
         write_overlay(tmp["overlay"], ct, result.labels, result.lungs, result.class_names, title=name)
         for key, image in (("confidence", result.probability), ("lesion_labelmap", result.labels),
@@ -341,18 +351,37 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
         info = result.stats.setdefault("info", result.info)
         info["outputs"] = {k: str(p) for k, p in paths.items()}
         # so that a rerun can tell its own outputs from ones corrected in place
-        info["outputs_sha256"] = {k: sha256_of(tmp[k]) for k in tmp if k not in ("stats_json", "stats_csv")}
+        info["outputs_sha256"] = {k: sha256_of(tmp[k]) for k in order if k not in ("stats_json", "stats_csv")}
+        if not replace:   # the earlier run's other optional outputs stay, as that run's
+            for k, p in others.items():
+                info["outputs"][k] = str(p)
+                if (earlier.get("outputs_sha256") or {}).get(k):
+                    info["outputs_sha256"][k] = earlier["outputs_sha256"][k]
         write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
-    for p in stale:
-        with contextlib.suppress(OSError):
-            p.unlink()
+        try:
+            for k in order:
+                os.replace(tmp[k], paths[k])
+        except OSError as e:
+            for p in list(paths.values()) + (list(others.values()) if replace else []):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise InputError(f"could not put {paths[k].name} in place ({e.strerror or e}; is it open in another "
+                             f"program?): the outputs of {name!r} were removed, run the case again") from None
+    finally:
+        for t in tmp.values():
+            with contextlib.suppress(OSError):
+                t.unlink()
+    if replace:
+        for p in others.values():
+            with contextlib.suppress(OSError):
+                p.unlink()
     return paths
 
 
 def process_case(input_path, out_dir, name: str | None = None, progress: ProgressFn | None = None,
-                 labelmaps: bool = False, **kwargs) -> tuple[SegmentationResult, dict]:
-    """Read ``input_path``, segment it and write the outputs into ``out_dir`` (``labelmaps``:
-    also the NIfTI labelmaps, :func:`write_outputs`)."""
+                 labelmaps: bool = False, replace: bool = False, **kwargs) -> tuple[SegmentationResult, dict]:
+    """Read ``input_path``, segment it and write the outputs into ``out_dir`` (``labelmaps``,
+    ``replace``: :func:`write_outputs`)."""
     from .io import case_name
 
     check_writable(out_dir)
@@ -370,7 +399,7 @@ def process_case(input_path, out_dir, name: str | None = None, progress: Progres
     result.info["timings_s"]["read"] = t_read
     t = time.perf_counter()
     report("write", 0.0)
-    paths = write_outputs(result, ct, out_dir, name, labelmaps=labelmaps)
+    paths = write_outputs(result, ct, out_dir, name, labelmaps=labelmaps, replace=replace)
     result.info["timings_s"]["write"] = time.perf_counter() - t
     report("write", 1.0)
     return result, paths

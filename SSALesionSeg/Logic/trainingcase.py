@@ -9,9 +9,11 @@
 
 Written by ``ssalesionseg export-case`` and by the Slicer module's *Export as training
 case*; read back by :func:`ssanet.data.load_training_cases`. A case is written whole or
-refused whole: any file of it already there is an error unless ``overwrite``, and
-overwriting a case without lungs removes the old case's lung mask so it cannot pair up
-with the new labels.
+refused whole: any file of it already there is an error unless ``overwrite``; all files
+are written under temporary names and renamed into place together (a rename that fails
+part-way removes the case rather than pair new labels with an old CT); overwriting a
+case without lungs removes the old case's lung mask so it cannot pair up with the new
+labels.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import SimpleITK as sitk
 from ssanet.preprocess import hu_problem, same_grid
 
 from .errors import InputError
-from .io import atomic_path, write_image
+from .io import temp_path_for
 
 FOLDERS = ("images", "labels", "lungs")
 MULTICLASS = ("background", "ggo", "consolidation")
@@ -94,15 +96,30 @@ def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
             raise FileExistsError(f"training case '{case}' already exists: {existing[0]}")
     images = {"images": ct_for_export(ct), "labels": sitk.Cast(labels, sitk.sitkUInt8),
               "lungs": None if lungs is None else sitk.Cast(lungs, sitk.sitkUInt8)}
-    written = []
-    for sub, image in images.items():
-        if image is None:
-            # the case being replaced had lungs this one lacks: its old mask must not pair up
-            if os.path.exists(paths[sub]):
-                os.remove(paths[sub])
-            continue
-        Path(paths[sub]).parent.mkdir(parents=True, exist_ok=True)
-        written.append(os.fspath(write_image(image, paths[sub])))
-    with atomic_path(sidecar_path(folder, case)) as tmp:
-        Path(tmp).write_text(json.dumps({"class_names": class_names}) + "\n")
-    return written
+    targets = {sub: Path(paths[sub]) for sub, image in images.items() if image is not None}
+    targets["sidecar"] = Path(sidecar_path(folder, case))
+    tmp = {k: temp_path_for(t) for k, t in targets.items()}
+    try:
+        for sub, t in targets.items():
+            t.parent.mkdir(parents=True, exist_ok=True)
+            if sub == "sidecar":
+                tmp[sub].write_text(json.dumps({"class_names": class_names}) + "\n")
+            else:
+                sitk.WriteImage(images[sub], str(tmp[sub]), True)
+        try:
+            for k, t in targets.items():
+                os.replace(tmp[k], t)
+        except OSError as e:   # part of the case replaced: its files no longer belong together
+            for t in list(targets.values()) + [Path(paths["lungs"])]:
+                if t.exists():
+                    t.unlink()
+            raise InputError(f"could not put {t.name} of training case '{case}' in place ({e.strerror or e}); "
+                             "the case's files were removed: export it again") from None
+    finally:
+        for t in tmp.values():
+            if t.exists():
+                t.unlink()
+    # the case being replaced had lungs this one lacks: its old mask must not pair up
+    if images["lungs"] is None and os.path.exists(paths["lungs"]):
+        os.remove(paths["lungs"])
+    return [os.fspath(targets[sub]) for sub in FOLDERS if sub in targets]

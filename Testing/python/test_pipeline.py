@@ -640,16 +640,20 @@ def test_dicom_series_with_a_missing_slice_is_refused_and_a_single_slice_keeps_i
 
 
 def test_folders_of_cases_as_batch_users_have_them(tmp_path, phantom):
-    """A DICOMDIR beside patient folders, macOS ._ files inside them, an earlier run's output
-    folder and loose DICOM files among CT files: each case found once, nothing collapsed."""
+    """An exported disc (DICOMDIR) is one DICOM case whose series choice is said; macOS ._
+    files and an earlier run's output folder are not cases; DICOM files among CT files make
+    the folder one DICOM case, and the CT files left out are named."""
     img, _ = phantom
     cd = tmp_path / "cd"
-    for k, patient in enumerate(("pat1", "pat2")):
-        _write_dicom_series(img[:, :, : 3 + k], cd / patient, f"1.2.826.0.1.3680043.2.1125.4.{k}", patient, "i")
+    for k, series in enumerate(("SE000", "SE001")):
+        _write_dicom_series(img[:, :, : 3 + k], cd / "DICOM" / series, f"1.2.826.0.1.3680043.2.1125.4.{k}", series, "i")
+    (cd / "VIEWER").mkdir()
+    (cd / "VIEWER" / "viewer.exe").write_bytes(b"MZ")
     (cd / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
-    (cd / "pat1" / "._i000.dcm").write_bytes(b"\0\5\26\7")
-    assert [n for n, _ in cli.find_cases(cd)] == ["pat1", "pat2"]
-    assert read_ct(cd / "pat1")[0].GetSize()[2] == 3
+    (cd / "DICOM" / "SE000" / "._i000.dcm").write_bytes(b"\0\5\26\7")
+    assert cli.find_cases(cd) == [("cd", cd)]
+    ct, info = read_ct(cd)
+    assert ct.GetSize()[2] == 4 and "2 series found" in info["dicom_series_note"]
 
     mixed = tmp_path / "mixed"
     (mixed / "p").mkdir(parents=True)
@@ -661,8 +665,9 @@ def test_folders_of_cases_as_batch_users_have_them(tmp_path, phantom):
         (mixed / "earlier_run" / f"a{suffix}").write_bytes(b"x")
     assert [(n, c.name) for n, c in cli.find_cases(mixed)] == [("a", "a.nii.gz"), ("p", "ct.nii.gz")]
     _write_dicom_series(img[:, :, :1], mixed, "1.2.826.0.1.3680043.2.1125.4.9", "stray", "stray")
-    with pytest.raises(InputError, match=r"CT files \(a\.nii\.gz\) and loose DICOM files \(stray000\.dcm\)"):
-        cli.find_cases(mixed)
+    notes = []
+    assert cli.find_cases(mixed, notes=notes) == [("mixed", mixed)]
+    assert "read as one DICOM case" in notes[0] and "a.nii.gz" in notes[0]
 
 
 def test_a_case_folder_in_a_folder_of_cases_fails_as_a_case_with_exit_status_1(tmp_path, tiny_ckpt, capsys):
@@ -1167,3 +1172,106 @@ def test_dicom_files_without_names_or_preamble_and_a_lung_mask_given_as_labels(t
     assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(lungs), "--lung-mask", str(lungs),
                      "--out", str(tmp_path / "s")]) == 0
     assert "is --labels a lung mask" in capsys.readouterr().err
+
+
+def test_reruns_keep_earlier_optional_outputs_and_a_failed_rename_leaves_no_mixed_case(tmp_path, tiny_ckpt,
+                                                                                     monkeypatch, capsys):
+    from ssalesionseg import pipeline
+
+    src = tmp_path / "ct.nii.gz"
+    write_image(synthetic_chest_ct(3, 128, spacing=SP)[0], src)
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps")) == 0
+    edited = (out / "ct_lesions.nii.gz").read_bytes()
+    # a rerun that adds the confidence map keeps the labelmaps, still known as that run's
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--save-probability")) == 0
+    assert (out / "ct_lesions.nii.gz").read_bytes() == edited
+    assert outputs_complete(out, "ct", ("confidence", "lesion_labelmap", "lung_labelmap"))
+    # the stats JSON written on Windows names its outputs with backslashes: still this case's
+    stats = json.loads((out / "ct_stats.json").read_text())
+    stats["info"]["outputs"] = {k: "C:\\\\Users\\\\me\\\\out\\\\" + os.path.basename(v)
+                                for k, v in stats["info"]["outputs"].items()}
+    (out / "ct_stats.json").write_text(json.dumps(stats))
+    assert outputs_complete(out, "ct", ("lesion_labelmap",)) and not pipeline.foreign_files(out, "ct", ("lesion_labelmap",))
+    # a rename that fails part-way (the CSV open in a spreadsheet) removes the case's outputs
+    real = os.replace
+
+    def locked(a, b):
+        if str(b).endswith("_stats.csv"):
+            raise PermissionError(13, "Permission denied")
+        return real(a, b)
+
+    monkeypatch.setattr(pipeline.os, "replace", locked)
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--overwrite")) == 2
+    assert "is it open in another program" in capsys.readouterr().err
+    assert not [f for f in os.listdir(out) if f.startswith("ct.") or f.startswith("ct_")]
+    monkeypatch.setattr(pipeline.os, "replace", real)
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0 and outputs_complete(out, "ct")
+
+
+def test_labelmaps_in_another_orientation_of_the_ct_grid_and_rounded_slice_positions(tmp_path, phantom, exact_result):
+    """A labelmap stored flipped or with the axes in another order holds the CT's own voxels:
+    read exactly. DICOM positions rounded to 0.1 mm are not a missing slice."""
+    from ssalesionseg.io import read_labelmap
+
+    img, _ = phantom
+    lab = exact_result.labels
+    for moved in (sitk.Flip(lab, [True, True, False]), sitk.PermuteAxes(lab, [1, 0, 2]), sitk.DICOMOrient(lab, "RAS")):
+        path = write_image(moved, tmp_path / "moved.nii.gz")
+        np.testing.assert_array_equal(read_labelmap(path, img), sitk.GetArrayFromImage(lab))
+    thin = sitk.Image(64, 64, 8, sitk.sitkInt16) - 1000
+    thin.SetSpacing((0.7, 0.7, 0.625))
+    folder = tmp_path / "thin"
+    _write_dicom_series(thin, folder, "1.2.826.0.1.3680043.2.1125.6.1", "thin", "s")
+    import pydicom
+    for f in folder.iterdir():   # positions written to 0.1 mm, as some scanners do
+        ds = pydicom.dcmread(str(f))
+        ds.ImagePositionPatient = [round(float(v), 1) for v in ds.ImagePositionPatient]
+        ds.save_as(str(f))
+    reader = sitk.ImageSeriesReader()   # (an all-air image is no CT for read_ct: the check alone)
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    from ssalesionseg.io import slice_spacing_problem
+    assert slice_spacing_problem(reader, reader.Execute()) is None
+
+
+def test_one_segment_for_both_lungs_is_the_lung_mask(tmp_path, phantom, exact_result, capsys):
+    import nrrd
+
+    img, _ = phantom
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    seg = tmp_path / "ph.seg.nrrd"
+    both = image_like((sitk.GetArrayFromImage(exact_result.lungs) > 0).astype(np.uint8), img)
+    write_seg_nrrd(seg, exact_result.labels, both, exact_result.class_names)   # one lung value: "Right lung"
+    data, header = nrrd.read(str(seg))
+    header["Segment2_Name"], header["Segment2_ID"] = "Lungs", "Segment_9"
+    header["Segment2_Tags"] = "Segmentation.Status:completed|"
+    nrrd.write(str(seg), data, header)
+    assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(seg), "--out", str(tmp_path / "s")]) == 0
+    assert "segments not used" not in capsys.readouterr().err
+    st = json.loads((tmp_path / "s" / "ph_stats.json").read_text())
+    assert st["info"]["lung_method"] == "segmentation file"
+    assert st["lungs"]["total"]["volume_ml"] == pytest.approx(exact_result.stats["lungs"]["total"]["volume_ml"])
+    assert st["lungs"]["right"]["volume_ml"] > 0 and st["lungs"]["left"]["volume_ml"] > 0
+
+
+def test_a_training_case_is_replaced_whole_or_not_at_all(tmp_path, phantom, exact_result, monkeypatch):
+    from ssalesionseg import trainingcase
+
+    img, _ = phantom
+    folder = tmp_path / "cases"
+    trainingcase.write_training_case(folder, "p1", img, exact_result.labels, exact_result.lungs)
+    real = os.replace
+
+    def full_disk(a, b):
+        if "labels" in str(b) and str(b).endswith(".nii.gz"):
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(trainingcase.os, "replace", full_disk)
+    with pytest.raises(InputError, match="the case's files were removed"):
+        infection = image_like((sitk.GetArrayFromImage(exact_result.labels) > 0).astype(np.uint8), img)
+        trainingcase.write_training_case(folder, "p1", img, infection, None, overwrite=True,
+                                         class_names=("background", "infection"))
+    assert trainingcase.existing_case_files(folder, "p1") == []
+    assert not [f for f in folder.rglob("*") if f.is_file()]       # no temporary file left either

@@ -281,6 +281,18 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
                      "--cases", str(copy), "--device", "cpu", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["n_slices"] == 12
     assert "trained on: its score is not a held-out figure" in capsys.readouterr().err
+    # the same run resumes when its folders are spelt another way (relative vs absolute)
+    monkeypatch.chdir(tmp_path)
+    again = ["train", "--out", str(run), "--cases", "cases", "--cases", str(binary), "--cases-only",
+             "--classes", "infection", *common]
+    assert cli_main(again) in (0, None) and "nothing to do" in capsys.readouterr().out
+    # a GGO / consolidation model is not scored on infection labels either
+    three = tmp_path / "three"
+    assert cli_main(["train", "--out", str(three), "--cases", str(cases), "--cases-only", *common]) in (0, None)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["evaluate", "--checkpoint", str(three / "best.safetensors"), "--cases", str(binary),
+                  "--device", "cpu"])
+    assert "cannot be scored on them" in str(e.value.code)
 
 
 def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):

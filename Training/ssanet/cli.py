@@ -190,11 +190,7 @@ def _training_splits(a) -> tuple[dict, list]:
         extra = data.load_training_cases(folder, TrainConfig().nominal_spacing_mm)
         if not extra:
             raise SystemExit(f"{folder}: no labeled slices with lung found")
-        binary = sorted({s.meta["volume"] for s in extra if len(s.meta["label_classes"]) < 3})
-        if multiclass and binary:
-            raise SystemExit(f"{folder}: case(s) {', '.join(binary)} hold infection labels (a binary model's "
-                             "result): a GGO / consolidation model cannot learn from them; train with "
-                             "--classes infection, or relabel them as GGO / consolidation and export again")
+        check_case_classes(extra, folder, multiclass)
         for volume in sorted({s.meta.get("volume") for s in extra}):
             if not any(s.label.any() for s in extra if s.meta.get("volume") == volume):
                 print(f"note: case {volume} has no lesion pixels: it counts as a lesion-free case "
@@ -225,6 +221,16 @@ def _training_splits(a) -> tuple[dict, list]:
     if cases:
         print(f"training: {len(splits['train'])} slices")
     return splits, cases
+
+
+def check_case_classes(samples, folder, multiclass: bool, what: str = "learn from") -> None:
+    """Refuse exported cases whose labels are a binary model's (1 = infection, recorded in
+    ``labels/<case>.json``) where a GGO / consolidation model is trained or scored."""
+    binary = sorted({s.meta["volume"] for s in samples if len(s.meta.get("label_classes") or ()) == 2})
+    if multiclass and binary:
+        raise SystemExit(f"{folder}: case(s) {', '.join(binary)} hold infection labels (a binary model's "
+                         f"result): a GGO / consolidation model cannot {what} them; use --classes infection "
+                         "(a binary model), or relabel them as GGO / consolidation and export again")
 
 
 def _same_files(first, second):
@@ -273,7 +279,11 @@ def cmd_evaluate(a):
         raise SystemExit("--cases scores exported cases; it does not combine with --semiseg-renderings or --folds")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
     if a.cases:   # held-out corrected cases, placed on the slice grid exactly as `train --cases` places them
-        samples = [s for folder in a.cases for s in data.load_training_cases(folder, TrainConfig().nominal_spacing_mm)]
+        samples = []
+        for folder in a.cases:
+            found = data.load_training_cases(folder, TrainConfig().nominal_spacing_mm)
+            check_case_classes(found, folder, len(meta.get("class_names") or ()) >= 3, what="be scored on")
+            samples += found
         if not samples:
             raise SystemExit(f"{', '.join(a.cases)}: no labeled slices with lung found")
         config = (meta.get("training") or {}).get("config") or {}
