@@ -221,13 +221,42 @@ def check_same_grid(image, volumeNode, tolerance=1e-3):
 # Segmentation node
 # ---------------------------------------------------------------------------
 
-def find_segment_id(segmentation, spec):
+def find_segment_id(segmentation, spec, byRole=False):
     """Segment of a spec in a segmentation: by our ID, else by name (files loaded
-    from .seg.nrrd get new IDs but keep names)."""
+    from .seg.nrrd get new IDs but keep names); with ``byRole`` (reading results back, never
+    when writing into a segmentation the user added segments to) also by what its
+    terminology says it is, as the engine reads a .seg.nrrd (``io.segment_role``)."""
     if segmentation.GetSegment(spec.segmentId):
         return spec.segmentId
     segmentId = segmentation.GetSegmentIdBySegmentName(spec.name)
-    return segmentId or None
+    if segmentId or not byRole:
+        return segmentId or None
+    segmentRole = _engine_io().segment_role
+    wanted = segmentRole({"name": spec.name})
+    for index in range(segmentation.GetNumberOfSegments()):
+        candidate = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(candidate)
+        if segmentRole({"id": candidate, "name": segment.GetName(),
+                        "terminology": terminology_codes(segment.GetTerminology())}) == wanted:
+            return candidate
+    return None
+
+
+def terminology_codes(entry):
+    """{"type": [scheme, code, meaning], "typeModifier": [...]} of a Slicer terminology entry
+    string (context~category~type~type modifier~anatomic context~region~region modifier)."""
+    parts = (entry or "").split("~")
+
+    def code(index):
+        fields = parts[index].split("^") if len(parts) > index else []
+        return fields if len(fields) >= 2 and fields[1] else None
+
+    return {"type": code(2), "typeModifier": code(3)}
+
+
+def _engine_io():
+    _engine.import_engine_package()
+    return importlib.import_module(_engine.ENGINE_PACKAGE + ".io")
 
 
 def ensure_segmentation_node(scene, segmentationNode, referenceVolumeNode, name=None):
@@ -347,7 +376,7 @@ def labelmaps_from_result_segments(segmentationNode, referenceVolumeNode, requir
     def ids(specs, required):
         found = []
         for spec in specs:
-            segmentId = find_segment_id(segmentation, spec)
+            segmentId = find_segment_id(segmentation, spec, byRole=True)
             if segmentId is None:
                 if required:
                     raise ValueError(f"Segment '{spec.name}' is missing from '{segmentationNode.GetName()}'")

@@ -529,6 +529,28 @@ def test_export_refuses_any_existing_file_of_the_case_and_overwrite_replaces_the
     assert not (out / "lungs" / "Phantom_CT.nii.gz").exists()
 
 
+def test_export_finds_a_lesion_segment_by_its_terminology_when_name_and_id_changed(case, fake_engine, tmp_path):
+    """As the engine reads a .seg.nrrd: a GGO segment that another tool saved under another
+    ID and name, with its terminology, is still the GGO of the exported case."""
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    segmentation = node.GetSegmentation()
+    ggo = segmentation.GetSegmentIdBySegmentName("Ground-glass opacity")
+    moved = slicer.vtkSegment()
+    moved.DeepCopy(segmentation.GetSegment(ggo))
+    moved.SetName("opacities (reader 2)")
+    segmentation.RemoveSegment(ggo)
+    segmentation.AddSegment(moved, "Segment_7")
+    assert mrml.terminology_codes(moved.GetTerminology())["type"][1] == "1217294009"
+    logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "Phantom_CT.nii.gz")))
+    np.testing.assert_array_equal(labels, case.labels)
+    # writing results into that segmentation does not take the user's segment over
+    spec = mrml.lesion_specs()[0]
+    assert mrml.find_segment_id(segmentation, spec) is None
+    assert mrml.find_segment_id(segmentation, spec, byRole=True) == "Segment_7"
+
+
 def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
     lungsNode = mrml.import_result_to_segmentation(
         case.scene, case.volume, None, _image(case.lungs, case.ct), None, specs=mrml.lung_specs())
