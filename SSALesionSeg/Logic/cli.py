@@ -84,7 +84,8 @@ def add_subcommands(subparsers) -> None:
     e.add_argument("--ct", required=True, help="the CT the labels belong to (file or DICOM folder)")
     e.add_argument("--labels", required=True, help="labelmap (1 GGO, 2 consolidation) or .seg.nrrd")
     e.add_argument("--out", required=True, help="the training-cases folder (created if missing)")
-    e.add_argument("--name", help="case name (default: the CT's name)")
+    e.add_argument("--name", help="case name (default: the name `segment` gave the labels' case when they are "
+                                  "its output, e.g. OUT/patient1.seg.nrrd -> patient1; else the CT's name)")
     e.add_argument("--classes", default="multiclass", choices=["multiclass", "binary"],
                    help="meaning of labelmap values: 1 GGO / 2 consolidation, or 1 infection")
     e.add_argument("--lung-mask", help="lung segmentation on the CT grid (labelmap or .seg.nrrd) when --labels "
