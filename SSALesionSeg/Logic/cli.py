@@ -155,10 +155,18 @@ def find_cases(path, out=None, notes=None) -> list:
         raise InputError(f"cannot list {p}: {e.strerror or e}") from None
     volumes = [e for e in entries if is_volume_file(e) and not is_engine_output(e)]
     loose_dicom = [e for e in entries if is_dicom_file(e)]
-    if loose_dicom or any(e.name.upper() == "DICOMDIR" and e.is_file() for e in entries):
-        if volumes and notes is not None:
-            notes.append(f"{p} is read as one DICOM case (it holds DICOM files); the other image files in it are "
-                         f"not cases: {', '.join(e.name for e in volumes[:3])}{', ...' if len(volumes) > 3 else ''}")
+    disc = any(e.name.upper() == "DICOMDIR" and e.is_file() for e in entries)
+    subfolders = [e for e in entries if e.is_dir()]
+    if len(loose_dicom) == 1 and not disc and (volumes or subfolders):
+        raise InputError(f"{p} holds one loose DICOM file ({loose_dicom[0].name}) beside other cases "
+                         f"({', '.join(e.name for e in (volumes + subfolders)[:3])}): a folder with DICOM files is "
+                         "read as one DICOM series, which one slice would be; move it into a folder of its own, "
+                         "or remove it")
+    if loose_dicom or disc:
+        left_out = [e.name for e in volumes] + [e.name + "/" for e in subfolders if not disc]
+        if left_out and notes is not None:
+            notes.append(f"{p} is read as one DICOM case (it holds DICOM files); not cases of their own: "
+                         f"{', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}")
         return [(p.resolve().name or "case", p)]   # "--input ." names the case after the folder
     cases = [(case_name(e), e) for e in volumes]
     for e in entries:
@@ -170,7 +178,8 @@ def find_cases(path, out=None, notes=None) -> list:
             cases.append((e.name, e))
             continue
         inner = [f for f in inside if is_volume_file(f) and not is_engine_output(f)]
-        dicom = any(f.is_dir() or is_dicom_file(f) for f in inside)
+        # DICOM in it or in its subfolders (not an output folder a run wrote into the case folder)
+        dicom = any(is_dicom_file(f) for f in inside) or any(_holds_dicom(f) for f in inside if f.is_dir())
         if not inner and not dicom and any(f.name.endswith("_stats.json") for f in inside):
             continue   # an earlier run's output folder
         cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
@@ -191,6 +200,17 @@ def find_cases(path, out=None, notes=None) -> list:
         raise InputError(f"{p}: several inputs would write the same outputs: {', '.join(dup)}; "
                          "rename one of each, or segment them into different --out folders")
     return cases
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Some DICOM file (by name or preamble) in ``folder`` or below; hidden files do not count."""
+    from .io import is_dicom_file
+
+    for d, dirs, files in os.walk(folder):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        if any(is_dicom_file(Path(d, f)) for f in files):
+            return True
+    return False
 
 
 class _Progress:
@@ -316,7 +336,7 @@ def cmd_segment(args) -> int:
                                              device=args.device, batch_size=args.batch_size,
                                              save_probability=args.save_probability, flip_tta=args.flip_tta,
                                              min_lesion_mm2=args.min_lesion_mm2, cpu_bf16=args.bf16,
-                                             labelmaps=args.labelmaps, replace=args.overwrite)
+                                             labelmaps=args.labelmaps)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,8 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
     except RuntimeError as e:
         raise InputError(f"cannot read DICOM series {best['series_uid']} in {best['folder']}: "
                          f"{str(e).strip().splitlines()[-1][:200]}") from None
+    if len(names) == 1:
+        img = _single_dicom_slice_spacing(img, Path(names[0]))
     problem = slice_spacing_problem(reader, img)
     if problem:
         raise InputError(f"DICOM series {best.get('description') or best['series_uid']} in {best['folder']}: "
@@ -281,8 +284,11 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
     if len(described) > 1:
         info["dicom_series_found"] = [{k: s.get(k) for k in ("series_uid", "modality", "n_files", "description")}
                                       for s in described]
+        others = [f"{s['n_files']} files{' ' + repr(s['description']) if s.get('description') else ''} in "
+                  f"{os.path.relpath(s['folder'], folder)}" for s in described if s is not best]
         info["dicom_series_note"] = (f"{len(described)} series found; used the CT series with the most "
-                                     f"slices ({best['n_files']} files, {best.get('description') or best['series_uid']})")
+                                     f"slices ({best['n_files']} files, {best.get('description') or best['series_uid']}); "
+                                     f"not read: {'; '.join(others[:3])}{'; ...' if len(others) > 3 else ''}")
     return list(names), info
 
 
@@ -380,13 +386,17 @@ def segment_role(segment: dict) -> str | None:
     if role:
         return role
     name = str(segment.get("name", "")).lower()
-    if "lung" in name:
-        return "right_lung" if "right" in name else "left_lung" if "left" in name else "lung"
-    if "ground" in name or name == "ggo":
+    if "ground" in name or re.search(r"\bggo\b", name):
         return "ggo"
     if "consolidation" in name:
         return "consolidation"
-    return "infection" if name in ("infection", "lesion", "lesions") else None
+    if name in ("infection", "lesion", "lesions"):
+        return "infection"
+    words = set(re.findall(r"[a-z]+", name))
+    if words and words <= {"lung", "lungs", "right", "left", "both"} and words & {"lung", "lungs"}:
+        return "right_lung" if words & {"right"} and not words & {"left"} else \
+            "left_lung" if words & {"left"} and not words & {"right"} else "lung"
+    return None   # e.g. "Lung nodule": named in a note by the readers, not guessed
 
 
 def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "segmentation") -> list:
@@ -499,12 +509,14 @@ def on_lattice(img: sitk.Image, reference: sitk.Image, tol: float = 0.05) -> boo
     to_ref = np.linalg.inv(np.asarray(reference.GetDirection(), float).reshape(3, 3) * np.asarray(reference.GetSpacing()))
     step = to_ref @ (np.asarray(img.GetDirection(), float).reshape(3, 3) * np.asarray(img.GetSpacing()))
     offset = to_ref @ (np.asarray(img.GetOrigin(), float) - np.asarray(reference.GetOrigin(), float))
-    # one voxel step of img is one voxel step of reference along one axis (a signed permutation)
-    if not np.all((np.abs(step) < tol) | (np.abs(np.abs(step) - 1) < tol)):
+    # one voxel step of img is one voxel step of reference along one axis (a signed permutation) ...
+    whole = np.round(step)
+    if not (np.all(np.isin(whole, (-1, 0, 1))) and np.all(np.abs(whole).sum(axis=0) == 1)
+            and np.all(np.abs(whole).sum(axis=1) == 1)):
         return False
-    if not (np.all((np.abs(step) > 0.5).sum(axis=0) == 1) and np.all((np.abs(step) > 0.5).sum(axis=1) == 1)):
-        return False
-    return bool(np.all(np.abs(offset - np.round(offset)) < tol))
+    # ... and every voxel centre, out to the far corner, lies within tol of a reference one
+    far = np.abs(step - whole) @ (np.asarray(img.GetSize(), float) - 1)
+    return bool(np.all(np.abs(offset - np.round(offset)) + far < tol))
 
 
 def _on_grid(img: sitk.Image, reference: sitk.Image, p: Path, what: str) -> sitk.Image:

@@ -253,27 +253,26 @@ def recorded_output_names(out_dir, name: str) -> set:
 
 def foreign_files(out_dir, name: str, optional=()) -> list:
     """Files in ``out_dir`` at the names the outputs of ``name`` would take that are not the
-    engine's unchanged outputs: not written with the case's stats JSON (e.g. the user's own
-    ``<name>_lungs.nii.gz``), or changed since (a ``.seg.nrrd`` corrected in place; told by
-    the SHA-256 the stats JSON records, or for runs before it by a newer modification time).
-    Writing the case would replace them."""
+    engine's unchanged outputs (:func:`_changed_since_written`): e.g. the user's own
+    ``<name>_lungs.nii.gz``, or a ``.seg.nrrd`` corrected in place. Writing the case would
+    replace them."""
+    return [p for k, p in output_paths(out_dir, name, optional).items()
+            if k not in ("stats_json", "stats_csv") and p.exists() and _changed_since_written(out_dir, name, k, p)]
+
+
+def _changed_since_written(out_dir, name: str, key: str, path: Path) -> bool:
+    """``path`` (output ``key`` of ``name``) is not as ``segment`` wrote it with the case's stats
+    JSON: not listed there, or another SHA-256 than recorded (for runs before the hashes
+    were recorded: modified after the stats JSON)."""
     from ssanet.checkpoint import sha256_of
 
-    recorded = recorded_output_names(out_dir, name)
+    if path.name not in recorded_output_names(out_dir, name):
+        return True
     hashes = _recorded_info(out_dir, name).get("outputs_sha256") or {}
+    if isinstance(hashes, dict) and hashes.get(key):
+        return sha256_of(path) != hashes[key]
     stats_json = output_paths(out_dir, name)["stats_json"]
-    foreign = []
-    for k, p in output_paths(out_dir, name, optional).items():
-        if k in ("stats_json", "stats_csv") or not p.exists():
-            continue
-        if p.name not in recorded:
-            foreign.append(p)
-        elif isinstance(hashes, dict) and hashes.get(k):
-            if sha256_of(p) != hashes[k]:
-                foreign.append(p)
-        elif stats_json.is_file() and p.stat().st_mtime > stats_json.stat().st_mtime + 2:
-            foreign.append(p)
-    return foreign
+    return stats_json.is_file() and path.stat().st_mtime > stats_json.stat().st_mtime + 2
 
 
 def _recorded_info(out_dir, name: str) -> dict:
@@ -315,29 +314,36 @@ def outputs_from_other_model(out_dir, name: str, sha256: str | None) -> str | No
     return f"{recorded.get('name') or 'a model'} (SHA-256 {recorded['sha256'][:12]}…)"
 
 
-def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str, labelmaps: bool = False,
-                  replace: bool = False) -> dict:
+def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str, labelmaps: bool = False) -> dict:
     """Write the four outputs, plus the confidence map when present and, with ``labelmaps``,
     the lesion (0 background, 1 GGO, 2 consolidation) and lung (1 right, 2 left) labelmaps
     as NIfTI on the CT's grid.
+
+    Optional outputs of the run being replaced that this one was not asked for: rewritten
+    from this run when they are as that run wrote them (so all outputs listed belong to one
+    run; a confidence map this run has no probabilities for is removed), kept but no longer
+    listed when they were changed since (the user's now: a later run refuses to replace them
+    without ``--overwrite``).
 
     Every file is written under a temporary name first; only when all are written are they
     renamed into place, the stats JSON last. If a rename fails part-way (a file held open,
     e.g. the CSV in a spreadsheet), this case's outputs no longer belong together and are
     all removed, so that a rerun does it again instead of taking them for done or for the
-    user's. Optional outputs of the earlier run that this one does not write are removed when
-    ``replace`` (``--overwrite``), else kept and still listed as that run's."""
+    user's."""
     from ssanet.checkpoint import sha256_of
 
     from .report import write_overlay
     from .segfile import write_seg_nrrd
 
     check_writable(out_dir)
-    paths = output_paths(out_dir, name, optional_outputs(result.probability is not None, labelmaps))
-    earlier = _recorded_info(out_dir, name)
-    earlier_names = recorded_output_names(out_dir, name)
-    others = {k: p for k, p in output_paths(out_dir, name, tuple(OPTIONAL_OUTPUT_SUFFIXES)).items()
-              if k not in paths and p.name in earlier_names}
+    wanted = set(optional_outputs(result.probability is not None, labelmaps))
+    earlier = {k: p for k, p in output_paths(out_dir, name, tuple(OPTIONAL_OUTPUT_SUFFIXES)).items()
+               if k in OPTIONAL_OUTPUT_SUFFIXES and k not in wanted and p.exists()
+               and p.name in recorded_output_names(out_dir, name)}
+    unchanged = {k: p for k, p in earlier.items() if not _changed_since_written(out_dir, name, k, p)}
+    wanted |= {k for k in unchanged if k != "confidence" or result.probability is not None}
+    stale = [p for k, p in unchanged.items() if k not in wanted]
+    paths = output_paths(out_dir, name, tuple(k for k in OPTIONAL_OUTPUT_SUFFIXES if k in wanted))
     order = [k for k in ("segmentation", "overlay") + tuple(OPTIONAL_OUTPUT_SUFFIXES) if k in paths] + \
         ["stats_csv", "stats_json"]
     tmp = {k: temp_path_for(paths[k]) for k in order}
@@ -352,17 +358,12 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
         info["outputs"] = {k: str(p) for k, p in paths.items()}
         # so that a rerun can tell its own outputs from ones corrected in place
         info["outputs_sha256"] = {k: sha256_of(tmp[k]) for k in order if k not in ("stats_json", "stats_csv")}
-        if not replace:   # the earlier run's other optional outputs stay, as that run's
-            for k, p in others.items():
-                info["outputs"][k] = str(p)
-                if (earlier.get("outputs_sha256") or {}).get(k):
-                    info["outputs_sha256"][k] = earlier["outputs_sha256"][k]
         write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
         try:
             for k in order:
                 os.replace(tmp[k], paths[k])
         except OSError as e:
-            for p in list(paths.values()) + (list(others.values()) if replace else []):
+            for p in list(paths.values()) + stale:
                 with contextlib.suppress(OSError):
                     p.unlink()
             raise InputError(f"could not put {paths[k].name} in place ({e.strerror or e}; is it open in another "
@@ -371,17 +372,16 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
         for t in tmp.values():
             with contextlib.suppress(OSError):
                 t.unlink()
-    if replace:
-        for p in others.values():
-            with contextlib.suppress(OSError):
-                p.unlink()
+    for p in stale:
+        with contextlib.suppress(OSError):
+            p.unlink()
     return paths
 
 
 def process_case(input_path, out_dir, name: str | None = None, progress: ProgressFn | None = None,
-                 labelmaps: bool = False, replace: bool = False, **kwargs) -> tuple[SegmentationResult, dict]:
-    """Read ``input_path``, segment it and write the outputs into ``out_dir`` (``labelmaps``,
-    ``replace``: :func:`write_outputs`)."""
+                 labelmaps: bool = False, **kwargs) -> tuple[SegmentationResult, dict]:
+    """Read ``input_path``, segment it and write the outputs into ``out_dir`` (``labelmaps``:
+    :func:`write_outputs`)."""
     from .io import case_name
 
     check_writable(out_dir)
@@ -399,7 +399,7 @@ def process_case(input_path, out_dir, name: str | None = None, progress: Progres
     result.info["timings_s"]["read"] = t_read
     t = time.perf_counter()
     report("write", 0.0)
-    paths = write_outputs(result, ct, out_dir, name, labelmaps=labelmaps, replace=replace)
+    paths = write_outputs(result, ct, out_dir, name, labelmaps=labelmaps)
     result.info["timings_s"]["write"] = time.perf_counter() - t
     report("write", 1.0)
     return result, paths

@@ -665,9 +665,18 @@ def test_folders_of_cases_as_batch_users_have_them(tmp_path, phantom):
         (mixed / "earlier_run" / f"a{suffix}").write_bytes(b"x")
     assert [(n, c.name) for n, c in cli.find_cases(mixed)] == [("a", "a.nii.gz"), ("p", "ct.nii.gz")]
     _write_dicom_series(img[:, :, :1], mixed, "1.2.826.0.1.3680043.2.1125.4.9", "stray", "stray")
+    with pytest.raises(InputError, match=r"one loose DICOM file \(stray000\.dcm\) beside other cases"):
+        cli.find_cases(mixed)          # one slice would stand for the whole folder
+    _write_dicom_series(img[:, :, :3], mixed, "1.2.826.0.1.3680043.2.1125.4.9", "stray", "stray")
     notes = []
-    assert cli.find_cases(mixed, notes=notes) == [("mixed", mixed)]
-    assert "read as one DICOM case" in notes[0] and "a.nii.gz" in notes[0]
+    assert cli.find_cases(mixed, notes=notes) == [("mixed", mixed)]   # a series: the folder is that case
+    assert "read as one DICOM case" in notes[0] and "a.nii.gz" in notes[0] and "p/" in notes[0]
+    # a case folder with an earlier run's output folder inside is still its one CT file
+    nest = tmp_path / "nest"
+    (nest / "patient1" / "results").mkdir(parents=True)
+    write_image(img, nest / "patient1" / "ct.nii.gz")
+    (nest / "patient1" / "results" / "ct_stats.json").write_text("{}")
+    assert cli.find_cases(nest) == [("patient1", nest / "patient1" / "ct.nii.gz")]
 
 
 def test_a_case_folder_in_a_folder_of_cases_fails_as_a_case_with_exit_status_1(tmp_path, tiny_ckpt, capsys):
@@ -696,13 +705,20 @@ def test_files_of_the_user_at_output_names_are_kept_and_overwrite_clears_stale_o
     assert cli.main(_segment_args(folder / "p1.nii.gz", tmp_path, tiny_ckpt, "--labelmaps")) == 2
     assert "p1_lungs.nii.gz, not as segment wrote it" in capsys.readouterr().err
     assert (tmp_path / "p1_lungs.nii.gz").read_bytes() == before and not (tmp_path / "p1.seg.nrrd").exists()
-    # --overwrite replaces it; a later --overwrite run without --labelmaps removes the labelmaps it
-    # wrote, so they cannot pass for the new run's
+    # --overwrite replaces it; a later run without --labelmaps keeps the labelmaps in step with the
+    # new segmentation (rewritten), so that every output listed is one run's; one the user edited
+    # meanwhile is kept as it is and no longer listed
     assert cli.main(_segment_args(folder / "p1.nii.gz", tmp_path, tiny_ckpt, "--labelmaps", "--overwrite")) == 0
     assert outputs_complete(tmp_path, "p1", ("lesion_labelmap", "lung_labelmap"))
+    edited = (tmp_path / "p1_lesions.nii.gz").read_bytes() + b"\0"
+    (tmp_path / "p1_lesions.nii.gz").write_bytes(edited)
+    stamp = (tmp_path / "p1_lungs.nii.gz").stat().st_mtime_ns
     assert cli.main(_segment_args(folder / "p1.nii.gz", tmp_path, tiny_ckpt, "--overwrite")) == 0
-    assert not (tmp_path / "p1_lungs.nii.gz").exists() and not (tmp_path / "p1_lesions.nii.gz").exists()
-    assert outputs_complete(tmp_path, "p1")
+    assert (tmp_path / "p1_lesions.nii.gz").read_bytes() == edited
+    assert (tmp_path / "p1_lungs.nii.gz").stat().st_mtime_ns != stamp
+    listed = json.loads((tmp_path / "p1_stats.json").read_text())["info"]["outputs"]
+    assert "lung_labelmap" in listed and "lesion_labelmap" not in listed
+    assert outputs_complete(tmp_path, "p1", ("lung_labelmap",))
 
 
 def test_corrupt_and_mismatched_checkpoint(tmp_path, phantom):
@@ -1121,7 +1137,11 @@ def test_labels_are_read_on_the_ct_grid_or_refused(tmp_path, phantom, exact_resu
     crop = sitk.RegionOfInterest(lab, [int(x[-1] - x[0] + 1), int(y[-1] - y[0] + 1), int(z[-1] - z[0] + 1)],
                                  [int(x[0]), int(y[0]), int(z[0])])
     cropped = write_image(crop, tmp_path / "cropped.nii.gz")
-    for labels, message in ((bare, "has the CT's size but another position"), (finer, "another voxel grid")):
+    stretched = sitk.Image(lab)
+    stretched.SetSpacing([v * 1.03 for v in lab.GetSpacing()])   # 3 % off: labels drift by pixels at the far edge
+    stretched = write_image(stretched, tmp_path / "stretched.nii.gz")
+    for labels, message in ((bare, "has the CT's size but another position"), (finer, "another voxel grid"),
+                            (stretched, "has the CT's size but another position")):
         assert cli.main(["export-case", "--ct", str(ct_path), "--labels", str(labels), "--out",
                          str(tmp_path / "cases")]) == 2
         assert message in capsys.readouterr().err
@@ -1275,3 +1295,11 @@ def test_a_training_case_is_replaced_whole_or_not_at_all(tmp_path, phantom, exac
                                          class_names=("background", "infection"))
     assert trainingcase.existing_case_files(folder, "p1") == []
     assert not [f for f in folder.rglob("*") if f.is_file()]       # no temporary file left either
+
+
+def test_segment_roles_by_name_put_lesion_words_before_lung_words():
+    from ssalesionseg.io import segment_role
+
+    assert [segment_role({"name": n}) for n in (
+        "Ground glass opacity right lung", "Consolidation, left lung", "GGO", "Right lung", "lungs", "Lung nodule",
+        "left lung", "Segment_5")] == ["ggo", "consolidation", "ggo", "right_lung", "lung", None, "left_lung", None]

@@ -207,8 +207,8 @@ def test_cases_only_trains_without_the_shared_data(tmp_path, monkeypatch, capsys
     from test_data import _write_case  # pytest's prepend import mode puts Testing/python on sys.path
     monkeypatch.delenv("SSALESIONSEG_DATA", raising=False)
     cases, val = tmp_path / "cases", tmp_path / "val"
-    for name in ("a", "b", "c"):
-        _write_case(cases, name)
+    for k, name in enumerate(("a", "b", "c")):   # three CTs (slice spacing tells them apart)
+        _write_case(cases, name, spacing=(0.9, 0.9, 3.0 + 0.1 * k))
     _write_case(val, "v", spacing=(0.9, 0.9, 2.5))   # another CT than the training cases
     common = ["--size", "64", "--epochs", "1", "--batch-size", "2", "--steps-per-epoch", "1", "--device", "cpu"]
     run = tmp_path / "run"
@@ -226,12 +226,17 @@ def test_cases_only_trains_without_the_shared_data(tmp_path, monkeypatch, capsys
                      *common]) in (0, None)
     desc = json.loads((run2 / "config.json").read_text())["data_description"]
     assert desc["n_train"] == 12 and [Path(p).name for p in desc["val_cases"]] == ["v.nii.gz"]
-    # refused: no cases, the shared data's options, a case in both, one case to hold out
+    # refused: no cases, the shared data's options, a case in both, one case to hold out, a
+    # held-out case whose CT also trains under another name
+    dup = tmp_path / "dup"
+    for name in ("x", "y"):
+        _write_case(dup, name)
     for args, message in (
             (["--cases-only"], "give them with --cases"),
             (["--cases", str(cases), "--cases-only", "--semiseg-renderings"], "reads no COVID-SemiSeg"),
-            (["--cases", str(cases), "--val-cases", str(cases), "--cases-only"], "(--val-cases) is the CT of"),
-            (["--cases", str(val), "--cases-only"], "needs at least two")):
+            (["--cases", str(cases), "--val-cases", str(cases), "--cases-only"], "(validation) is the CT of"),
+            (["--cases", str(val), "--cases-only"], "needs at least two"),
+            (["--cases", str(dup), "--cases-only"], "(validation) is the CT of")):
         with pytest.raises(SystemExit) as e:
             rc = cli_main(["train", "--out", str(tmp_path / "no"), *args, *common])
             raise SystemExit(rc)
@@ -248,8 +253,8 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
     from test_data import _write_case
     monkeypatch.delenv("SSALESIONSEG_DATA", raising=False)
     cases, copy, binary = tmp_path / "cases", tmp_path / "copy", tmp_path / "binary"
-    for name in ("a", "b"):
-        _write_case(cases, name)
+    for k, name in enumerate(("a", "b")):
+        _write_case(cases, name, spacing=(0.9, 0.9, 3.0 + 0.1 * k))
     for sub in ("images", "labels"):
         (copy / sub).mkdir(parents=True)
         shutil.copy(cases / sub / "a.nii.gz", copy / sub / "again.nii.gz")

@@ -206,18 +206,19 @@ def _training_splits(a) -> tuple[dict, list]:
     val_dirs = getattr(a, "val_cases", None) or []
     if val_dirs:
         splits["val"] = [s for folder in val_dirs for s in read_cases(folder)]
-        train_images = {s.meta["path"] for s in splits["train"] if s.source == "volume"}
-        val_images = {s.meta["path"] for s in splits["val"]}
-        same = _same_files(train_images, val_images)
-        if same:
-            raise SystemExit(f"{same[1]} (--val-cases) is the CT of {same[0]} (--cases): validate on cases not "
-                             "trained on")
-        print(f"validation: {len(splits['val'])} slices of {len(val_images)} exported case(s) (--val-cases)")
+        print(f"validation: {len(splits['val'])} slices of {len({s.meta['path'] for s in splits['val']})} "
+              "exported case(s) (--val-cases)")
     elif cases_only:
         splits["train"], splits["val"] = data.hold_out_cases(splits["train"], seed=getattr(a, "seed", 0))
         held = sorted({s.meta["volume"] for s in splits["val"]})
         print(f"validation: case(s) {', '.join(held)} held out of --cases ({len(splits['val'])} slices; "
               "--val-cases chooses them yourself)")
+    if val_dirs or cases_only:
+        same = _same_files({s.meta["path"] for s in splits["train"] if s.source == "volume"},
+                           {s.meta["path"] for s in splits["val"] if s.source == "volume"})
+        if same:
+            raise SystemExit(f"{same[1]} (validation) is the CT of {same[0]} (training): validate on cases not "
+                             "trained on — remove the copy, or choose the validation cases with --val-cases")
     if cases:
         print(f"training: {len(splits['train'])} slices")
     return splits, cases
