@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -178,8 +179,7 @@ def find_cases(path, out=None, notes=None) -> list:
             cases.append((e.name, e))
             continue
         inner = [f for f in inside if is_volume_file(f) and not is_engine_output(f)]
-        # DICOM in it or in its subfolders (not an output folder a run wrote into the case folder)
-        dicom = any(is_dicom_file(f) for f in inside) or any(_holds_dicom(f) for f in inside if f.is_dir())
+        dicom = _holds_dicom(e)   # in it or its subfolders (an output folder inside holds none)
         if not inner and not dicom and any(f.name.endswith("_stats.json") for f in inside):
             continue   # an earlier run's output folder
         cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
@@ -258,26 +258,45 @@ def cmd_segment(args) -> int:
     out = check_writable(args.out)
     prog = _Progress(args.progress_json, len(cases))
     wanted = optional_outputs(args.save_probability, args.labelmaps)
-    # outputs already there (their stats JSON records what made them) are not replaced unasked
-    # when another input or another model made them -- also when this run asks for more of them
-    recorded = set() if args.overwrite else {n for n, _ in cases if output_paths(out, n)["stats_json"].is_file()}
-    clashes = {n: other for n, path in cases if n in recorded
-               for other in [outputs_from_other_input(out, n, path)] if other}
-    done_by_other_model = {}
-    if recorded - set(clashes):
-        sha = checkpoint_sha256(args.checkpoint)
-        done_by_other_model = {n: other for n, _ in cases if n in recorded and n not in clashes
-                               for other in [outputs_from_other_model(out, n, sha)] if other}
-    # figures `stats` recomputed from corrected labels into this folder: the user's, kept
-    corrected = {n for n in recorded - set(clashes) - set(done_by_other_model) if recomputed_by_stats(out, n)}
-    corrected_incomplete = {n for n in corrected if not outputs_complete(out, n, wanted)}
-    todo = {n for n, _ in cases if n not in clashes and n not in done_by_other_model and n not in corrected
-            and (args.overwrite or not outputs_complete(out, n, wanted))}
-    # files at the outputs' names that are not this case's unchanged outputs are the user's: kept
-    foreign = {} if args.overwrite else {n: f for n in sorted(todo) for f in [foreign_files(out, n, wanted)] if f}
-    todo -= set(foreign)
-    skipped = [n for n, _ in cases if n not in todo and n not in clashes and n not in done_by_other_model
-               and n not in foreign and n not in corrected_incomplete]
+
+    @functools.lru_cache(maxsize=None)
+    def model_sha():   # hashed once, and only when some outputs exist
+        return checkpoint_sha256(args.checkpoint)
+
+    def decide(n, path):
+        """"todo", "skip", "kept" (figures `stats` recomputed) or the InputError the case fails
+        with: outputs already there are not replaced unasked when another input or another model
+        made them, when `stats` recomputed them from corrected labels, or when files at their
+        names are not this case's unchanged outputs (the user's) -- also when this run asks for
+        more outputs than are there."""
+        if args.overwrite:
+            return "todo"
+        if output_paths(out, n)["stats_json"].is_file():
+            other = outputs_from_other_input(out, n, path)
+            if other:
+                return InputError(f"{out} already holds outputs named {n!r} made from another input ({other}); "
+                                  "they are left as they are: give another --out, or --overwrite to replace them")
+            other = outputs_from_other_model(out, n, model_sha())
+            if other:
+                return InputError(f"{out} already holds outputs named {n!r} made with another model ({other}); "
+                                  "they are left as they are: give another --out to keep both, or --overwrite to "
+                                  "replace them with this model's")
+            if recomputed_by_stats(out, n):
+                return "kept" if outputs_complete(out, n, wanted) else InputError(
+                    f"{out} holds figures of case {n!r} recomputed by `ssalesionseg stats` (corrected labels?); "
+                    "they are left as they are: give another --out, or --overwrite to segment the case again")
+        if outputs_complete(out, n, wanted):
+            return "skip"
+        files = foreign_files(out, n, wanted)
+        if files:
+            return InputError(f"{out} already holds {', '.join(f.name for f in files)}, not as segment wrote it "
+                              f"for case {n!r} (your own file, or corrected in place?); it is left as it is: give "
+                              "another --out, or --overwrite to replace it")
+        return "todo"
+
+    decisions = {n: decide(n, path) for n, path in cases}
+    todo = {n for n, d in decisions.items() if d == "todo"}
+    skipped = [n for n, _ in cases if decisions[n] in ("skip", "kept")]
     failures = []
     # one CT given (a file or a DICOM series): its error is the command's (exit status 2);
     # in a folder of cases a case's error is reported and the others go on (exit status 1)
@@ -296,23 +315,11 @@ def cmd_segment(args) -> int:
             if not isinstance(e, (InputError, ValueError, RuntimeError, OSError)):
                 traceback.print_exception(type(e), e, e.__traceback__)
 
-    for n, other in clashes.items():
-        fail(n, InputError(f"{out} already holds outputs named {n!r} made from another input ({other}); "
-                           "they are left as they are: give another --out, or --overwrite to replace them"))
-    for n, other in done_by_other_model.items():
-        fail(n, InputError(f"{out} already holds outputs named {n!r} made with another model ({other}); "
-                           "they are left as they are: give another --out to keep both, or --overwrite to "
-                           "replace them with this model's"))
-    for n, files in foreign.items():
-        fail(n, InputError(f"{out} already holds {', '.join(f.name for f in files)}, not as segment wrote it for "
-                           f"case {n!r} (your own file, or corrected in place?); it is left as it is: give another "
-                           "--out, or --overwrite to replace it"))
-    for n in sorted(corrected_incomplete):
-        fail(n, InputError(f"{out} holds figures of case {n!r} recomputed by `ssalesionseg stats` (corrected "
-                           "labels?); they are left as they are: give another --out, or --overwrite to segment the "
-                           "case again"))
+    for n, _ in cases:
+        if isinstance(decisions[n], InputError):
+            fail(n, decisions[n])
     for n in skipped:
-        reason = ("figures recomputed by `ssalesionseg stats` are kept" if n in corrected
+        reason = ("figures recomputed by `ssalesionseg stats` are kept" if decisions[n] == "kept"
                   else "outputs exist")
         prog.event(event="skipped", case=n, reason=f"{reason} (use --overwrite to redo)")
         if not args.progress_json:

@@ -455,18 +455,9 @@ def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: 
         for _, role, m in segs:
             if role in value:
                 lab[m] = value[role]
-        lungs = None
-        present = {role for _, role, m in segs if m.any()}   # an empty lung segment tells nothing
-        if present & {"right_lung", "left_lung"}:
-            lungs = np.zeros(lab.shape, np.uint8)
-            for _, role, m in segs:
-                if role in ("right_lung", "left_lung"):
-                    lungs[m] = 1 if role == "right_lung" else 2
-        elif "lung" in present:   # one segment for both lungs: split into sides as a lung mask is
-            from .lungstep import _sides_of
-            lungs = _sides_of(np.logical_or.reduce([m for _, role, m in segs if role == "lung"]), reference)
-        ignored = [n for n, role, _ in segs if role not in value and role not in ("right_lung", "left_lung", "lung")]
-        return ResultLabels(lab, lungs, binary, ignored)
+        from .lungstep import LUNG_ROLES, lungs_from_segments   # lungstep reads files through this module
+        ignored = [n for n, role, _ in segs if role not in value and role not in LUNG_ROLES]
+        return ResultLabels(lab, lungs_from_segments(segs, reference), binary, ignored)
     lab = read_labelmap(path, reference, what="labels")
     binary = classes == "binary"
     allowed = (0, 1) if binary else (0, 1, 2)
@@ -584,6 +575,21 @@ def atomic_path(path: str | os.PathLike):
         if tmp.exists():
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def replace_together(moves: dict, also_remove=()) -> None:
+    """Rename each temporary file onto its target, in order (``moves``: {target: temporary}),
+    for files that belong together (a case's outputs, a training case). If one rename fails,
+    they no longer do: every target (and ``also_remove``) is removed, and the OSError is
+    raised with the target that failed as its ``filename``."""
+    for target, temporary in moves.items():
+        try:
+            os.replace(temporary, target)
+        except OSError as e:
+            for p in list(moves) + list(also_remove):
+                with contextlib.suppress(OSError):
+                    Path(p).unlink()
+            raise OSError(e.errno, e.strerror, str(target)) from None
 
 
 def write_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:

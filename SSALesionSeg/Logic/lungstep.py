@@ -182,20 +182,12 @@ def _mask_array(mask, ct: sitk.Image) -> np.ndarray:
 def _from_file(path, ct: sitk.Image) -> LungResult:
     if isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(".seg.nrrd"):  # lungs by segment name
         segs = read_segments(path, ct, what="lung mask")
-        right = [m for _, role, m in segs if role == "right_lung"]
-        left = [m for _, role, m in segs if role == "left_lung"]
-        any_lung = [m for _, role, m in segs if role in ("right_lung", "left_lung", "lung")]
-        if right or left:
-            labels = np.zeros(ct.GetSize()[::-1], np.uint8)
-            for m in right:
-                labels[m] = 1
-            for m in left:
-                labels[m] = 2
-        elif any_lung:
-            labels = _sides_of(np.logical_or.reduce(any_lung), ct)
-        else:
-            raise InputError(f"{path}: no lung segment (by name or terminology) among "
-                             f"{', '.join(n for n, _, _ in segs)}")
+        labels = lungs_from_segments(segs, ct)
+        if labels is None:
+            if not any(role in LUNG_ROLES for _, role, _ in segs):
+                raise InputError(f"{path}: no lung segment (by name or terminology) among "
+                                 f"{', '.join(n for n, _, _ in segs)}")
+            labels = np.zeros(ct.GetSize()[::-1], np.uint8)   # lung segments, all empty: said below
     else:
         arr = _mask_array(path, ct)
         values = set(np.unique(arr).tolist()) - {0}
@@ -207,6 +199,26 @@ def _from_file(path, ct: sitk.Image) -> LungResult:
         raise InputError(f"{path if isinstance(path, (str, os.PathLike)) else 'lung mask'}: the lung mask is empty")
     source = str(path) if isinstance(path, (str, os.PathLike)) else f"given {type(path).__name__}"
     return LungResult(labels=labels, method="file", details={"file": source})
+
+
+LUNG_ROLES = ("right_lung", "left_lung", "lung")
+
+
+def lungs_from_segments(segs, ct: sitk.Image) -> np.ndarray | None:
+    """Lung labels (1 right, 2 left) from the segments of a ``.seg.nrrd`` as
+    :func:`~.io.read_segments` returns them: the right / left lung segments when one holds
+    voxels, else one unsided lung segment split into sides as a lung mask is; None when no
+    lung segment holds voxels."""
+    present = {role for _, role, m in segs if m.any()}   # an empty lung segment tells nothing
+    if present & {"right_lung", "left_lung"}:
+        labels = np.zeros(ct.GetSize()[::-1], np.uint8)
+        for _, role, m in segs:
+            if role in ("right_lung", "left_lung"):
+                labels[m] = 1 if role == "right_lung" else 2
+        return labels
+    if "lung" in present:
+        return _sides_of(np.logical_or.reduce([m for _, role, m in segs if role == "lung"]), ct)
+    return None
 
 
 def _sides_of(mask: np.ndarray, ct: sitk.Image) -> np.ndarray:

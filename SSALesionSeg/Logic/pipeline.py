@@ -28,8 +28,8 @@ import SimpleITK as sitk
 
 from .errors import Cancelled, InputError
 from .geometry import array_from_lps, image_like, to_lps
-from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, read_ct, temp_path_for,
-                 validate_ct, write_image)
+from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, read_ct, replace_together,
+                 temp_path_for, validate_ct, write_image)
 from .lungstep import compute_lungs
 from .stats import compute_stats, label_names_for, write_stats
 
@@ -232,7 +232,7 @@ def outputs_complete(out_dir, name: str, optional=()) -> bool:
     (a rerun with ``--labelmaps`` is not "done" by outputs written without them), and those
     are the ones its stats JSON lists (not a file of the user's that has the same name)."""
     paths = output_paths(out_dir, name, optional)
-    recorded = recorded_output_names(out_dir, name)
+    recorded = RecordedRun(out_dir, name).names
     return (all(p.is_file() for p in paths.values())
             and all(paths[k].name in recorded for k in optional))
 
@@ -243,36 +243,39 @@ def recomputed_by_stats(out_dir, name: str) -> bool:
     return bool(_recorded_info(out_dir, name).get("recomputed_by"))
 
 
-def recorded_output_names(out_dir, name: str) -> set:
-    """File names of the outputs the stats JSON of ``name`` in ``out_dir`` lists as written
-    with it (empty when there is no stats JSON)."""
-    outputs = _recorded_info(out_dir, name).get("outputs")
-    # ntpath: the folder may have been written on Windows (backslashes) and read here
-    return {ntpath.basename(str(v)) for v in outputs.values()} if isinstance(outputs, dict) else set()
+class RecordedRun:
+    """What the stats JSON of case ``name`` in ``out_dir`` records of the outputs written with
+    it (read once): their file names and SHA-256s."""
+
+    def __init__(self, out_dir, name: str):
+        self.stats_json = output_paths(out_dir, name)["stats_json"]
+        info = _recorded_info(out_dir, name)
+        outputs, hashes = info.get("outputs"), info.get("outputs_sha256")
+        # ntpath: the folder may have been written on Windows (backslashes) and read here
+        self.names = {ntpath.basename(str(v)) for v in outputs.values()} if isinstance(outputs, dict) else set()
+        self.hashes = hashes if isinstance(hashes, dict) else {}
+
+    def changed(self, key: str, path: Path) -> bool:
+        """``path`` (output ``key``) is not as ``segment`` wrote it: not listed, or another
+        SHA-256 than recorded (for runs before the hashes were recorded: modified after the
+        stats JSON)."""
+        from ssanet.checkpoint import sha256_of
+
+        if path.name not in self.names:
+            return True
+        if self.hashes.get(key):
+            return sha256_of(path) != self.hashes[key]
+        return self.stats_json.is_file() and path.stat().st_mtime > self.stats_json.stat().st_mtime + 2
 
 
 def foreign_files(out_dir, name: str, optional=()) -> list:
     """Files in ``out_dir`` at the names the outputs of ``name`` would take that are not the
-    engine's unchanged outputs (:func:`_changed_since_written`): e.g. the user's own
+    engine's unchanged outputs (:meth:`RecordedRun.changed`): e.g. the user's own
     ``<name>_lungs.nii.gz``, or a ``.seg.nrrd`` corrected in place. Writing the case would
     replace them."""
+    recorded = RecordedRun(out_dir, name)
     return [p for k, p in output_paths(out_dir, name, optional).items()
-            if k not in ("stats_json", "stats_csv") and p.exists() and _changed_since_written(out_dir, name, k, p)]
-
-
-def _changed_since_written(out_dir, name: str, key: str, path: Path) -> bool:
-    """``path`` (output ``key`` of ``name``) is not as ``segment`` wrote it with the case's stats
-    JSON: not listed there, or another SHA-256 than recorded (for runs before the hashes
-    were recorded: modified after the stats JSON)."""
-    from ssanet.checkpoint import sha256_of
-
-    if path.name not in recorded_output_names(out_dir, name):
-        return True
-    hashes = _recorded_info(out_dir, name).get("outputs_sha256") or {}
-    if isinstance(hashes, dict) and hashes.get(key):
-        return sha256_of(path) != hashes[key]
-    stats_json = output_paths(out_dir, name)["stats_json"]
-    return stats_json.is_file() and path.stat().st_mtime > stats_json.stat().st_mtime + 2
+            if k not in ("stats_json", "stats_csv") and p.exists() and recorded.changed(k, p)]
 
 
 def _recorded_info(out_dir, name: str) -> dict:
@@ -337,10 +340,10 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
 
     check_writable(out_dir)
     wanted = set(optional_outputs(result.probability is not None, labelmaps))
+    recorded = RecordedRun(out_dir, name)
     earlier = {k: p for k, p in output_paths(out_dir, name, tuple(OPTIONAL_OUTPUT_SUFFIXES)).items()
-               if k in OPTIONAL_OUTPUT_SUFFIXES and k not in wanted and p.exists()
-               and p.name in recorded_output_names(out_dir, name)}
-    unchanged = {k: p for k, p in earlier.items() if not _changed_since_written(out_dir, name, k, p)}
+               if k in OPTIONAL_OUTPUT_SUFFIXES and k not in wanted and p.exists() and p.name in recorded.names}
+    unchanged = {k: p for k, p in earlier.items() if not recorded.changed(k, p)}
     wanted |= {k for k in unchanged if k != "confidence" or result.probability is not None}
     stale = [p for k, p in unchanged.items() if k not in wanted]
     paths = output_paths(out_dir, name, tuple(k for k in OPTIONAL_OUTPUT_SUFFIXES if k in wanted))
@@ -360,14 +363,10 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
         info["outputs_sha256"] = {k: sha256_of(tmp[k]) for k in order if k not in ("stats_json", "stats_csv")}
         write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
         try:
-            for k in order:
-                os.replace(tmp[k], paths[k])
+            replace_together({paths[k]: tmp[k] for k in order}, also_remove=stale)
         except OSError as e:
-            for p in list(paths.values()) + stale:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            raise InputError(f"could not put {paths[k].name} in place ({e.strerror or e}; is it open in another "
-                             f"program?): the outputs of {name!r} were removed, run the case again") from None
+            raise InputError(f"could not put {Path(e.filename).name} in place ({e.strerror or e}; is it open in "
+                             f"another program?): the outputs of {name!r} were removed, run the case again") from None
     finally:
         for t in tmp.values():
             with contextlib.suppress(OSError):

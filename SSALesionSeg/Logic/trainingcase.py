@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from ssanet.preprocess import hu_problem, same_grid
 
 from .errors import InputError
-from .io import temp_path_for
+from .io import replace_together, temp_path_for
 
 FOLDERS = ("images", "labels", "lungs")
 MULTICLASS = ("background", "ggo", "consolidation")
@@ -107,14 +107,10 @@ def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
             else:
                 sitk.WriteImage(images[sub], str(tmp[sub]), True)
         try:
-            for k, t in targets.items():
-                os.replace(tmp[k], t)
-        except OSError as e:   # part of the case replaced: its files no longer belong together
-            for t in list(targets.values()) + [Path(paths["lungs"])]:
-                if t.exists():
-                    t.unlink()
-            raise InputError(f"could not put {t.name} of training case '{case}' in place ({e.strerror or e}); "
-                             "the case's files were removed: export it again") from None
+            replace_together({t: tmp[k] for k, t in targets.items()}, also_remove=[paths["lungs"]])
+        except OSError as e:
+            raise InputError(f"could not put {Path(e.filename).name} of training case '{case}' in place "
+                             f"({e.strerror or e}); the case's files were removed: export it again") from None
     finally:
         for t in tmp.values():
             if t.exists():

@@ -42,11 +42,15 @@ class SegmentSpec:
         self.visible3D = visible3D
 
 
-def _engine_catalog():
-    """The engine's segment naming and terminology (light modules: no torch)."""
+def _engine_module(name):
+    """A light module of the engine (no torch): ``segfile``, ``terminology``, ``io``, ``trainingcase``."""
     _engine.import_engine_package()
-    return (importlib.import_module(_engine.ENGINE_PACKAGE + ".segfile"),
-            importlib.import_module(_engine.ENGINE_PACKAGE + ".terminology"))
+    return importlib.import_module(_engine.ENGINE_PACKAGE + "." + name)
+
+
+def _engine_catalog():
+    """The engine's segment naming and terminology."""
+    return _engine_module("segfile"), _engine_module("terminology")
 
 
 def lesion_specs(classNames=None):
@@ -231,7 +235,7 @@ def find_segment_id(segmentation, spec, byRole=False):
     segmentId = segmentation.GetSegmentIdBySegmentName(spec.name)
     if segmentId or not byRole:
         return segmentId or None
-    segmentRole = _engine_io().segment_role
+    segmentRole = _engine_module("io").segment_role
     wanted = segmentRole({"name": spec.name})
     for index in range(segmentation.GetNumberOfSegments()):
         candidate = segmentation.GetNthSegmentID(index)
@@ -252,11 +256,6 @@ def terminology_codes(entry):
         return fields if len(fields) >= 2 and fields[1] else None
 
     return {"type": code(2), "typeModifier": code(3)}
-
-
-def _engine_io():
-    _engine.import_engine_package()
-    return importlib.import_module(_engine.ENGINE_PACKAGE + ".io")
 
 
 def ensure_segmentation_node(scene, segmentationNode, referenceVolumeNode, name=None):
@@ -633,19 +632,13 @@ def summary_line(stats):
 # Training-case export
 # ---------------------------------------------------------------------------
 
-def _training_case_module():
-    """The engine's training-case writer (light module: no torch)."""
-    _engine.import_engine_package()
-    return importlib.import_module(_engine.ENGINE_PACKAGE + ".trainingcase")
-
-
 def safe_case_name(name):
-    return _training_case_module().safe_case_name(name)
+    return _engine_module("trainingcase").safe_case_name(name)
 
 
 def existing_training_case_files(outputDir, caseName):
     """The files of case ``caseName`` already in ``outputDir`` (any of images/, labels/, lungs/)."""
-    return _training_case_module().existing_case_files(outputDir, caseName)
+    return _engine_module("trainingcase").existing_case_files(outputDir, caseName)
 
 
 def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None, overwrite=False):
@@ -654,7 +647,7 @@ def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None,
     (1 right, 2 left) when the lung segments exist — with the engine's writer, the layout
     ``ssalesionseg train --cases`` reads. Returns the written paths."""
     labels, lungs = labelmaps_from_result_segments(segmentationNode, volumeNode, requireLungs=False)
-    return _training_case_module().write_training_case(
+    return _engine_module("trainingcase").write_training_case(
         outputDir, caseName or volumeNode.GetName(), image_from_volume_node(volumeNode), labels, lungs, overwrite,
         class_names=class_names_of(segmentationNode))
 
