@@ -79,12 +79,13 @@ def random_model(num_classes: int = 3, size: int = 512, pixel_spacing_mm: float 
     """A randomly initialised full-size SSA-Net and a matching meta (timing only)."""
     import torch
 
+    from ssanet.classes import default_class_names
     from ssanet.model import SSANet
     from ssanet.preprocess import LUNG_WINDOW_HU
 
     torch.manual_seed(0)
     net = SSANet(in_channels=2, num_classes=num_classes, spatial_conv=spatial_conv).eval()
-    meta = {"class_names": ["background", "ggo", "consolidation"] if num_classes == 3 else ["background", "infection"],
+    meta = {"class_names": default_class_names(num_classes),
             "preprocessing": {"size": size, "pixel_spacing_mm": pixel_spacing_mm, "fov_px": size,
                               "window_hu": list(LUNG_WINDOW_HU), "blank_outside_lung": True},
             "name": "random-init SSA-Net (timing only)", "sha256": None}

@@ -350,7 +350,7 @@ def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
 
 def read_labelmap(path: str | os.PathLike, reference: sitk.Image, what: str = "labelmap") -> np.ndarray:
     """A label image file (any SimpleITK format) as an integer array (z, y, x) on
-    ``reference``'s grid (:func:`_on_grid`: the same grid, or a crop of it)."""
+    ``reference``'s grid (:func:`on_ct_grid`: the same grid, or a crop of it)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{what} not found: {p}")
@@ -361,7 +361,7 @@ def read_labelmap(path: str | os.PathLike, reference: sitk.Image, what: str = "l
         img = sitk.Extract(img, img.GetSize()[:3] + (0,), (0, 0, 0, 0))
     if img.GetDimension() != 3:
         raise InputError(f"{p}: {what} must be 3D like the CT, got {img.GetDimension()}D")
-    return sitk.GetArrayFromImage(_on_grid(sitk.Cast(img, sitk.sitkUInt16), reference, p, what))
+    return sitk.GetArrayFromImage(on_ct_grid(sitk.Cast(img, sitk.sitkUInt16), reference, p, what))
 
 
 # segment roles by terminology type code (the codes of .terminology) and by the IDs the
@@ -425,7 +425,7 @@ def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "s
         img.SetDirection(tuple((ijk_to_lps[:3, :3] / spacing).ravel()))
         img.SetOrigin(tuple(float(v) for v in ijk_to_lps[:3, 3]))
         out.append((s.get("name") or f"Segment_{k}", segment_role(s),
-                    sitk.GetArrayFromImage(_on_grid(img, reference, p, what)) > 0))
+                    sitk.GetArrayFromImage(on_ct_grid(img, reference, p, what)) > 0))
     if not out:
         raise InputError(f"{p}: the segmentation has no segments")
     return out
@@ -510,7 +510,7 @@ def on_lattice(img: sitk.Image, reference: sitk.Image, tol: float = 0.05) -> boo
     return bool(np.all(np.abs(offset - np.round(offset)) + far < tol))
 
 
-def _on_grid(img: sitk.Image, reference: sitk.Image, p: Path, what: str) -> sitk.Image:
+def on_ct_grid(img: sitk.Image, reference: sitk.Image, p: Path | str, what: str) -> sitk.Image:
     """``img`` on ``reference``'s grid: as it is when the grids are the same; copied voxel for
     voxel when its voxels are the CT's (:func:`on_lattice`: a crop, as Slicer saves
     segmentations, or another orientation of the same grid); anything else is refused, since

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from .errors import FallbackWarning, InputError, LungWeightsError
 from .geometry import array_from_lps, to_lps
-from .io import read_labelmap, read_segments, same_grid
+from .io import on_ct_grid, read_labelmap, read_segments
 
 WEIGHTS_ENV = "SSALESIONSEG_LUNGMASK_WEIGHTS"
 LOBE_WEIGHTS_ENV = "SSALESIONSEG_LUNGMASK_LOBE_WEIGHTS"
@@ -172,10 +172,11 @@ def _mask_array(mask, ct: sitk.Image) -> np.ndarray:
         if mask.shape != ct.GetSize()[::-1]:
             raise InputError(f"lung mask array has shape {mask.shape}, the CT {ct.GetSize()[::-1]} (z, y, x)")
         return mask
-    if isinstance(mask, sitk.Image):
-        if not same_grid(mask, ct):
-            mask = sitk.Resample(mask, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
-        return sitk.GetArrayFromImage(mask)
+    if isinstance(mask, sitk.Image):  # the same rule as for a file: the CT's voxels, or refused
+        if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"the given lung mask image must be a 3D scalar label image like the CT, got "
+                             f"{mask.GetDimension()}D with {mask.GetNumberOfComponentsPerPixel()} component(s)")
+        return sitk.GetArrayFromImage(on_ct_grid(mask, ct, "the given lung mask image", "lung mask"))
     return read_labelmap(mask, ct, what="lung mask")
 
 

@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from ssanet.classes import MULTICLASS
+
 from .errors import Cancelled, InputError
 from .geometry import array_from_lps, image_like, to_lps
 from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, read_ct, replace_together,
@@ -107,7 +109,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     check_cancel()
 
     t = time.perf_counter()
-    class_names = list(meta.get("class_names") or ["background", "ggo", "consolidation"])
+    class_names = list(meta.get("class_names") or MULTICLASS)
     predictor = Predictor.for_checkpoint(net, meta, dev, batch_size, flip_tta, cpu_bf16=cpu_bf16)
     labels_arr, conf_arr, n_slices = _lesions(ct, lungs_img, predictor, meta, min_lesion_mm2, save_probability,
                                               lambda f: report("lesions", f), check_cancel)

@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ssanet.classes import BINARY, MULTICLASS
+
 from .io import atomic_path
 
-MULTICLASS_NAMES = {1: "ggo", 2: "consolidation"}
-BINARY_NAMES = {1: "infection"}
+MULTICLASS_NAMES = dict(enumerate(MULTICLASS[1:], start=1))  # {label value: stats key}
+BINARY_NAMES = dict(enumerate(BINARY[1:], start=1))
 LUNG_SIDES = {"right": (1,), "left": (2,), "total": (1, 2)}
 # lungmask LTRCLobes label order
 LOBE_NAMES = {1: "left_upper", 2: "left_lower", 3: "right_upper", 4: "right_middle", 5: "right_lower"}

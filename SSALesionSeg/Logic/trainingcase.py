@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ssanet.classes import MULTICLASS
 from ssanet.preprocess import hu_problem, same_grid
 
 from .errors import InputError
 from .io import replace_together, temp_path_for
 
 FOLDERS = ("images", "labels", "lungs")
-MULTICLASS = ("background", "ggo", "consolidation")
 
 
 def safe_case_name(name: str) -> str:

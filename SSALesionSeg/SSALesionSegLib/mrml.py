@@ -23,7 +23,6 @@ from . import engine as _engine
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
-DEFAULT_CLASS_NAMES = ("background", "ggo", "consolidation")
 CLASS_NAMES_ATTRIBUTE = "SSALesionSeg.ClassNames"
 
 
@@ -48,6 +47,12 @@ def _engine_module(name):
     return importlib.import_module(_engine.ENGINE_PACKAGE + "." + name)
 
 
+def _default_class_names():
+    """The multi-class model's classes (``ssanet.classes``), for results that do not say."""
+    _engine.import_engine_package()
+    return list(importlib.import_module("ssanet.classes").MULTICLASS)
+
+
 def _engine_catalog():
     """The engine's segment naming and terminology."""
     return _engine_module("segfile"), _engine_module("terminology")
@@ -56,7 +61,7 @@ def _engine_catalog():
 def lesion_specs(classNames=None):
     segfile, terminology = _engine_catalog()
     return [SegmentSpec(name, "labels", value, terminology.color(name), terminology.terminology_entry(name))
-            for name, value in segfile.lesion_segments(list(classNames or DEFAULT_CLASS_NAMES))]
+            for name, value in segfile.lesion_segments(list(classNames or _default_class_names()))]
 
 
 def lung_specs():
@@ -315,7 +320,7 @@ def import_result_to_segmentation(scene, volumeNode, labels, lungs, segmentation
             ijkToRas = ijk_to_ras_from_image(sources[spec.source])
             set_segment_from_array(segmentationNode, spec, arrays[spec.source] == spec.labelValue, ijkToRas)
         if labels is not None:
-            segmentationNode.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps(list(classNames or DEFAULT_CLASS_NAMES)))
+            segmentationNode.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps(list(classNames or _default_class_names())))
     finally:
         segmentationNode.EndModify(wasModifying)
     return segmentationNode
@@ -331,7 +336,7 @@ def class_names_of(segmentationNode):
     binary = lesion_specs(["background", "infection"])[0]
     if find_segment_id(segmentation, binary) and not any(find_segment_id(segmentation, s) for s in lesion_specs()):
         return ["background", "infection"]
-    return list(DEFAULT_CLASS_NAMES)
+    return _default_class_names()
 
 
 def segment_mask_array(segmentationNode, segmentId, referenceVolumeNode):

@@ -470,6 +470,18 @@ def test_lung_mask_file_bypasses_the_lung_step(tmp_path, phantom):
     # the Slicer module hands over a SimpleITK image
     res_img = segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=lungs, device="cpu")
     assert (sitk.GetArrayFromImage(res_img.lungs) == sitk.GetArrayFromImage(lungs)).all()
+    # ... under the same grid rule as a file: a crop of the CT's voxels is copied exactly,
+    # one half a voxel off is refused instead of resampled (labels would move)
+    lo = [int(min(np.nonzero(sitk.GetArrayFromImage(lungs))[2 - d])) for d in range(3)]
+    crop = sitk.RegionOfInterest(lungs, [s - lo[d] for d, s in enumerate(lungs.GetSize())], lo)
+    res_crop = segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=crop, device="cpu")
+    assert (sitk.GetArrayFromImage(res_crop.lungs) == sitk.GetArrayFromImage(lungs)).all()
+    shifted = sitk.Image(lungs)
+    shifted.SetOrigin([o + 0.5 * s for o, s in zip(lungs.GetOrigin(), lungs.GetSpacing())])
+    with pytest.raises(InputError, match="given lung mask image.*another position or spacing"):
+        segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=shifted, device="cpu")
+    with pytest.raises(InputError, match="3D scalar label image"):
+        segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=lungs[:, :, 0], device="cpu")
     write_seg_nrrd(tmp_path / "prev.seg.nrrd", res.labels, res.lungs, res.class_names)
     res3 = segment_image(img, model=(ThresholdNet(), exact_meta()), lung_mask=tmp_path / "prev.seg.nrrd", device="cpu")
     assert (sitk.GetArrayFromImage(res3.lungs) == sitk.GetArrayFromImage(lungs)).all()

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .classes import default_class_names  # noqa: F401  (ckpt.default_class_names for train / semisup)
 from .model import SSANet, SSANetConfig, SSANetEnsemble
 
 FORMAT = "ssanet-checkpoint/1"
@@ -143,14 +144,6 @@ def require_single_network(meta: dict, what: str, member: int | None = None) -> 
             "again with `ssalesionseg ensemble`")
     if member >= n:
         raise CheckpointError(f"--init-member {member}: {what} {meta.get('path', '')} has members 0 to {n - 1}")
-
-
-def default_class_names(num_classes: int) -> list[str]:
-    if num_classes == 1:
-        return ["background", "infection"]
-    if num_classes == 3:
-        return ["background", "ggo", "consolidation"]
-    return ["background"] + [f"class{i}" for i in range(1, num_classes)]
 
 
 def read_meta(path) -> dict:
