@@ -141,12 +141,23 @@ def compute_stats(ct, labels, lungs, lobes=None, label_names=None) -> dict:
     return out
 
 
-def severity_text(severity: dict) -> str:
-    """'4/10 per lung', '7/25 per lobe' (+ how many regions were scored when not all)."""
-    text = f"{severity['total']}/{severity['max']} {severity.get('basis', '')}".rstrip()
-    scored, n = severity.get("regions_scored"), len(severity.get("regions") or {})
-    if scored is not None and n and scored < n:
-        text += f" ({scored} of {n} regions scored)"
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def severity_text(severity) -> str | None:
+    """'4/10 per lung', '7/25 per lobe' (+ how many regions were scored when not all), for
+    the ``severity`` of :func:`compute_stats` or what is left of it in an edited stats file
+    (a bare number: '4'); None without a total."""
+    sev = severity if isinstance(severity, dict) else {"total": severity}
+    total, maximum = sev.get("total"), sev.get("max")
+    if not _is_number(total):
+        return None
+    text = f"{total:g}" + (f"/{maximum:g}" if _is_number(maximum) else "")
+    text = f"{text} {sev.get('basis') or ''}".rstrip()
+    scored, n = sev.get("regions_scored"), len(sev.get("regions") or {})
+    if _is_number(scored) and n and scored < n:
+        text += f" ({scored:g} of {n} regions scored)"
     return text
 
 

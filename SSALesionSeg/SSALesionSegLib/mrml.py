@@ -593,8 +593,6 @@ def stats_to_json(stats):
 
 
 def _number(value):
-    if isinstance(value, dict):
-        value = value.get("total")
     return float(value) if _is_number(value) else None
 
 
@@ -617,19 +615,9 @@ def summary_line(stats):
                         (("GGO", lesion("ggo", "volume_ml")), ("consolidation", lesion("consolidation", "volume_ml")))
                         if value is not None)
     line = ": ".join(part for part in (head, details) if part)
-    severity = stats.get("severity")
-    score = _number(severity)
-    if score is not None:
-        maximum = _number(severity.get("max")) if isinstance(severity, dict) else None
-        text = f"Severity {score:g}" + (f"/{maximum:g}" if maximum is not None else "")
-        basis = severity.get("basis") if isinstance(severity, dict) else None
-        if basis:   # "4/10 per lung" is not the 0-25 lobar score a reader may expect
-            text += f" {basis}"
-        scored = severity.get("regions_scored") if isinstance(severity, dict) else None
-        regions = len(severity.get("regions") or {}) if isinstance(severity, dict) else 0
-        if _is_number(scored) and regions and scored < regions:
-            text += f" ({scored:g} of {regions} regions scored)"
-        line = f"{line}. {text}" if line else text
+    severity = _engine_module("stats").severity_text(stats.get("severity"))
+    if severity:
+        line = f"{line}. Severity {severity}" if line else f"Severity {severity}"
     return f"{line}." if line else "No statistics."
 
 

@@ -319,6 +319,11 @@ def test_summary_line_tolerates_scalar_and_missing_fields():
     assert mrml.summary_line(stats) == ("Infection 12.4 mL (3.1 % of lungs): GGO 10.0 mL, consolidation 2.4 mL. "
                                         "Severity 4.")
     assert mrml.summary_line({}) == "No statistics."
+    # the engine's wording (stats.severity_text), also for an edited, partial severity
+    partial = {"severity": {"total": 7, "max": 25, "basis": "per lobe", "regions_scored": 4,
+                            "regions": {k: {} for k in "abcde"}}}
+    assert mrml.summary_line(partial) == "Severity 7/25 per lobe (4 of 5 regions scored)."
+    assert mrml.summary_line({"severity": {"basis": "per lung"}}) == "No statistics."
 
 
 def test_rerun_updates_the_same_segments_and_table(case, fake_engine):
