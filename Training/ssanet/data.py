@@ -42,6 +42,7 @@ try:
 except ImportError:  # the loaders stay usable where PyTorch is not installed (e.g. Slicer)
     _TorchDataset = object
 
+from .classes import MULTICLASS
 from .preprocess import (LUNG_WINDOW_HU, canonical_from_source, hu_problem, make_input, resize_image,
                          same_grid, window_hu)
 
@@ -552,7 +553,7 @@ def load_training_cases(folder, pixel_mm: float = 0.7, fov: int = 512) -> list[S
                 classes[stem] = json.loads(sidecar.read_text()).get("class_names") if sidecar.is_file() else None
             except (OSError, ValueError, AttributeError):
                 raise ValueError(f"{sidecar}: not the class list an export writes; export the case again") from None
-        s.meta["label_classes"] = classes[stem] or ["background", "ggo", "consolidation"]
+        s.meta["label_classes"] = classes[stem] or list(MULTICLASS)
     return on_model_grid(samples, pixel_mm, fov)
 
 
