@@ -319,6 +319,9 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
             last, _ = ckpt.load_checkpoint(out / "raw.safetensors")
         model.load_state_dict(last.state_dict())
         opt.load_state_dict(st["optimizer"])
+        buffers = dict(model.named_buffers())
+        for name, value in st.get("power_iteration", {}).items():   # the spatial conv's running vectors
+            buffers[name].copy_(value)
         start_epoch = int(st["epoch"]) + 1
         best = {"score": float(st["best_score"]), "epoch": int(st["best_epoch"]), "val": None}
         torch.set_rng_state(st["torch_rng"])
@@ -396,7 +399,11 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
             ckpt.save_checkpoint(out / "raw.safetensors", model, _meta(cfg, None, epoch + 1, init_sha))
         torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "best_score": best["score"],
                     "best_epoch": best["epoch"], "torch_rng": torch.get_rng_state(),
-                    "ema_updates": ema.updates if ema else 0},
+                    "ema_updates": ema.updates if ema else 0,
+                    # not in the checkpoint (not weights) but part of the run: a resume without
+                    # them caps the spatial conv with a fresh estimate of sigma and diverges
+                    "power_iteration": {n: b.detach().clone() for n, b in model.named_buffers()
+                                        if n.rsplit(".", 1)[-1].startswith("_u_")}},
                    out / "train_state.pt.part")
         (out / "train_state.pt.part").replace(state_path)
         msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} ({row['seconds']:.0f}s)"
