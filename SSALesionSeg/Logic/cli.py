@@ -53,7 +53,7 @@ def add_subcommands(subparsers) -> None:
                    help="also write <name>_lesions.nii.gz (0 background, 1 GGO, 2 consolidation) and "
                         "<name>_lungs.nii.gz (1 right, 2 left): plain labelmaps on the CT's grid for tools "
                         "that do not read .seg.nrrd")
-    s.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    s.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist (outputs edited since segment wrote them are kept as <file>.bak)")
     s.add_argument("--progress-json", action="store_true",
                    help="print one JSON object per line for every progress event (for the Slicer module)")
     s.set_defaults(func=cmd_segment)
@@ -97,6 +97,9 @@ def add_subcommands(subparsers) -> None:
     d = subparsers.add_parser(
         "demo", help="segment the bundled sample CT with the default model and print a summary")
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace outputs there that were edited (corrected) since the demo wrote them; "
+                        "they are kept as <file>.bak")
     d.add_argument("--checkpoint", help="model file (default: the default model)")
     d.add_argument("--device", default="auto")
     d.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -191,6 +194,10 @@ def find_cases(path, out=None, notes=None) -> list:
         except InputError:
             pass
     if not cases:
+        results = [e.name for e in entries if e.name.endswith("_stats.json")]
+        if results:
+            raise InputError(f"{p} holds the outputs of an earlier run ({', '.join(results[:3])}"
+                             f"{', ...' if len(results) > 3 else ''}), not CTs: give the folder or file of the CTs")
         raise InputError(f"{p}: the folder is empty" if not entries else
                          f"{p}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM) or case folders found")
     # names equal but for letter case are one file on Windows and macOS file systems
@@ -245,9 +252,9 @@ def _stage_weight(stage, fraction):
 
 def cmd_segment(args) -> int:
     from .io import check_writable
-    from .pipeline import (checkpoint_sha256, foreign_files, load_model, optional_outputs, output_paths,
-                           outputs_complete, outputs_from_other_input, outputs_from_other_model, process_case,
-                           recomputed_by_stats)
+    from .pipeline import (checkpoint_sha256, edited_outputs, foreign_files, keep_copies, load_model,
+                           optional_outputs, output_paths, outputs_complete, outputs_from_other_input,
+                           outputs_from_other_model, process_case, recomputed_by_stats)
 
     notes = []
     cases = find_cases(args.input, out=args.out, notes=notes)
@@ -334,6 +341,13 @@ def cmd_segment(args) -> int:
             continue
         prog.i, prog.case = i, name
         t = time.perf_counter()
+        if args.overwrite:   # the user's corrections are replaced as asked, but not lost
+            edited = edited_outputs(out, name, wanted)
+            for f, copy in zip(edited, keep_copies(edited)):
+                message = f"{f.name} was not as segment wrote it (corrected?); --overwrite replaces it, kept as {copy.name}"
+                prog.event(event="notice", case=name, message=message)
+                if not args.progress_json:
+                    print(f"{name}: note: {message}", file=sys.stderr)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FallbackWarning)  # reported below as a notice
@@ -380,13 +394,22 @@ SAMPLE_CT = Path(__file__).resolve().parent.parent / "Resources" / "Sample" / "c
 
 
 def cmd_demo(args) -> int:
-    from .pipeline import process_case
+    from .io import case_name
+    from .pipeline import edited_outputs, keep_copies, process_case
 
     if not SAMPLE_CT.is_file():
         raise InputError(f"the bundled sample CT is missing ({SAMPLE_CT}); run from a full checkout")
+    name = case_name(SAMPLE_CT)
+    edited = edited_outputs(args.out, name)   # the demo's own outputs are rewritten; the user's work is not
+    if edited and not args.overwrite:
+        raise InputError(f"{args.out} holds {', '.join(f.name for f in edited)}, not as the demo wrote it (corrected?); "
+                         "it is left as it is: give another --out, or --overwrite (a copy is kept as .bak)")
+    for f, copy in zip(edited, keep_copies(edited)):
+        print(f"note: {f.name} was not as the demo wrote it; --overwrite replaces it, kept as {copy.name}",
+              file=sys.stderr)
     print(f"Segmenting the bundled sample CT {SAMPLE_CT.name} (see {SAMPLE_CT.parent / 'README.md'}) ...")
     prog = _Progress(False, 1)
-    prog.case = "sample"
+    prog.case = name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
         result, paths = process_case(SAMPLE_CT, args.out, checkpoint=args.checkpoint, device=args.device,

@@ -280,6 +280,33 @@ def foreign_files(out_dir, name: str, optional=()) -> list:
             if k not in ("stats_json", "stats_csv") and p.exists() and recorded.changed(k, p)]
 
 
+def edited_outputs(out_dir, name: str, optional=()) -> list:
+    """The files a run of ``name`` would replace that hold the user's work: the outputs not as
+    ``segment`` wrote them (:func:`foreign_files`), and the stats JSON / CSV when ``stats``
+    recomputed them from corrected labels."""
+    files = foreign_files(out_dir, name, optional)
+    if recomputed_by_stats(out_dir, name):
+        files += [p for k, p in output_paths(out_dir, name).items() if k in ("stats_json", "stats_csv") and p.exists()]
+    return files
+
+
+def keep_copies(files) -> list:
+    """Copy each file to ``<file>.bak`` (``.bak-2``, ... when taken) before ``--overwrite``
+    replaces it; returns the copies. A ``.bak`` name is never read as a CT or an output."""
+    import shutil
+
+    copies = []
+    for f in files:
+        f = Path(f)
+        copy, n = f.with_name(f.name + ".bak"), 1
+        while copy.exists():
+            n += 1
+            copy = f.with_name(f"{f.name}.bak-{n}")
+        shutil.copy2(f, copy)
+        copies.append(copy)
+    return copies
+
+
 def _recorded_info(out_dir, name: str) -> dict:
     """The ``info`` the existing stats JSON of ``name`` in ``out_dir`` records ({} if none)."""
     try:

@@ -64,3 +64,23 @@ def test_demo_runs_on_the_bundled_sample(no_overrides, tmp_path, capsys):
         [m["sha256"] for m in meta["training"].get("ensemble_of", [])]
     assert np.isclose(stats["lesions"]["infection"]["volume_ml"],
                       ggo + stats["lesions"]["consolidation"]["volume_ml"], rtol=1e-6)
+    # a rerun into the same folder keeps a corrected result unless told, and then keeps a copy
+    seg = out / "covid_ct_sample.seg.nrrd"
+    corrected = seg.read_bytes() + b"\n"
+    seg.write_bytes(corrected)
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 2
+    assert "covid_ct_sample.seg.nrrd, not as the demo wrote it" in capsys.readouterr().err
+    assert seg.read_bytes() == corrected
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(monkeypatch, tmp_path, capsys):
+    from ssalesionseg import pipeline
+    from ssanet.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "process_case", interrupted)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: the same command again segments the sample" in err and "Traceback" not in err

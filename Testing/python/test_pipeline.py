@@ -1120,7 +1120,13 @@ def test_corrections_made_in_place_are_never_replaced_unasked(tmp_path, tiny_ckp
     assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0        # nothing asked for: skipped, kept
     assert seg.read_bytes() == corrected
     # figures recomputed by stats: kept by a plain rerun, refused by one that would redo the case
+    capsys.readouterr()
     assert cli.main(_segment_args(src, out, tiny_ckpt, "--overwrite")) == 0
+    # --overwrite replaces the correction as asked, but keeps a copy and says so
+    assert "ct.seg.nrrd was not as segment wrote it (corrected?); --overwrite replaces it, kept as ct.seg.nrrd.bak" \
+        in capsys.readouterr().err
+    assert (out / "ct.seg.nrrd.bak").read_bytes() == corrected and seg.read_bytes() != corrected
+    assert sorted(p.name for p in out.glob("*.bak*")) == ["ct.seg.nrrd.bak"]   # unedited outputs: no copies
     assert cli.main(["stats", "--ct", str(src), "--labels", str(seg), "--out", str(out), "--overwrite"]) == 0
     stamp = (out / "ct_stats.json").stat().st_mtime_ns
     capsys.readouterr()
@@ -1129,8 +1135,13 @@ def test_corrections_made_in_place_are_never_replaced_unasked(tmp_path, tiny_ckp
     assert cli.main(_segment_args(src, out, tiny_ckpt, "--save-probability")) == 2
     assert "recomputed by `ssalesionseg stats`" in capsys.readouterr().err
     assert (out / "ct_stats.json").stat().st_mtime_ns == stamp
+    recomputed = (out / "ct_stats.json").read_bytes()
     assert cli.main(_segment_args(src, out, tiny_ckpt, "--save-probability", "--overwrite")) == 0
     assert json.loads((out / "ct_stats.json").read_text())["info"]["outputs_sha256"]["confidence"]
+    assert (out / "ct_stats.json.bak").read_bytes() == recomputed    # the recomputed figures are kept too
+    capsys.readouterr()
+    assert cli.main(_segment_args(out, tmp_path / "o2", tiny_ckpt)) == 2   # copies are never cases
+    assert "holds the outputs of an earlier run (ct_stats.json), not CTs" in capsys.readouterr().err
 
 
 def test_labels_are_read_on_the_ct_grid_or_refused(tmp_path, phantom, exact_result, capsys):

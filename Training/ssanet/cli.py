@@ -217,8 +217,10 @@ def _training_splits(a) -> tuple[dict, list]:
         same = _same_files({s.meta["path"] for s in splits["train"] if s.source == "volume"},
                            {s.meta["path"] for s in splits["val"] if s.source == "volume"})
         if same:
+            advice = ("give --val-cases a folder of other cases than --cases" if val_dirs else
+                      "remove the copy from --cases, or choose the validation cases with --val-cases")
             raise SystemExit(f"{same[1]} (validation) is the CT of {same[0]} (training): validate on cases not "
-                             "trained on — remove the copy, or choose the validation cases with --val-cases")
+                             f"trained on — {advice}")
     if cases:
         print(f"training: {len(splits['train'])} slices")
     return splits, cases
@@ -567,7 +569,20 @@ def main(argv=None) -> int:
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:   # OSError: missing, existing, unreadable files
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: what is finished stays (cases written, epochs saved)
+        print(f"\ninterrupted: {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
+        return 130
     return int(rc or 0)
+
+
+# what a rerun of the same command finds after Ctrl-C
+INTERRUPTED = {
+    "segment": "finished cases are kept; the same command again skips them and segments the rest",
+    "demo": "the same command again segments the sample",
+    "train": "the epochs saved are kept; the same command again resumes the run",
+    "semisup": "the rounds and epochs saved are kept; the same command again resumes the loop",
+    "ablation": "the epochs saved are kept; the same command again resumes the variants",
+}
 
 
 if __name__ == "__main__":
