@@ -136,9 +136,14 @@ def test_data_root_resolution(tmp_path, monkeypatch):
         D.data_root(None)
     with pytest.raises(FileNotFoundError):
         D.data_root(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="neither medseg100/ nor covid-semiseg/Dataset/ is in it"):
+        D.data_root(tmp_path)
+    (tmp_path / "medseg100").mkdir()
     assert D.data_root(tmp_path) == tmp_path
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path))
     assert D.data_root() == tmp_path
+    with pytest.raises(FileNotFoundError, match=r"one of the data sets itself: give the folder above it"):
+        D.data_root(tmp_path / "medseg100")   # one level too deep
 
 
 def test_split_train_val_deterministic():

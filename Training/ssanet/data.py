@@ -81,6 +81,11 @@ def data_root(path=None) -> Path:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"Data root {root} ({src}) is not a directory. " + _GET_DATA)
+    if not any((root / d).is_dir() for d in (MEDSEG_DIR, SEMISEG_DIR)):
+        inside = root.name in (MEDSEG_DIR, SEMISEG_DIR.parts[0], SEMISEG_DIR.parts[-1])
+        hint = (f"it looks like one of the data sets itself: give the folder above it ({root.parent})" if inside
+                else f"neither {MEDSEG_DIR}/ nor {SEMISEG_DIR.as_posix()}/ is in it")
+        raise FileNotFoundError(f"Data root {root} ({src}) is not the data root: {hint}. " + _GET_DATA)
     return root
 
 
