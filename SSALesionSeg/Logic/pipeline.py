@@ -101,8 +101,13 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     lung_res = compute_lungs(ct, method=lungs, weights=lung_weights, lobe_weights=lobe_weights,
                              lung_mask=lung_mask, device=dev.type)
     if not lung_res.labels.any():
+        sp = ct.GetSpacing()
+        fov = [n * d for n, d in zip(ct.GetSize()[:2], sp[:2])]
+        where = f"field of view {fov[0]:.0f} x {fov[1]:.0f} mm, voxels {sp[0]:.3g} x {sp[1]:.3g} x {sp[2]:.3g} mm"
+        if min(fov) < 150 or max(fov) > 700:   # a chest CT spans about 250-500 mm
+            where += "; no chest is that size: is the voxel spacing in the file's header right?"
         raise InputError(f"{source}: no lungs found (no aerated lung in the image: is the chest in the field "
-                         "of view?)")
+                         f"of view?) ({where})")
     lungs_img = image_like(lung_res.labels.astype(np.uint8), ct)
     report("lungs", 1.0)
     timings["lungs"] = time.perf_counter() - t

@@ -593,8 +593,14 @@ def test_ct_without_lungs(phantom):
     arr[truth["right_lung"] | truth["left_lung"]] = 40.0  # an abdomen-like body: air outside only
     no_lungs = sitk.GetImageFromArray(arr)
     no_lungs.CopyInformation(img)
-    with pytest.raises(InputError, match="no lungs found"):
+    with pytest.raises(InputError, match="no lungs found") as e:
         segment_image(no_lungs, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
+    assert "field of view" in str(e.value) and "header right" not in str(e.value)   # a plausible size
+    # a spacing ten times too small (a header error) is named as the likely cause
+    small = sitk.Image(img)
+    small.SetSpacing([s / 10 for s in img.GetSpacing()[:2]] + [img.GetSpacing()[2]])
+    with pytest.raises(InputError, match="no chest is that size: is the voxel spacing in the file's header right"):
+        segment_image(small, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
 
 
 def test_tiny_volume_smaller_than_a_tile(tiny_ckpt, phantom):
