@@ -444,6 +444,12 @@ def cmd_stats(args) -> int:
     from .geometry import image_like
     from .io import check_writable, read_ct, read_result_labels, result_case_name
     from .lungstep import compute_lungs
+    from ssanet.checkpoint import sha256_of
+    from ssanet.classes import BINARY, MULTICLASS
+
+    from .io import OUTPUT_SUFFIXES, atomic_path
+    from .pipeline import RecordedRun
+    from .report import write_overlay
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, write_stats
 
     out = Path(args.out)
@@ -452,10 +458,14 @@ def cmd_stats(args) -> int:
     if existing and not args.overwrite:
         raise InputError(f"{existing[0]} exists (from `segment` or an earlier `stats`); give another --out "
                          "for the recomputed figures, or --overwrite to replace it")
+    # the overlay segment wrote beside the figures shows the labels they are recomputed from
+    overlay = out / f"{name}{OUTPUT_SUFFIXES['overlay']}"
+    recorded = RecordedRun(out, name)
+    redraw = overlay.is_file() and overlay.name in recorded.names and not recorded.changed("overlay", overlay)
     ct, info = read_ct(args.ct)
     out = check_writable(out)
     result = read_result_labels(args.labels, ct, args.classes)
-    _label_notes(result, args)
+    notes = _label_notes(result, args)
     lab, lung_labels = result.lesions, result.lungs
     names = dict(BINARY_NAMES) if result.binary else dict(MULTICLASS_NAMES)
     lobes = None
@@ -467,22 +477,32 @@ def cmd_stats(args) -> int:
                                 lung_mask=args.lung_mask)
         lung_labels, lobes, method = res.labels, res.lobes, res.method
         if res.notice:
-            print(f"note: {res.notice}", file=sys.stderr)
-    stats = compute_stats(ct, image_like(lab, ct), image_like(lung_labels.astype(np.uint8), ct),
-                          image_like(lobes, ct) if lobes is not None else None, names)
+            notes.append(res.notice)
+    lesions_img, lungs_img = image_like(lab, ct), image_like(lung_labels.astype(np.uint8), ct)
+    stats = compute_stats(ct, lesions_img, lungs_img, image_like(lobes, ct) if lobes is not None else None, names)
+    inf = stats["lesions"]["infection"]
+    if (inf["percent_of_lung"] or 0) > 90:
+        notes.append(f"the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: is --labels a lung mask "
+                     "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")
+    if inf.get("outside_lung_volume_ml", 0) > 0.05 * max(inf["volume_ml"], 1e-9):
+        notes.append(f"{inf['outside_lung_volume_ml']:.1f} of the {inf['volume_ml']:.1f} mL of lesion lie outside "
+                     "the lung mask: they count in the volumes, not in the percentages or the severity score")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     # the keys segment's stats JSON has for the same things, plus where the labels came from
     stats["info"] = {"source": str(Path(args.ct).absolute()), "size": info["size"], "spacing_mm": info["spacing_mm"],
                      "input": info, "labels": str(Path(args.labels).absolute()), "lung_method": method,
                      "recomputed_by": "ssalesionseg stats"}
+    if notes:
+        stats["info"]["notices"] = notes
+    if redraw:
+        with atomic_path(overlay) as tmp:
+            write_overlay(tmp, ct, lesions_img, lungs_img, list(BINARY if result.binary else MULTICLASS), title=name)
+        stats["info"]["outputs"] = {"overlay": str(overlay)}
+        stats["info"]["outputs_sha256"] = {"overlay": sha256_of(overlay)}
     write_stats(stats, out / f"{name}_stats.json", out / f"{name}_stats.csv")
-    inf = stats["lesions"]["infection"]
-    if (inf["percent_of_lung"] or 0) > 90:
-        print(f"note: the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: is --labels a lung mask "
-              "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?", file=sys.stderr)
-    if inf.get("outside_lung_volume_ml", 0) > 0.05 * max(inf["volume_ml"], 1e-9):
-        print(f"note: {inf['outside_lung_volume_ml']:.1f} of the {inf['volume_ml']:.1f} mL of lesion lie outside "
-              "the lung mask: they count in the volumes, not in the percentages or the severity score",
-              file=sys.stderr)
+    if redraw:
+        print(f"{overlay.name}: redrawn from the corrected labels", file=sys.stderr)
     print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "
           f"{severity_text(stats['severity'])} -> {out / (name + '_stats.json')}")
     return 0
@@ -490,13 +510,15 @@ def cmd_stats(args) -> int:
 
 # --------------------------------------------------------------------- export-case
 
-def _label_notes(result, args) -> None:
-    """Say what of a (corrected) result is not used, instead of dropping it silently."""
+def _label_notes(result, args) -> list:
+    """What of a (corrected) result is not used, to be said instead of dropped silently."""
+    notes = []
     if result.ignored:
-        print(f"note: segments not used (not GGO, consolidation, infection or a lung by terminology, ID or name): "
-              f"{', '.join(result.ignored)}", file=sys.stderr)
+        notes.append(f"segments not used (not GGO, consolidation, infection or a lung by terminology, ID or name): "
+                     f"{', '.join(result.ignored)}")
     if result.lungs is not None and getattr(args, "lung_mask", None):
-        print("note: --lung-mask is not used: the segmentation has its own lung segments", file=sys.stderr)
+        notes.append("--lung-mask is not used: the segmentation has its own lung segments")
+    return notes
 
 
 def cmd_export_case(args) -> int:
@@ -511,7 +533,8 @@ def cmd_export_case(args) -> int:
         print(f"note: case name {args.name!r} is written as {case!r} (letters, digits, _ . - only)", file=sys.stderr)
     ct, _ = read_ct(args.ct)
     result = read_result_labels(args.labels, ct, args.classes)
-    _label_notes(result, args)
+    for note in _label_notes(result, args):
+        print(f"note: {note}", file=sys.stderr)
     lab, lungs, binary = result.lesions, result.lungs, result.binary
     if lungs is None and args.lung_mask:
         lungs = compute_lungs(ct, lung_mask=args.lung_mask).labels

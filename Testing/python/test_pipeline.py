@@ -1332,3 +1332,36 @@ def test_segment_roles_by_name_put_lesion_words_before_lung_words():
     assert [segment_role({"name": n}) for n in (
         "Ground glass opacity right lung", "Consolidation, left lung", "GGO", "Right lung", "lungs", "Lung nodule",
         "left lung", "Segment_5")] == ["ggo", "consolidation", "ggo", "right_lung", "lung", None, "left_lung", None]
+
+
+def test_stats_redraws_segments_overlay_and_records_its_notes(tmp_path, tiny_ckpt, capsys):
+    """Figures recomputed into segment's folder come with an overlay of the labels they are
+    recomputed from (not the old prediction), and the notes printed are in the JSON too."""
+    img, truth = synthetic_chest_ct(3, 128, spacing=SP)
+    src = write_image(img, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0
+    overlay = out / "ct_overlay.png"
+    before = overlay.read_bytes()
+    arr = truth["ggo"].astype(np.uint8) + 2 * truth["consolidation"].astype(np.uint8)
+    arr[:, :20, :20] = 1          # a "lesion" in the air outside the body: noted
+    corrected = sitk.GetImageFromArray(arr)
+    corrected.CopyInformation(img)
+    labels = write_image(corrected, tmp_path / "corrected.nii.gz")
+    capsys.readouterr()
+    assert cli.main(["stats", "--ct", str(src), "--labels", str(labels), "--lungs", "classical", "--out", str(out),
+                     "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "ct_overlay.png: redrawn from the corrected labels" in err
+    assert overlay.read_bytes() != before
+    st = json.loads((out / "ct_stats.json").read_text())
+    assert st["info"]["outputs_sha256"]["overlay"] == sha256_of(overlay)
+    printed = [line[len("note: "):] for line in err.splitlines() if line.startswith("note: ")]
+    assert printed and st["info"]["notices"] == printed
+    # a rerun of segment keeps the recomputed figures and their overlay
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0
+    assert json.loads((out / "ct_stats.json").read_text()) == st
+    # into a fresh folder there is no overlay to redraw, and none is made
+    assert cli.main(["stats", "--ct", str(src), "--labels", str(labels), "--lungs", "classical",
+                     "--out", str(tmp_path / "fresh")]) == 0
+    assert not (tmp_path / "fresh" / "ct_overlay.png").exists()
