@@ -547,7 +547,8 @@ def cmd_export_case(args) -> int:
     except FileExistsError as e:
         raise InputError(f"{e}; give another --name, or --overwrite to replace that case") from None
     kinds = "1 infection" if binary else "1 GGO, 2 consolidation"
-    print(f"{case}: {len(written)} files in {out} ({', '.join(Path(p).parent.name for p in written)}; labels {kinds}"
+    print(f"{case}: {len(written)} files in {out} ({', '.join(Path(p).relative_to(out).as_posix() for p in written)}; "
+          f"labels {kinds}"
           f"{'' if lungs is not None else '; no lung mask: training finds the lungs'})")
     print(f"train on it: ssalesionseg train --cases {out} --init <model> ..."
           + (" --classes infection" if binary else ""))

@@ -118,4 +118,4 @@ def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
     # the case being replaced had lungs this one lacks: its old mask must not pair up
     if images["lungs"] is None and os.path.exists(paths["lungs"]):
         os.remove(paths["lungs"])
-    return [os.fspath(targets[sub]) for sub in FOLDERS if sub in targets]
+    return [os.fspath(targets[sub]) for sub in (*FOLDERS, "sidecar") if sub in targets]

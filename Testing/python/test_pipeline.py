@@ -1086,7 +1086,11 @@ def test_export_case_turns_a_corrected_result_into_what_train_cases_reads(tmp_pa
     write_image(exact_result.labels, tmp_path / "lab.nrrd")
     assert cli.main(["export-case", "--ct", str(ct_path), "--labels", str(tmp_path / "lab.nrrd"), "--out", str(cases),
                      "--name", "second read"]) == 0
-    assert "no lung mask" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no lung mask" in printed
+    # every file written is named (the class sidecar too)
+    assert "3 files in" in printed and "images/second_read.nii.gz, labels/second_read.nii.gz, " \
+        "labels/second_read.json" in printed
     assert not (cases / "lungs" / "second_read.nii.gz").exists()
     by_case = {}
     for s in load_training_cases(cases, pixel_mm=0.7, fov=512):

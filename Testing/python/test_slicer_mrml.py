@@ -477,7 +477,8 @@ def test_export_training_case_writes_the_pair_the_training_kit_reads(case, fake_
     out = tmp_path / "cases"
     written = logic.exportTrainingCase(case.volume, node, str(out))
     assert sorted(os.path.relpath(p, out) for p in written) == sorted(
-        os.path.join(folder, "Phantom_CT.nii.gz") for folder in ("images", "labels", "lungs"))
+        [os.path.join(folder, "Phantom_CT.nii.gz") for folder in ("images", "labels", "lungs")]
+        + [os.path.join("labels", "Phantom_CT.json")])
 
     image = sitk.ReadImage(str(out / "images" / "Phantom_CT.nii.gz"))
     labels = sitk.ReadImage(str(out / "labels" / "Phantom_CT.nii.gz"))
@@ -530,7 +531,8 @@ def test_export_refuses_any_existing_file_of_the_case_and_overwrite_replaces_the
         node.GetSegmentation().RemoveSegment(name)
     written = logic.exportTrainingCase(case.volume, node, str(out), overwrite=True)
     assert sorted(os.path.relpath(p, out) for p in written) == [
-        os.path.join("images", "Phantom_CT.nii.gz"), os.path.join("labels", "Phantom_CT.nii.gz")]
+        os.path.join("images", "Phantom_CT.nii.gz"), os.path.join("labels", "Phantom_CT.json"),
+        os.path.join("labels", "Phantom_CT.nii.gz")]
     assert not (out / "lungs" / "Phantom_CT.nii.gz").exists()
 
 

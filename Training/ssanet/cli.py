@@ -302,7 +302,8 @@ def cmd_evaluate(a):
     predictor = Predictor.for_checkpoint(model, meta, select_device(a.device), a.batch_size, a.flip_tta,
                                          cpu_bf16=a.bf16)
     res = evaluate_samples(predictor, samples, meta, overlay_dir=a.overlays, min_lesion_mm2=a.min_lesion_mm2)
-    print(f"{meta['name']} on {a.dataset}/{a.split}" + (f" (fold {a.fold} of {a.folds})" if a.folds else "")
+    where = f"cases {a.split}" if a.dataset == "cases" else f"{a.dataset}/{a.split}"
+    print(f"{meta['name']} on {where}" + (f" (fold {a.fold} of {a.folds})" if a.folds else "")
           + (" + renderings" if a.semiseg_renderings else "")
           + (" (flip TTA)" if predictor.flip_tta else "")
           + (f" ({predictor.precision})" if predictor.amp_dtype is not None else "")
