@@ -185,6 +185,9 @@ def find_cases(path, out=None, notes=None) -> list:
         dicom = _holds_dicom(e)   # in it or its subfolders (an output folder inside holds none)
         if not inner and not dicom and any(f.name.endswith("_stats.json") for f in inside):
             continue   # an earlier run's output folder
+        if dicom and inner and notes is not None:   # as for the folder given itself
+            notes.append(f"{e} is read as one DICOM case (it holds DICOM files); not cases of their own: "
+                         f"{', '.join(f.name for f in inner[:4])}{', ...' if len(inner) > 4 else ''}")
         cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
     if not cases and entries and not any(e.is_dir() for e in entries):
         from .io import dicom_series_choice

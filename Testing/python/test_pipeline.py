@@ -695,6 +695,14 @@ def test_folders_of_cases_as_batch_users_have_them(tmp_path, phantom):
     write_image(img, nest / "patient1" / "ct.nii.gz")
     (nest / "patient1" / "results" / "ct_stats.json").write_text("{}")
     assert cli.find_cases(nest) == [("patient1", nest / "patient1" / "ct.nii.gz")]
+    # a DICOM case folder inside a folder of cases: the CT files beside its DICOM files are
+    # named as left out, as they are when that folder is given itself
+    batch = tmp_path / "batch"
+    _write_dicom_series(img[:, :, :3], batch / "pat", "1.2.826.0.1.3680043.2.1125.4.8", "s", "s")
+    write_image(img > 0, batch / "pat" / "mask.nii.gz")
+    notes = []
+    assert cli.find_cases(batch, notes=notes) == [("pat", batch / "pat")]
+    assert len(notes) == 1 and "read as one DICOM case" in notes[0] and "mask.nii.gz" in notes[0]
 
 
 def test_a_case_folder_in_a_folder_of_cases_fails_as_a_case_with_exit_status_1(tmp_path, tiny_ckpt, capsys):
