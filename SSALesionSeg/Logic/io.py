@@ -284,8 +284,11 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
     if len(described) > 1:
         info["dicom_series_found"] = [{k: s.get(k) for k in ("series_uid", "modality", "n_files", "description")}
                                       for s in described]
-        others = [f"{s['n_files']} files{' ' + repr(s['description']) if s.get('description') else ''} in "
-                  f"{os.path.relpath(s['folder'], folder)}" for s in described if s is not best]
+        def where(s):   # the series not read, so the user can find it: its name or UID, and subfolder
+            name = repr(s["description"]) if s.get("description") else f"{s.get('modality') or ''} series {s['series_uid']}"
+            sub = os.path.relpath(s["folder"], folder)
+            return f"{s['n_files']} files ({name.strip()}){'' if sub == '.' else ' in ' + sub}"
+        others = [where(s) for s in described if s is not best]
         info["dicom_series_note"] = (f"{len(described)} series found; used the CT series with the most "
                                      f"slices ({best['n_files']} files, {best.get('description') or best['series_uid']}); "
                                      f"not read: {'; '.join(others[:3])}{'; ...' if len(others) > 3 else ''}")

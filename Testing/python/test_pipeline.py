@@ -640,7 +640,11 @@ def test_dicom_folder_with_several_series(tmp_path, phantom):
     ct, info = read_ct(tmp_path)
     assert ct.GetSize()[2] == 4 and info["dicom"]["description"] == "four"
     assert len(info["dicom_series_found"]) == 2 and "most slices" in info["dicom_series_note"]
+    assert info["dicom_series_note"].endswith("not read: 2 files ('two')")   # by name; no "in ."
     assert cli.find_cases(tmp_path) == [(tmp_path.name, tmp_path)]
+    _write_dicom_series(img[:, :, :2], tmp_path / "sub", "1.2.826.0.1.3680043.2.1125.2.3", "", "c")
+    note = read_ct(tmp_path)[1]["dicom_series_note"]   # without a description: the UID, and where
+    assert "2 files (CT series 1.2.826.0.1.3680043.2.1125.2.3) in sub" in note
 
 
 def test_dicom_series_with_a_missing_slice_is_refused_and_a_single_slice_keeps_its_thickness(tmp_path, phantom):
