@@ -255,8 +255,8 @@ def _stage_weight(stage, fraction):
 
 def cmd_segment(args) -> int:
     from .io import check_writable
-    from .pipeline import (checkpoint_sha256, edited_outputs, foreign_files, keep_copies, load_model,
-                           optional_outputs, output_paths, outputs_complete, outputs_from_other_input,
+    from .pipeline import (checkpoint_sha256, drop_unneeded_copies, edited_outputs, foreign_files, keep_copies,
+                           load_model, optional_outputs, output_paths, outputs_complete, outputs_from_other_input,
                            outputs_from_other_model, process_case, recomputed_by_stats)
 
     notes = []
@@ -344,14 +344,11 @@ def cmd_segment(args) -> int:
             continue
         prog.i, prog.case = i, name
         t = time.perf_counter()
-        if args.overwrite:   # the user's corrections are replaced as asked, but not lost
-            edited = edited_outputs(out, name, wanted)
-            for f, copy in zip(edited, keep_copies(edited)):
-                message = f"{f.name} was not as segment wrote it (corrected?); --overwrite replaces it, kept as {copy.name}"
-                prog.event(event="notice", case=name, message=message)
-                if not args.progress_json:
-                    print(f"{name}: note: {message}", file=sys.stderr)
+        edited, copies = [], []
         try:
+            if args.overwrite:   # the user's corrections are replaced as asked, but not lost
+                edited = edited_outputs(out, name, wanted)
+                copies = keep_copies(edited)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FallbackWarning)  # reported below as a notice
                 result, paths = process_case(path, out, name=name, progress=prog, model=model,
@@ -361,11 +358,14 @@ def cmd_segment(args) -> int:
                                              save_probability=args.save_probability, flip_tta=args.flip_tta,
                                              min_lesion_mm2=args.min_lesion_mm2, cpu_bf16=args.bf16,
                                              labelmaps=args.labelmaps)
-        except (KeyboardInterrupt, Cancelled):
-            raise
-        except Exception as e:
+        except BaseException as e:
+            drop_unneeded_copies(edited, copies)
+            if isinstance(e, (KeyboardInterrupt, Cancelled)) or not isinstance(e, Exception):
+                raise
             fail(name, e)
             continue
+        result.notices[:0] = [f"{f.name} was not as segment wrote it (corrected?); --overwrite replaced it, "
+                              f"kept as {c.name}" for f, c in zip(edited, copies)]
         for notice in result.notices:
             prog.event(event="notice", case=name, message=notice)
             if not args.progress_json:
@@ -450,7 +450,7 @@ def cmd_stats(args) -> int:
     from ssanet.checkpoint import sha256_of
     from ssanet.classes import BINARY, MULTICLASS
 
-    from .io import OUTPUT_SUFFIXES, atomic_path
+    from .io import OUTPUT_SUFFIXES, replace_together, temp_path_for
     from .pipeline import RecordedRun
     from .report import write_overlay
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, write_stats
@@ -498,12 +498,29 @@ def cmd_stats(args) -> int:
                      "recomputed_by": "ssalesionseg stats"}
     if notes:
         stats["info"]["notices"] = notes
+    # segment's outputs beside the figures stay listed with their hashes (a corrected .seg.nrrd
+    # then still reads as edited, an untouched one as segment's), the overlay as redrawn
+    kept = {k: v for k, v in recorded.outputs.items() if k not in ("stats_json", "stats_csv", "overlay")}
+    stats["info"]["outputs"] = dict(kept)
+    stats["info"]["outputs_sha256"] = {k: recorded.hashes[k] for k in kept if recorded.hashes.get(k)}
+    targets = {"stats_json": out / f"{name}_stats.json", "stats_csv": out / f"{name}_stats.csv"}
     if redraw:
-        with atomic_path(overlay) as tmp:
-            write_overlay(tmp, ct, lesions_img, lungs_img, list(BINARY if result.binary else MULTICLASS), title=name)
-        stats["info"]["outputs"] = {"overlay": str(overlay)}
-        stats["info"]["outputs_sha256"] = {"overlay": sha256_of(overlay)}
-    write_stats(stats, out / f"{name}_stats.json", out / f"{name}_stats.csv")
+        targets = {"overlay": overlay, **targets}
+    tmp = {k: temp_path_for(t) for k, t in targets.items()}
+    try:   # the figures and the overlay of them replace the old ones together
+        if redraw:
+            write_overlay(tmp["overlay"], ct, lesions_img, lungs_img, list(BINARY if result.binary else MULTICLASS),
+                          title=name)
+            stats["info"]["outputs"]["overlay"] = str(overlay)
+            stats["info"]["outputs_sha256"]["overlay"] = sha256_of(tmp["overlay"])
+        if not stats["info"]["outputs"]:
+            del stats["info"]["outputs"], stats["info"]["outputs_sha256"]
+        write_stats(stats, tmp["stats_json"], tmp["stats_csv"])
+        replace_together({targets[k]: tmp[k] for k in targets})
+    finally:
+        for t in tmp.values():
+            if t.exists():
+                t.unlink()
     if redraw:
         print(f"{overlay.name}: redrawn from the corrected labels", file=sys.stderr)
     print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "

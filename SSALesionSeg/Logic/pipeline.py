@@ -102,9 +102,10 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
                              lung_mask=lung_mask, device=dev.type)
     if not lung_res.labels.any():
         sp = ct.GetSpacing()
-        fov = [n * d for n, d in zip(ct.GetSize()[:2], sp[:2])]
-        where = f"field of view {fov[0]:.0f} x {fov[1]:.0f} mm, voxels {sp[0]:.3g} x {sp[1]:.3g} x {sp[2]:.3g} mm"
-        if min(fov) < 150 or max(fov) > 700:   # a chest CT spans about 250-500 mm
+        extent = [n * d for n, d in zip(ct.GetSize(), sp)]   # whatever the slicing (axial, coronal, ...)
+        where = (f"image extent {' x '.join(f'{e:.0f}' for e in extent)} mm, voxels "
+                 f"{' x '.join(f'{d:.3g}' for d in sp)} mm")
+        if max(extent) < 150 or min(extent) > 1000:   # a chest spans about 250-500 mm across
             where += "; no chest is that size: is the voxel spacing in the file's header right?"
         raise InputError(f"{source}: no lungs found (no aerated lung in the image: is the chest in the field "
                          f"of view?) ({where})")
@@ -259,7 +260,8 @@ class RecordedRun:
         info = _recorded_info(out_dir, name)
         outputs, hashes = info.get("outputs"), info.get("outputs_sha256")
         # ntpath: the folder may have been written on Windows (backslashes) and read here
-        self.names = {ntpath.basename(str(v)) for v in outputs.values()} if isinstance(outputs, dict) else set()
+        self.outputs = outputs if isinstance(outputs, dict) else {}   # {key: path as written}
+        self.names = {ntpath.basename(str(v)) for v in self.outputs.values()}
         self.hashes = hashes if isinstance(hashes, dict) else {}
 
     def changed(self, key: str, path: Path) -> bool:
@@ -301,15 +303,30 @@ def keep_copies(files) -> list:
     import shutil
 
     copies = []
-    for f in files:
-        f = Path(f)
-        copy, n = f.with_name(f.name + ".bak"), 1
-        while copy.exists():
-            n += 1
-            copy = f.with_name(f"{f.name}.bak-{n}")
-        shutil.copy2(f, copy)
-        copies.append(copy)
+    try:
+        for f in files:
+            f = Path(f)
+            copy, n = f.with_name(f.name + ".bak"), 1
+            while copy.exists():
+                n += 1
+                copy = f.with_name(f"{f.name}.bak-{n}")
+            shutil.copy2(f, copy)
+            copies.append(copy)
+    except BaseException:
+        drop_unneeded_copies(files, copies)
+        raise
     return copies
+
+
+def drop_unneeded_copies(files, copies) -> None:
+    """After a run that failed: remove each copy whose file is still there as it was (nothing
+    replaced it), so that retries do not pile up copies; a copy of a file that is gone or
+    changed stays."""
+    import filecmp
+
+    for f, copy in zip(files, copies):
+        if Path(f).is_file() and filecmp.cmp(f, copy, shallow=False):
+            Path(copy).unlink(missing_ok=True)
 
 
 def _recorded_info(out_dir, name: str) -> dict:

@@ -142,8 +142,11 @@ def test_data_root_resolution(tmp_path, monkeypatch):
     assert D.data_root(tmp_path) == tmp_path
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path))
     assert D.data_root() == tmp_path
-    with pytest.raises(FileNotFoundError, match=r"one of the data sets itself: give the folder above it"):
+    with pytest.raises(FileNotFoundError, match=r"it is inside the data root: give "):
         D.data_root(tmp_path / "medseg100")   # one level too deep
+    (tmp_path / "covid-semiseg" / "Dataset").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"inside the data root: give {tmp_path.resolve()}"):
+        D.data_root(tmp_path / "covid-semiseg" / "Dataset")   # two levels
 
 
 def test_split_train_val_deterministic():

@@ -595,7 +595,7 @@ def test_ct_without_lungs(phantom):
     no_lungs.CopyInformation(img)
     with pytest.raises(InputError, match="no lungs found") as e:
         segment_image(no_lungs, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
-    assert "field of view" in str(e.value) and "header right" not in str(e.value)   # a plausible size
+    assert "image extent" in str(e.value) and "header right" not in str(e.value)   # a plausible size
     # a spacing ten times too small (a header error) is named as the likely cause
     small = sitk.Image(img)
     small.SetSpacing([s / 10 for s in img.GetSpacing()[:2]] + [img.GetSpacing()[2]])
@@ -1145,7 +1145,7 @@ def test_corrections_made_in_place_are_never_replaced_unasked(tmp_path, tiny_ckp
     capsys.readouterr()
     assert cli.main(_segment_args(src, out, tiny_ckpt, "--overwrite")) == 0
     # --overwrite replaces the correction as asked, but keeps a copy and says so
-    assert "ct.seg.nrrd was not as segment wrote it (corrected?); --overwrite replaces it, kept as ct.seg.nrrd.bak" \
+    assert "ct.seg.nrrd was not as segment wrote it (corrected?); --overwrite replaced it, kept as ct.seg.nrrd.bak" \
         in capsys.readouterr().err
     assert (out / "ct.seg.nrrd.bak").read_bytes() == corrected and seg.read_bytes() != corrected
     assert sorted(p.name for p in out.glob("*.bak*")) == ["ct.seg.nrrd.bak"]   # unedited outputs: no copies
@@ -1356,7 +1356,7 @@ def test_stats_redraws_segments_overlay_and_records_its_notes(tmp_path, tiny_ckp
     img, truth = synthetic_chest_ct(3, 128, spacing=SP)
     src = write_image(img, tmp_path / "ct.nii.gz")
     out = tmp_path / "out"
-    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps")) == 0
     overlay = out / "ct_overlay.png"
     before = overlay.read_bytes()
     arr = truth["ggo"].astype(np.uint8) + 2 * truth["consolidation"].astype(np.uint8)
@@ -1375,8 +1375,22 @@ def test_stats_redraws_segments_overlay_and_records_its_notes(tmp_path, tiny_ckp
     printed = [line[len("note: "):] for line in err.splitlines() if line.startswith("note: ")]
     assert printed and st["info"]["notices"] == printed
     # a rerun of segment keeps the recomputed figures and their overlay
-    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps")) == 0
     assert json.loads((out / "ct_stats.json").read_text()) == st
+    # segment's own outputs stay listed as its: --overwrite keeps copies of the recomputed
+    # figures only, not of the files nobody edited
+    assert set(st["info"]["outputs"]) == {"segmentation", "overlay", "lesion_labelmap", "lung_labelmap"}
+    seg_bytes = (out / "ct.seg.nrrd").read_bytes()
+    (out / "ct.seg.nrrd").write_bytes(seg_bytes + b"\n")          # now corrected in place
+    ct_bytes = src.read_bytes()
+    write_image(sitk.Cast(sitk.RescaleIntensity(img, 0, 255), sitk.sitkUInt8), src)   # not HU: the case fails
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps", "--overwrite")) == 2
+    assert not list(out.glob("*.bak*"))          # nothing was replaced, so no copies are left
+    src.write_bytes(ct_bytes)
+    capsys.readouterr()
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps", "--overwrite")) == 0
+    assert sorted(p.name for p in out.glob("*.bak*")) == ["ct.seg.nrrd.bak", "ct_stats.csv.bak", "ct_stats.json.bak"]
+    assert "kept as ct.seg.nrrd.bak" in capsys.readouterr().err
     # into a fresh folder there is no overlay to redraw, and none is made
     assert cli.main(["stats", "--ct", str(src), "--labels", str(labels), "--lungs", "classical",
                      "--out", str(tmp_path / "fresh")]) == 0

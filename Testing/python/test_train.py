@@ -565,3 +565,35 @@ def test_runs_with_cases_compare_by_slice_counts_not_folder_spelling():
     other = {**base, "data_description": {**base["data_description"], "cases": {"/data/x/export": 25}}}
     assert comparable_training(old) == comparable_training(new)
     assert comparable_training(new) != comparable_training(other)
+
+
+def test_ctrl_c_while_an_epoch_is_saved_waits_for_the_save(tmp_path, monkeypatch):
+    """Ctrl-C between the weights and the training state would pair epoch 2's weights with
+    epoch 1's optimizer (the resume then trained epoch 2 twice): it waits until both are saved."""
+    import os
+    import signal
+    torch.set_num_threads(1)
+    slices = _synthetic_slices(5)
+    cfg = TrainConfig(size=64, epochs=2, batch_size=2, lr=1e-2, sad_start_epoch=0, val_every=1,
+                      device="cpu", amp=False)
+    train(cfg, slices[:4], slices[4:], tmp_path / "whole", log=lambda *_: None)
+    save = ckpt.save_checkpoint
+
+    def interrupted_save(path, *args, **kwargs):
+        if Path(path).name == "last.safetensors":
+            os.kill(os.getpid(), signal.SIGINT)   # the user presses Ctrl-C mid-save
+        return save(path, *args, **kwargs)
+    monkeypatch.setattr(ckpt, "save_checkpoint", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, slices[:4], slices[4:], tmp_path / "run", log=lambda *_: None)
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == ["1"]
+    assert ckpt.load_state_for_resume(tmp_path / "run" / "train_state.pt")["epoch"] == 0   # saved with epoch 1
+    train(cfg, slices[:4], slices[4:], tmp_path / "run", log=lambda *_: None)
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == ["1", "2"]
+    whole, _ = ckpt.load_checkpoint(tmp_path / "whole" / "last.safetensors")
+    resumed, _ = ckpt.load_checkpoint(tmp_path / "run" / "last.safetensors")
+    # to float rounding (validation moves the whole run's weights to channels_last, which changes
+    # the CPU kernels' summation order); epoch 2 trained twice differs by order 1
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, atol=5e-3, rtol=1e-2)

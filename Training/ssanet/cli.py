@@ -578,11 +578,13 @@ def main(argv=None) -> int:
 
 # what a rerun of the same command finds after Ctrl-C
 INTERRUPTED = {
-    "segment": "finished cases are kept; the same command again skips them and segments the rest",
+    "segment": "finished cases are kept (the same command without --overwrite skips them and segments the rest)",
+    "evaluate": "no scores were written (overlays drawn so far are kept)",
     "demo": "the same command again segments the sample",
     "train": "the epochs saved are kept; the same command again resumes the run",
     "semisup": "the rounds and epochs saved are kept; the same command again resumes the loop",
     "ablation": "the epochs saved are kept; the same command again resumes the variants",
+    "semisup-ablation": "the rounds and epochs saved are kept; the same command again resumes the variants",
 }
 
 

@@ -81,9 +81,12 @@ def data_root(path=None) -> Path:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"Data root {root} ({src}) is not a directory. " + _GET_DATA)
-    if not any((root / d).is_dir() for d in (MEDSEG_DIR, SEMISEG_DIR)):
-        inside = root.name in (MEDSEG_DIR, SEMISEG_DIR.parts[0], SEMISEG_DIR.parts[-1])
-        hint = (f"it looks like one of the data sets itself: give the folder above it ({root.parent})" if inside
+    def is_root(d):
+        return any((d / sub).is_dir() for sub in (MEDSEG_DIR, SEMISEG_DIR))
+
+    if not is_root(root):
+        above = next((d for d in list(root.resolve().parents)[:3] if is_root(d)), None)
+        hint = (f"it is inside the data root: give {above}" if above
                 else f"neither {MEDSEG_DIR}/ nor {SEMISEG_DIR.as_posix()}/ is in it")
         raise FileNotFoundError(f"Data root {root} ({src}) is not the data root: {hint}. " + _GET_DATA)
     return root

@@ -7,6 +7,7 @@ Re-running the same command on the same directory resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -232,6 +233,31 @@ def make_loader(ds, cfg: TrainConfig, gen: torch.Generator, workers: int = 0) ->
                       num_workers=workers, persistent_workers=workers > 0)
 
 
+@contextlib.contextmanager
+def _saving_uninterrupted():
+    """Ctrl-C during the block takes effect when it ends: an epoch's log row, weights and
+    training state are saved together, so a resume never pairs one epoch's weights with
+    another's optimizer state (or logs an epoch twice)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    except ValueError:   # not the main interpreter (e.g. embedded): nothing to defer
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def train_step(model, x, y, loss_fn, opt, scaler, epoch: int, amp_dtype) -> dict:
     """One optimizer step on the batch (x, y) (already on the model's device): forward under
     autocast with ``amp_dtype`` (None: float32), loss in float32, scaled backward, step.
@@ -392,20 +418,21 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
                 ckpt.save_checkpoint(out / "best.safetensors", ema_model,
                                      _meta(cfg, val["classes"], epoch + 1, init_sha))
         row["seconds"] = time.time() - t0
-        with open(log_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=fields).writerow(row)
-        ckpt.save_checkpoint(out / "last.safetensors", ema_model, _meta(cfg, None, epoch + 1, init_sha))
-        if ema:
-            ckpt.save_checkpoint(out / "raw.safetensors", model, _meta(cfg, None, epoch + 1, init_sha))
-        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "best_score": best["score"],
-                    "best_epoch": best["epoch"], "torch_rng": torch.get_rng_state(),
-                    "ema_updates": ema.updates if ema else 0,
-                    # not in the checkpoint (not weights) but part of the run: a resume without
-                    # them caps the spatial conv with a fresh estimate of sigma and diverges
-                    "power_iteration": {n: b.detach().clone() for n, b in model.named_buffers()
-                                        if n.rsplit(".", 1)[-1].startswith("_u_")}},
-                   out / "train_state.pt.part")
-        (out / "train_state.pt.part").replace(state_path)
+        with _saving_uninterrupted():   # the log row, weights and state of an epoch go together
+            with open(log_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields).writerow(row)
+            ckpt.save_checkpoint(out / "last.safetensors", ema_model, _meta(cfg, None, epoch + 1, init_sha))
+            if ema:
+                ckpt.save_checkpoint(out / "raw.safetensors", model, _meta(cfg, None, epoch + 1, init_sha))
+            torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "best_score": best["score"],
+                        "best_epoch": best["epoch"], "torch_rng": torch.get_rng_state(),
+                        "ema_updates": ema.updates if ema else 0,
+                        # not in the checkpoint (not weights) but part of the run: a resume without
+                        # them caps the spatial conv with a fresh estimate of sigma and diverges
+                        "power_iteration": {n: b.detach().clone() for n, b in model.named_buffers()
+                                            if n.rsplit(".", 1)[-1].startswith("_u_")}},
+                       out / "train_state.pt.part")
+            (out / "train_state.pt.part").replace(state_path)
         msg = f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} ({row['seconds']:.0f}s)"
         if "val_score" in row:
             msg += f"  val {row['val_score']:.3f} (best {best['score']:.3f} @ {best['epoch']})"
