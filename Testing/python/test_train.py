@@ -285,7 +285,12 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
     assert cli_main(["evaluate", "--checkpoint", str(run / "best.safetensors"), "--cases", str(cases),
                      "--cases", str(copy), "--device", "cpu", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["n_slices"] == 12
-    assert "trained on: its score is not a held-out figure" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "trained on: its score is not a held-out figure" in printed.err
+    # each folder's own figures beside the pooled ones (the copy scores as its original)
+    lines = [line for line in printed.out.splitlines() if "per-slice mean DSC" in line]
+    assert [line.split(":")[0].strip() for line in lines] == [str(cases), str(copy)]
+    assert "6 slices" in lines[0] and lines[0].split(",", 1)[1] == lines[1].split(",", 1)[1]
     # the same run resumes when its folders are spelt another way (relative vs absolute)
     monkeypatch.chdir(tmp_path)
     again = ["train", "--out", str(run), "--cases", "cases", "--cases", str(binary), "--cases-only",

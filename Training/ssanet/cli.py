@@ -281,12 +281,14 @@ def cmd_evaluate(a):
     if a.cases and as_trained:
         raise SystemExit("--cases scores exported cases; it does not combine with --semiseg-renderings or --folds")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
+    per_folder = []   # (folder, number of slices), in the order the slices are scored
     if a.cases:   # held-out corrected cases, placed on the slice grid exactly as `train --cases` places them
         samples = []
         for folder in a.cases:
             found = data.load_training_cases(folder, TrainConfig().nominal_spacing_mm)
             check_case_classes(found, folder, len(meta.get("class_names") or ()) >= 3, what="be scored on")
             samples += found
+            per_folder.append((folder, len(found)))
         if not samples:
             raise SystemExit(f"{', '.join(a.cases)}: no labeled slices with lung found")
         config = (meta.get("training") or {}).get("config") or {}
@@ -309,6 +311,15 @@ def cmd_evaluate(a):
           + (f" ({predictor.precision})" if predictor.amp_dtype is not None else "")
           + (f" (lesion islands < {res['min_lesion_mm2']:g} mm² removed)" if res["min_lesion_mm2"] else ""))
     print(format_table(res))
+    if len(per_folder) > 1:   # several folders pooled above: each one's own per-slice means too
+        import numpy as np
+
+        start = 0
+        for folder, n in per_folder:
+            rows = res["per_slice"][start:start + n]
+            start += n
+            means = ", ".join(f"{name} {np.nanmean([r[name]['dsc'] for r in rows]):.3f}" for name in res["classes"])
+            print(f"  {folder}: {n} slices, per-slice mean DSC {means}")
     if a.split == "val" or a.cases:
         what = "score of the cases" if a.cases else "validation score"
         print(f"{what} (mean pooled DSC, what train selects by): {_score(res):.4f}")
