@@ -287,10 +287,13 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
     assert json.loads(out.read_text())["n_slices"] == 12
     printed = capsys.readouterr()
     assert "trained on: its score is not a held-out figure" in printed.err
-    # each folder's own figures beside the pooled ones (the copy scores as its original)
-    lines = [line for line in printed.out.splitlines() if "per-slice mean DSC" in line]
+    # each folder's own figures beside the pooled ones, its slices counted
+    lines = [line for line in printed.out.splitlines() if "slices, per-slice mean DSC" in line]
     assert [line.split(":")[0].strip() for line in lines] == [str(cases), str(copy)]
-    assert "6 slices" in lines[0] and lines[0].split(",", 1)[1] == lines[1].split(",", 1)[1]
+    assert sum(int(line.split(": ")[1].split()[0]) for line in lines) == 12 and "infection" in lines[1]
+    n_copy = int(lines[1].split(": ")[1].split()[0])
+    rows = json.loads(out.read_text())["per_slice"][-n_copy:]   # the copy's slices come last
+    assert lines[1].endswith(f"infection {sum(r['infection']['dsc'] for r in rows) / n_copy:.3f}")
     # the same run resumes when its folders are spelt another way (relative vs absolute)
     monkeypatch.chdir(tmp_path)
     again = ["train", "--out", str(run), "--cases", "cases", "--cases", str(binary), "--cases-only",
