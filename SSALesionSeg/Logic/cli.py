@@ -255,8 +255,8 @@ def _stage_weight(stage, fraction):
 
 def cmd_segment(args) -> int:
     from .io import check_writable
-    from .pipeline import (checkpoint_sha256, drop_unneeded_copies, edited_outputs, foreign_files, keep_copies,
-                           load_model, optional_outputs, output_paths, outputs_complete, outputs_from_other_input,
+    from .pipeline import (checkpoint_sha256, copies_kept, edited_outputs, foreign_files, load_model,
+                           optional_outputs, output_paths, outputs_complete, outputs_from_other_input,
                            outputs_from_other_model, process_case, recomputed_by_stats)
 
     notes = []
@@ -344,12 +344,10 @@ def cmd_segment(args) -> int:
             continue
         prog.i, prog.case = i, name
         t = time.perf_counter()
-        edited, copies = [], []
         try:
-            if args.overwrite:   # the user's corrections are replaced as asked, but not lost
-                edited = edited_outputs(out, name, wanted)
-                copies = keep_copies(edited)
-            with warnings.catch_warnings():
+            # the user's corrections are replaced as asked, but not lost
+            edited = edited_outputs(out, name, wanted) if args.overwrite else []
+            with copies_kept(edited) as copies, warnings.catch_warnings():
                 warnings.simplefilter("ignore", FallbackWarning)  # reported below as a notice
                 result, paths = process_case(path, out, name=name, progress=prog, model=model,
                                              lungs=args.lungs, lung_weights=args.lung_weights,
@@ -358,14 +356,12 @@ def cmd_segment(args) -> int:
                                              save_probability=args.save_probability, flip_tta=args.flip_tta,
                                              min_lesion_mm2=args.min_lesion_mm2, cpu_bf16=args.bf16,
                                              labelmaps=args.labelmaps)
-        except BaseException as e:
-            drop_unneeded_copies(edited, copies)
-            if isinstance(e, (KeyboardInterrupt, Cancelled)) or not isinstance(e, Exception):
-                raise
+        except (KeyboardInterrupt, Cancelled):
+            raise
+        except Exception as e:
             fail(name, e)
             continue
-        result.notices[:0] = [f"{f.name} was not as segment wrote it (corrected?); --overwrite replaced it, "
-                              f"kept as {c.name}" for f, c in zip(edited, copies)]
+        result.notices[:0] = _replaced_notes(edited, copies, "segment")
         for notice in result.notices:
             prog.event(event="notice", case=name, message=notice)
             if not args.progress_json:
@@ -398,7 +394,7 @@ SAMPLE_CT = Path(__file__).resolve().parent.parent / "Resources" / "Sample" / "c
 
 def cmd_demo(args) -> int:
     from .io import case_name
-    from .pipeline import edited_outputs, keep_copies, process_case
+    from .pipeline import copies_kept, edited_outputs, process_case
 
     if not SAMPLE_CT.is_file():
         raise InputError(f"the bundled sample CT is missing ({SAMPLE_CT}); run from a full checkout")
@@ -407,18 +403,22 @@ def cmd_demo(args) -> int:
     if edited and not args.overwrite:
         raise InputError(f"{args.out} holds {', '.join(f.name for f in edited)}, not as the demo wrote it (corrected?); "
                          "it is left as it is: give another --out, or --overwrite (a copy is kept as .bak)")
-    for f, copy in zip(edited, keep_copies(edited)):
-        print(f"note: {f.name} was not as the demo wrote it; --overwrite replaces it, kept as {copy.name}",
-              file=sys.stderr)
     print(f"Segmenting the bundled sample CT {SAMPLE_CT.name} (see {SAMPLE_CT.parent / 'README.md'}) ...")
     prog = _Progress(False, 1)
     prog.case = name
-    with warnings.catch_warnings():
+    with copies_kept(edited) as copies, warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
         result, paths = process_case(SAMPLE_CT, args.out, checkpoint=args.checkpoint, device=args.device,
                                      progress=prog, cpu_bf16=args.bf16)
+    result.notices[:0] = _replaced_notes(edited, copies, "the demo")
     print(format_summary(result, paths))
     return 0
+
+
+def _replaced_notes(edited, copies, writer: str) -> list:
+    """The notes on edited outputs an --overwrite run replaced, and where their copies are."""
+    return [f"{f.name} was not as {writer} wrote it (corrected?); --overwrite replaced it, kept as {c.name}"
+            for f, c in zip(edited, copies)]
 
 
 def format_summary(result, paths) -> str:
@@ -443,14 +443,13 @@ def format_summary(result, paths) -> str:
 
 def cmd_stats(args) -> int:
     import numpy as np
-
-    from .geometry import image_like
-    from .io import check_writable, read_ct, read_result_labels, result_case_name
-    from .lungstep import compute_lungs
     from ssanet.checkpoint import sha256_of
     from ssanet.classes import BINARY, MULTICLASS
 
-    from .io import OUTPUT_SUFFIXES, replace_together, temp_path_for
+    from .geometry import image_like
+    from .io import (OUTPUT_SUFFIXES, check_writable, read_ct, read_result_labels, replace_together,
+                     result_case_name, temp_path_for)
+    from .lungstep import compute_lungs
     from .pipeline import RecordedRun
     from .report import write_overlay
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, write_stats

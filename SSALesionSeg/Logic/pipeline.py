@@ -297,36 +297,31 @@ def edited_outputs(out_dir, name: str, optional=()) -> list:
     return files
 
 
-def keep_copies(files) -> list:
-    """Copy each file to ``<file>.bak`` (``.bak-2``, ... when taken) before ``--overwrite``
-    replaces it; returns the copies. A ``.bak`` name is never read as a CT or an output."""
+@contextlib.contextmanager
+def copies_kept(files):
+    """``with copies_kept(files) as copies: <replace files>`` -- each file is first copied to
+    ``<file>.bak`` (``.bak-2``, ... when taken), before ``--overwrite`` replaces it. If the
+    block fails, a copy whose file is still there as it was (nothing replaced it) is removed,
+    so that retries do not pile up copies; a copy of a file that is gone or changed stays.
+    A ``.bak`` name is never read as a CT or an output."""
+    import filecmp
     import shutil
 
     copies = []
     try:
-        for f in files:
-            f = Path(f)
+        for f in map(Path, files):
             copy, n = f.with_name(f.name + ".bak"), 1
             while copy.exists():
                 n += 1
                 copy = f.with_name(f"{f.name}.bak-{n}")
             shutil.copy2(f, copy)
             copies.append(copy)
+        yield copies
     except BaseException:
-        drop_unneeded_copies(files, copies)
+        for f, copy in zip(files, copies):
+            if Path(f).is_file() and filecmp.cmp(f, copy, shallow=False):
+                copy.unlink(missing_ok=True)
         raise
-    return copies
-
-
-def drop_unneeded_copies(files, copies) -> None:
-    """After a run that failed: remove each copy whose file is still there as it was (nothing
-    replaced it), so that retries do not pile up copies; a copy of a file that is gone or
-    changed stays."""
-    import filecmp
-
-    for f, copy in zip(files, copies):
-        if Path(f).is_file() and filecmp.cmp(f, copy, shallow=False):
-            Path(copy).unlink(missing_ok=True)
 
 
 def _recorded_info(out_dir, name: str) -> dict:
