@@ -274,13 +274,22 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
         raise InputError(f"{folder}: found {what}; give a CT file (NIfTI/NRRD/MHA/DICOM) or a folder of DICOM files")
     described = []
     for n, uid, d, names in series:
-        s = _dicom_summary([Path(names[0])])
+        s = _dicom_summary([Path(names[0])], patient=True)
         s.update(series_uid=uid, n_files=n, folder=str(d))
         described.append(s)
     ct = [s for s in described if s.get("modality", "CT") == "CT"] or described
+    patients = sorted({s["patient_id"] for s in ct if s.get("patient_id")})
+    if len(patients) > 1:   # one case is one patient: one's figures must not go out under another's name
+        def place(pid):     # where, not who: the message may be kept in a batch report
+            subs = sorted({os.path.relpath(s["folder"], folder) for s in ct if s.get("patient_id") == pid})
+            return ", ".join("the folder itself" if d == "." else d for d in subs[:2]) + (", ..." if len(subs) > 2 else "")
+        raise InputError(f"{folder}: holds the CT series of {len(patients)} patients (by PatientID; in "
+                         f"{'; '.join(place(p) for p in patients[:4])}{'; ...' if len(patients) > 4 else ''}), "
+                         "and a folder is read as one patient's CT: give each patient's folder as the input, "
+                         "or a folder with one subfolder per patient")
     best = max(ct, key=lambda s: s["n_files"])
     names = next(x[3] for x in series if x[1] == best["series_uid"] and x[2] == best["folder"])
-    info = {"dicom": best}
+    info = {"dicom": {k: v for k, v in best.items() if k != "patient_id"}}
     if len(described) > 1:
         info["dicom_series_found"] = [{k: s.get(k) for k in ("series_uid", "modality", "n_files", "description")}
                                       for s in described]
@@ -295,7 +304,9 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
     return list(names), info
 
 
-def _dicom_summary(files) -> dict:
+def _dicom_summary(files, patient: bool = False) -> dict:
+    """Modality, series description and UID of the first file (and, with ``patient``, its
+    PatientID, for the one-patient check only: it is not written into any output)."""
     try:
         import pydicom
         ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True, force=True)
@@ -303,7 +314,8 @@ def _dicom_summary(files) -> dict:
         return {}
     return {"modality": str(ds.get("Modality", "")) or None,
             "description": str(ds.get("SeriesDescription", "")) or None,
-            "series_uid": str(ds.get("SeriesInstanceUID", "")) or None}
+            "series_uid": str(ds.get("SeriesInstanceUID", "")) or None,
+            **({"patient_id": str(ds.get("PatientID", "")).strip() or None} if patient else {})}
 
 
 # -------------------------------------------------------------------------- validate

@@ -614,7 +614,7 @@ def test_tiny_volume_smaller_than_a_tile(tiny_ckpt, phantom):
     assert res.labels.GetSize() == small.GetSize()
 
 
-def _write_dicom_series(vol, folder, uid, desc, prefix, skip=()):
+def _write_dicom_series(vol, folder, uid, desc, prefix, skip=(), patient="anon"):
     """``vol`` as one DICOM file per slice (slices in ``skip`` left out, as a lost file)."""
     folder.mkdir(parents=True, exist_ok=True)
     w = sitk.ImageFileWriter()
@@ -623,7 +623,7 @@ def _write_dicom_series(vol, folder, uid, desc, prefix, skip=()):
         if i in skip:
             continue
         s = sitk.Cast(vol[:, :, i], sitk.sitkInt16)
-        for k, v in (("0008|0060", "CT"), ("0020|000e", uid), ("0008|103e", desc),
+        for k, v in (("0008|0060", "CT"), ("0020|000e", uid), ("0008|103e", desc), ("0010|0020", patient),
                      ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
                      ("0020|0032", "\\".join(str(c) for c in vol.TransformIndexToPhysicalPoint((0, 0, i)))),
                      ("0018|0050", str(vol.GetSpacing()[2])),
@@ -645,6 +645,27 @@ def test_dicom_folder_with_several_series(tmp_path, phantom):
     _write_dicom_series(img[:, :, :2], tmp_path / "sub", "1.2.826.0.1.3680043.2.1125.2.3", "", "c")
     note = read_ct(tmp_path)[1]["dicom_series_note"]   # without a description: the UID, and where
     assert "2 files (CT series 1.2.826.0.1.3680043.2.1125.2.3) in sub" in note
+
+
+def test_dicom_folder_with_two_patients_is_refused_by_where_not_who(tmp_path, phantom):
+    """A disc or folder with several patients' CTs was one case: the largest series was
+    segmented and its figures written under the folder's name, whoever's it was."""
+    img, _ = phantom
+    disc = tmp_path / "disc"
+    _write_dicom_series(img[:, :, :4], disc / "DICOM" / "P1", "1.2.826.0.1.3680043.2.1125.7.1", "a", "i", patient="PID-0001")
+    _write_dicom_series(img[:, :, :3], disc / "DICOM" / "P2", "1.2.826.0.1.3680043.2.1125.7.2", "b", "i", patient="PID-0002")
+    (disc / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    with pytest.raises(InputError, match=r"CT series of 2 patients \(by PatientID; in DICOM/P1; DICOM/P2\).*one "
+                                         r"subfolder per patient") as e:
+        read_ct(disc)
+    assert "PID-000" not in str(e.value)
+    assert [n for n, _ in cli.find_cases(disc / "DICOM")] == ["P1", "P2"]   # what the message suggests works
+    assert read_ct(disc / "DICOM" / "P2")[0].GetSize()[2] == 3
+    _write_dicom_series(img[:, :, :2], disc / "DICOM" / "P1" / "scout", "1.2.826.0.1.3680043.2.1125.7.3", "c", "s",
+                        patient="PID-0001")
+    ct, info = read_ct(disc / "DICOM" / "P1")   # one patient's two series: the larger, as before
+    assert ct.GetSize()[2] == 4 and "2 series found" in info["dicom_series_note"]
+    assert "PID" not in json.dumps(info)      # the PatientID is not kept in what goes into the outputs
 
 
 def test_dicom_series_with_a_missing_slice_is_refused_and_a_single_slice_keeps_its_thickness(tmp_path, phantom):
