@@ -277,10 +277,7 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
     refused_run = ["train", "--out", str(run), "--cases", str(cases), "--cases", str(binary), "--cases-only",
                    "--classes", "infection", *[("3" if a == "1" and common[i - 1] == "--epochs" else a)
                                                for i, a in enumerate(common)]]
-    with pytest.raises(SystemExit) as e:
-        cli_main(refused_run)
-    assert "epochs: 1 -> 3" in str(e.value.code)
-    capsys.readouterr()
+    assert cli_main(refused_run) == 2 and "epochs: 1 -> 3" in capsys.readouterr().err
     out = tmp_path / "eval.json"
     assert cli_main(["evaluate", "--checkpoint", str(run / "best.safetensors"), "--cases", str(cases),
                      "--cases", str(copy), "--device", "cpu", "--json", str(out)]) == 0
@@ -302,10 +299,9 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
     # a GGO / consolidation model is not scored on infection labels either
     three = tmp_path / "three"
     assert cli_main(["train", "--out", str(three), "--cases", str(cases), "--cases-only", *common]) in (0, None)
-    with pytest.raises(SystemExit) as e:
-        cli_main(["evaluate", "--checkpoint", str(three / "best.safetensors"), "--cases", str(binary),
-                  "--device", "cpu"])
-    assert "cannot be scored on them" in str(e.value.code)
+    assert cli_main(["evaluate", "--checkpoint", str(three / "best.safetensors"), "--cases", str(binary),
+                     "--device", "cpu"]) == 2
+    assert "cannot be scored on them" in capsys.readouterr().err
 
 
 def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
@@ -332,8 +328,9 @@ def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
     pooled = [m["dsc_pooled"] for m in meta["val_metrics"].values()]
     assert printed["val_score"] == pytest.approx(sum(pooled) / len(pooled), abs=1e-4)
     before = soup.read_bytes()
-    with pytest.raises(SystemExit, match="exists"):
-        cli_main(["average", "--data", str(data_root), *map(str, runs), "--out", str(soup)])
+    capsys.readouterr()
+    assert cli_main(["average", "--data", str(data_root), *map(str, runs), "--out", str(soup)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {soup} exists")
     assert soup.read_bytes() == before
     # `evaluate --split val --semiseg-renderings` scores the same images the same way
     capsys.readouterr()
@@ -344,9 +341,9 @@ def test_strong_augment_run_and_average_cli(data_root, tmp_path, capsys):
     assert float(line[0].split()[-1]) == pytest.approx(printed["val_score"], abs=1e-4)
     res = json.loads(out.read_text())
     assert res["semiseg_renderings"] is True and res["n_slices"] == 10   # 6 MedSeg + 4 crops
-    with pytest.raises(SystemExit, match="--split val"):
-        cli_main(["evaluate", "--data", str(data_root), "--checkpoint", str(soup), "--split", "test",
-                  "--semiseg-renderings"])
+    assert cli_main(["evaluate", "--data", str(data_root), "--checkpoint", str(soup), "--split", "test",
+                     "--semiseg-renderings"]) == 2
+    assert "--split val" in capsys.readouterr().err
 
 
 def test_weight_ema_update_rule():
@@ -448,8 +445,9 @@ def test_train_and_evaluate_take_the_fold(data_root, tmp_path, monkeypatch, caps
     monkeypatch.setattr(cli, "train_run", fake_train_run)
     cli_main(["train", "--data", str(data_root), "--out", str(tmp_path / "f2"), "--folds", "5", "--fold", "2"])
     assert seen["val"] == [s.id for s in data.fold_splits(data_root, 5, 2)["val"]]
-    with pytest.raises(SystemExit, match="--folds go with --split val"):
-        cli_main(["evaluate", "--data", str(data_root), "--split", "test", "--folds", "5", "--fold", "2"])
+    capsys.readouterr()
+    assert cli_main(["evaluate", "--data", str(data_root), "--split", "test", "--folds", "5", "--fold", "2"]) == 2
+    assert "--folds go with --split val" in capsys.readouterr().err
     seen.clear()
     for cmd in (["train", "--out", str(tmp_path / "f3")], ["evaluate", "--split", "val"]):
         assert cli_main([*cmd, "--data", str(data_root), "--fold", "2"]) == 2
@@ -494,8 +492,8 @@ def test_ensemble_command_then_bundle_script_int8_and_no_training_from_it(tmp_pa
     assert cli_main(["ensemble", *map(str, paths), "--out", str(ens), "--no-flip-tta"]) in (0, None)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["members"] == 2 and printed["flip_tta"] is False and printed["storage"] == "float16"
-    with pytest.raises(SystemExit, match="exists"):
-        cli_main(["ensemble", *map(str, paths), "--out", str(ens)])
+    assert cli_main(["ensemble", *map(str, paths), "--out", str(ens)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {ens} exists")
     # bundled as int8 (as a candidate, so the real bundle is untouched): about half the size
     cand = tmp_path / "cand.safetensors"
     script("bundle_model").main([str(ens), "--out", str(cand), "--storage", "int8"])

@@ -581,6 +581,11 @@ def main(argv=None) -> int:
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:   # OSError: missing, existing, unreadable files
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:   # a refusal with its reason: said as every other error is
+        if not isinstance(e.code, str):
+            raise   # argparse's usage errors and explicit exit codes
+        print(f"error: {e.code.removeprefix('error: ')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:   # Ctrl-C: what is finished stays (cases written, epochs saved)
         print(f"\ninterrupted: {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
