@@ -447,8 +447,7 @@ def cmd_stats(args) -> int:
     from ssanet.classes import BINARY, MULTICLASS
 
     from .geometry import image_like
-    from .io import (OUTPUT_SUFFIXES, check_writable, read_ct, read_result_labels, replace_together,
-                     result_case_name, temp_path_for)
+    from .io import OUTPUT_SUFFIXES, check_writable, read_ct, read_result_labels, result_case_name, written_together
     from .lungstep import compute_lungs
     from .pipeline import RecordedRun
     from .report import write_overlay
@@ -505,8 +504,7 @@ def cmd_stats(args) -> int:
     targets = {"stats_json": out / f"{name}_stats.json", "stats_csv": out / f"{name}_stats.csv"}
     if redraw:
         targets = {"overlay": overlay, **targets}
-    tmp = {k: temp_path_for(t) for k, t in targets.items()}
-    try:   # the figures and the overlay of them replace the old ones together
+    with written_together(targets) as tmp:   # the figures and the overlay of them replace the old ones together
         if redraw:
             write_overlay(tmp["overlay"], ct, lesions_img, lungs_img, list(BINARY if result.binary else MULTICLASS),
                           title=name)
@@ -515,11 +513,6 @@ def cmd_stats(args) -> int:
         if not stats["info"]["outputs"]:
             del stats["info"]["outputs"], stats["info"]["outputs_sha256"]
         write_stats(stats, tmp["stats_json"], tmp["stats_csv"])
-        replace_together({targets[k]: tmp[k] for k in targets})
-    finally:
-        for t in tmp.values():
-            if t.exists():
-                t.unlink()
     if redraw:
         print(f"{overlay.name}: redrawn from the corrected labels", file=sys.stderr)
     print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "

@@ -592,11 +592,17 @@ def atomic_path(path: str | os.PathLike):
                 tmp.unlink()
 
 
+class NotPutInPlace(OSError):
+    """A file written in full could not be renamed onto its target (open in another
+    program, permissions changed): raised by :func:`replace_together` with the target as
+    ``filename``, after the files that belong with it were removed."""
+
+
 def replace_together(moves: dict, also_remove=()) -> None:
     """Rename each temporary file onto its target, in order (``moves``: {target: temporary}),
     for files that belong together (a case's outputs, a training case). If one rename fails,
-    they no longer do: every target (and ``also_remove``) is removed, and the OSError is
-    raised with the target that failed as its ``filename``."""
+    they no longer do: every target (and ``also_remove``) is removed, and
+    :class:`NotPutInPlace` is raised with the target that failed as its ``filename``."""
     for target, temporary in moves.items():
         try:
             os.replace(temporary, target)
@@ -604,7 +610,22 @@ def replace_together(moves: dict, also_remove=()) -> None:
             for p in list(moves) + list(also_remove):
                 with contextlib.suppress(OSError):
                     Path(p).unlink()
-            raise OSError(e.errno, e.strerror, str(target)) from None
+            raise NotPutInPlace(e.errno, e.strerror, str(target)) from None
+
+
+@contextlib.contextmanager
+def written_together(targets: dict, also_remove=()):
+    """``with written_together({key: path}) as tmp: write each tmp[key]`` -> on success the
+    temporaries replace their targets in the dict's order (:func:`replace_together`); on any
+    error, or after a failed rename, no temporary is left behind."""
+    tmp = {k: temp_path_for(t) for k, t in targets.items()}
+    try:
+        yield tmp
+        replace_together({Path(targets[k]): tmp[k] for k in targets}, also_remove)
+    finally:
+        for t in tmp.values():
+            with contextlib.suppress(OSError):
+                t.unlink()
 
 
 def write_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:

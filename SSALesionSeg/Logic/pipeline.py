@@ -30,8 +30,8 @@ from ssanet.classes import MULTICLASS
 
 from .errors import Cancelled, InputError
 from .geometry import array_from_lps, image_like, to_lps
-from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, read_ct, replace_together,
-                 temp_path_for, validate_ct, write_image)
+from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, NotPutInPlace, check_writable, read_ct, validate_ct,
+                 write_image, written_together)
 from .lungstep import compute_lungs
 from .stats import compute_stats, label_names_for, write_stats
 
@@ -395,28 +395,22 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
     paths = output_paths(out_dir, name, tuple(k for k in OPTIONAL_OUTPUT_SUFFIXES if k in wanted))
     order = [k for k in ("segmentation", "overlay") + tuple(OPTIONAL_OUTPUT_SUFFIXES) if k in paths] + \
         ["stats_csv", "stats_json"]
-    tmp = {k: temp_path_for(paths[k]) for k in order}
     try:
-        write_seg_nrrd(tmp["segmentation"], result.labels, result.lungs, result.class_names)
-        write_overlay(tmp["overlay"], ct, result.labels, result.lungs, result.class_names, title=name)
-        for key, image in (("confidence", result.probability), ("lesion_labelmap", result.labels),
-                           ("lung_labelmap", result.lungs)):
-            if key in tmp:
-                write_image(image, tmp[key])
-        info = result.stats.setdefault("info", result.info)
-        info["outputs"] = {k: str(p) for k, p in paths.items()}
-        # so that a rerun can tell its own outputs from ones corrected in place
-        info["outputs_sha256"] = {k: sha256_of(tmp[k]) for k in order if k not in ("stats_json", "stats_csv")}
-        write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
-        try:
-            replace_together({paths[k]: tmp[k] for k in order}, also_remove=stale)
-        except OSError as e:
-            raise InputError(f"could not put {Path(e.filename).name} in place ({e.strerror or e}; is it open in "
-                             f"another program?): the outputs of {name!r} were removed, run the case again") from None
-    finally:
-        for t in tmp.values():
-            with contextlib.suppress(OSError):
-                t.unlink()
+        with written_together({k: paths[k] for k in order}, also_remove=stale) as tmp:
+            write_seg_nrrd(tmp["segmentation"], result.labels, result.lungs, result.class_names)
+            write_overlay(tmp["overlay"], ct, result.labels, result.lungs, result.class_names, title=name)
+            for key, image in (("confidence", result.probability), ("lesion_labelmap", result.labels),
+                               ("lung_labelmap", result.lungs)):
+                if key in tmp:
+                    write_image(image, tmp[key])
+            info = result.stats.setdefault("info", result.info)
+            info["outputs"] = {k: str(p) for k, p in paths.items()}
+            # so that a rerun can tell its own outputs from ones corrected in place
+            info["outputs_sha256"] = {k: sha256_of(tmp[k]) for k in order if k not in ("stats_json", "stats_csv")}
+            write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])
+    except NotPutInPlace as e:
+        raise InputError(f"could not put {Path(e.filename).name} in place ({e.strerror or e}; is it open in "
+                         f"another program?): the outputs of {name!r} were removed, run the case again") from None
     for p in stale:
         with contextlib.suppress(OSError):
             p.unlink()

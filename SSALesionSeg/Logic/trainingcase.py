@@ -29,7 +29,7 @@ from ssanet.classes import MULTICLASS
 from ssanet.preprocess import hu_problem, same_grid
 
 from .errors import InputError
-from .io import replace_together, temp_path_for
+from .io import NotPutInPlace, written_together
 
 FOLDERS = ("images", "labels", "lungs")
 
@@ -98,23 +98,18 @@ def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
               "lungs": None if lungs is None else sitk.Cast(lungs, sitk.sitkUInt8)}
     targets = {sub: Path(paths[sub]) for sub, image in images.items() if image is not None}
     targets["sidecar"] = Path(sidecar_path(folder, case))
-    tmp = {k: temp_path_for(t) for k, t in targets.items()}
+    for t in targets.values():
+        t.parent.mkdir(parents=True, exist_ok=True)
     try:
-        for sub, t in targets.items():
-            t.parent.mkdir(parents=True, exist_ok=True)
-            if sub == "sidecar":
-                tmp[sub].write_text(json.dumps({"class_names": class_names}) + "\n")
-            else:
-                sitk.WriteImage(images[sub], str(tmp[sub]), True)
-        try:
-            replace_together({t: tmp[k] for k, t in targets.items()}, also_remove=[paths["lungs"]])
-        except OSError as e:
-            raise InputError(f"could not put {Path(e.filename).name} of training case '{case}' in place "
-                             f"({e.strerror or e}); the case's files were removed: export it again") from None
-    finally:
-        for t in tmp.values():
-            if t.exists():
-                t.unlink()
+        with written_together(targets, also_remove=[paths["lungs"]]) as tmp:
+            for sub in targets:
+                if sub == "sidecar":
+                    tmp[sub].write_text(json.dumps({"class_names": class_names}) + "\n")
+                else:
+                    sitk.WriteImage(images[sub], str(tmp[sub]), True)
+    except NotPutInPlace as e:
+        raise InputError(f"could not put {Path(e.filename).name} of training case '{case}' in place "
+                         f"({e.strerror or e}); the case's files were removed: export it again") from None
     # the case being replaced had lungs this one lacks: its old mask must not pair up
     if images["lungs"] is None and os.path.exists(paths["lungs"]):
         os.remove(paths["lungs"])
