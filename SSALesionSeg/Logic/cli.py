@@ -443,15 +443,17 @@ def format_summary(result, paths) -> str:
 
 def cmd_stats(args) -> int:
     import numpy as np
+    import SimpleITK as sitk
     from ssanet.checkpoint import sha256_of
     from ssanet.classes import BINARY, MULTICLASS
 
     from .geometry import image_like
-    from .io import OUTPUT_SUFFIXES, check_writable, read_ct, read_result_labels, result_case_name, written_together
+    from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, read_ct, read_result_labels,
+                     result_case_name, written_together)
     from .lungstep import compute_lungs
     from .pipeline import RecordedRun
     from .report import write_overlay
-    from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, write_stats
+    from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, figure_notes, write_stats
 
     out = Path(args.out)
     name = result_case_name(args.labels, args.ct)
@@ -463,6 +465,9 @@ def cmd_stats(args) -> int:
     overlay = out / f"{name}{OUTPUT_SUFFIXES['overlay']}"
     recorded = RecordedRun(out, name)
     redraw = overlay.is_file() and overlay.name in recorded.names and not recorded.changed("overlay", overlay)
+    # ... and so do the plain labelmaps segment wrote (--labelmaps), when untouched since
+    relabel = {k: out / f"{name}{OPTIONAL_OUTPUT_SUFFIXES[k]}" for k in ("lesion_labelmap", "lung_labelmap")}
+    relabel = {k: p for k, p in relabel.items() if p.is_file() and k in recorded.outputs and not recorded.changed(k, p)}
     ct, info = read_ct(args.ct)
     out = check_writable(out)
     result = read_result_labels(args.labels, ct, args.classes)
@@ -482,12 +487,7 @@ def cmd_stats(args) -> int:
     lesions_img, lungs_img = image_like(lab, ct), image_like(lung_labels.astype(np.uint8), ct)
     stats = compute_stats(ct, lesions_img, lungs_img, image_like(lobes, ct) if lobes is not None else None, names)
     inf = stats["lesions"]["infection"]
-    if (inf["percent_of_lung"] or 0) > 90:
-        notes.append(f"the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: is --labels a lung mask "
-                     "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")
-    if inf.get("outside_lung_volume_ml", 0) > 0.05 * max(inf["volume_ml"], 1e-9):
-        notes.append(f"{inf['outside_lung_volume_ml']:.1f} of the {inf['volume_ml']:.1f} mL of lesion lie outside "
-                     "the lung mask: they count in the volumes, not in the percentages or the severity score")
+    notes += figure_notes(stats)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     # the keys segment's stats JSON has for the same things, plus where the labels came from
@@ -498,23 +498,31 @@ def cmd_stats(args) -> int:
         stats["info"]["notices"] = notes
     # segment's outputs beside the figures stay listed with their hashes (a corrected .seg.nrrd
     # then still reads as edited, an untouched one as segment's), the overlay as redrawn
-    kept = {k: v for k, v in recorded.outputs.items() if k not in ("stats_json", "stats_csv", "overlay")}
+    kept = {k: v for k, v in recorded.outputs.items() if k not in ("stats_json", "stats_csv", "overlay", *relabel)}
     stats["info"]["outputs"] = dict(kept)
     stats["info"]["outputs_sha256"] = {k: recorded.hashes[k] for k in kept if recorded.hashes.get(k)}
     targets = {"stats_json": out / f"{name}_stats.json", "stats_csv": out / f"{name}_stats.csv"}
     if redraw:
         targets = {"overlay": overlay, **targets}
-    with written_together(targets) as tmp:   # the figures and the overlay of them replace the old ones together
+    targets = {**relabel, **targets}
+    with written_together(targets) as tmp:   # the figures and what shows them replace the old ones together
         if redraw:
             write_overlay(tmp["overlay"], ct, lesions_img, lungs_img, list(BINARY if result.binary else MULTICLASS),
                           title=name)
-            stats["info"]["outputs"]["overlay"] = str(overlay)
-            stats["info"]["outputs_sha256"]["overlay"] = sha256_of(tmp["overlay"])
+        for key, image in (("lesion_labelmap", lesions_img), ("lung_labelmap", lungs_img)):
+            if key in tmp:
+                sitk.WriteImage(image, str(tmp[key]), True)
+        for key in tmp:
+            if key not in ("stats_json", "stats_csv"):
+                stats["info"]["outputs"][key] = str(targets[key])
+                stats["info"]["outputs_sha256"][key] = sha256_of(tmp[key])
         if not stats["info"]["outputs"]:
             del stats["info"]["outputs"], stats["info"]["outputs_sha256"]
         write_stats(stats, tmp["stats_json"], tmp["stats_csv"])
-    if redraw:
-        print(f"{overlay.name}: redrawn from the corrected labels", file=sys.stderr)
+    redone = [targets[k].name for k in ("overlay", *relabel) if k in targets]
+    if redone:
+        print(f"{', '.join(redone)}: {'redrawn' if redone == [overlay.name] else 'rewritten'} from the corrected "
+              "labels", file=sys.stderr)
     print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "
           f"{severity_text(stats['severity'])} -> {out / (name + '_stats.json')}")
     return 0
@@ -524,10 +532,7 @@ def cmd_stats(args) -> int:
 
 def _label_notes(result, args) -> list:
     """What of a (corrected) result is not used, to be said instead of dropped silently."""
-    notes = []
-    if result.ignored:
-        notes.append(f"segments not used (not GGO, consolidation, infection or a lung by terminology, ID or name): "
-                     f"{', '.join(result.ignored)}")
+    notes = list(result.notes)
     if result.lungs is not None and getattr(args, "lung_mask", None):
         notes.append("--lung-mask is not used: the segmentation has its own lung segments")
     return notes
@@ -551,13 +556,16 @@ def cmd_export_case(args) -> int:
     if lungs is None and args.lung_mask:
         lungs = compute_lungs(ct, lung_mask=args.lung_mask).labels
     out = check_writable(args.out)
+    notes = []
     try:
         written = write_training_case(out, case, ct, image_like(lab, ct),
                                       None if lungs is None else image_like(lungs.astype("uint8"), ct),
                                       overwrite=args.overwrite,
-                                      class_names=("background", "infection") if binary else None)
+                                      class_names=("background", "infection") if binary else None, notes=notes)
     except FileExistsError as e:
         raise InputError(f"{e}; give another --name, or --overwrite to replace that case") from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     kinds = "1 infection" if binary else "1 GGO, 2 consolidation"
     print(f"{case}: {len(written)} files in {out} ({', '.join(Path(p).relative_to(out).as_posix() for p in written)}; "
           f"labels {kinds}"

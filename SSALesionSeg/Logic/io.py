@@ -14,7 +14,7 @@ import contextlib
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +376,17 @@ def read_labelmap(path: str | os.PathLike, reference: sitk.Image, what: str = "l
         img = sitk.Extract(img, img.GetSize()[:3] + (0,), (0, 0, 0, 0))
     if img.GetDimension() != 3:
         raise InputError(f"{p}: {what} must be 3D like the CT, got {img.GetDimension()}D")
+    values = np.unique(sitk.GetArrayViewFromImage(img))
+    fractional = values[values != np.round(values)]
+    if fractional.size:   # truncating 0.6 to 0 and 1.7 to 1 would lose or swap classes silently
+        raise InputError(f"{p}: values that are not whole numbers ({', '.join(f'{v:g}' for v in fractional[:3])}"
+                         f"{', ...' if fractional.size > 3 else ''}) in the {what}: labels are integers — was it "
+                         "resampled with linear interpolation? Resample labels with nearest neighbour")
+    if values.size and (values[0] < 0 or values[-1] > 65535):
+        odd = [int(v) for v in values if v < 0 or v > 65535]
+        raise InputError(f"{p}: values {odd[:3]}{' ...' if len(odd) > 3 else ''} in the {what} are no labels (0 "
+                         "background, small positive integers the classes)"
+                         + (f"; is this the CT rather than the {what}?" if values[0] < -100 else ""))
     return sitk.GetArrayFromImage(on_ct_grid(sitk.Cast(img, sitk.sitkUInt16), reference, p, what))
 
 
@@ -450,29 +461,59 @@ def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "s
 class ResultLabels:
     """A (corrected) result read back: ``lesions`` uint8 (z, y, x) 0 / 1 GGO / 2 consolidation
     (``binary``: 1 infection); ``lungs`` uint8 1 right / 2 left, or None when the file has no
-    lung segments (and for a labelmap); ``ignored``: names of segments that are none of these."""
+    lung segments (and for a labelmap); ``ignored``: names of segments that are none of these;
+    ``notes``: what the reader decided that the user should hear (segments not used,
+    overlapping lesion classes)."""
     lesions: np.ndarray
     lungs: np.ndarray | None
     binary: bool
     ignored: list
+    notes: list = field(default_factory=list)
+
+
+def result_labels_from_segments(segs, reference: sitk.Image) -> ResultLabels:
+    """One rule for turning segments — [(name, role, bool mask (z, y, x))], as
+    :func:`read_segments` reads a ``.seg.nrrd`` and the Slicer module reads a segmentation
+    node — into a result: every segment of a class counts (their union); where GGO and
+    consolidation overlap the voxel is consolidation, whatever the segments' order (the denser
+    finding; a GGO painted under it is its halo), and the overlap is said."""
+    from .lungstep import LUNG_ROLES, lungs_from_segments   # lungstep reads files through this module
+
+    roles = {role for _, role, _ in segs}
+    binary = "infection" in roles and not ({"ggo", "consolidation"} & roles)
+    shape = reference.GetSize()[::-1]
+
+    def union(role):
+        return np.logical_or.reduce([m for _, r, m in segs if r == role] or [np.zeros(shape, bool)])
+
+    lab = np.zeros(shape, np.uint8)
+    notes = []
+    if binary:
+        lab[union("infection")] = 1
+        value = {"infection"}
+    else:
+        ggo, consolidation = union("ggo"), union("consolidation")
+        lab[ggo] = 1
+        lab[consolidation] = 2
+        both = int(np.count_nonzero(ggo & consolidation))
+        if both:
+            ml = both * float(np.prod(reference.GetSpacing())) / 1000.0
+            notes.append(f"GGO and consolidation segments overlap in {both} voxels ({ml:.1f} mL): counted as "
+                         "consolidation")
+        value = {"ggo", "consolidation"}
+    ignored = [n for n, role, _ in segs if role not in value and role not in LUNG_ROLES]
+    if ignored:
+        notes.append(f"segments not used (not GGO, consolidation, infection or a lung by terminology, ID or name): "
+                     f"{', '.join(ignored)}")
+    return ResultLabels(lab, lungs_from_segments(segs, reference), binary, ignored, notes)
 
 
 def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: str = "multiclass") -> ResultLabels:
     """A result on ``reference``'s grid from a ``.seg.nrrd`` (segments recognised by
-    terminology, ID or name: :func:`segment_role`) or a labelmap file (``classes``:
-    "multiclass" = 1 GGO, 2 consolidation; "binary" = 1 infection)."""
+    terminology, ID or name: :func:`segment_role`; combined by :func:`result_labels_from_segments`)
+    or a labelmap file (``classes``: "multiclass" = 1 GGO, 2 consolidation; "binary" = 1 infection)."""
     if str(path).lower().endswith(".seg.nrrd"):
-        segs = read_segments(path, reference, what="labels")
-        roles = {role for _, role, _ in segs}
-        binary = "infection" in roles and not ({"ggo", "consolidation"} & roles)
-        lab = np.zeros(reference.GetSize()[::-1], np.uint8)
-        value = {"infection": 1} if binary else {"ggo": 1, "consolidation": 2}
-        for _, role, m in segs:
-            if role in value:
-                lab[m] = value[role]
-        from .lungstep import LUNG_ROLES, lungs_from_segments   # lungstep reads files through this module
-        ignored = [n for n, role, _ in segs if role not in value and role not in LUNG_ROLES]
-        return ResultLabels(lab, lungs_from_segments(segs, reference), binary, ignored)
+        return result_labels_from_segments(read_segments(path, reference, what="labels"), reference)
     lab = read_labelmap(path, reference, what="labels")
     binary = classes == "binary"
     allowed = (0, 1) if binary else (0, 1, 2)
@@ -482,6 +523,9 @@ def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: 
         raise InputError(f"{path}: label values {extra[:5]}{' ...' if len(extra) > 5 else ''} are not "
                          f"classes of --classes {classes} ({expected})"
                          + ("; a 0/1/2 map is --classes multiclass" if binary and extra == [2]
+                            else "; it holds more classes than the lesions (a labelmap exported from all segments, "
+                                 "the lungs included?): give the .seg.nrrd instead, or a labelmap of the lesion "
+                                 "segments alone" if extra[-1] <= 20
                             else "; is this the labelmap (not the CT), with 0/1/2 values?"))
     return ResultLabels(lab.astype(np.uint8), None, binary, [])
 

@@ -161,6 +161,20 @@ def severity_text(severity) -> str | None:
     return text
 
 
+def figure_notes(stats: dict) -> list:
+    """What a reader of figures recomputed from corrected labels should be told: lesions
+    that look like a lung mask, or that lie partly outside the lung mask."""
+    inf = (stats.get("lesions") or {}).get("infection") or {}
+    notes = []
+    if (inf.get("percent_of_lung") or 0) > 90:
+        notes.append(f"the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: are the labels a lung mask "
+                     "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")
+    if (inf.get("outside_lung_volume_ml") or 0) > 0.05 * max(inf.get("volume_ml") or 0, 1e-9):
+        notes.append(f"{inf['outside_lung_volume_ml']:.1f} of the {inf['volume_ml']:.1f} mL of lesion lie outside "
+                     "the lung mask: they count in the volumes, not in the percentages or the severity score")
+    return notes
+
+
 def _pct(part, whole):
     return 100.0 * float(part) / whole if whole else None
 
@@ -170,6 +184,8 @@ def _flatten(d, prefix=""):
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             yield from _flatten(v, key + ".")
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in v):
+            yield from _flatten({str(i): x for i, x in enumerate(v)}, key + ".")   # e.g. the ensemble's members
         elif isinstance(v, (list, tuple)):
             yield key, " ".join(str(x) for x in v)
         else:

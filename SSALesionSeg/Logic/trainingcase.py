@@ -67,11 +67,44 @@ def ct_for_export(ct: sitk.Image) -> sitk.Image:
     return sitk.Cast(ct, sitk.sitkFloat32)
 
 
+def lungs_covering_lesions(lungs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Lung labels (1 right, 2 left) extended over the lesion voxels they leave out — each to
+    the side of the nearest lung voxel of its slice (else of the nearer lung's mean column) —
+    and how many voxels were added. A lesion painted past a lung mask's edge (the classical
+    method misses dense consolidation there) is lung: training blanks the CT outside the
+    lung mask, so labels outside it would be lesions the model is shown as black."""
+    from scipy import ndimage as ndi
+
+    out = lungs.astype(np.uint8, copy=True)
+    outside = (labels > 0) & (out == 0)
+    added = int(np.count_nonzero(outside))
+    if not added:
+        return out, 0
+    columns = {v: np.nonzero(out == v)[2] for v in (1, 2)}
+    mean_col = {v: float(c.mean()) for v, c in columns.items() if c.size}
+    for z in np.flatnonzero(outside.reshape(len(outside), -1).any(axis=1)):
+        sl, miss = out[z], outside[z]
+        if sl.any():
+            idx = ndi.distance_transform_edt(sl == 0, return_distances=False, return_indices=True)
+            sl[miss] = sl[idx[0][miss], idx[1][miss]]
+        elif mean_col:
+            cols = np.nonzero(miss)[1]
+            sides = np.array(sorted(mean_col))
+            nearest = np.argmin(np.abs(cols[:, None] - np.array([mean_col[v] for v in sides])[None]), axis=1)
+            sl[miss] = sides[nearest]
+        else:
+            sl[miss] = 1
+    return out, added
+
+
 def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
-                        lungs: sitk.Image | None = None, overwrite: bool = False, class_names=None) -> list:
+                        lungs: sitk.Image | None = None, overwrite: bool = False, class_names=None,
+                        notes: list | None = None) -> list:
     """Write one training case (module docstring); returns the written paths.
     ``class_names``: what the label values mean (default: background, GGO, consolidation;
-    ``("background", "infection")`` for a binary model's result).
+    ``("background", "infection")`` for a binary model's result). Lesion voxels outside
+    ``lungs`` are added to the exported lung mask (:func:`lungs_covering_lesions`), which is
+    said in ``notes`` (a list, when given).
 
     Refused before anything is written: a CT that is not in HU, labels or lungs on another
     grid than the CT, label values that are not classes, an existing file of the case
@@ -94,6 +127,17 @@ def write_training_case(folder, case: str, ct: sitk.Image, labels: sitk.Image,
         existing = existing_case_files(folder, case)
         if existing:
             raise FileExistsError(f"training case '{case}' already exists: {existing[0]}")
+    if lungs is not None:
+        extended, added = lungs_covering_lesions(sitk.GetArrayViewFromImage(lungs), sitk.GetArrayViewFromImage(labels))
+        if added:
+            ml = added * float(np.prod(ct.GetSpacing())) / 1000.0
+            total = int(np.count_nonzero(sitk.GetArrayViewFromImage(labels)))
+            if notes is not None:
+                notes.append(f"{ml:.1f} mL of lesion ({added} of {total} voxels) lay outside the lung mask: the "
+                             f"exported lung mask of case '{case}' includes them (training blanks the CT outside it)")
+            image = sitk.GetImageFromArray(extended)
+            image.CopyInformation(lungs)
+            lungs = image
     images = {"images": ct_for_export(ct), "labels": sitk.Cast(labels, sitk.sitkUInt8),
               "lungs": None if lungs is None else sitk.Cast(lungs, sitk.sitkUInt8)}
     targets = {sub: Path(paths[sub]) for sub, image in images.items() if image is not None}

@@ -996,8 +996,14 @@ def test_stats_refuses_labels_that_are_not_the_classes(tmp_path, phantom, exact_
     lab = sitk.GetArrayFromImage(exact_result.labels)
     for name, arr, classes, message in (
             ("mask255", (lab > 0).astype(np.uint8) * 255, "multiclass", "label values [255]"),
-            ("the_ct", sitk.GetArrayFromImage(img).astype(np.int16), "multiclass", "not the CT"),
-            ("three", lab, "binary", "a 0/1/2 map is --classes multiclass")):
+            ("the_ct", sitk.GetArrayFromImage(img).astype(np.int16), "multiclass", "the CT rather than the labels"),
+            ("three", lab, "binary", "a 0/1/2 map is --classes multiclass"),
+            # resampled with linear interpolation: 0.6 / 1.7 were truncated to 0 / 1 (GGO lost, consolidation
+            # counted as GGO) without a word
+            ("linear", np.where(lab == 1, 0.6, np.where(lab == 2, 1.7, 0.0)).astype(np.float32), "multiclass",
+             "values that are not whole numbers (0.6, 1.7)"),
+            ("minus", lab.astype(np.int16) - (lab == 0), "multiclass", "values [-1] in the labels"),   # was "[65535]"
+            ("all_segments", np.where(lab == 0, 3, lab).astype(np.uint8), "multiclass", "give the .seg.nrrd")):
         path = write_image(image_like(arr, img), tmp_path / f"{name}.nii.gz")
         assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(path), "--out", str(tmp_path / name),
                          "--classes", classes, "--lungs", "classical"]) == 2
@@ -1257,7 +1263,7 @@ def test_dicom_files_without_names_or_preamble_and_a_lung_mask_given_as_labels(t
     lungs = write_image(exact_result.lungs, tmp_path / "ph_lungs.nii.gz")
     assert cli.main(["stats", "--ct", str(ct_path), "--labels", str(lungs), "--lung-mask", str(lungs),
                      "--out", str(tmp_path / "s")]) == 0
-    assert "is --labels a lung mask" in capsys.readouterr().err
+    assert "are the labels a lung mask" in capsys.readouterr().err
 
 
 def test_reruns_keep_earlier_optional_outputs_and_a_failed_rename_leaves_no_mixed_case(tmp_path, tiny_ckpt,
@@ -1389,10 +1395,14 @@ def test_stats_redraws_segments_overlay_and_records_its_notes(tmp_path, tiny_ckp
     assert cli.main(["stats", "--ct", str(src), "--labels", str(labels), "--lungs", "classical", "--out", str(out),
                      "--overwrite"]) == 0
     err = capsys.readouterr().err
-    assert "ct_overlay.png: redrawn from the corrected labels" in err
+    assert "ct_overlay.png, ct_lesions.nii.gz, ct_lungs.nii.gz: rewritten from the corrected labels" in err
     assert overlay.read_bytes() != before
     st = json.loads((out / "ct_stats.json").read_text())
-    assert st["info"]["outputs_sha256"]["overlay"] == sha256_of(overlay)
+    for key, path in (("overlay", overlay), ("lesion_labelmap", out / "ct_lesions.nii.gz"),
+                      ("lung_labelmap", out / "ct_lungs.nii.gz")):
+        assert st["info"]["outputs_sha256"][key] == sha256_of(path) and st["info"]["outputs"][key] == str(path)
+    # the plain labelmap segment wrote is now the corrected one, not the old prediction
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ct_lesions.nii.gz"))), arr)
     printed = [line[len("note: "):] for line in err.splitlines() if line.startswith("note: ")]
     assert printed and st["info"]["notices"] == printed
     # a rerun of segment keeps the recomputed figures and their overlay
@@ -1416,3 +1426,77 @@ def test_stats_redraws_segments_overlay_and_records_its_notes(tmp_path, tiny_ckp
     assert cli.main(["stats", "--ct", str(src), "--labels", str(labels), "--lungs", "classical",
                      "--out", str(tmp_path / "fresh")]) == 0
     assert not (tmp_path / "fresh" / "ct_overlay.png").exists()
+
+
+def test_overlapping_lesion_segments_are_consolidation_in_any_order_and_every_segment_of_a_class_counts(phantom):
+    """Where GGO and consolidation overlap (segments in separate layers, as the Segment Editor
+    allows) the figures depended on the segments' order, and a second GGO segment was
+    counted by the CLI but not by the Slicer module."""
+    from ssalesionseg.io import result_labels_from_segments
+
+    img, _ = phantom
+    shape = img.GetSize()[::-1]
+    ggo, cons, extra = (np.zeros(shape, bool) for _ in range(3))
+    ggo[1, 20:40, 20:40] = True
+    cons[1, 30:50, 30:50] = True       # 10 x 10 voxels under the GGO
+    extra[2, 5:7, 5:9] = True          # a second segment named GGO
+    lungs = np.zeros(shape, bool)
+    lungs[:, 10:60, 10:60] = True
+    segs = [("GGO", "ggo", ggo), ("Consolidation", "consolidation", cons), ("GGO", "ggo", extra),
+            ("Right lung", "right_lung", lungs), ("Nodule", None, cons)]
+    a = result_labels_from_segments(segs, img)
+    b = result_labels_from_segments(segs[::-1], img)
+    np.testing.assert_array_equal(a.lesions, b.lesions)
+    assert np.count_nonzero(a.lesions == 2) == 400 and np.count_nonzero(a.lesions == 1) == 400 - 100 + 8
+    ml = 100 * np.prod(img.GetSpacing()) / 1000
+    assert f"overlap in 100 voxels ({ml:.1f} mL): counted as consolidation" in a.notes[0]
+    assert a.ignored == ["Nodule"] and "segments not used" in a.notes[1] and a.lungs is not None
+
+
+def test_export_case_puts_lesions_painted_past_the_lung_edge_into_the_lung_mask(tmp_path, phantom, exact_result,
+                                                                                capsys):
+    """Training blanks the CT outside the lung mask: a consolidation painted past the lung
+    mask's edge was exported as labels on black input, without a word."""
+    from ssalesionseg.trainingcase import lungs_covering_lesions
+
+    img, _ = phantom
+    ct_path = write_image(img, tmp_path / "ph.nii.gz")
+    lungs = sitk.GetArrayFromImage(exact_result.lungs)
+    lab = sitk.GetArrayFromImage(exact_result.labels).copy()
+    z, y, x = np.nonzero(lungs == 2)
+    zz, yy, xx = z[0], y[0] - 1, x[0]          # just outside the left lung, in its slice
+    assert lungs[zz, yy, xx] == 0
+    lab[zz, yy - 2:yy + 1, xx] = 2
+    labels = write_image(image_like(lab, img), tmp_path / "labels.nii.gz")
+    lung_file = write_image(image_like(lungs.astype(np.uint8), img), tmp_path / "lungs.nii.gz")
+    assert cli.main(["export-case", "--ct", str(ct_path), "--labels", str(labels), "--lung-mask", str(lung_file),
+                     "--out", str(tmp_path / "cases")]) == 0
+    err = capsys.readouterr().err
+    assert "(3 of " in err and "lay outside the lung mask: the exported lung mask of case 'ph' includes them" in err
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "lungs" / "ph.nii.gz")))
+    assert np.all(back[lab > 0] > 0) and back[zz, yy, xx] == 2          # the side of the nearest lung voxel
+    np.testing.assert_array_equal(back[lungs > 0], lungs[lungs > 0])     # the rest as it was
+    # in a slice without lung: the side of the lung whose mean column is nearer
+    both = next(k for k in range(len(lungs)) if {1, 2} <= set(np.unique(lungs[k])))
+    one_slice = np.zeros_like(lungs)
+    one_slice[both] = lungs[both]
+    other = (both + 1) % len(lungs)
+    only = np.zeros_like(lab)
+    for side in (1, 2):
+        only[other, 5, int(np.nonzero(lungs[both] == side)[1].mean())] = 1
+    out, added = lungs_covering_lesions(one_slice, only)
+    assert added == 2 and sorted(out[other][only[other] > 0]) == [1, 2]
+    assert [out[other, 5, int(np.nonzero(lungs[both] == v)[1].mean())] for v in (1, 2)] == [1, 2]
+
+
+def test_stats_csv_spells_out_lists_of_records(tmp_path):
+    """An ensemble's members were written into the CSV as a Python dict repr."""
+    import csv
+    from ssalesionseg.stats import write_stats
+
+    stats = {"info": {"checkpoint": {"members": [{"name": "a", "sha256": "1f"}, {"name": "b", "sha256": "2e"}]},
+                      "size": [3, 4, 5]}}
+    write_stats(stats, tmp_path / "s.json", tmp_path / "s.csv")
+    rows = dict(list(csv.reader(open(tmp_path / "s.csv")))[1:])
+    assert rows["info.checkpoint.members.1.name"] == "b" and rows["info.checkpoint.members.0.sha256"] == "1f"
+    assert rows["info.size"] == "3 4 5" and not any("{" in v for v in rows.values())
