@@ -363,9 +363,12 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             overwrite = True
         with slicer.util.tryWithErrorDisplay("Failed to export the training case.", waitCursor=True):
+            notes = []
             written = self.logic.exportTrainingCase(
-                parameters.inputVolume, parameters.outputSegmentation, outputDir, caseName, overwrite)
-            self.ui.statusLabel.text = f"Exported training case '{caseName}' ({len(written)} files) to {outputDir}"
+                parameters.inputVolume, parameters.outputSegmentation, outputDir, caseName, overwrite, notes)
+            self.ui.statusLabel.text = "\n".join(
+                [f"Exported training case '{caseName}' ({len(written)} files) to {outputDir}"]
+                + [f"Note: {note}" for note in notes])
 
 
 def showResultInViews(volumeNode, tableNode):

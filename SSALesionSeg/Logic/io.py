@@ -402,9 +402,14 @@ def segment_role(segment: dict) -> str | None:
     "infection", "right_lung", "left_lung", "lung" (no side) or None — by its terminology
     (SNOMED CT type and laterality), else its ID, else its name."""
     term = segment.get("terminology") or {}
-    code = (term.get("type") or [None, None])[1]
+
+    def code_of(field):   # [scheme, code, meaning]; Slicer writes an empty entry as "" (no fields)
+        value = term.get(field) or []
+        return value[1] if len(value) > 1 and value[1] else None
+
+    code = code_of("type")
     if code == "39607008":   # Lung, with or without laterality
-        side = (term.get("typeModifier") or [None, None])[1]
+        side = code_of("typeModifier")
         return {"24028007": "right_lung", "7771000": "left_lung"}.get(side, "lung")
     if code in _ROLE_BY_CODE:
         return _ROLE_BY_CODE[code]
@@ -425,6 +430,26 @@ def segment_role(segment: dict) -> str | None:
     return None   # e.g. "Lung nodule": named in a note by the readers, not guessed
 
 
+@contextlib.contextmanager
+def _empty_terminology_tolerated():
+    """slicerio (1.4) fails on ``TerminologyEntry:|``, which Slicer writes for a segment
+    without terminology (one added by a script or an older extension): such an entry reads
+    as no terminology, and the segment is known by its ID or name instead."""
+    import slicerio.segmentation as reader
+
+    original = reader.terminology_entry_from_string
+
+    def tolerant(text):
+        items = text.split("~")
+        return original("~".join(items + [""] * (7 - len(items)))) if len(items) >= 3 else {}
+
+    reader.terminology_entry_from_string = tolerant
+    try:
+        yield
+    finally:
+        reader.terminology_entry_from_string = original
+
+
 def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "segmentation") -> list:
     """A Slicer ``.seg.nrrd`` as [(segment name, role (:func:`segment_role`), bool mask (z, y, x)
     on ``reference``'s grid)]. Segments may overlap (they live in different layers), hence one
@@ -435,7 +460,8 @@ def read_segments(path: str | os.PathLike, reference: sitk.Image, what: str = "s
     if not p.is_file():
         raise InputError(f"{what} not found: {p}")
     try:
-        seg = slicerio.read_segmentation(str(p))
+        with _empty_terminology_tolerated():
+            seg = slicerio.read_segmentation(str(p))
     except Exception as e:
         raise InputError(f"cannot read segmentation {p}: {e}") from None
     voxels = np.asarray(seg["voxels"])  # (i, j, k), or (layer, i, j, k) with several layers

@@ -98,6 +98,7 @@ def load_engine(moduleDir=None):
         segment_image=pipeline.segment_image,
         compute_stats=stats.compute_stats,
         label_names_for=stats.label_names_for,
+        figure_notes=stats.figure_notes,
         Cancelled=pipeline.Cancelled,
         resolve_lobe_weights=lambda: lungstep.resolve_weights(
             None, lungstep.LOBE_WEIGHTS_ENV, "unet_ltrclobes-*.pth"),

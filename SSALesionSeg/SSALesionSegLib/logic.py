@@ -136,22 +136,34 @@ class ProcessingLogic:
         mrml.stats_to_table(stats, tableNode)
         if info:
             tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
-        return ProcessResult(segmentationNode, tableNode, stats, info or {}, mrml.summary_line(stats), classNames)
+        notices = (info or {}).get("notices") or []
+        return ProcessResult(segmentationNode, tableNode, stats, info or {}, mrml.summary_text(stats, notices),
+                             classNames)
 
     # -- correction loop -------------------------------------------------------
 
     def recomputeStatistics(self, inputVolume, segmentationNode, statisticsTable=None):
-        """Statistics from the (edited) segments, written to the segmentation's table."""
-        labels, lungs = mrml.labelmaps_from_result_segments(segmentationNode, inputVolume)
-        classNames = mrml.class_names_of(segmentationNode)
+        """Statistics from the (edited) segments, written to the segmentation's table, read
+        and checked as ``ssalesionseg stats`` reads a ``.seg.nrrd``; its notes are in
+        ``info["notices"]`` and the summary."""
+        notes = []
+        result = mrml.result_from_segments(segmentationNode, inputVolume, notes=notes)
+        classNames = ["background", "infection"] if result.binary else mrml._default_class_names()
         ct = mrml.image_from_volume_node(inputVolume)
-        stats = self.engine.compute_stats(ct, labels, lungs, label_names=self.engine.label_names_for(classNames))
+        stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume),
+                                          mrml._image_on_volume(result.lungs, inputVolume),
+                                          label_names=self.engine.label_names_for(classNames))
+        notes += self.engine.figure_notes(stats)
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
         mrml.stats_to_table(stats, tableNode)
-        return ProcessResult(segmentationNode, tableNode, stats, {}, mrml.summary_line(stats), classNames)
+        info = {"notices": notes} if notes else {}
+        return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notes), classNames)
 
-    def exportTrainingCase(self, inputVolume, segmentationNode, outputDir, caseName=None, overwrite=False):
-        return mrml.export_training_case(inputVolume, segmentationNode, outputDir, caseName, overwrite)
+    def exportTrainingCase(self, inputVolume, segmentationNode, outputDir, caseName=None, overwrite=False,
+                           notes=None):
+        """The (edited) result as a training case (``mrml.export_training_case``); what the
+        export has to say (segments not used, lesions outside the lung mask) goes into ``notes``."""
+        return mrml.export_training_case(inputVolume, segmentationNode, outputDir, caseName, overwrite, notes)
 
     def saveResults(self, result, outputDir, caseName):
         """``<case>.seg.nrrd`` and ``<case>_stats.json`` (as the engine's CLI names them)."""

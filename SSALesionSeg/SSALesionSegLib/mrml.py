@@ -359,40 +359,64 @@ def segment_mask_array(segmentationNode, segmentId, referenceVolumeNode):
     return (array_from_oriented_image(resampled) == labelValue).astype(np.uint8)
 
 
+def _image_on_volume(array, referenceVolumeNode):
+    """A (k, j, i) array as a SimpleITK uint8 image with the volume's geometry."""
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    matrix = vtk.vtkMatrix4x4()
+    referenceVolumeNode.GetIJKToRASMatrix(matrix)
+    return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
+
+
 def labelmap_from_segments(segmentationNode, referenceVolumeNode, idsToValues):
     """SimpleITK uint8 labelmap on the CT grid; later entries win where segments overlap."""
     dims = referenceVolumeNode.GetImageData().GetDimensions()
     labels = np.zeros(dims[::-1], np.uint8)
     for segmentId, value in idsToValues:
         labels[segment_mask_array(segmentationNode, segmentId, referenceVolumeNode) > 0] = value
-    image = sitk.GetImageFromArray(labels)
-    matrix = vtk.vtkMatrix4x4()
-    referenceVolumeNode.GetIJKToRASMatrix(matrix)
-    return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
+    return _image_on_volume(labels, referenceVolumeNode)
 
 
-def labelmaps_from_result_segments(segmentationNode, referenceVolumeNode, requireLungs=True):
-    """(labels, lungs) as the engine would return them, rebuilt from (edited) segments.
-    A missing lesion segment counts as empty; missing lung segments are an error
-    unless ``requireLungs`` is False (then lungs may be None)."""
+def result_segments(segmentationNode, referenceVolumeNode):
+    """Every segment as (name, role, bool (k, j, i) mask on the CT grid) — what
+    ``io.read_segments`` returns for a ``.seg.nrrd``, the role by the same rule
+    (``io.segment_role``: terminology, then ID, then name)."""
+    segmentRole = _engine_module("io").segment_role
     segmentation = segmentationNode.GetSegmentation()
+    out = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segmentId)
+        role = segmentRole({"id": segmentId, "name": segment.GetName(),
+                            "terminology": terminology_codes(segment.GetTerminology())})
+        out.append((segment.GetName(), role, segment_mask_array(segmentationNode, segmentId, referenceVolumeNode) > 0))
+    return out
 
-    def ids(specs, required):
-        found = []
-        for spec in specs:
-            segmentId = find_segment_id(segmentation, spec, byRole=True)
-            if segmentId is None:
-                if required:
-                    raise ValueError(f"Segment '{spec.name}' is missing from '{segmentationNode.GetName()}'")
-                continue
-            found.append((segmentId, spec.labelValue))
-        return found
 
-    lesions = ids(lesion_specs(class_names_of(segmentationNode)), False)
-    labels = labelmap_from_segments(segmentationNode, referenceVolumeNode, lesions)
-    lungIds = ids(lung_specs(), requireLungs)
-    lungs = labelmap_from_segments(segmentationNode, referenceVolumeNode, lungIds) if lungIds else None
-    return labels, lungs
+def result_from_segments(segmentationNode, referenceVolumeNode, requireLungs=True, notes=None):
+    """The (edited) segments read back by the rule ``ssalesionseg stats`` applies to a
+    ``.seg.nrrd`` (``io.result_labels_from_segments``: every segment of a class counts,
+    consolidation over GGO where they overlap), as the engine's ``ResultLabels``; what that
+    rule has to say (segments not used, overlap) is appended to ``notes``. No lung segment
+    with voxels is an error unless ``requireLungs`` is False (then ``lungs`` may be None);
+    one lung alone is scored as one of two regions, as the CLI does."""
+    reference = _image_on_volume(np.zeros(referenceVolumeNode.GetImageData().GetDimensions()[::-1], np.uint8),
+                                 referenceVolumeNode)
+    result = _engine_module("io").result_labels_from_segments(
+        result_segments(segmentationNode, referenceVolumeNode), reference)
+    if notes is not None:
+        notes.extend(result.notes)
+    if result.lungs is None and requireLungs:
+        raise ValueError(f"'{segmentationNode.GetName()}' has no Right lung or Left lung segment with voxels: the "
+                         "figures are per lung. Restore them (Undo in the Segment Editor) or press Apply again")
+    return result
+
+
+def labelmaps_from_result_segments(segmentationNode, referenceVolumeNode, requireLungs=True, notes=None):
+    """(labels, lungs) images on the CT grid, as the engine returns them, of
+    :func:`result_from_segments`."""
+    result = result_from_segments(segmentationNode, referenceVolumeNode, requireLungs, notes)
+    lungs = None if result.lungs is None else _image_on_volume(result.lungs, referenceVolumeNode)
+    return _image_on_volume(result.lesions, referenceVolumeNode), lungs
 
 
 def lung_mask_from_segmentation(segmentationNode, referenceVolumeNode):
@@ -621,6 +645,11 @@ def summary_line(stats):
     return f"{line}." if line else "No statistics."
 
 
+def summary_text(stats, notices=()):
+    """:func:`summary_line`, then each of the engine's notes on a line of its own ("Note: ...")."""
+    return "\n".join([summary_line(stats)] + [f"Note: {note}" for note in notices or ()])
+
+
 # ---------------------------------------------------------------------------
 # Training-case export
 # ---------------------------------------------------------------------------
@@ -634,15 +663,18 @@ def existing_training_case_files(outputDir, caseName):
     return _engine_module("trainingcase").existing_case_files(outputDir, caseName)
 
 
-def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None, overwrite=False):
+def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None, overwrite=False, notes=None):
     """Write the (edited) result as a training case — ``images/<case>.nii.gz`` (CT in HU),
     ``labels/<case>.nii.gz`` (0 background, 1 GGO, 2 consolidation) and ``lungs/<case>.nii.gz``
     (1 right, 2 left) when the lung segments exist — with the engine's writer, the layout
-    ``ssalesionseg train --cases`` reads. Returns the written paths."""
-    labels, lungs = labelmaps_from_result_segments(segmentationNode, volumeNode, requireLungs=False)
+    ``ssalesionseg train --cases`` reads, as ``ssalesionseg export-case`` does (what either
+    has to say goes into ``notes``). Returns the written paths."""
+    result = result_from_segments(segmentationNode, volumeNode, requireLungs=False, notes=notes)
+    lungs = None if result.lungs is None else _image_on_volume(result.lungs, volumeNode)
     return _engine_module("trainingcase").write_training_case(
-        outputDir, caseName or volumeNode.GetName(), image_from_volume_node(volumeNode), labels, lungs, overwrite,
-        class_names=class_names_of(segmentationNode))
+        outputDir, caseName or volumeNode.GetName(), image_from_volume_node(volumeNode),
+        _image_on_volume(result.lesions, volumeNode), lungs, overwrite,
+        class_names=("background", "infection") if result.binary else None, notes=notes)
 
 
 def remove_nodes(scene, nodes):

@@ -141,7 +141,8 @@ def load_fake_engine(package, alias):
     pipeline = importlib.import_module(alias + ".pipeline")
     stats = importlib.import_module(alias + ".stats")
     return types.SimpleNamespace(segment_image=pipeline.segment_image, compute_stats=stats.compute_stats,
-                                 label_names_for=stats.label_names_for, Cancelled=pipeline.Cancelled,
+                                 label_names_for=stats.label_names_for, figure_notes=stats.figure_notes,
+                                 Cancelled=pipeline.Cancelled,
                                  resolve_lobe_weights=lambda: os.environ.get("FAKE_LOBE_WEIGHTS"),
                                  calls=pipeline.CALLS)
 
@@ -463,12 +464,64 @@ def _image(array, reference):
     return image
 
 
-def test_recompute_statistics_needs_the_lung_segments(case, fake_engine):
+def test_recompute_statistics_needs_a_lung_segment_and_scores_one_lung_as_the_cli_does(case, fake_engine):
     logic = make_logic(case, fake_engine)
     node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
     node.GetSegmentation().RemoveSegment("Left_lung")
-    with pytest.raises(ValueError, match="Left lung"):
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    assert "(1 of 2 regions scored)" in recomputed.summary
+    node.GetSegmentation().RemoveSegment("Right_lung")
+    with pytest.raises(ValueError, match="no Right lung or Left lung segment with voxels"):
         logic.recomputeStatistics(case.volume, node)
+
+
+def test_recompute_and_export_read_segments_as_the_cli_reads_the_seg_nrrd(case, fake_engine, tmp_path):
+    """The module took one segment per class by ID / name and let the later one win where
+    GGO and consolidation overlapped; the CLI took every segment of a class by terminology.
+    Both now use the engine's rule, and say what it decided."""
+    logic = make_logic(case, fake_engine)
+    result = logic.process(case.volume, None, "auto", None, "cpu")
+    node = result.segmentationNode
+    segmentation = node.GetSegmentation()
+    ijkToRas = mrml.ijk_to_ras_from_image(case.ct)
+    # a second GGO segment the user painted; consolidation painted over part of the GGO
+    extra = np.zeros(case.labels.shape, bool)
+    extra[0, :3, :3] = True
+    extra &= case.labels == 0
+    assert extra.any()
+    ggo_spec, cons_spec = mrml.lesion_specs()
+    more = mrml.SegmentSpec("More GGO", "labels", 1, (1.0, 1.0, 0.0), ggo_spec.terminology)
+    more.segmentId = "more_ggo"
+    mrml.set_segment_from_array(node, more, extra, ijkToRas)
+    overlap = (case.labels == 1) & (np.arange(case.labels.shape[2])[None, None, :] < case.labels.shape[2] // 2)
+    consolidation = (case.labels == 2) | overlap
+    mrml.set_segment_from_array(node, cons_spec, consolidation, ijkToRas)
+    note = mrml.SegmentSpec("my ruler", "labels", 9, (0.0, 1.0, 1.0), "")
+    note.segmentId = "ruler"
+    mrml.set_segment_from_array(node, note, case.labels == 2, ijkToRas)
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    ml = np.prod(case.ct.GetSpacing()) / 1000.0
+    values = mrml.table_values(recomputed.tableNode)
+    expected_ggo = ((case.labels == 1) & ~overlap) | extra
+    assert values["lesions.ggo.volume_ml"] == pytest.approx(expected_ggo.sum() * ml)
+    assert values["lesions.consolidation.volume_ml"] == pytest.approx(consolidation.sum() * ml)
+    assert f"overlap in {overlap.sum()} voxels" in recomputed.summary and "Note: segments not used" in recomputed.summary
+    assert "my ruler" in recomputed.info["notices"][1]
+    # the same segmentation saved and read by the CLI: the same figures
+    seg = tmp_path / "edited.seg.nrrd"
+    mrml.save_segmentation(node, str(seg))
+    from ssalesionseg.io import read_result_labels
+    back = read_result_labels(seg, case.ct)
+    assert np.count_nonzero(back.lesions == 1) == expected_ggo.sum() and back.notes == recomputed.info["notices"][:2]
+    # a segment whose terminology the user changed to GGO is GGO, whatever its ID says
+    segmentation.GetSegment(cons_spec.segmentId).SetTerminology(ggo_spec.terminology)
+    again = mrml.table_values(logic.recomputeStatistics(case.volume, node).tableNode)
+    assert again["lesions.consolidation.volume_ml"] == 0
+    # the export writes what the figures were made from
+    notes = []
+    logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "c", notes=notes)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "c.nii.gz")))
+    assert np.count_nonzero(labels == 1) == (expected_ggo | consolidation).sum() and "segments not used" in notes[0]
 
 
 def test_export_training_case_writes_the_pair_the_training_kit_reads(case, fake_engine, tmp_path):
@@ -699,7 +752,8 @@ def test_loader_uses_the_bundled_logic_folder_when_nothing_is_installed(tmp_path
     (logicDir / "__init__.py").write_text("from . import pipeline\n")
     (logicDir / "pipeline.py").write_text(
         "from ssalesionseg import stats\nclass Cancelled(Exception): pass\ndef segment_image(ct, **kw): return ct\n")
-    (logicDir / "stats.py").write_text("def compute_stats(*a, **kw): return {}\ndef label_names_for(c): return {}\n")
+    (logicDir / "stats.py").write_text("def compute_stats(*a, **kw): return {}\ndef label_names_for(c): return {}\n"
+                                       "def figure_notes(s): return []\n")
     (logicDir / "lungstep.py").write_text("LOBE_WEIGHTS_ENV = 'X'\ndef resolve_weights(*a): return None\n")
     # -S: no site-packages, so an installed ssalesionseg cannot be picked up instead.
     code = (f"import sys; sys.path.insert(0, {str(os.path.join(MODULE_DIR))!r})\n"
