@@ -283,7 +283,10 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
                      "--cases", str(copy), "--device", "cpu", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["n_slices"] == 12
     printed = capsys.readouterr()
-    assert "trained on: its score is not a held-out figure" in printed.err
+    # a copy of a training case in another folder is known by its content, not its folder; the
+    # case held out for validation (b) is not one the model was trained on
+    assert f"1 of the case(s) of {cases} (a) are CTs this model was trained on (same content)" in printed.err
+    assert f"the case(s) of {copy} (again) are CTs this model was trained on (same content)" in printed.err
     # each folder's own figures beside the pooled ones, its slices counted
     lines = [line for line in printed.out.splitlines() if "slices, per-slice mean DSC" in line]
     assert [line.split(":")[0].strip() for line in lines] == [str(cases), str(copy)]
@@ -299,6 +302,9 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
     # a GGO / consolidation model is not scored on infection labels either
     three = tmp_path / "three"
     assert cli_main(["train", "--out", str(three), "--cases", str(cases), "--cases-only", *common]) in (0, None)
+    assert cli_main(["evaluate", "--checkpoint", str(three / "best.safetensors"), "--cases", str(cases),
+                     "--split", "test", "--device", "cpu"]) == 2   # not silently the cases instead of the test split
+    assert "give one or the other" in capsys.readouterr().err
     assert cli_main(["evaluate", "--checkpoint", str(three / "best.safetensors"), "--cases", str(binary),
                      "--device", "cpu"]) == 2
     assert "cannot be scored on them" in capsys.readouterr().err

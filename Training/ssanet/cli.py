@@ -143,7 +143,11 @@ def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
         cfg.data_description["val_cases"] = sorted({str((s.meta or {}).get("path", s.id)) for s in splits["val"]
                                                     if s.source == "volume"})
     if cases:
+        from .checkpoint import sha256_of
         cfg.data_description["cases"] = {str(Path(f).absolute()): n for f, n in cases}   # two may share a name
+        # by content too, so that `evaluate --cases` knows a copy of a training case elsewhere
+        cfg.data_description["case_sha256"] = sorted({sha256_of(s.meta["path"]) for s in splits["train"]
+                                                      if s.source == "volume"})
     return cfg
 
 
@@ -280,6 +284,9 @@ def cmd_evaluate(a):
                          "`train` selects by with the same options)")
     if a.cases and as_trained:
         raise SystemExit("--cases scores exported cases; it does not combine with --semiseg-renderings or --folds")
+    if a.cases and (a.split, a.dataset) != ("val", "medseg100"):
+        raise SystemExit("--cases scores the exported cases alone; --split / --dataset choose among the shared "
+                         "data instead: give one or the other")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
     per_folder = []   # (folder, number of slices), in the order the slices are scored
     if a.cases:   # held-out corrected cases, placed on the slice grid exactly as `train --cases` places them
@@ -291,10 +298,21 @@ def cmd_evaluate(a):
             per_folder.append((folder, len(found)))
         if not samples:
             raise SystemExit(f"{', '.join(a.cases)}: no labeled slices with lung found")
-        config = (meta.get("training") or {}).get("config") or {}
-        trained_on = set((config.get("data_description") or {}).get("cases") or {})
-        for folder in a.cases:
-            if str(Path(folder).absolute()) in trained_on:
+        from .checkpoint import sha256_of
+        described = ((meta.get("training") or {}).get("config") or {}).get("data_description") or {}
+        trained_on, trained_sha = set(described.get("cases") or {}), set(described.get("case_sha256") or ())
+        start = 0
+        for folder, n in per_folder:
+            ours = samples[start:start + n]
+            start += n
+            paths = {s.meta["path"]: s.meta["volume"] for s in ours} if trained_sha else {}
+            seen = sorted({v for path, v in paths.items() if sha256_of(path) in trained_sha})
+            if seen:
+                every = len(seen) == len({s.meta["volume"] for s in ours})
+                print(f"note: {'the' if every else f'{len(seen)} of the'} case(s) of {folder} "
+                      f"({', '.join(seen[:4])}{', ...' if len(seen) > 4 else ''}) are CTs this model was trained on "
+                      "(same content): their score is not a held-out figure", file=sys.stderr)
+            elif str(Path(folder).absolute()) in trained_on:
                 print(f"note: {folder} is a --cases folder this model was trained on: its score is not a held-out "
                       "figure", file=sys.stderr)
         a.dataset, a.split = "cases", ", ".join(str(f) for f in a.cases)

@@ -293,6 +293,8 @@ def comparable_training(config: dict) -> dict:
         # where the case folders are (names before 2026-12, full paths since) is not what the
         # run trains on; their slice counts are
         desc["cases"] = sorted(desc["cases"].values())
+    if isinstance(desc, dict):
+        desc.pop("case_sha256", None)   # for `evaluate --cases`; runs before it was recorded resume alike
     if isinstance(desc, dict) and isinstance(desc.get("val_cases"), list):
         # the validation cases by file name: the folder may be spelt another way on resume
         desc["val_cases"] = sorted(os.path.basename(str(v)) for v in desc["val_cases"])
