@@ -257,7 +257,7 @@ def cmd_segment(args) -> int:
     from .io import check_writable
     from .pipeline import (checkpoint_sha256, copies_kept, edited_outputs, foreign_files, load_model,
                            optional_outputs, output_paths, outputs_complete, outputs_from_other_input,
-                           outputs_from_other_model, process_case, recomputed_by_stats)
+                           outputs_from_other_model, outputs_with_other_settings, process_case, recomputed_by_stats)
 
     notes = []
     cases = find_cases(args.input, out=args.out, notes=notes)
@@ -291,6 +291,12 @@ def cmd_segment(args) -> int:
                 return InputError(f"{out} already holds outputs named {n!r} made with another model ({other}); "
                                   "they are left as they are: give another --out to keep both, or --overwrite to "
                                   "replace them with this model's")
+            other = outputs_with_other_settings(out, n, flip_tta=args.flip_tta, min_lesion_mm2=args.min_lesion_mm2,
+                                                cpu_bf16=args.bf16, lungs=args.lungs, lung_mask=args.lung_mask)
+            if other:
+                return InputError(f"{out} already holds outputs named {n!r} made with other settings ({other}); "
+                                  "they are left as they are: give another --out to keep both, or --overwrite to "
+                                  "redo them with these")
             if recomputed_by_stats(out, n):
                 return "kept" if outputs_complete(out, n, wanted) else InputError(
                     f"{out} holds figures of case {n!r} recomputed by `ssalesionseg stats` (corrected labels?); "

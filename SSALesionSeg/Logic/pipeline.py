@@ -363,6 +363,48 @@ def outputs_from_other_model(out_dir, name: str, sha256: str | None) -> str | No
     return f"{recorded.get('name') or 'a model'} (SHA-256 {recorded['sha256'][:12]}…)"
 
 
+def outputs_with_other_settings(out_dir, name: str, *, flip_tta=None, min_lesion_mm2=None, cpu_bf16: bool = True,
+                                lungs: str = "auto", lung_mask=None) -> str | None:
+    """What the existing outputs ``name`` were made with that differs from the settings a run
+    asks for ("flip TTA: off -> on; ..."), or None. Only settings the run names count
+    (None / "auto" mean the model's or the engine's default, which the same model and
+    engine repeat); bfloat16 asked for but float32 recorded is no difference (a CPU without
+    native bf16 runs float32)."""
+    info = _recorded_info(out_dir, name)
+    if not info:
+        return None
+    differ = []
+
+    def say(what, before, now):
+        differ.append(f"{what}: {before} -> {now}")
+
+    on_off = {True: "on", False: "off"}
+    if flip_tta is not None and info.get("flip_tta") in on_off and info["flip_tta"] != flip_tta:
+        say("flip TTA", on_off[info["flip_tta"]], on_off[flip_tta])
+    recorded_min = info.get("min_lesion_mm2")
+    if min_lesion_mm2 is not None and isinstance(recorded_min, (int, float)) and recorded_min != min_lesion_mm2:
+        say("--min-lesion-mm2", f"{recorded_min:g}", f"{min_lesion_mm2:g}")
+    if not cpu_bf16 and info.get("precision") == "bfloat16":
+        say("precision", "bfloat16", "float32 (--no-bf16)")
+    method = info.get("lung_method")
+    if lung_mask is not None:
+        given = ((info.get("lung_details") or {}) if isinstance(info.get("lung_details"), dict) else {}).get("file")
+        if method != "file":
+            say("lungs", method, f"--lung-mask {lung_mask}")
+        elif given and not _same_path(given, lung_mask):
+            say("--lung-mask", given, lung_mask)
+    elif lungs != "auto" and method and method != lungs:
+        say("lungs", method, lungs)
+    return "; ".join(differ) or None
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str, labelmaps: bool = False) -> dict:
     """Write the four outputs, plus the confidence map when present and, with ``labelmaps``,
     the lesion (0 background, 1 GGO, 2 consolidation) and lung (1 right, 2 left) labelmaps

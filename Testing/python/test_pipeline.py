@@ -1500,3 +1500,28 @@ def test_stats_csv_spells_out_lists_of_records(tmp_path):
     rows = dict(list(csv.reader(open(tmp_path / "s.csv")))[1:])
     assert rows["info.checkpoint.members.1.name"] == "b" and rows["info.checkpoint.members.0.sha256"] == "1f"
     assert rows["info.size"] == "3 4 5" and not any("{" in v for v in rows.values())
+
+
+def test_a_rerun_with_other_settings_is_refused_not_skipped(tmp_path, tiny_ckpt, capsys):
+    """Outputs made with other settings were skipped as done, keeping the old figures."""
+    img, _ = synthetic_chest_ct(3, 96, spacing=SP)
+    src = write_image(img, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--no-flip-tta")) == 0
+    before = (out / "ct_stats.json").read_bytes()
+    capsys.readouterr()
+    for extra, said in ((["--flip-tta"], "flip TTA: off -> on"), (["--min-lesion-mm2", "25"], "--min-lesion-mm2: 0 -> 25"),
+                        (["--no-bf16"], None), (["--lungs", "lungmask"], "lungs: classical -> lungmask")):
+        rc = cli.main(_segment_args(src, out, tiny_ckpt, *extra))
+        err = capsys.readouterr().err
+        if said is None:   # float32 recorded where no native bf16: nothing differs
+            recorded = json.loads(before)["info"]["precision"]
+            assert (rc == 2 and "precision: bfloat16 -> float32" in err) if recorded == "bfloat16" else rc == 0
+            continue
+        assert rc == 2 and f"made with other settings ({said})" in err, (extra, err)
+    # the same settings spelt out, or left to the defaults: skipped as before
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--no-flip-tta", "--min-lesion-mm2", "0")) == 0
+    assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0 and "skipped" in capsys.readouterr().err
+    assert (out / "ct_stats.json").read_bytes() == before
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--flip-tta", "--overwrite")) == 0
+    assert json.loads((out / "ct_stats.json").read_text())["info"]["flip_tta"] is True
