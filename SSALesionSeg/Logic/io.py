@@ -98,10 +98,20 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
     if p.is_dir():
         img, dinfo = _read_dicom_folder(p)
         info.update(dinfo)
+    elif is_dicom_file(p) and len(series := _series_of_file(p)) > 1:
+        # one file of a series given: the series is meant, as Slicer's Add Data reads it
+        summary = {**_dicom_summary([p]), "folder": str(p.parent), "n_files": len(series)}
+        _refuse_other_modality([summary], p)
+        img = _read_dicom_series(series, summary)
+        info["dicom"] = summary
+        info["dicom_series_note"] = (f"{p.name} is one of the {len(series)} files of its DICOM series: the whole "
+                                     "series was read (to segment that one slice, put the file in a folder of its own)")
     else:
-        img = _read_file(p)
         if is_dicom_file(p):
             info["dicom"] = _dicom_summary([p])
+            _refuse_other_modality([info["dicom"]], p)
+        img = _read_file(p)
+        if is_dicom_file(p):
             img = _single_dicom_slice_spacing(img, p)
     img = validate_ct(img, str(p))
     info["size"] = list(img.GetSize())
@@ -196,9 +206,33 @@ def _single_dicom_slice_spacing(img: sitk.Image, p: Path) -> sitk.Image:
     return img
 
 
+def _series_of_file(p: Path) -> list:
+    """The files of the DICOM series ``p`` belongs to, in its folder (``[p]`` when it has no
+    series UID or is alone)."""
+    try:
+        import pydicom
+        uid = str(pydicom.dcmread(str(p), stop_before_pixels=True, force=True).get("SeriesInstanceUID", "")).strip()
+    except Exception:
+        return [str(p)]
+    if not uid:
+        return [str(p)]
+    with _quiet_itk():
+        try:
+            names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p.parent), uid))
+        except RuntimeError:
+            return [str(p)]
+    same = [n for n in names if os.path.exists(n) and os.path.samefile(n, p)]
+    return names if same else [str(p)]
+
+
 def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
     names, info = dicom_series_choice(folder)
-    best = info["dicom"]
+    return _read_dicom_series(names, info["dicom"]), info
+
+
+def _read_dicom_series(names: list, best: dict) -> sitk.Image:
+    """The files of one series as a volume (``best``: what names it in messages), refused
+    when its slices are not evenly spaced."""
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")   # also files without a DICOM name or preamble, which GDCM found
     reader.SetFileNames(names)
@@ -215,7 +249,7 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, dict]:
     if problem:
         raise InputError(f"DICOM series {best.get('description') or best['series_uid']} in {best['folder']}: "
                          f"{problem}; volumes and positions would be wrong — export the complete series again")
-    return img, info
+    return img
 
 
 def slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image) -> str | None:
@@ -239,6 +273,13 @@ def slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image) -> st
     bad = np.flatnonzero((np.abs(gaps) >= 1.5 * step) | (np.abs(gaps) <= 0.5 * step))
     if step <= 0 or not len(bad):
         return None if step > 0 else f"{n} slices at the same position"
+    same = [int(k) for k in bad if abs(gaps[k]) < 0.01 * step]
+    if same:   # a file copied under a second name, or two acquisitions with one series UID
+        files = [os.path.basename(f) for f in reader.GetFileNames()]
+        i = same[0]
+        return (f"files {files[i]} and {files[i + 1]} are slices at the same position "
+                f"({len(same)} such pair{'s' if len(same) > 1 else ''}: a duplicate file, or two acquisitions "
+                "mixed?) — remove the duplicates")
     i = int(bad[0])
     return (f"the slices are not evenly spaced: {abs(gaps[i]):.2f} mm between slices {i + 1} and {i + 2} of {n}, "
             f"{step:.2f} mm elsewhere ({len(bad)} such gap{'s' if len(bad) > 1 else ''}: a slice missing or unreadable?)")
@@ -277,17 +318,28 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
         s = _dicom_summary([Path(names[0])], patient=True)
         s.update(series_uid=uid, n_files=n, folder=str(d))
         described.append(s)
-    ct = [s for s in described if s.get("modality", "CT") == "CT"] or described
+    ct = [s for s in described if (s.get("modality") or "CT") == "CT"]
+    if not ct:
+        _refuse_other_modality(described, folder)
+        ct = described   # no modality that says otherwise (e.g. OT, a secondary capture): tried as CT
     patients = sorted({s["patient_id"] for s in ct if s.get("patient_id")})
     if len(patients) > 1:   # one case is one patient: one's figures must not go out under another's name
         def place(pid):     # where, not who: the message may be kept in a batch report
             subs = sorted({os.path.relpath(s["folder"], folder) for s in ct if s.get("patient_id") == pid})
-            return ", ".join("the folder itself" if d == "." else d for d in subs[:2]) + (", ..." if len(subs) > 2 else "")
-        raise InputError(f"{folder}: holds the CT series of {len(patients)} patients (by PatientID; in "
-                         f"{'; '.join(place(p) for p in patients[:4])}{'; ...' if len(patients) > 4 else ''}), "
+            return ", ".join("this folder" if d == "." else d for d in subs[:2]) + (", ..." if len(subs) > 2 else "")
+        places = sorted({place(p) for p in patients})
+        where = ("all in this folder" if places == ["this folder"] else
+                 f"in {'; '.join(places[:4])}{'; ...' if len(places) > 4 else ''}")
+        raise InputError(f"{folder}: holds the CT series of {len(patients)} patients (by PatientID; {where}), "
                          "and a folder is read as one patient's CT: give each patient's folder as the input, "
                          "or a folder with one subfolder per patient")
-    best = max(ct, key=lambda s: s["n_files"])
+    most = max(s["n_files"] for s in ct)
+    tied = sorted((s for s in ct if s["n_files"] == most), key=lambda s: (str(s["series_uid"]), s["folder"]))
+    # a tie (one acquisition reconstructed twice, e.g. lung and soft-tissue kernels): the
+    # lung reconstruction is what lesions are read on; otherwise the first by UID, said so
+    lung = [s for s in tied if re.search(r"lung|lunge|pulm", f"{s.get('description') or ''} {s.get('kernel') or ''}",
+                                         re.IGNORECASE)]
+    best = (lung or tied)[0]
     names = next(x[3] for x in series if x[1] == best["series_uid"] and x[2] == best["folder"])
     info = {"dicom": {k: v for k, v in best.items() if k != "patient_id"}}
     if len(described) > 1:
@@ -298,10 +350,29 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
             sub = os.path.relpath(s["folder"], folder)
             return f"{s['n_files']} files ({name.strip()}){'' if sub == '.' else ' in ' + sub}"
         others = [where(s) for s in described if s is not best]
-        info["dicom_series_note"] = (f"{len(described)} series found; used the CT series with the most "
-                                     f"slices ({best['n_files']} files, {best.get('description') or best['series_uid']}); "
+        why = ("the CT series with the most slices" if len(tied) == 1 else
+               f"of the {len(tied)} CT series with {most} slices, the lung reconstruction" if len(lung) == 1 else
+               f"of the {len(tied)} CT series with {most} slices, the first by series UID (no lung kernel or "
+               "description to choose by: move the other's files to a folder of their own to segment it)")
+        info["dicom_series_note"] = (f"{len(described)} series found; used {why} ({best['n_files']} files, "
+                                     f"{best.get('description') or best['series_uid']}); "
                                      f"not read: {'; '.join(others[:3])}{'; ...' if len(others) > 3 else ''}")
     return list(names), info
+
+
+# modalities that are images but not CT: segmenting them as CT would give figures of nothing
+OTHER_MODALITIES = {"MR": "magnetic resonance", "PT": "PET", "NM": "nuclear medicine", "US": "ultrasound", "CR": "radiograph",
+                    "DX": "radiograph", "MG": "mammogram", "XA": "angiogram", "RF": "fluoroscopy", "SEG": "segmentation",
+                    "RTSTRUCT": "RT structure set", "SR": "structured report"}
+
+
+def _refuse_other_modality(described: list, where) -> None:
+    """InputError when the DICOM read is of another modality than CT (say which), else nothing."""
+    other = sorted({s.get("modality") for s in described if s.get("modality") in OTHER_MODALITIES})
+    if other and len(other) == len({s.get("modality") for s in described}):
+        kinds = ", ".join(f"{m} ({OTHER_MODALITIES[m]})" for m in other)
+        raise InputError(f"{where}: the DICOM {'series is' if len(described) == 1 else 'series are'} {kinds}, not "
+                         "CT: SSA-Net segments chest CT; give the CT series")
 
 
 def _dicom_summary(files, patient: bool = False) -> dict:
@@ -312,8 +383,12 @@ def _dicom_summary(files, patient: bool = False) -> dict:
         ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True, force=True)
     except Exception:  # the summary is informative only; SimpleITK does the reading
         return {}
+    kernel = ds.get("ConvolutionKernel", "")
+    kernel = "\\".join(map(str, kernel)) if isinstance(kernel, (list, tuple)) or type(kernel).__name__ == "MultiValue" \
+        else str(kernel)
     return {"modality": str(ds.get("Modality", "")) or None,
             "description": str(ds.get("SeriesDescription", "")) or None,
+            **({"kernel": kernel} if kernel else {}),
             "series_uid": str(ds.get("SeriesInstanceUID", "")) or None,
             **({"patient_id": str(ds.get("PatientID", "")).strip() or None} if patient else {})}
 

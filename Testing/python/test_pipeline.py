@@ -614,7 +614,7 @@ def test_tiny_volume_smaller_than_a_tile(tiny_ckpt, phantom):
     assert res.labels.GetSize() == small.GetSize()
 
 
-def _write_dicom_series(vol, folder, uid, desc, prefix, skip=(), patient="anon"):
+def _write_dicom_series(vol, folder, uid, desc, prefix, skip=(), patient="anon", modality="CT", kernel=None):
     """``vol`` as one DICOM file per slice (slices in ``skip`` left out, as a lost file)."""
     folder.mkdir(parents=True, exist_ok=True)
     w = sitk.ImageFileWriter()
@@ -623,7 +623,8 @@ def _write_dicom_series(vol, folder, uid, desc, prefix, skip=(), patient="anon")
         if i in skip:
             continue
         s = sitk.Cast(vol[:, :, i], sitk.sitkInt16)
-        for k, v in (("0008|0060", "CT"), ("0020|000e", uid), ("0008|103e", desc), ("0010|0020", patient),
+        for k, v in (("0008|0060", modality), ("0020|000e", uid), ("0008|103e", desc), ("0010|0020", patient),
+                     *((("0018|1210", kernel),) if kernel else ()),
                      ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
                      ("0020|0032", "\\".join(str(c) for c in vol.TransformIndexToPhysicalPoint((0, 0, i)))),
                      ("0018|0050", str(vol.GetSpacing()[2])),
@@ -666,6 +667,29 @@ def test_dicom_folder_with_two_patients_is_refused_by_where_not_who(tmp_path, ph
     ct, info = read_ct(disc / "DICOM" / "P1")   # one patient's two series: the larger, as before
     assert ct.GetSize()[2] == 4 and "2 series found" in info["dicom_series_note"]
     assert "PID" not in json.dumps(info)      # the PatientID is not kept in what goes into the outputs
+    _write_dicom_series(img[:, :, :2], disc / "DICOM" / "P2", "1.2.826.0.1.3680043.2.1125.7.4", "d", "j", patient="X")
+    with pytest.raises(InputError, match=r"2 patients \(by PatientID; all in this folder\)"):
+        read_ct(disc / "DICOM" / "P2")
+
+
+def test_dicom_ties_go_to_the_lung_reconstruction_and_other_modalities_are_refused(tmp_path, phantom):
+    """Two reconstructions with as many slices: the choice was the first by GDCM's order and
+    the note said "the most slices"; an MR series was segmented as CT."""
+    img, _ = phantom
+    _write_dicom_series(img[:, :, :4], tmp_path / "tie", "1.2.826.0.1.3680043.2.1125.8.1", "Thorax 1.0 B30f",
+                        "a", kernel="B30f")
+    _write_dicom_series(img[:, :, :4], tmp_path / "tie", "1.2.826.0.1.3680043.2.1125.8.2", "Thorax 1.0",
+                        "b", kernel="LUNG")
+    ct, info = read_ct(tmp_path / "tie")
+    assert info["dicom"]["kernel"] == "LUNG" and "of the 2 CT series with 4 slices, the lung reconstruction" in \
+        info["dicom_series_note"]
+    _write_dicom_series(img[:, :, :4], tmp_path / "tie2", "1.2.826.0.1.3680043.2.1125.8.3", "one", "a")
+    _write_dicom_series(img[:, :, :4], tmp_path / "tie2", "1.2.826.0.1.3680043.2.1125.8.4", "two", "b")
+    assert "the first by series UID" in read_ct(tmp_path / "tie2")[1]["dicom_series_note"]
+    _write_dicom_series(img[:, :, :4], tmp_path / "mr", "1.2.826.0.1.3680043.2.1125.8.5", "t1", "m", modality="MR")
+    for given in (tmp_path / "mr", tmp_path / "mr" / "m001.dcm"):
+        with pytest.raises(InputError, match=r"MR \(magnetic resonance\), not CT"):
+            read_ct(given)
 
 
 def test_dicom_series_with_a_missing_slice_is_refused_and_a_single_slice_keeps_its_thickness(tmp_path, phantom):
@@ -678,8 +702,19 @@ def test_dicom_series_with_a_missing_slice_is_refused_and_a_single_slice_keeps_i
     _write_dicom_series(img, tmp_path / "whole", "1.2.826.0.1.3680043.2.1125.3.2", "whole", "s")
     ct, _ = read_ct(tmp_path / "whole")
     assert ct.GetSize() == img.GetSize() and ct.GetSpacing()[2] == pytest.approx(2.5)
-    one, _ = read_ct(tmp_path / "whole" / "s002.dcm")
+    # one file of a series given: the series is read (it segmented that one slice, without a word)
+    whole, info = read_ct(tmp_path / "whole" / "s002.dcm")
+    assert whole.GetSize() == img.GetSize() and "one of the 6 files of its DICOM series" in info["dicom_series_note"]
+    (tmp_path / "alone").mkdir()
+    os.replace(tmp_path / "whole" / "s002.dcm", tmp_path / "alone" / "s002.dcm")
+    one, _ = read_ct(tmp_path / "alone" / "s002.dcm")
     assert one.GetSize()[2] == 1 and one.GetSpacing()[2] == pytest.approx(2.5)
+    # a file copied under a second name is named as a duplicate, not as a missing slice
+    import shutil
+    shutil.copy(tmp_path / "whole" / "s001.dcm", tmp_path / "whole" / "s001 copy.dcm")
+    with pytest.raises(InputError, match=r"files s001( copy)?\.dcm and s001( copy)?\.dcm are slices at the same "
+                                         r"position \(1 such pair: a duplicate file"):
+        read_ct(tmp_path / "whole")
 
 
 def test_folders_of_cases_as_batch_users_have_them(tmp_path, phantom):
