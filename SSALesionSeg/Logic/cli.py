@@ -232,8 +232,11 @@ class _Progress:
         self.last = None
 
     def event(self, **kw):
+        self.finished = self.finished or kw.get("event") == "finished"
         if self.as_json:
             print(json.dumps(kw), flush=True)
+
+    finished = False   # whether the "finished" event went out
 
     def __call__(self, stage: str, fraction: float):
         self.event(event="progress", case=self.case, case_index=self.i, n_cases=self.n, stage=stage,
@@ -254,6 +257,17 @@ def _stage_weight(stage, fraction):
 
 
 def cmd_segment(args) -> int:
+    prog = _Progress(args.progress_json, 0)
+    try:
+        return _segment(args, prog)
+    except Exception as e:   # the command itself cannot go on: a JSON reader hears it too
+        if not prog.finished:
+            prog.event(event="error", case=None, message=f"{type(e).__name__}: {e}")
+            prog.event(event="finished", n_cases=prog.n, n_failed=prog.n or 1, n_skipped=0, failed=[])
+        raise
+
+
+def _segment(args, prog) -> int:
     from .io import check_writable
     from .pipeline import (checkpoint_sha256, copies_kept, edited_outputs, foreign_files, load_model,
                            optional_outputs, output_paths, outputs_complete, outputs_from_other_input,
@@ -262,11 +276,13 @@ def cmd_segment(args) -> int:
     notes = []
     cases = find_cases(args.input, out=args.out, notes=notes)
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        prog.event(event="notice", case=None, message=note)
+        if not args.progress_json:
+            print(f"note: {note}", file=sys.stderr)
     if args.lung_mask and len(cases) > 1:
         raise InputError("--lung-mask belongs to one CT; it cannot be used with a folder of several cases")
     out = check_writable(args.out)
-    prog = _Progress(args.progress_json, len(cases))
+    prog.n = len(cases)
     wanted = optional_outputs(args.save_probability, args.labelmaps)
 
     @functools.lru_cache(maxsize=None)
@@ -291,16 +307,16 @@ def cmd_segment(args) -> int:
                 return InputError(f"{out} already holds outputs named {n!r} made with another model ({other}); "
                                   "they are left as they are: give another --out to keep both, or --overwrite to "
                                   "replace them with this model's")
+            if recomputed_by_stats(out, n):
+                return "kept" if outputs_complete(out, n, wanted) else InputError(
+                    f"{out} holds figures of case {n!r} recomputed by `ssalesionseg stats` (corrected labels?); "
+                    "they are left as they are: give another --out, or --overwrite to segment the case again")
             other = outputs_with_other_settings(out, n, flip_tta=args.flip_tta, min_lesion_mm2=args.min_lesion_mm2,
                                                 cpu_bf16=args.bf16, lungs=args.lungs, lung_mask=args.lung_mask)
             if other:
                 return InputError(f"{out} already holds outputs named {n!r} made with other settings ({other}); "
                                   "they are left as they are: give another --out to keep both, or --overwrite to "
                                   "redo them with these")
-            if recomputed_by_stats(out, n):
-                return "kept" if outputs_complete(out, n, wanted) else InputError(
-                    f"{out} holds figures of case {n!r} recomputed by `ssalesionseg stats` (corrected labels?); "
-                    "they are left as they are: give another --out, or --overwrite to segment the case again")
         if outputs_complete(out, n, wanted):
             return "skip"
         files = foreign_files(out, n, wanted)
@@ -340,10 +356,11 @@ def cmd_segment(args) -> int:
         prog.event(event="skipped", case=n, reason=f"{reason} (use --overwrite to redo)")
         if not args.progress_json:
             print(f"{n}: {reason}, skipped (use --overwrite to redo)", file=sys.stderr)
+    done = []
     if not todo:
         prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                    failed=[n for n, _ in failures])
-        return _report_failures(failures, len(cases))
+        return _report(failures, len(cases), done, skipped, out, args.progress_json)
     model = load_model(args.checkpoint)
     for i, (name, path) in enumerate(cases):
         if name not in todo:
@@ -372,6 +389,7 @@ def cmd_segment(args) -> int:
             prog.event(event="notice", case=name, message=notice)
             if not args.progress_json:
                 print(f"{name}: note: {notice}", file=sys.stderr)
+        done.append(name)
         prog.event(event="done", case=name, outputs={k: str(p) for k, p in paths.items()},
                    seconds=round(time.perf_counter() - t, 2), severity_total=result.stats["severity"]["total"])
         if not args.progress_json:
@@ -381,10 +399,15 @@ def cmd_segment(args) -> int:
                   f"severity {severity_text(sev)}, lungs: {result.info['lung_method']} -> {paths['segmentation']}")
     prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                failed=[n for n, _ in failures])
-    return _report_failures(failures, len(cases))
+    return _report(failures, len(cases), done, skipped, out, args.progress_json)
 
 
-def _report_failures(failures, n_cases: int) -> int:
+def _report(failures, n_cases: int, done, skipped, out, as_json: bool) -> int:
+    """The batch's last lines (several cases: how many were segmented / skipped; the failures
+    again, so a long run's are not lost in its scrollback) and the exit status."""
+    if n_cases > 1 and not as_json:
+        print(f"{n_cases} cases: {len(done)} segmented, {len(skipped)} skipped, {len(failures)} failed -> {out}",
+              file=sys.stderr)
     if failures:
         print(f"{len(failures)} of {n_cases} cases failed:", file=sys.stderr)
         for n, e in failures:
@@ -470,10 +493,11 @@ def cmd_stats(args) -> int:
     # the overlay segment wrote beside the figures shows the labels they are recomputed from
     overlay = out / f"{name}{OUTPUT_SUFFIXES['overlay']}"
     recorded = RecordedRun(out, name)
-    redraw = overlay.is_file() and overlay.name in recorded.names and not recorded.changed("overlay", overlay)
+    # (drawn again when deleted: segment would otherwise find the case incomplete and refuse it)
+    redraw = overlay.name in recorded.names and not (overlay.is_file() and recorded.changed("overlay", overlay))
     # ... and so do the plain labelmaps segment wrote (--labelmaps), when untouched since
     relabel = {k: out / f"{name}{OPTIONAL_OUTPUT_SUFFIXES[k]}" for k in ("lesion_labelmap", "lung_labelmap")}
-    relabel = {k: p for k, p in relabel.items() if p.is_file() and k in recorded.outputs and not recorded.changed(k, p)}
+    relabel = {k: p for k, p in relabel.items() if k in recorded.outputs and not (p.is_file() and recorded.changed(k, p))}
     ct, info = read_ct(args.ct)
     out = check_writable(out)
     result = read_result_labels(args.labels, ct, args.classes)
@@ -493,7 +517,7 @@ def cmd_stats(args) -> int:
     lesions_img, lungs_img = image_like(lab, ct), image_like(lung_labels.astype(np.uint8), ct)
     stats = compute_stats(ct, lesions_img, lungs_img, image_like(lobes, ct) if lobes is not None else None, names)
     inf = stats["lesions"]["infection"]
-    notes += figure_notes(stats)
+    notes += figure_notes(stats, lungs_img)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     # the keys segment's stats JSON has for the same things, plus where the labels came from
@@ -520,7 +544,7 @@ def cmd_stats(args) -> int:
                 sitk.WriteImage(image, str(tmp[key]), True)
         for key in tmp:
             if key not in ("stats_json", "stats_csv"):
-                stats["info"]["outputs"][key] = str(targets[key])
+                stats["info"]["outputs"][key] = str(Path(targets[key]).absolute())
                 stats["info"]["outputs_sha256"][key] = sha256_of(tmp[key])
         if not stats["info"]["outputs"]:
             del stats["info"]["outputs"], stats["info"]["outputs_sha256"]
@@ -553,7 +577,7 @@ def cmd_export_case(args) -> int:
     wanted = args.name or result_case_name(args.labels, args.ct)
     case = safe_case_name(wanted)
     if args.name and case != args.name:
-        print(f"note: case name {args.name!r} is written as {case!r} (letters, digits, _ . - only)", file=sys.stderr)
+        print(f"note: case name {args.name!r} is written as {case!r} (letters, digits, _ . - only: no spaces, slashes or punctuation)", file=sys.stderr)
     ct, _ = read_ct(args.ct)
     result = read_result_labels(args.labels, ct, args.classes)
     for note in _label_notes(result, args):

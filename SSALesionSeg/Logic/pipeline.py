@@ -33,7 +33,7 @@ from .geometry import array_from_lps, image_like, to_lps
 from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, NotPutInPlace, check_writable, read_ct, validate_ct,
                  write_image, written_together)
 from .lungstep import compute_lungs
-from .stats import compute_stats, label_names_for, write_stats
+from .stats import compute_stats, label_names_for, lung_coverage_note, write_stats
 
 ProgressFn = Callable[[str, float], None]
 
@@ -149,7 +149,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
         "timings_s": timings,
     }
-    notices = [lung_res.notice] if lung_res.notice else []
+    notices = [n for n in (lung_res.notice, lung_coverage_note(lungs_img)) if n]
     if notices:
         info["notices"] = notices
     stats["info"] = info
@@ -446,7 +446,7 @@ def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str
                 if key in tmp:
                     write_image(image, tmp[key])
             info = result.stats.setdefault("info", result.info)
-            info["outputs"] = {k: str(p) for k, p in paths.items()}
+            info["outputs"] = {k: str(Path(p).absolute()) for k, p in paths.items()}   # as "source" is
             # so that a rerun can tell its own outputs from ones corrected in place
             info["outputs_sha256"] = {k: sha256_of(tmp[k]) for k in order if k not in ("stats_json", "stats_csv")}
             write_stats(result.stats, tmp["stats_json"], tmp["stats_csv"])

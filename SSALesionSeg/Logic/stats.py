@@ -161,11 +161,30 @@ def severity_text(severity) -> str | None:
     return text
 
 
-def figure_notes(stats: dict) -> list:
+def lung_coverage_note(lungs: sitk.Image) -> str | None:
+    """A note when the lung mask reaches the first or last axial slice of the scan: the lungs
+    go on beyond it, so the percentages and the severity score describe the part scanned."""
+    from .geometry import to_lps
+
+    arr = sitk.GetArrayViewFromImage(to_lps(lungs))   # (z, y, x), z from inferior to superior
+    if arr.shape[0] == 0 or not arr.any():
+        return None
+    tail = ("so the % of lung involved and the severity score describe the part scanned, not the whole lungs")
+    if arr.shape[0] == 1:
+        return f"the scan is one slice: the lungs go on above and below it, {tail}"
+    ends = [name for name, z in (("top (superior)", -1), ("bottom (inferior)", 0)) if arr[z].any()]
+    if not ends:
+        return None
+    where = "top and bottom slices" if len(ends) == 2 else f"{ends[0]} slice"
+    return f"the lungs reach the {where} of the scan ({arr.shape[0]} slices): they go on beyond it, {tail}"
+
+
+def figure_notes(stats: dict, lungs: sitk.Image | None = None) -> list:
     """What a reader of figures recomputed from corrected labels should be told: lesions
-    that look like a lung mask, or that lie partly outside the lung mask."""
+    that look like a lung mask, or that lie partly outside the lung mask (and, with
+    ``lungs``, :func:`lung_coverage_note`)."""
     inf = (stats.get("lesions") or {}).get("infection") or {}
-    notes = []
+    notes = [n for n in [lung_coverage_note(lungs) if lungs is not None else None] if n]
     if (inf.get("percent_of_lung") or 0) > 90:
         notes.append(f"the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: are the labels a lung mask "
                      "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")

@@ -35,8 +35,9 @@ FOLDERS = ("images", "labels", "lungs")
 
 
 def safe_case_name(name: str) -> str:
-    """``name`` with everything but letters, digits, ``_ . -`` replaced (a file-name stem)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._")
+    """``name`` with everything but letters, digits, ``_ . -`` replaced (a file-name stem);
+    letters of any script stay (``Müller`` is not ``M_ller``)."""
+    cleaned = re.sub(r"[^\w.-]+", "_", str(name)).strip("._")
     return cleaned or "case"
 
 

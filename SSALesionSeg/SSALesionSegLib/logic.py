@@ -150,10 +150,10 @@ class ProcessingLogic:
         result = mrml.result_from_segments(segmentationNode, inputVolume, notes=notes)
         classNames = ["background", "infection"] if result.binary else mrml._default_class_names()
         ct = mrml.image_from_volume_node(inputVolume)
-        stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume),
-                                          mrml._image_on_volume(result.lungs, inputVolume),
+        lungs = mrml._image_on_volume(result.lungs, inputVolume)
+        stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume), lungs,
                                           label_names=self.engine.label_names_for(classNames))
-        notes += self.engine.figure_notes(stats)
+        notes += self.engine.figure_notes(stats, lungs)
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
         mrml.stats_to_table(stats, tableNode)
         info = {"notices": notes} if notes else {}

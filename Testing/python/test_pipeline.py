@@ -778,6 +778,13 @@ def test_a_case_folder_in_a_folder_of_cases_fails_as_a_case_with_exit_status_1(t
     assert cli.main(_segment_args(root / "flat.nii.gz", tmp_path / "o", tiny_ckpt, "--progress-json")) == 2
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events[-1]["event"] == "finished" and events[-1]["failed"] == ["flat"]
+    # the command itself cannot start (no such input, no such model): an error event too, not silence
+    write_image(synthetic_chest_ct(3, 64, spacing=SP)[0], root / "good.nii.gz")
+    for argv in (_segment_args(tmp_path / "nope", tmp_path / "o", tiny_ckpt, "--progress-json"),
+                 _segment_args(root / "good.nii.gz", tmp_path / "o", tmp_path / "none.safetensors", "--progress-json")):
+        assert cli.main(argv) == 2
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [e["event"] for e in events][-2:] == ["error", "finished"] and events[-1]["n_failed"] >= 1, events
 
 
 def test_files_of_the_user_at_output_names_are_kept_and_overwrite_clears_stale_outputs(tmp_path, tiny_ckpt, capsys):
@@ -1443,6 +1450,12 @@ def test_stats_redraws_segments_overlay_and_records_its_notes(tmp_path, tiny_ckp
     # a rerun of segment keeps the recomputed figures and their overlay
     assert cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps")) == 0
     assert json.loads((out / "ct_stats.json").read_text()) == st
+    # an overlay deleted since is drawn again (segment then found the case incomplete and refused it)
+    overlay.unlink()
+    assert cli.main(["stats", "--ct", str(src), "--labels", str(labels), "--lungs", "classical", "--out", str(out),
+                     "--overwrite"]) == 0
+    assert overlay.is_file() and cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps")) == 0
+    assert "figures recomputed by `ssalesionseg stats` are kept" in capsys.readouterr().err
     # segment's own outputs stay listed as its: --overwrite keeps copies of the recomputed
     # figures only, not of the files nobody edited
     assert set(st["info"]["outputs"]) == {"segmentation", "overlay", "lesion_labelmap", "lung_labelmap"}
@@ -1560,3 +1573,9 @@ def test_a_rerun_with_other_settings_is_refused_not_skipped(tmp_path, tiny_ckpt,
     assert (out / "ct_stats.json").read_bytes() == before
     assert cli.main(_segment_args(src, out, tiny_ckpt, "--flip-tta", "--overwrite")) == 0
     assert json.loads((out / "ct_stats.json").read_text())["info"]["flip_tta"] is True
+
+
+def test_case_names_keep_letters_of_any_script():
+    from ssalesionseg.trainingcase import safe_case_name
+
+    assert safe_case_name("Müller ç/1") == "Müller_ç_1" and safe_case_name("..") == "case"

@@ -753,7 +753,7 @@ def test_loader_uses_the_bundled_logic_folder_when_nothing_is_installed(tmp_path
     (logicDir / "pipeline.py").write_text(
         "from ssalesionseg import stats\nclass Cancelled(Exception): pass\ndef segment_image(ct, **kw): return ct\n")
     (logicDir / "stats.py").write_text("def compute_stats(*a, **kw): return {}\ndef label_names_for(c): return {}\n"
-                                       "def figure_notes(s): return []\n")
+                                       "def figure_notes(s, lungs=None): return []\n")
     (logicDir / "lungstep.py").write_text("LOBE_WEIGHTS_ENV = 'X'\ndef resolve_weights(*a): return None\n")
     # -S: no site-packages, so an installed ssalesionseg cannot be picked up instead.
     code = (f"import sys; sys.path.insert(0, {str(os.path.join(MODULE_DIR))!r})\n"
