@@ -480,7 +480,7 @@ def cmd_stats(args) -> int:
     from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, read_ct, read_result_labels,
                      result_case_name, written_together)
     from .lungstep import compute_lungs
-    from .pipeline import RecordedRun
+    from .pipeline import RecordedRun, outputs_from_other_input
     from .report import write_overlay
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, figure_notes, write_stats
 
@@ -502,6 +502,10 @@ def cmd_stats(args) -> int:
     out = check_writable(out)
     result = read_result_labels(args.labels, ct, args.classes)
     notes = _label_notes(result, args)
+    made_from = outputs_from_other_input(Path(args.labels).parent, name, args.ct)
+    if made_from:   # same grid, another scan (or the same one exported again): worth a look
+        notes.append(f"{Path(args.labels).name} was segmented from {made_from}, not from {args.ct}: is it this "
+                     "CT's segmentation?")
     lab, lung_labels = result.lesions, result.lungs
     names = dict(BINARY_NAMES) if result.binary else dict(MULTICLASS_NAMES)
     lobes = None

@@ -1579,3 +1579,18 @@ def test_case_names_keep_letters_of_any_script():
     from ssalesionseg.trainingcase import safe_case_name
 
     assert safe_case_name("Müller ç/1") == "Müller_ç_1" and safe_case_name("..") == "case"
+
+
+def test_stats_notes_a_segmentation_made_from_another_ct(tmp_path, tiny_ckpt, capsys):
+    """Another patient's CT on the same grid was accepted without a word."""
+    img, _ = synthetic_chest_ct(3, 96, spacing=SP)
+    a = write_image(img, tmp_path / "a.nii.gz")
+    b = write_image(sitk.Flip(img, [True, False, False]), tmp_path / "b.nii.gz")   # same grid, other content
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(a, out, tiny_ckpt)) == 0
+    capsys.readouterr()
+    for ct, noted in ((a, False), (b, True)):
+        assert cli.main(["stats", "--ct", str(ct), "--labels", str(out / "a.seg.nrrd"), "--lungs", "classical",
+                         "--out", str(tmp_path / f"s_{ct.name}")]) == 0
+        err = capsys.readouterr().err
+        assert (f"a.seg.nrrd was segmented from {a}, not from {b}: is it this CT's segmentation?" in err) == noted
