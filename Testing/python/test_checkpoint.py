@@ -45,17 +45,165 @@ def test_sha_mismatch_is_refused(tmp_path):
         ckpt.load_checkpoint(p, expected_sha256="0" * 64)
 
 
+CHANGED = "content digest mismatch — the file was changed after it was written"
+
+
 def test_tampered_weights_are_refused(tmp_path):
     p = tmp_path / "m.safetensors"
     ckpt.save_checkpoint(p, _small())
     data = bytearray(p.read_bytes())
-    data[-100:] = b"\x00" * 100   # bytes change, size stays: only the hash notices
+    data[-100:] = b"\x00" * 100   # bytes change, size stays: only a hash notices
     p.write_bytes(bytes(data))
-    # without an expected hash the weights still load (they are just numbers) ...
-    ckpt.load_checkpoint(p)
-    # ... with the registered hash they are refused
-    with pytest.raises(ckpt.CheckpointError):
+    # the content digest in the header notices, with or without an expected hash
+    with pytest.raises(ckpt.CheckpointError, match=CHANGED):
+        ckpt.load_checkpoint(p)
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 mismatch"):
         ckpt.load_checkpoint(p, expected_sha256=ckpt.sha256_of(p)[::-1])
+
+
+def _rewritten(src, dst, header=None, state=None):
+    """``src`` rewritten as a hand edit would: another header or other tensors, the recorded
+    content digest left as it was."""
+    from safetensors.torch import load_file, save_file
+    header = ckpt.read_meta(src) if header is None else header
+    state = load_file(str(src)) if state is None else state
+    save_file(state, str(dst), metadata={"ssanet": json.dumps(header)})
+    return dst
+
+
+def _flip_two_tensor_bytes(src, dst):
+    data = bytearray(src.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")       # safetensors: u64 header length, header, data
+    for i in (start + 5, len(data) - 7):
+        data[i] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _tiny_checkpoint(path, storage="float32"):
+    ckpt.save_checkpoint(path, _small(), {"preprocessing": {"size": 64, "window_hu": [-1250, 250]},
+                                          "training": {"epoch": 3}}, storage=storage)
+    return path
+
+
+@pytest.mark.parametrize("storage", ckpt.STORAGE_DTYPES)
+def test_content_digest_is_recorded_from_what_is_stored_and_an_untouched_file_loads(tmp_path, storage):
+    from safetensors.torch import load_file
+    p = _tiny_checkpoint(tmp_path / "m.safetensors", storage)
+    header = ckpt.read_meta(p)
+    assert len(header[ckpt.CONTENT_DIGEST]) == 64
+    assert header[ckpt.CONTENT_DIGEST] == ckpt.content_sha256(header, load_file(str(p)))
+    _, meta = ckpt.load_checkpoint(p)
+    assert meta["storage_dtype"] == storage and meta["sha256"] == ckpt.sha256_of(p)
+    info = ckpt.describe(p)
+    assert info["content_digest"]["recorded"] and info["content_digest"]["verified"] is True
+    assert info["content_sha256"] == header["content_sha256"] and info["registry"] is None
+    # saved again from a loaded meta (as average / ensemble / member do), the digest is the new file's
+    m, meta = ckpt.load_checkpoint(p)
+    ckpt.save_checkpoint(tmp_path / "again.safetensors", m, {**meta, "note": "again"})
+    assert ckpt.load_checkpoint(tmp_path / "again.safetensors")[1]["note"] == "again"
+
+
+def test_changed_header_or_weights_are_refused_at_load(tmp_path):
+    """The reviewer's reproduction: two tensor bytes flipped; class_names reordered (GGO and
+    consolidation would be swapped in every result); the preprocessing window changed —
+    each loaded silently before; now each is refused, naming the file and what to do."""
+    p = _tiny_checkpoint(tmp_path / "m.safetensors")
+    header = ckpt.read_meta(p)
+    flipped = _flip_two_tensor_bytes(p, tmp_path / "flipped.safetensors")
+    classes = _rewritten(p, tmp_path / "classes.safetensors",
+                         {**header, "class_names": ["background", "consolidation", "ggo"]})
+    window = _rewritten(p, tmp_path / "window.safetensors",
+                        {**header, "preprocessing": {**header["preprocessing"], "window_hu": [-1000, 400]}})
+    for bad in (flipped, classes, window):
+        with pytest.raises(ckpt.CheckpointError) as e:
+            ckpt.load_checkpoint(bad)
+        msg = str(e.value)
+        assert msg.startswith(f"{bad}: ") and CHANGED in msg and "header or its weights" in msg
+        assert "Restore the original file, or re-export it with the command that made it" in msg
+        info = ckpt.describe(bad)                   # described, not refused: info says why a load fails
+        assert info["content_digest"]["verified"] is False and CHANGED in info["content_digest"]["note"]
+    # ... and by everything that loads a checkpoint to combine or split it
+    with pytest.raises(ckpt.CheckpointError, match=CHANGED):
+        ckpt.average_checkpoints([p, classes])
+    with pytest.raises(ckpt.CheckpointError, match=CHANGED):
+        ckpt.ensemble_checkpoints([flipped, p])
+    # a digest that is not a digest is no way around it
+    junk = _rewritten(p, tmp_path / "junk.safetensors", {**header, "content_sha256": 0})
+    with pytest.raises(ckpt.CheckpointError, match=CHANGED):
+        ckpt.load_checkpoint(junk)
+
+
+def test_a_file_written_before_content_digests_still_loads_and_info_says_so(tmp_path):
+    p = _tiny_checkpoint(tmp_path / "m.safetensors")
+    header = ckpt.read_meta(p)
+    del header["content_sha256"]
+    old = _rewritten(p, tmp_path / "old.safetensors", header)
+    model, meta = ckpt.load_checkpoint(old)
+    assert "content_sha256" not in meta and meta["training"]["epoch"] == 3
+    info = ckpt.describe(old)
+    assert info["content_sha256"] is None
+    assert info["content_digest"] == {"recorded": False, "verified": None,
+                                      "note": info["content_digest"]["note"]}
+    assert "no content digest recorded" in info["content_digest"]["note"]
+    assert "loads without this check" in info["content_digest"]["note"]
+
+
+def _registered(tmp_path, monkeypatch, file_name, sha256):
+    """A models.json (in a scratch Models folder) registering ``file_name`` with ``sha256``."""
+    models = tmp_path / "Models"
+    models.mkdir()
+    (models / "models.json").write_text(json.dumps({"models": [
+        {"name": "reg", "file": file_name, "sha256": sha256, "default": True}]}))
+    monkeypatch.setattr(ckpt, "MODELS_DIR", models)
+    monkeypatch.setattr(ckpt, "REGISTRY", models / "models.json")
+
+
+def test_a_registered_file_name_must_have_the_registered_sha256_wherever_it_lies(tmp_path, monkeypatch):
+    """Not only the bundled model picked by default: a file bearing a registered model's file
+    name is checked against models.json given by path or by $SSALESIONSEG_MODEL too."""
+    monkeypatch.delenv("SSALESIONSEG_MODEL", raising=False)
+    monkeypatch.setenv("SSALESIONSEG_CACHE", str(tmp_path / "cache"))
+    good = tmp_path / "src" / "reg.safetensors"
+    good.parent.mkdir()
+    header = ckpt.read_meta(_tiny_checkpoint(good))
+    _registered(tmp_path, monkeypatch, "reg.safetensors", ckpt.sha256_of(good))
+    ckpt.load_checkpoint(good)                                         # the registered file loads
+    assert ckpt.describe(good)["registry"]["verified"] is True
+    # an old-style copy (no content digest: only the registry can notice) with its classes swapped
+    del header["content_sha256"]
+    bad = _rewritten(good, tmp_path / "reg.safetensors", {**header, "class_names": ["background", "consolidation", "ggo"]})
+    with pytest.raises(ckpt.CheckpointError, match=f"{bad}: SHA-256 mismatch.*another file name"):
+        ckpt.load_checkpoint(bad)
+    monkeypatch.setenv("SSALESIONSEG_MODEL", str(bad))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 mismatch"):
+        ckpt.load_checkpoint(None)
+    monkeypatch.delenv("SSALESIONSEG_MODEL")
+    info = ckpt.describe(bad)
+    assert info["registry"]["verified"] is False and "refused at load" in info["registry"]["note"]
+    # under another file name it is another model, loaded on its own terms (no digest: unchecked) ...
+    ckpt.load_checkpoint(_rewritten(good, tmp_path / "mine.safetensors", header))
+    # ... and the user cache's default.safetensors, written by this version, has its digest checked
+    cached = tmp_path / "cache" / "models" / "default.safetensors"
+    cached.parent.mkdir(parents=True)
+    _flip_two_tensor_bytes(good, cached)
+    with pytest.raises(ckpt.CheckpointError, match=f"{cached}: {CHANGED}"):
+        ckpt.load_checkpoint(None)
+
+
+def test_a_tampered_copy_of_the_bundled_file_is_refused_by_explicit_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("SSALESIONSEG_MODEL", raising=False)
+    entry = ckpt._registry_entry()
+    bundled = ckpt.MODELS_DIR / entry["file"]
+    copy = _flip_two_tensor_bytes(bundled, tmp_path / entry["file"])   # same name, elsewhere
+    with pytest.raises(ckpt.CheckpointError, match=r"SHA-256 mismatch.*models.json records for "
+                                                    + entry["file"].replace(".", r"\.")):
+        ckpt.load_checkpoint(copy)
+    monkeypatch.setenv("SSALESIONSEG_MODEL", str(copy))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 mismatch"):
+        ckpt.load_checkpoint(None)
+    info = ckpt.describe(bundled)       # v6 predates content digests; the registry vouches for it
+    assert info["content_digest"]["recorded"] is False and info["registry"]["verified"] is True
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x80\x04\x95pickle"])
@@ -77,6 +225,7 @@ def test_architecture_mismatch_is_refused(tmp_path):
     ckpt.save_checkpoint(p, _small())
     meta = ckpt.read_meta(p)
     meta["model"]["num_classes"] = 1          # header says binary, weights are 3-class
+    meta.pop("content_sha256", None)          # as a file written before content digests
     save_file(load_file(str(p)), str(p), metadata={"ssanet": json.dumps(meta)})
     with pytest.raises(ckpt.CheckpointError, match="do not match the architecture"):
         ckpt.load_checkpoint(p)

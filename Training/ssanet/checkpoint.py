@@ -6,8 +6,24 @@ a checkpoint is self-describing for training, evaluation, the CLI and Slicer.
 
 Default-model resolution (first hit wins): explicit path -> env ``SSALESIONSEG_MODEL`` ->
 user cache (``$SSALESIONSEG_CACHE`` or ``~/.cache/ssalesionseg/models/default.safetensors``)
--> the bundled model listed in ``SSALesionSeg/Resources/Models/models.json``. The bundled
-file's SHA-256 is recorded there and verified at load time.
+-> the bundled model listed in ``SSALesionSeg/Resources/Models/models.json``.
+
+What a load verifies (:func:`load_checkpoint`, and so segmenting, evaluating, averaging,
+ensembles, members, ``--init`` and resuming from ``last``/``raw.safetensors``; the trainer's
+``train_state.pt`` is a torch file of tensors, not a checkpoint):
+
+* the content digest: :func:`save_checkpoint` records ``content_sha256`` in the header, a
+  SHA-256 over the header (every other field) and every tensor's name, dtype, shape and bytes
+  (:func:`content_sha256`). A file whose header or weights were changed afterwards is refused.
+  Files written before the digest existed (e.g. the bundled v6) carry none and load without
+  this check; :func:`describe` (``ssalesionseg info --checkpoint``) says which a file is.
+* the registry: a file bearing the file name of a model in ``models.json`` must have the
+  SHA-256 recorded there, wherever it is loaded from (the bundle picked by default, or a path
+  given with ``--checkpoint`` or ``SSALESIONSEG_MODEL``; the user cache's
+  ``default.safetensors`` bears no registered name, so there the content digest is the check).
+
+The digest catches changed, truncated-and-patched or hand-edited files; it is not a signature
+(whoever rewrites a file on purpose can write a new digest too).
 """
 from __future__ import annotations
 
@@ -28,6 +44,8 @@ STORAGE_DTYPES = ("float32", "float16", "int8")
 INT8_SCALE = ".int8_scale"   # suffix of the per-output-channel scale of an int8 weight
 MODELS_DIR = Path(__file__).resolve().parents[2] / "SSALesionSeg" / "Resources" / "Models"
 REGISTRY = MODELS_DIR / "models.json"
+CONTENT_DIGEST = "content_sha256"   # the header field holding content_sha256(header, tensors)
+_DIGEST_DOMAIN = b"ssanet-content-sha256/1\n"
 
 
 class CheckpointError(RuntimeError):
@@ -42,9 +60,57 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _feed(h, data) -> None:
+    """One length-prefixed field of the canonical encoding (so no two encodings collide)."""
+    data = memoryview(data).cast("B")
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def content_sha256(header: dict, state: dict) -> str:
+    """SHA-256 of a checkpoint's content: its header and its tensors as stored.
+
+    Canonical encoding: the header as JSON with sorted keys and no whitespace, without the
+    ``content_sha256`` field itself; then, in sorted name order, each tensor's name, dtype and
+    shape (as JSON) and its raw little-endian bytes — every field length-prefixed. ``state``
+    holds the stored tensors (float16 / int8 as written, not the float32 they load as).
+    """
+    h = hashlib.sha256(_DIGEST_DOMAIN)
+    rest = {k: v for k, v in header.items() if k != CONTENT_DIGEST}
+    _feed(h, json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        _feed(h, json.dumps([name, str(t.dtype).split(".")[-1], list(t.shape)],
+                            separators=(",", ":")).encode())
+        _feed(h, t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _check_content(path, header: dict, state: dict) -> bool | None:
+    """Verify the recorded content digest: True when it matches, None when the file carries
+    none (written before content digests); a mismatch is a CheckpointError."""
+    recorded = header.get(CONTENT_DIGEST)
+    if recorded is None:
+        return None
+    actual = content_sha256(header, state)
+    if not isinstance(recorded, str) or recorded.lower() != actual:
+        shown = f"{recorded[:12]}…" if isinstance(recorded, str) else repr(recorded)
+        raise CheckpointError(
+            f"{path}: content digest mismatch — the file was changed after it was written (its "
+            f"header or its weights differ from what was saved: recorded {CONTENT_DIGEST} "
+            f"{shown}, content now {actual[:12]}…), so it could give changed or swapped results. "
+            "Restore the original file, or re-export it with the command that made it "
+            "(`ssalesionseg train`, `ensemble`, `average`, `member`, scripts/bundle_model.py).")
+    return True
+
+
 def save_checkpoint(path, model: SSANet | SSANetEnsemble, meta: dict | None = None,
                     half: bool = False, storage: str | None = None) -> str:
     """Write ``model`` + ``meta`` atomically; returns the file's SHA-256.
+
+    The header records ``content_sha256`` (:func:`content_sha256` of the header and the
+    tensors exactly as stored), which every load verifies; a ``content_sha256`` in ``meta``
+    (e.g. from a loaded checkpoint's meta) is replaced.
 
     ``storage`` (``half=True`` is ``"float16"``): ``"float16"`` stores floating-point
     weights as float16, ``"int8"`` stores every kernel (convolution, transposed convolution;
@@ -59,6 +125,7 @@ def save_checkpoint(path, model: SSANet | SSANetEnsemble, meta: dict | None = No
         raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
     path = Path(path)
     meta = dict(meta or {})
+    meta.pop(CONTENT_DIGEST, None)
     meta["format"] = FORMAT
     meta["model"] = model.config.to_dict()
     meta.setdefault("class_names", default_class_names(model.config.num_classes))
@@ -76,9 +143,16 @@ def save_checkpoint(path, model: SSANet | SSANetEnsemble, meta: dict | None = No
                 v = v.half()
         state[k] = v
     meta["storage_dtype"] = storage
+    header = json.loads(json.dumps(meta))   # the header as a load will decode it
+    header[CONTENT_DIGEST] = content_sha256(header, state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    save_file(state, str(tmp), metadata={"ssanet": json.dumps(meta)})
+    save_file(state, str(tmp), metadata={"ssanet": json.dumps(header)})
+    try:   # the digest holds for what is on disk, before the file takes its name
+        _check_content(tmp, read_meta(tmp), load_file(str(tmp), device="cpu"))
+    except CheckpointError:
+        tmp.unlink(missing_ok=True)
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)   # safetensors creates 0600; a model is shared like any output
@@ -173,11 +247,27 @@ def read_meta(path) -> dict:
     return meta
 
 
-def _registry_entry() -> dict | None:
+def _registry_entries() -> list[dict]:
     if not REGISTRY.is_file():
-        return None
-    entries = json.loads(REGISTRY.read_text())
-    return next((e for e in entries.get("models", []) if e.get("default")), None)
+        return []
+    return json.loads(REGISTRY.read_text()).get("models", [])
+
+
+def _registry_entry() -> dict | None:
+    return next((e for e in _registry_entries() if e.get("default")), None)
+
+
+def registered_entry(path) -> dict | None:
+    """The ``models.json`` entry whose file name is ``path``'s (a copy of a registered model,
+    wherever it lies), or None. Such a file must have that entry's SHA-256."""
+    name = Path(path).name
+    return next((e for e in _registry_entries() if e.get("file") == name and e.get("sha256")), None)
+
+
+def _sha_mismatch(path, digest: str, expected: str, why: str = "") -> CheckpointError:
+    return CheckpointError(
+        f"{path}: SHA-256 mismatch (file {digest[:12]}…, expected {expected[:12]}…{why}). The file "
+        "is corrupt or was replaced; restore it or pass the intended file with --checkpoint.")
 
 
 def resolve_checkpoint(path=None) -> tuple[Path, str | None]:
@@ -204,24 +294,32 @@ def load_checkpoint(path=None, expected_sha256: str | None = None,
     """Build the network from the header and load the weights (strictly). Returns (model, meta).
 
     The model is returned in eval mode on ``map_location``. ``meta`` gains ``path``,
-    ``name`` and ``sha256``.
+    ``name`` and ``sha256``. Refused (CheckpointError): a file whose SHA-256 is not
+    ``expected_sha256`` (or the registered one, for the bundled model picked by default or
+    any file bearing a registered model's file name), and one whose recorded content digest
+    does not match its header and weights (see the module docstring).
     """
     path, registered = resolve_checkpoint(path)
-    expected = expected_sha256 or registered
     meta = read_meta(path)
     digest = sha256_of(path)
+    expected = expected_sha256 or registered
     if expected and digest.lower() != expected.lower():
-        raise CheckpointError(
-            f"{path}: SHA-256 mismatch (file {digest[:12]}…, expected {expected[:12]}…). The file "
-            "is corrupt or was replaced; restore it or pass the intended file with --checkpoint.")
-    try:
-        model = build_network(meta)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid architecture config in header ({e})") from None
+        raise _sha_mismatch(path, digest, expected)
+    entry = registered_entry(path)
+    if entry and digest.lower() != entry["sha256"].lower():
+        raise _sha_mismatch(path, digest, entry["sha256"],
+                            f" — the SHA-256 that models.json records for {entry['file']}, the "
+                            "registered model whose file name this file bears; another model needs "
+                            "another file name")
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt weights ({e})") from None
+    _check_content(path, meta, state)   # before the header is trusted to build the network
+    try:
+        model = build_network(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid architecture config in header ({e})") from None
     state = _dequantize(state)
     try:
         model.load_state_dict(state, strict=True)
@@ -324,15 +422,48 @@ def ensemble_member(path, member: int) -> tuple[SSANet, dict]:
     return model.members[member], out
 
 
+def _verification(path: Path, meta: dict, digest: str) -> dict:
+    """What a load of ``path`` verifies, and whether it passes (for :func:`describe`)."""
+    recorded = meta.get(CONTENT_DIGEST)
+    if recorded is None:
+        content = {"recorded": False, "verified": None,
+                   "note": "no content digest recorded (written before content digests): it loads "
+                           "without this check"}
+    else:
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: corrupt weights ({e})") from None
+        try:
+            _check_content(path, meta, state)
+            content = {"recorded": True, "verified": True,
+                       "note": "header and weights are as written; verified at every load"}
+        except CheckpointError as e:
+            content = {"recorded": True, "verified": False, "note": f"refused at load: {e}"}
+    out = {CONTENT_DIGEST: recorded, "content_digest": content, "registry": None}
+    entry = registered_entry(path)
+    if entry:
+        ok = digest.lower() == entry["sha256"].lower()
+        out["registry"] = {
+            "model": entry.get("name"), "sha256": entry["sha256"], "verified": ok,
+            "note": ("the SHA-256 models.json records for this file name; verified at every load" if ok
+                     else "this file bears a registered model's file name but not its SHA-256: "
+                          "refused at load")}
+    return out
+
+
 def describe(path) -> dict:
-    """What a checkpoint is, from its header and size (nothing is loaded or run)."""
+    """What a checkpoint is, from its header and size (nothing is run), and what a load of
+    it verifies: ``content_digest`` (recorded? verified?) and ``registry`` (for a file bearing
+    a registered model's file name). A file that would be refused is described, not refused."""
     path = Path(path)
     meta = read_meta(path)
+    digest = sha256_of(path)
     training = meta.get("training") or {}
     members = training.get("ensemble_of") or []
     pre = meta.get("preprocessing") or {}
     return {
-        "file": str(path), "size_mb": round(path.stat().st_size / 1e6, 1), "sha256": sha256_of(path),
+        "file": str(path), "size_mb": round(path.stat().st_size / 1e6, 1), "sha256": digest,
         "networks": network_count(meta), "storage": meta.get("storage_dtype", "float32"),
         "classes": meta.get("class_names"), "input_size": pre.get("size"),
         "pixel_spacing_mm": pre.get("pixel_spacing_mm"), "blank_outside_lung": pre.get("blank_outside_lung"),
@@ -342,6 +473,7 @@ def describe(path) -> dict:
         "epoch": training.get("epoch"), "init_sha256": training.get("init_sha256"),
         "member_of": training.get("member_of"),
         "val_metrics": meta.get("val_metrics"), "test_metrics": meta.get("test_metrics"),
+        **_verification(path, meta, digest),
     }
 
 
