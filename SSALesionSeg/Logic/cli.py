@@ -237,6 +237,7 @@ class _Progress:
             print(json.dumps(kw), flush=True)
 
     finished = False   # whether the "finished" event went out
+    names, skipped, done = (), (), ()   # the batch's cases, as far as it got
 
     def __call__(self, stage: str, fraction: float):
         self.event(event="progress", case=self.case, case_index=self.i, n_cases=self.n, stage=stage,
@@ -262,8 +263,12 @@ def cmd_segment(args) -> int:
         return _segment(args, prog)
     except Exception as e:   # the command itself cannot go on: a JSON reader hears it too
         if not prog.finished:
-            prog.event(event="error", case=None, message=f"{type(e).__name__}: {e}")
-            prog.event(event="finished", n_cases=prog.n, n_failed=prog.n or 1, n_skipped=0, failed=[])
+            message = f"{type(e).__name__}: {e}"
+            prog.event(event="error", case=None, message=message)
+            # the cases neither skipped nor done are not done: failed, with the command
+            failed = [n for n in prog.names if n not in prog.skipped and n not in prog.done]
+            prog.event(event="finished", n_cases=len(prog.names), n_failed=len(failed),
+                       n_skipped=len(prog.skipped), failed=failed, error=message)
         raise
 
 
@@ -357,6 +362,7 @@ def _segment(args, prog) -> int:
         if not args.progress_json:
             print(f"{n}: {reason}, skipped (use --overwrite to redo)", file=sys.stderr)
     done = []
+    prog.names, prog.skipped, prog.done = [n for n, _ in cases], skipped, done
     if not todo:
         prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                    failed=[n for n, _ in failures])
@@ -477,8 +483,8 @@ def cmd_stats(args) -> int:
     from ssanet.classes import BINARY, MULTICLASS
 
     from .geometry import image_like
-    from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, read_ct, read_result_labels,
-                     result_case_name, written_together)
+    from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, labels_run_name, read_ct,
+                     read_result_labels, result_case_name, written_together)
     from .lungstep import compute_lungs
     from .pipeline import RecordedRun, outputs_from_other_input
     from .report import write_overlay
@@ -502,10 +508,13 @@ def cmd_stats(args) -> int:
     out = check_writable(out)
     result = read_result_labels(args.labels, ct, args.classes)
     notes = _label_notes(result, args)
-    made_from = outputs_from_other_input(Path(args.labels).parent, name, args.ct)
+    run = labels_run_name(args.labels)   # the labels are a run's output: its stats JSON says of which CT
+    made_from = outputs_from_other_input(Path(args.labels).parent, run, args.ct) if run else None
+    if made_from and Path(made_from).is_dir() and Path(args.ct).resolve().is_relative_to(Path(made_from).resolve()):
+        made_from = None   # a file of the DICOM folder segmented: the same scan
     if made_from:   # same grid, another scan (or the same one exported again): worth a look
-        notes.append(f"{Path(args.labels).name} was segmented from {made_from}, not from {args.ct}: is it this "
-                     "CT's segmentation?")
+        notes.append(f"{Path(args.labels).name} goes with figures of {made_from} (its stats JSON), not of "
+                     f"{args.ct}: is it this CT's segmentation?")
     lab, lung_labels = result.lesions, result.lungs
     names = dict(BINARY_NAMES) if result.binary else dict(MULTICLASS_NAMES)
     lobes = None

@@ -320,8 +320,11 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
         described.append(s)
     ct = [s for s in described if (s.get("modality") or "CT") == "CT"]
     if not ct:
-        _refuse_other_modality(described, folder)
-        ct = described   # no modality that says otherwise (e.g. OT, a secondary capture): tried as CT
+        # no CT: series of another imaging modality are never read as one; what is left
+        # (e.g. OT, a secondary capture, or no modality) is tried as CT
+        ct = [s for s in described if s.get("modality") not in OTHER_MODALITIES]
+        if not ct:
+            _refuse_other_modality(described, folder)
     patients = sorted({s["patient_id"] for s in ct if s.get("patient_id")})
     if len(patients) > 1:   # one case is one patient: one's figures must not go out under another's name
         def place(pid):     # where, not who: the message may be kept in a batch report
@@ -340,6 +343,12 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
     lung = [s for s in tied if re.search(r"lung|lunge|pulm", f"{s.get('description') or ''} {s.get('kernel') or ''}",
                                          re.IGNORECASE)]
     best = (lung or tied)[0]
+    pick = (f"the CT series with the most slices" if len(tied) == 1 else
+            f"of the {len(tied)} CT series with {most} slices, the lung reconstruction" if len(lung) == 1 else
+            f"of the {len(tied)} CT series with {most} slices, {len(lung)} lung reconstructions, the first by "
+            "series UID" if lung else
+            f"of the {len(tied)} CT series with {most} slices, the first by series UID (no lung kernel or "
+            "description to choose by: move the others' files to folders of their own to segment them)")
     names = next(x[3] for x in series if x[1] == best["series_uid"] and x[2] == best["folder"])
     info = {"dicom": {k: v for k, v in best.items() if k != "patient_id"}}
     if len(described) > 1:
@@ -350,11 +359,7 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
             sub = os.path.relpath(s["folder"], folder)
             return f"{s['n_files']} files ({name.strip()}){'' if sub == '.' else ' in ' + sub}"
         others = [where(s) for s in described if s is not best]
-        why = ("the CT series with the most slices" if len(tied) == 1 else
-               f"of the {len(tied)} CT series with {most} slices, the lung reconstruction" if len(lung) == 1 else
-               f"of the {len(tied)} CT series with {most} slices, the first by series UID (no lung kernel or "
-               "description to choose by: move the other's files to a folder of their own to segment it)")
-        info["dicom_series_note"] = (f"{len(described)} series found; used {why} ({best['n_files']} files, "
+        info["dicom_series_note"] = (f"{len(described)} series found; read {pick} ({best['n_files']} files, "
                                      f"{best.get('description') or best['series_uid']}); "
                                      f"not read: {'; '.join(others[:3])}{'; ...' if len(others) > 3 else ''}")
     return list(names), info
@@ -603,9 +608,14 @@ def result_labels_from_segments(segs, reference: sitk.Image) -> ResultLabels:
                          "consolidation")
         value = {"ggo", "consolidation"}
     ignored = [n for n, role, _ in segs if role not in value and role not in LUNG_ROLES]
-    if ignored:
+    unknown = [n for n, role, _ in segs if role is None]
+    if unknown:
         notes.append(f"segments not used (not GGO, consolidation, infection or a lung by terminology, ID or name): "
-                     f"{', '.join(ignored)}")
+                     f"{', '.join(unknown)}")
+    infection = [n for n, role, _ in segs if role == "infection" and not binary]
+    if infection:
+        notes.append(f"infection segment(s) {', '.join(infection)} not used: the segmentation has GGO / consolidation "
+                     "segments, whose figures are these (paint them as GGO or consolidation to count them)")
     return ResultLabels(lab, lungs_from_segments(segs, reference), binary, ignored, notes)
 
 
@@ -636,6 +646,12 @@ def result_case_name(labels_path, ct_path) -> str:
     ``segment`` gave it when the labels are one of its outputs (``<name>.seg.nrrd`` or
     ``<name>_lesions.nii.gz`` with ``<name>_stats.json`` beside it; a folder of patients
     names each after its folder), else the CT's name."""
+    return labels_run_name(labels_path) or case_name(ct_path)
+
+
+def labels_run_name(labels_path) -> str | None:
+    """The case name when ``labels_path`` is one of ``segment``'s outputs (``<name>.seg.nrrd``
+    or ``<name>_lesions.nii.gz`` with ``<name>_stats.json`` beside it), else None."""
     p = Path(labels_path)
     low = p.name.lower()
     for suffix in (".seg.nrrd", OPTIONAL_OUTPUT_SUFFIXES["lesion_labelmap"]):
@@ -643,7 +659,7 @@ def result_case_name(labels_path, ct_path) -> str:
             name = p.name[: -len(suffix)]
             if name and p.with_name(name + "_stats.json").is_file():
                 return name
-    return case_name(ct_path)
+    return None
 
 
 def _grid_text(img: sitk.Image) -> str:

@@ -198,7 +198,8 @@ def _from_file(path, ct: sitk.Image) -> LungResult:
             labels = _sides_of(arr > 0, ct)
     if not labels.any():
         raise InputError(f"{path if isinstance(path, (str, os.PathLike)) else 'lung mask'}: the lung mask is empty")
-    source = str(path) if isinstance(path, (str, os.PathLike)) else f"given {type(path).__name__}"
+    # absolute, so that a rerun from another folder is known to use the same mask
+    source = str(Path(path).absolute()) if isinstance(path, (str, os.PathLike)) else f"given {type(path).__name__}"
     return LungResult(labels=labels, method="file", details={"file": source})
 
 

@@ -421,23 +421,25 @@ def labelmaps_from_result_segments(segmentationNode, referenceVolumeNode, requir
 
 def lung_mask_from_segmentation(segmentationNode, referenceVolumeNode):
     """Lung labelmap (1 right, 2 left) from a user's segmentation for the engine's
-    ``lung_mask``: segments named like right/left lung keep their side; if there
-    are none, every visible segment counts as lung (label 1)."""
-    segmentation = segmentationNode.GetSegmentation()
-    sided = []
-    allIds = []
-    for index in range(segmentation.GetNumberOfSegments()):
-        segmentId = segmentation.GetNthSegmentID(index)
-        name = segmentation.GetSegment(segmentId).GetName().lower()
-        allIds.append(segmentId)
-        for spec in lung_specs():
-            side = spec.name.split()[0].lower()  # "right" / "left"
-            if "lung" in name and side in name:
-                sided.append((segmentId, spec.labelValue))
-    if not allIds:
+    ``lung_mask``, by the rule the CLI's ``--lung-mask FILE.seg.nrrd`` applies
+    (``lungstep.lungs_from_segments``: right / left lung segments by terminology, ID or name,
+    else an unsided lung segment split into sides). A segmentation without any lung segment
+    — e.g. one segment painted by thresholding — counts as lung as a whole, except segments
+    that are known to be something else (GGO, consolidation, infection)."""
+    segs = result_segments(segmentationNode, referenceVolumeNode)
+    if not segs:
         raise ValueError(f"'{segmentationNode.GetName()}' has no segments to use as lung mask")
-    idsToValues = sided or [(segmentId, 1) for segmentId in allIds]
-    return labelmap_from_segments(segmentationNode, referenceVolumeNode, idsToValues)
+    reference = _image_on_volume(np.zeros(referenceVolumeNode.GetImageData().GetDimensions()[::-1], np.uint8),
+                                 referenceVolumeNode)
+    lungstep = _engine_module("lungstep")
+    labels = lungstep.lungs_from_segments(segs, reference)
+    if labels is None:
+        unnamed = [(name, "lung", mask) for name, role, mask in segs if role is None]
+        if not unnamed or not any(mask.any() for _, _, mask in unnamed):
+            raise ValueError(f"'{segmentationNode.GetName()}' has no lung segment with voxels (its segments are "
+                             f"{', '.join(name for name, _, _ in segs)}): choose the segmentation that holds the lungs")
+        labels = lungstep.lungs_from_segments(unnamed, reference)
+    return _image_on_volume(labels, referenceVolumeNode)
 
 
 def save_segmentation(segmentationNode, path):

@@ -420,3 +420,19 @@ def test_a_member_comes_out_of_an_ensemble_as_it_went_in(tmp_path, capsys):
         ckpt.ensemble_member(pa, 0)
     assert main(["member", str(pe), "1", "--out", str(out)]) == 2   # said as every refusal is
     assert capsys.readouterr().err.startswith(f"error: {out} exists; choose another --out")
+
+
+def test_an_unreadable_registry_does_not_stop_a_users_own_checkpoint(tmp_path, monkeypatch):
+    """A broken models.json made every checkpoint load fail with a JSON error."""
+    monkeypatch.delenv("SSALESIONSEG_MODEL", raising=False)
+    monkeypatch.setenv("SSALESIONSEG_CACHE", str(tmp_path / "cache"))
+    good = _tiny_checkpoint(tmp_path / "mine.safetensors")
+    models = tmp_path / "Models"
+    models.mkdir()
+    (models / "models.json").write_text("{ not json")
+    monkeypatch.setattr(ckpt, "MODELS_DIR", models)
+    monkeypatch.setattr(ckpt, "REGISTRY", models / "models.json")
+    ckpt.load_checkpoint(good)                     # the user's own file loads
+    assert ckpt.describe(good)["content_digest"]["verified"] is True
+    with pytest.raises(ckpt.CheckpointError, match="no default model is available"):
+        ckpt.load_checkpoint(None)               # the bundled default cannot be found then: said so

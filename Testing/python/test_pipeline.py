@@ -690,6 +690,14 @@ def test_dicom_ties_go_to_the_lung_reconstruction_and_other_modalities_are_refus
     for given in (tmp_path / "mr", tmp_path / "mr" / "m001.dcm"):
         with pytest.raises(InputError, match=r"MR \(magnetic resonance\), not CT"):
             read_ct(given)
+    # beside a screenshot series (OT) the MR series is still not read as CT: the OT one is tried
+    _write_dicom_series(img[:, :, :2], tmp_path / "mr", "1.2.826.0.1.3680043.2.1125.8.6", "shot", "o", modality="OT")
+    assert read_ct(tmp_path / "mr")[0].GetSize()[2] == 2
+    # two lung reconstructions tied: said as such
+    _write_dicom_series(img[:, :, :4], tmp_path / "tie", "1.2.826.0.1.3680043.2.1125.8.7", "Lung 1.0 iterative",
+                        "c", kernel="B70f")
+    assert "of the 3 CT series with 4 slices, 2 lung reconstructions, the first by series UID" in \
+        read_ct(tmp_path / "tie")[1]["dicom_series_note"]
 
 
 def test_dicom_series_with_a_missing_slice_is_refused_and_a_single_slice_keeps_its_thickness(tmp_path, phantom):
@@ -784,7 +792,9 @@ def test_a_case_folder_in_a_folder_of_cases_fails_as_a_case_with_exit_status_1(t
                  _segment_args(root / "good.nii.gz", tmp_path / "o", tmp_path / "none.safetensors", "--progress-json")):
         assert cli.main(argv) == 2
         events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-        assert [e["event"] for e in events][-2:] == ["error", "finished"] and events[-1]["n_failed"] >= 1, events
+        assert [e["event"] for e in events][-2:] == ["error", "finished"] and events[-1]["error"], events
+    events = [e for e in events if e["event"] in ("skipped", "finished")]   # the model's absence: after the cases
+    assert events[-1]["failed"] == ["good"] and events[-1]["n_failed"] == 1 == events[-1]["n_cases"]
 
 
 def test_files_of_the_user_at_output_names_are_kept_and_overwrite_clears_stale_outputs(tmp_path, tiny_ckpt, capsys):
@@ -1499,6 +1509,8 @@ def test_overlapping_lesion_segments_are_consolidation_in_any_order_and_every_se
     ml = 100 * np.prod(img.GetSpacing()) / 1000
     assert f"overlap in 100 voxels ({ml:.1f} mL): counted as consolidation" in a.notes[0]
     assert a.ignored == ["Nodule"] and "segments not used" in a.notes[1] and a.lungs is not None
+    c = result_labels_from_segments(segs + [("Infection", "infection", extra)], img)
+    assert c.ignored == ["Nodule", "Infection"] and "infection segment(s) Infection not used" in c.notes[2]
 
 
 def test_export_case_puts_lesions_painted_past_the_lung_edge_into_the_lung_mask(tmp_path, phantom, exact_result,
@@ -1593,4 +1605,5 @@ def test_stats_notes_a_segmentation_made_from_another_ct(tmp_path, tiny_ckpt, ca
         assert cli.main(["stats", "--ct", str(ct), "--labels", str(out / "a.seg.nrrd"), "--lungs", "classical",
                          "--out", str(tmp_path / f"s_{ct.name}")]) == 0
         err = capsys.readouterr().err
-        assert (f"a.seg.nrrd was segmented from {a}, not from {b}: is it this CT's segmentation?" in err) == noted
+        assert (f"a.seg.nrrd goes with figures of {a} (its stats JSON), not of {b}: is it this CT's "
+                "segmentation?" in err) == noted

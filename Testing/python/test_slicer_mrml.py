@@ -621,6 +621,23 @@ def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(call["lung_mask"]), case.lungs)
     with pytest.raises(ValueError, match="lungs"):
         make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu")
+    # lungs known only by terminology (renamed) still count, and a lesion segment beside them is not lung
+    segmentation = lungsNode.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentation.GetNthSegment(index).SetName(f"mine {index}")
+    ggo = mrml.lesion_specs()[0]
+    mrml.set_segment_from_array(lungsNode, ggo, np.ones(case.lungs.shape, bool), mrml.ijk_to_ras_from_image(case.ct))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(lungsNode, case.volume)),
+                                  case.lungs)
+    # one segment of the user's own (no terminology, any name) is the lung mask, split into sides
+    own = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "thresholded")
+    spec = mrml.SegmentSpec("Segment_1", "lungs", 1, (1.0, 0.5, 0.0), "")
+    mrml.set_segment_from_array(own, spec, case.lungs > 0, mrml.ijk_to_ras_from_image(case.ct))
+    assert set(np.unique(sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(own, case.volume)))) == {0, 1, 2}
+    only_ggo = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesions only")
+    mrml.set_segment_from_array(only_ggo, ggo, case.labels == 1, mrml.ijk_to_ras_from_image(case.ct))
+    with pytest.raises(ValueError, match="no lung segment with voxels"):
+        mrml.lung_mask_from_segmentation(only_ggo, case.volume)
 
 
 def test_bad_choices_are_refused_before_running(case, fake_engine):

@@ -302,9 +302,10 @@ def test_exported_cases_are_checked_before_training(tmp_path, monkeypatch, capsy
     # a GGO / consolidation model is not scored on infection labels either
     three = tmp_path / "three"
     assert cli_main(["train", "--out", str(three), "--cases", str(cases), "--cases-only", *common]) in (0, None)
-    assert cli_main(["evaluate", "--checkpoint", str(three / "best.safetensors"), "--cases", str(cases),
-                     "--split", "test", "--device", "cpu"]) == 2   # not silently the cases instead of the test split
-    assert "give one or the other" in capsys.readouterr().err
+    for split in ("test", "val"):   # not silently the cases instead of the split asked for, default or not
+        assert cli_main(["evaluate", "--checkpoint", str(three / "best.safetensors"), "--cases", str(cases),
+                         "--split", split, "--device", "cpu"]) == 2
+        assert "give one or the other" in capsys.readouterr().err
     assert cli_main(["evaluate", "--checkpoint", str(three / "best.safetensors"), "--cases", str(binary),
                      "--device", "cpu"]) == 2
     assert "cannot be scored on them" in capsys.readouterr().err
@@ -557,8 +558,13 @@ def test_fine_tuning_keeps_the_init_checkpoints_size(tmp_path, capsys):
     assert build_parser().parse_args(["semisup", "--out", "x"]).size is None
 
 
-def test_evaluate_defaults_to_validation_and_rejects_bad_numbers(capsys):
-    assert build_parser().parse_args(["evaluate"]).split == "val"   # test only when asked
+def test_evaluate_defaults_to_validation_and_rejects_bad_numbers(tmp_path, capsys):
+    from ssanet.cli import cmd_evaluate
+
+    args = build_parser().parse_args(["evaluate", "--checkpoint", str(tmp_path / "none.safetensors")])
+    with pytest.raises(ckpt.CheckpointError):
+        cmd_evaluate(args)
+    assert (args.dataset, args.split) == ("medseg100", "val")   # test only when asked
     for argv in (["evaluate", "--split", "foo"], ["evaluate", "--batch-size", "0"],
                  ["train", "--out", "x", "--batch-size", "-3"], ["train", "--out", "x", "--val-every", "0"]):
         with pytest.raises(SystemExit):

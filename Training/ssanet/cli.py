@@ -146,8 +146,8 @@ def _describe(cfg: TrainConfig, splits, cases=()) -> TrainConfig:
         from .checkpoint import sha256_of
         cfg.data_description["cases"] = {str(Path(f).absolute()): n for f, n in cases}   # two may share a name
         # by content too, so that `evaluate --cases` knows a copy of a training case elsewhere
-        cfg.data_description["case_sha256"] = sorted({sha256_of(s.meta["path"]) for s in splits["train"]
-                                                      if s.source == "volume"})
+        cfg.data_description["case_sha256"] = sorted({sha256_of(p) for p in {s.meta["path"] for s in splits["train"]
+                                                                           if s.source == "volume"}})
     return cfg
 
 
@@ -278,13 +278,15 @@ def cmd_evaluate(a):
     from .inference import Predictor, select_device
     from .train import _score
 
+    named = (a.split, a.dataset) != (None, None)   # --split / --dataset given, even as their defaults
+    a.dataset, a.split = a.dataset or "medseg100", a.split or "val"
     as_trained = a.semiseg_renderings or _folds_of(a)[0]
     if as_trained and (a.dataset, a.split) != ("medseg100", "val"):
         raise SystemExit("--semiseg-renderings and --folds go with --split val (the validation images "
                          "`train` selects by with the same options)")
     if a.cases and as_trained:
         raise SystemExit("--cases scores exported cases; it does not combine with --semiseg-renderings or --folds")
-    if a.cases and (a.split, a.dataset) != ("val", "medseg100"):
+    if a.cases and named:
         raise SystemExit("--cases scores the exported cases alone; --split / --dataset choose among the shared "
                          "data instead: give one or the other")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
@@ -535,11 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="DSC / HD95 / MAE / NSD per class on a split")
     _add_data_args(e)
     e.add_argument("--checkpoint", help="model file (default: the bundled default model)")
-    e.add_argument("--dataset", default="medseg100", choices=["medseg100", "covid-semiseg"],
-                   help="medseg100: the COVID-SemiSeg slices at full 512² with lung mask "
+    e.add_argument("--dataset", default=None, choices=["medseg100", "covid-semiseg"],
+                   help="medseg100 (default): the COVID-SemiSeg slices at full 512² with lung mask "
                         "(same GT pixels); covid-semiseg: the original crops (their own rendering, "
                         "lung masks from ssanet.lungs), on the model's grid")
-    e.add_argument("--split", default="val", choices=EVAL_SPLITS,
+    e.add_argument("--split", default=None, choices=EVAL_SPLITS,
                    help="val (default: the 6 held-out MedSeg slices, what `train` selects by), test (the "
                         "48 COVID-SemiSeg test slices: final evaluation only, never for choosing), "
                         "train (the 46 training slices), free (MedSeg slices 23 and 49), all (MedSeg's 100)")
