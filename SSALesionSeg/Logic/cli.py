@@ -361,7 +361,7 @@ def _segment(args, prog) -> int:
         prog.event(event="skipped", case=n, reason=f"{reason} (use --overwrite to redo)")
         if not args.progress_json:
             print(f"{n}: {reason}, skipped (use --overwrite to redo)", file=sys.stderr)
-    done = []
+    done, said = [], set()
     prog.names, prog.skipped, prog.done = [n for n, _ in cases], skipped, done
     if not todo:
         prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
@@ -393,8 +393,9 @@ def _segment(args, prog) -> int:
         result.notices[:0] = _replaced_notes(edited, copies, "segment")
         for notice in result.notices:
             prog.event(event="notice", case=name, message=notice)
-            if not args.progress_json:
+            if not args.progress_json and notice not in said:   # the same words once a batch (each JSON keeps its own)
                 print(f"{name}: note: {notice}", file=sys.stderr)
+                said.add(notice)
         done.append(name)
         prog.event(event="done", case=name, outputs={k: str(p) for k, p in paths.items()},
                    seconds=round(time.perf_counter() - t, 2), severity_total=result.stats["severity"]["total"])

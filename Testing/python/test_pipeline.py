@@ -1607,3 +1607,19 @@ def test_stats_notes_a_segmentation_made_from_another_ct(tmp_path, tiny_ckpt, ca
         err = capsys.readouterr().err
         assert (f"a.seg.nrrd goes with figures of {a} (its stats JSON), not of {b}: is it this CT's "
                 "segmentation?" in err) == noted
+
+
+def test_a_batch_says_a_note_once_and_each_case_keeps_it(tmp_path, tiny_ckpt, capsys):
+    """The same note (e.g. 'no lungmask weights') was printed for every case of a batch."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    img, _ = synthetic_chest_ct(3, 96, spacing=SP)
+    for n in ("p1", "p2"):
+        write_image(img, cases / f"{n}.nii.gz")
+    assert cli.main(_segment_args(cases, tmp_path / "out", tiny_ckpt)) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: the lungs reach the top and bottom slices") == 1
+    assert "2 cases: 2 segmented, 0 skipped, 0 failed" in err
+    for n in ("p1", "p2"):
+        notices = json.loads((tmp_path / "out" / f"{n}_stats.json").read_text())["info"]["notices"]
+        assert any(x.startswith("the lungs reach the top and bottom slices") for x in notices)

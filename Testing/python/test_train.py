@@ -615,3 +615,12 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_for_the_save(tmp_path, monkeypatch
     # the CPU kernels' summation order); epoch 2 trained twice differs by order 1
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=5e-3, rtol=1e-2)
+
+
+def test_the_same_ct_twice_among_training_cases_is_found(tmp_path):
+    from ssanet.cli import _duplicate_files
+
+    for name, data in (("a.nii.gz", b"same"), ("b.nii.gz", b"other"), ("c.nii.gz", b"same"), ("d.nii.gz", b"diff")):
+        (tmp_path / name).write_bytes(data)
+    paths = {str(p) for p in tmp_path.iterdir()}
+    assert _duplicate_files(paths) == [(str(tmp_path / "a.nii.gz"), str(tmp_path / "c.nii.gz"))]

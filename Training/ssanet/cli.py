@@ -225,9 +225,31 @@ def _training_splits(a) -> tuple[dict, list]:
                       "remove the copy from --cases, or choose the validation cases with --val-cases")
             raise SystemExit(f"{same[1]} (validation) is the CT of {same[0]} (training): validate on cases not "
                              f"trained on — {advice}")
+    for a_, b_ in _duplicate_files({s.meta["path"] for s in splits["train"] if s.source == "volume"}):
+        print(f"note: {b_} is the same CT as {a_} (same content): it is trained on twice; remove one copy "
+              "unless that is meant", file=sys.stderr)
     if cases:
         print(f"training: {len(splits['train'])} slices")
     return splits, cases
+
+
+def _duplicate_files(paths) -> list:
+    """Pairs (first, copy) of files in ``paths`` with the same content (sorted by name)."""
+    from .checkpoint import sha256_of
+
+    by_size = {}
+    for f in sorted(paths):
+        by_size.setdefault(os.path.getsize(f), []).append(f)
+    pairs = []
+    for group in (g for g in by_size.values() if len(g) > 1):
+        first = {}
+        for f in group:
+            digest = sha256_of(f)
+            if digest in first:
+                pairs.append((first[digest], f))
+            else:
+                first[digest] = f
+    return pairs
 
 
 def check_case_classes(samples, folder, multiclass: bool, what: str = "learn from") -> None:
