@@ -8,8 +8,11 @@ Python with the slicer-core wheel:
 The cases are found as `ssalesionseg segment` finds them (the engine's
 cli.find_cases): each NIfTI/NRRD/MHA file and each subfolder of --input (its DICOM
 series — the CT series with the most slices, searched in its subfolders too — or the
-one CT file it holds), or --input itself when it is one DICOM series. --output receives
-<case>.seg.nrrd and <case>_stats.json. A failing case is reported and the rest
+one CT file it holds), or --input itself when it is one DICOM series, and read by the
+engine's reader with its checks. --output receives <case>.seg.nrrd and <case>_stats.json;
+a rerun skips a case whose outputs exist unless they were made from another input, with
+another model or other settings, or the .seg.nrrd was edited since (that case fails;
+--overwrite redoes it, keeping an edited .seg.nrrd as .bak). A failing case is reported and the rest
 continue; the exit code is 1 if any case failed or there was nothing to process (no
 cases, or inputs that would write the same outputs), 2 on bad arguments or an error
 outside the cases.
@@ -27,6 +30,7 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,28 +87,37 @@ def find_cases(inputDir, outputDir=None):
     return _engine_module("cli").find_cases(inputDir, out=outputDir)
 
 
-def case_files(path):
-    """(files for Slicer's reader, note or None): a CT file, or the DICOM series the
-    engine would read from a folder (the CT series with the most slices)."""
-    if os.path.isfile(path):
-        return [str(path)], None
-    from pathlib import Path
-
-    files, info = _engine_module("io").dicom_series_choice(Path(path))
-    return files, info.get("dicom_series_note")
+def read_case(path):
+    """(CT image in HU, what was read) through the engine's reader — the checks ``ssalesionseg
+    segment`` makes (a cut-off NIfTI, a DICOM series with a missing or duplicate slice,
+    non-CT modalities, several patients in one folder, no HU ...) — and its DICOM series
+    choice (the CT series with the most slices; a note says which)."""
+    return _engine_module("io").read_ct(path)
 
 
-def load_volume(volumesLogic, name, files):
-    """Scalar volume node through Slicer's own reader (NIfTI, NRRD, MHA or a DICOM series)."""
-    import vtk
-
-    fileList = vtk.vtkStringArray()
-    for path in files:
-        fileList.InsertNextValue(path)
-    node = volumesLogic.AddArchetypeVolume(files[0], name, 0, fileList if len(files) > 1 else None)
-    if node is None:
-        raise RuntimeError(f"Slicer could not read {files[0]}")
-    return node
+def rerun_problem(args, outputDir, caseName, path, modelSha):
+    """Why the outputs of ``caseName`` already in ``outputDir`` must not be skipped or
+    replaced unasked, by the rules of ``segment`` — ("input" | "model" | "settings", reason):
+    made from another input, with another model or other settings named on the command line;
+    ("edited", reason): the ``.seg.nrrd`` is not as this script wrote it — or None."""
+    outputs = _engine_module("outputs")
+    segPath = Path(outputDir, caseName + ".seg.nrrd")
+    if not Path(outputDir, caseName + "_stats.json").exists():
+        return "edited", f"{segPath} is not an output of this script (no stats JSON beside it): your own file?"
+    other = outputs.outputs_from_other_input(outputDir, caseName, path)
+    if other:
+        return "input", f"its outputs were made from another input ({other})"
+    other = outputs.outputs_from_other_model(outputDir, caseName, modelSha())
+    if other:
+        return "model", f"its outputs were made with another model ({other})"
+    lungs = {"lobes": "lungmask"}.get(args.lungs, args.lungs)   # lobes are lungmask's, with LTRCLobes
+    other = outputs.outputs_with_other_settings(outputDir, caseName, lungs=lungs,
+                                                 flip_tta={"on": True, "off": False}.get(args.flip_tta))
+    if other:
+        return "settings", f"its outputs were made with other settings ({other})"
+    if outputs.RecordedRun(outputDir, caseName).changed("segmentation", segPath):
+        return "edited", f"{segPath} is not as this script wrote it (corrected in the Segment Editor?)"
+    return None
 
 
 class _Context:
@@ -130,32 +143,44 @@ class _Context:
 
 def run_batch(args, context=None, out=print):
     """Process every case; returns the exit code (0 if all cases succeeded)."""
+    import functools
+    from pathlib import Path
+
     _use_module_dir()
     from SSALesionSegLib import mrml
 
     context = context or _Context()
     InputError = _engine_module("errors").InputError
+    outputs = _engine_module("outputs")
     try:
         cases = find_cases(args.input, args.output)
     except InputError as e:
         out(f"Nothing processed: {e}")
         return 1
     os.makedirs(args.output, exist_ok=True)
-    failed = []
+    modelSha = functools.lru_cache(maxsize=None)(lambda: outputs.checkpoint_sha256(args.checkpoint))
+    failed, skipped, said = [], [], set()
     for index, (caseName, path) in enumerate(cases, start=1):
         segPath = os.path.join(args.output, caseName + ".seg.nrrd")
-        statsPath = os.path.join(args.output, caseName + "_stats.json")
         prefix = f"[{index}/{len(cases)}] {caseName}"
-        if not args.overwrite and os.path.exists(segPath) and os.path.exists(statsPath):
-            out(f"{prefix}: outputs exist, skipped (use --overwrite to redo)")
-            continue
         nodes = []
         started = time.time()
         try:
-            files, note = case_files(path)
-            if note:
-                out(f"{prefix}: note: {note}")
-            volume = load_volume(context.volumesLogic, caseName, files)
+            edited = []
+            if os.path.exists(segPath):
+                problem = rerun_problem(args, args.output, caseName, path, modelSha)
+                if not args.overwrite:
+                    if problem:   # old figures are not passed off as new, nor the user's work replaced
+                        raise InputError(f"{problem[1]}; left as it is: give another --output, or --overwrite")
+                    out(f"{prefix}: outputs exist, skipped (use --overwrite to redo)")
+                    skipped.append(caseName)
+                    continue
+                if problem and problem[0] == "edited":
+                    edited = [segPath]   # replaced as asked, but kept
+            ct, readInfo = read_case(path)
+            if readInfo.get("dicom_series_note"):
+                out(f"{prefix}: note: {readInfo['dicom_series_note']}")
+            volume = mrml.add_volume_node_from_image(context.scene, ct, caseName)
             nodes.append(volume)
             lastStage = [None]
 
@@ -169,21 +194,34 @@ def run_batch(args, context=None, out=print):
                 result = context.logic.process(volume, None, args.lungs, args.checkpoint, args.device,
                                                progressCallback=progress, waitForCompletion=True,
                                                flipTTA=args.flip_tta)
-            for message in dict.fromkeys(str(w.message) for w in caught):   # one line each, in order
-                out(f"{prefix}: note: {message}")
             nodes += [result.segmentationNode, result.tableNode]
-            context.logic.saveResults(result, args.output, caseName)
-            out(f"{prefix}: {result.summary} ({time.time() - started:.1f} s)")
+            info = result.stats.setdefault("info", {})
+            for key, value in (result.info or {}).items():   # the run's settings (an engine that kept them apart)
+                info.setdefault(key, value)
+            info.update(source=str(Path(path).absolute()), input=readInfo)   # what a rerun compares
+            notices = list(info.get("notices") or []) + [str(w.message) for w in caught]
+            with outputs.copies_kept(edited) as copies:
+                context.logic.saveResults(result, args.output, caseName)
+            for copy in copies:
+                notices.insert(0, f"{os.path.basename(segPath)} was not as this script wrote it; --overwrite "
+                                  f"replaced it, kept as {copy.name}")
+            for message in dict.fromkeys(notices):   # one line each, in order; the same words once a batch
+                if message not in said:
+                    out(f"{prefix}: note: {message}")
+                    said.add(message)
+            out(f"{prefix}: {mrml.summary_line(result.stats)} ({time.time() - started:.1f} s)")
         except Exception as e:
             failed.append(caseName)
             out(f"{prefix}: FAILED: {type(e).__name__}: {e}")
             logging.info(traceback.format_exc())
         finally:
             mrml.remove_nodes(context.scene, nodes)
+    done = len(cases) - len(failed) - len(skipped)
     if failed:
-        out(f"{len(failed)} of {len(cases)} cases failed: {', '.join(failed)}")
+        out(f"{len(failed)} of {len(cases)} cases failed: {', '.join(failed)}"
+            + (f" ({done} segmented, {len(skipped)} skipped)" if done or skipped else ""))
         return 1
-    out(f"All {len(cases)} cases done; results in {args.output}")
+    out(f"All {len(cases)} cases done ({done} segmented, {len(skipped)} skipped); results in {args.output}")
     return 0
 
 

@@ -274,9 +274,10 @@ def cmd_segment(args) -> int:
 
 def _segment(args, prog) -> int:
     from .io import check_writable
-    from .pipeline import (checkpoint_sha256, copies_kept, edited_outputs, foreign_files, load_model,
-                           optional_outputs, output_paths, outputs_complete, outputs_from_other_input,
-                           outputs_from_other_model, outputs_with_other_settings, process_case, recomputed_by_stats)
+    from .outputs import (checkpoint_sha256, copies_kept, edited_outputs, foreign_files, optional_outputs,
+                          output_paths, outputs_complete, outputs_from_other_input, outputs_from_other_model,
+                          outputs_with_other_settings, recomputed_by_stats)
+    from .pipeline import load_model, process_case
 
     notes = []
     cases = find_cases(args.input, out=args.out, notes=notes)
@@ -430,7 +431,8 @@ SAMPLE_CT = Path(__file__).resolve().parent.parent / "Resources" / "Sample" / "c
 
 def cmd_demo(args) -> int:
     from .io import case_name
-    from .pipeline import copies_kept, edited_outputs, process_case
+    from .outputs import copies_kept, edited_outputs
+    from .pipeline import process_case
 
     if not SAMPLE_CT.is_file():
         raise InputError(f"the bundled sample CT is missing ({SAMPLE_CT}); run from a full checkout")
@@ -487,7 +489,7 @@ def cmd_stats(args) -> int:
     from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, labels_run_name, read_ct,
                      read_result_labels, result_case_name, written_together)
     from .lungstep import compute_lungs
-    from .pipeline import RecordedRun, outputs_from_other_input
+    from .outputs import RecordedRun, outputs_from_other_input
     from .report import write_overlay
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, figure_notes, write_stats
 

@@ -343,7 +343,7 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
     lung = [s for s in tied if re.search(r"lung|lunge|pulm", f"{s.get('description') or ''} {s.get('kernel') or ''}",
                                          re.IGNORECASE)]
     best = (lung or tied)[0]
-    pick = (f"the CT series with the most slices" if len(tied) == 1 else
+    pick = ("the CT series with the most slices" if len(tied) == 1 else
             f"of the {len(tied)} CT series with {most} slices, the lung reconstruction" if len(lung) == 1 else
             f"of the {len(tied)} CT series with {most} slices, {len(lung)} lung reconstructions, the first by "
             "series UID" if lung else

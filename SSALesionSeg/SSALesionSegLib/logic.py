@@ -173,6 +173,11 @@ class ProcessingLogic:
         partialSeg, partialStats = segPath + ".partial.seg.nrrd", statsPath + ".partial"
         try:   # both written before either replaces an earlier result, so a pair always matches
             mrml.save_segmentation(result.segmentationNode, partialSeg)
+            # the stats JSON lists the .seg.nrrd with its hash, as `segment` does: a rerun can then
+            # tell this file from one corrected in place
+            info = result.stats.setdefault("info", {})
+            info["outputs"] = {"segmentation": os.path.abspath(segPath), "stats_json": os.path.abspath(statsPath)}
+            info["outputs_sha256"] = {"segmentation": _sha256_of(partialSeg)}
             with open(partialStats, "w", encoding="utf-8") as f:
                 f.write(mrml.stats_to_json(result.stats))
             os.replace(partialSeg, segPath)
@@ -182,6 +187,16 @@ class ProcessingLogic:
                 if os.path.exists(partial):
                     os.remove(partial)
         return segPath, statsPath
+
+
+def _sha256_of(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class BackgroundRun:

@@ -17,7 +17,8 @@ from ssalesionseg.bench import run_bench, synthetic_chest_ct
 from ssalesionseg.errors import Cancelled, InputError, LungWeightsError
 from ssalesionseg.io import read_ct, write_image
 from ssalesionseg.lungstep import compute_lungs, resolve_weights
-from ssalesionseg.pipeline import outputs_complete, process_case, segment_image
+from ssalesionseg.outputs import foreign_files, outputs_complete
+from ssalesionseg.pipeline import process_case, segment_image
 from ssalesionseg.segfile import write_seg_nrrd
 from ssalesionseg.geometry import image_like
 from ssanet.checkpoint import CheckpointError, read_meta, save_checkpoint, sha256_of
@@ -1320,8 +1321,6 @@ def test_dicom_files_without_names_or_preamble_and_a_lung_mask_given_as_labels(t
 
 def test_reruns_keep_earlier_optional_outputs_and_a_failed_rename_leaves_no_mixed_case(tmp_path, tiny_ckpt,
                                                                                      monkeypatch, capsys):
-    from ssalesionseg import pipeline
-
     src = tmp_path / "ct.nii.gz"
     write_image(synthetic_chest_ct(3, 128, spacing=SP)[0], src)
     out = tmp_path / "out"
@@ -1336,7 +1335,7 @@ def test_reruns_keep_earlier_optional_outputs_and_a_failed_rename_leaves_no_mixe
     stats["info"]["outputs"] = {k: "C:\\\\Users\\\\me\\\\out\\\\" + os.path.basename(v)
                                 for k, v in stats["info"]["outputs"].items()}
     (out / "ct_stats.json").write_text(json.dumps(stats))
-    assert outputs_complete(out, "ct", ("lesion_labelmap",)) and not pipeline.foreign_files(out, "ct", ("lesion_labelmap",))
+    assert outputs_complete(out, "ct", ("lesion_labelmap",)) and not foreign_files(out, "ct", ("lesion_labelmap",))
     # a rename that fails part-way (the CSV open in a spreadsheet) removes the case's outputs
     real = os.replace
 
@@ -1345,11 +1344,11 @@ def test_reruns_keep_earlier_optional_outputs_and_a_failed_rename_leaves_no_mixe
             raise PermissionError(13, "Permission denied")
         return real(a, b)
 
-    monkeypatch.setattr(pipeline.os, "replace", locked)
+    monkeypatch.setattr(os, "replace", locked)
     assert cli.main(_segment_args(src, out, tiny_ckpt, "--overwrite")) == 2
     assert "is it open in another program" in capsys.readouterr().err
     assert not [f for f in os.listdir(out) if f.startswith("ct.") or f.startswith("ct_")]
-    monkeypatch.setattr(pipeline.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0 and outputs_complete(out, "ct")
 
 

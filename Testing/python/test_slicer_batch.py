@@ -4,6 +4,7 @@ in-process and as the script a user runs. The fake engine returns the phantom's 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -114,9 +115,10 @@ def test_parse_args_rejects_bad_arguments(tmp_path, capsys, argv, message):
 def test_find_cases_takes_image_files_and_dicom_folders(input_folder):
     cases = batch.find_cases(str(input_folder.path))
     assert [name for name, _ in cases] == ["patient_nifti", "patient_dicom"]   # as `ssalesionseg segment`
-    files, note = batch.case_files(cases[1][1])
-    assert len(files) == 6 and files[0].endswith("IM0001.dcm") and note is None
-    assert batch.case_files(cases[0][1]) == ([str(cases[0][1])], None)
+    ct, info = batch.read_case(cases[1][1])
+    assert ct.GetSize()[2] == 6 and info["dicom"]["n_files"] == 6 and "dicom_series_note" not in info
+    ct, info = batch.read_case(cases[0][1])
+    assert ct.GetSize() == input_folder.ct.GetSize() and "dicom" not in info
 
 
 def test_dicom_in_subfolders_and_the_ct_series_among_others(input_folder, tmp_path):
@@ -128,9 +130,9 @@ def test_dicom_in_subfolders_and_the_ct_series_among_others(input_folder, tmp_pa
     write_dicom_series(input_folder.ct, str(case / "series_ct"))
     write_dicom_series(mr, str(case / "series_mr"), modality="MR", seriesUid="1.2.826.0.1.3680043.2.1125.1.9")
     cases = dict(batch.find_cases(str(input_folder.path)))
-    files, note = batch.case_files(cases["patient_nested"])
-    assert len(files) == 6 and all(os.sep + "series_ct" + os.sep in f for f in files)
-    assert "2 series found" in note and "CT series" in note
+    ct, info = batch.read_case(cases["patient_nested"])
+    assert ct.GetSize()[2] == 6 and info["dicom"]["folder"].endswith("series_ct")
+    assert "2 series found" in info["dicom_series_note"] and "CT series" in info["dicom_series_note"]
 
 
 def test_inputs_that_would_share_outputs_are_refused_before_anything_runs(tmp_path, mrml_scene, fake_engine):
@@ -164,10 +166,9 @@ def test_a_dicom_folder_given_as_dot_is_named_after_the_folder(input_folder, mon
     assert [n for n, _ in batch.find_cases(".")] == ["patient_dicom"]
 
 
-def test_volumes_logic_loads_the_dicom_series_with_its_geometry(input_folder, mrml_scene):
+def test_the_dicom_series_goes_into_the_scene_with_its_geometry(input_folder, mrml_scene):
     name, path = batch.find_cases(str(input_folder.path))[1]
-    files, _ = batch.case_files(path)
-    volume = batch.load_volume(mrml_scene.volumesLogic, name, files)
+    volume = mrml.add_volume_node_from_image(mrml_scene.scene, batch.read_case(path)[0], name)
     image = mrml.image_from_volume_node(volume)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(input_folder.ct))
     np.testing.assert_allclose(image.GetSpacing(), DICOM_SPACING, atol=1e-4)
@@ -210,7 +211,8 @@ def test_batch_processes_a_dicom_folder_and_a_nifti(input_folder, tmp_path, mrml
 
     lines.clear()
     assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
-    assert sum("skipped" in line for line in lines) == 2
+    assert sum("outputs exist, skipped" in line for line in lines) == 2
+    assert lines[-1].startswith("All 2 cases done (0 segmented, 2 skipped)")
 
 
 def test_batch_output_inside_the_input_folder_is_not_read_back_as_cases(input_folder, mrml_scene, fake_engine):
@@ -233,7 +235,47 @@ def test_batch_goes_on_after_a_bad_case_and_fails_at_the_end(input_folder, tmp_p
     assert any(line.startswith("[1/3] broken: FAILED") for line in lines)
     assert (out / "patient_nifti.seg.nrrd").exists() and (out / "patient_dicom.seg.nrrd").exists()
     assert not (out / "broken.seg.nrrd").exists()
-    assert lines[-1] == "1 of 3 cases failed: broken"
+    assert lines[-1] == "1 of 3 cases failed: broken (2 segmented, 0 skipped)"
+
+
+def test_batch_reads_with_the_engines_checks_and_reruns_by_segments_rules(input_folder, tmp_path, mrml_scene,
+                                                                          fake_engine):
+    """The batch read inputs with Slicer's reader (a cut-off NIfTI was segmented as if whole),
+    skipped outputs made from another input or with other settings, and replaced an edited
+    .seg.nrrd without a word."""
+    nifti = input_folder.path / "patient_nifti.nii.gz"
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "cut.nii.gz").write_bytes(nifti.read_bytes()[: nifti.stat().st_size // 2])
+    lines = []
+    args = batch.parse_args(["--input", str(cut), "--output", str(tmp_path / "o1")])
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 1
+    assert "FAILED" in lines[-2] and "end early" in lines[-2] and not (tmp_path / "o1" / "cut.seg.nrrd").exists()
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(nifti, one / "patient_nifti.nii.gz")   # the same name as the input folder's: another file
+    out = tmp_path / "o2"
+    args = batch.parse_args(["--input", str(one), "--output", str(out), "--flip-tta", "off"])
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
+    seg = out / "patient_nifti.seg.nrrd"
+    for argv, said in ((["--flip-tta", "on"], "made with other settings (flip TTA: off -> on)"),
+                       (["--flip-tta", "off", "--input", str(input_folder.path)], "made from another input")):
+        lines.clear()
+        args = batch.parse_args(["--input", str(one), "--output", str(out), *argv])
+        assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 1
+        assert any(said in line for line in lines), lines
+    # a .seg.nrrd corrected in place is not replaced unasked, and kept as .bak when it is
+    seg.write_bytes(seg.read_bytes() + b"\n")
+    edited = seg.read_bytes()
+    args = batch.parse_args(["--input", str(one), "--output", str(out), "--flip-tta", "off"])
+    lines.clear()
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 1
+    assert any("not as this script wrote it" in line for line in lines) and seg.read_bytes() == edited
+    args = batch.parse_args(["--input", str(one), "--output", str(out), "--flip-tta", "off", "--overwrite"])
+    lines.clear()
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
+    assert (out / "patient_nifti.seg.nrrd.bak").read_bytes() == edited and any("kept as" in x for x in lines)
 
 
 def test_batch_script_runs_under_slicer_core_without_qt(input_folder, tmp_path, fake_engine_dir):
