@@ -32,7 +32,9 @@ def test_loss_goes_down_and_run_resumes(few_slices, tmp_path):
     train(cfg, train_s, val_s, run, log=lambda *_: None)
     assert [r["epoch"] for r in _rows(run)] == ["1"], "time limit must stop after the first epoch"
     cfg.time_limit_min = 0.0
-    train(cfg, train_s, val_s, run, log=lambda *_: None)        # resumes at epoch 2
+    said = []
+    train(cfg, train_s, val_s, run, log=said.append)        # resumes at epoch 2
+    assert f"resuming {run} after epoch 1 of 6" in said and not any("never switches on" in x for x in said)
     rows = _rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     losses = [float(r["dice"]) + float(r["ce"]) for r in rows]
@@ -44,7 +46,8 @@ def test_loss_goes_down_and_run_resumes(few_slices, tmp_path):
     assert (run / "curves.png").stat().st_size > 1000
     # another configuration in the same folder is refused instead of silently mixed
     with pytest.raises(SystemExit, match="another configuration"):
-        train(TrainConfig(size=64, epochs=7, device="cpu"), train_s, val_s, run, log=lambda *_: None)
+        train(TrainConfig(size=64, epochs=7, device="cpu"), train_s, val_s, run, log=said.append)
+    assert any("SAD starts at epoch 40 (--sad-start) and this run has 7: it never switches on" in x for x in said)
 
 
 def test_evaluate_cli_writes_the_documented_json(data_root, tmp_path, few_slices, capsys):

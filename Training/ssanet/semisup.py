@@ -670,8 +670,9 @@ def run_semisup(cfg: SemiSupConfig, labeled, val, pool, out_dir, *, log=print,
                           f"round {r}: pseudo labels by the round-{r - 1} model "
                           f"({'trust eta=%g' % cfg.eta if cfg.trust else 'argmax'}"
                           f"{'; untrusted: unknown, blue' if cfg.trust and cfg.untrusted == 'ignore' else ''})")
-        log(f"round {r}: validation DSC ggo {val_classes['ggo']['dsc']:.3f} consolidation "
-            f"{val_classes['consolidation']['dsc']:.3f} (mean {score:.3f}; best round "
+        log(f"round {r}: validation per-slice DSC ggo {val_classes['ggo']['dsc']:.3f} consolidation "
+            f"{val_classes['consolidation']['dsc']:.3f}; score (mean pooled DSC, what rounds are chosen by) "
+            f"{score:.3f} (best round "
             f"{stop.best_round}, {stop.counter}/{cfg.patience} without improvement) "
             f"in {record['timing']['total_s']:.0f}s")
         if on_round_end is not None:

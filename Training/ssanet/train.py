@@ -327,6 +327,9 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
                          detach_target=cfg.detach_sad_target, ce_weights=weights,
                          dice_per_slice=cfg.dice_per_slice)
 
+    if cfg.sad and cfg.sad_start_epoch >= cfg.epochs:
+        log(f"note: SAD starts at epoch {cfg.sad_start_epoch} (--sad-start) and this run has {cfg.epochs}: it never "
+            "switches on, so the network trains as the backbone would (give a smaller --sad-start)")
     start_epoch, best = 0, {"score": -1.0, "epoch": -1, "val": None}
     ema = None
     state_path = out / "train_state.pt"
@@ -353,7 +356,7 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         start_epoch = int(st["epoch"]) + 1
         best = {"score": float(st["best_score"]), "epoch": int(st["best_epoch"]), "val": None}
         torch.set_rng_state(st["torch_rng"])
-        log(f"resuming {out} at epoch {start_epoch}" if start_epoch < cfg.epochs else
+        log(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}" if start_epoch < cfg.epochs else
             f"{out} has finished its {cfg.epochs} epochs (best: epoch {best['epoch']}); nothing to do — "
             "a new --out trains again")
     elif init_sha:
