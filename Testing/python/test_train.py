@@ -64,7 +64,11 @@ def test_evaluate_cli_writes_the_documented_json(data_root, tmp_path, few_slices
     for c in ("infection", "ggo", "consolidation"):
         assert set(res["classes"][c]) == {"dsc", "hd95_mm", "mae", "nsd_3mm", "dsc_pooled"}
         assert 0.0 <= res["classes"][c]["dsc"] <= 1.0
-    assert "infection" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "infection" in printed
+    # the scores printed for a validation split are in the JSON too, with the file scored
+    line = next(x for x in printed.splitlines() if x.startswith("validation score"))
+    assert f"{res['val_score']:.4f}" == line.split()[-1] and res["checkpoint_path"] == str(p)
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(tmp_path, capsys):
@@ -420,7 +424,8 @@ def test_ablation_trains_on_the_splits_train_would_use(data_root, tmp_path, monk
                                                                      (True, False), (True, True)}
     assert all(n_train == 2 * len(base["train"]) and n_val == len(base["val"]) + 4
                and "COVID-SemiSeg renderings" in desc for *_, n_train, n_val, desc in seen)
-    assert (tmp_path / "ab" / "ablation.md").is_file()
+    assert (tmp_path / "ab" / "ablation.md").read_text().startswith("Evaluated on medseg100/val; trained at")
+    assert json.loads((tmp_path / "ab" / "ablation.json").read_text())["settings"]["eval_split"] == "val"
 
 
 def test_folds_validate_every_labeled_slice_once_and_keep_renderings_together(data_root):

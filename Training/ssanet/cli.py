@@ -368,7 +368,10 @@ def cmd_evaluate(a):
         per_slice = sum(m["dsc"] for m in res["classes"].values()) / len(res["classes"])
         print(f"mean over classes of the per-slice mean DSC: {per_slice:.4f}")
     if a.json:
-        write_json(res, a.json, {"checkpoint": meta["name"], "sha256": meta["sha256"],
+        scores = ({"val_score": _score(res), "per_slice_mean_dsc": sum(m["dsc"] for m in res["classes"].values())
+                   / len(res["classes"])} if a.split == "val" or a.cases else {})   # the two lines printed
+        write_json(res, a.json, {"checkpoint": meta["name"], "checkpoint_path": meta.get("path"),
+                                 "sha256": meta["sha256"], **scores,
                                  "dataset": a.dataset, "split": a.split, "flip_tta": predictor.flip_tta,
                                  "min_lesion_mm2": res["min_lesion_mm2"], "precision": predictor.precision,
                                  "semiseg_renderings": bool(a.semiseg_renderings),
@@ -455,9 +458,13 @@ def cmd_ablation(a):
     for name, classes in table.items():
         for c, m in classes.items():
             lines.append(f"| {name} | {c} | {m['dsc']:.3f} | {m['hd95_mm']:.2f} | {m['mae']:.4f} | {m['nsd_3mm']:.3f} |")
-    md = "\n".join(lines)
+    # what the table was measured on, so a validation table is not read as Table 3's test one
+    setting = {"eval_dataset": a.eval_dataset, "eval_split": a.eval_split, "size": base.size, "epochs": base.epochs,
+               "sad_start_epoch": base.sad_start_epoch, "seed": base.seed}
+    md = (f"Evaluated on {a.eval_dataset}/{a.eval_split}; trained at {base.size}² for {base.epochs} epochs, SAD from "
+          f"epoch {base.sad_start_epoch}, seed {base.seed}.\n\n" + "\n".join(lines))
     (out / "ablation.md").write_text(md + "\n")
-    (out / "ablation.json").write_text(json.dumps(table, indent=1))
+    (out / "ablation.json").write_text(json.dumps({**table, "settings": setting}, indent=1))
     print(md)
 
 
