@@ -199,6 +199,8 @@ def run_batch(args, context=None, out=print):
             for key, value in (result.info or {}).items():   # the run's settings (an engine that kept them apart)
                 info.setdefault(key, value)
             info.update(source=str(Path(path).absolute()), input=readInfo)   # what a rerun compares
+            # the file's own spacing (the scene's IJK-to-RAS round trip leaves ~1e-16 of noise on it)
+            info.update(size=readInfo.get("size", info.get("size")), spacing_mm=readInfo.get("spacing_mm", info.get("spacing_mm")))
             notices = list(info.get("notices") or []) + [str(w.message) for w in caught]
             with outputs.copies_kept(edited) as copies:
                 context.logic.saveResults(result, args.output, caseName)

@@ -329,7 +329,7 @@ def test_wrong_settings_do_not_resume(tmp_path):
     trainer = ScriptedTrainer(scores={1: 0.5, 2: 0.6})
     S.run_semisup(small_config(max_rounds=1), labeled, val, pool, tmp_path / "r",
                   train_fn=trainer, log=lambda *_: None)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings or data \(eta: 0\.\d+ -> 0\.9\)"):   # named
         S.run_semisup(small_config(max_rounds=2, eta=0.9), labeled, val, pool, tmp_path / "r",
                       train_fn=trainer, log=lambda *_: None)
     # a larger round budget is a continuation

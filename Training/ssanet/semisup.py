@@ -510,10 +510,14 @@ def _load_state(path: Path, cfg: SemiSupConfig, pool_ids, labeled_ids) -> dict |
     state = json.loads(path.read_text())
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a semi-supervised run state ({STATE_FORMAT})")
-    if _comparable(state["config"]) != _comparable(cfg.to_dict()) \
-            or state["pool_ids"] != list(pool_ids) or state["labeled_ids"] != list(labeled_ids):
-        raise ValueError(f"{path.parent} holds a semi-supervised run with other settings or data; "
-                         "use a new --out directory (or the same options) to resume")
+    before, now = _comparable(state["config"]), _comparable(cfg.to_dict())
+    if before != now or state["pool_ids"] != list(pool_ids) or state["labeled_ids"] != list(labeled_ids):
+        differ = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                  if before.get(k) != now.get(k)][:4]   # named, as `train` names them
+        if state["pool_ids"] != list(pool_ids) or state["labeled_ids"] != list(labeled_ids):
+            differ.append("the labeled or unlabeled slices")
+        raise ValueError(f"{path.parent} holds a semi-supervised run with other settings or data "
+                         f"({'; '.join(differ)}); use a new --out directory (or the same options) to resume")
     state["config"] = cfg.to_dict()
     return state
 
