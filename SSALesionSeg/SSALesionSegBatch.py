@@ -144,7 +144,6 @@ class _Context:
 def run_batch(args, context=None, out=print):
     """Process every case; returns the exit code (0 if all cases succeeded)."""
     import functools
-    from pathlib import Path
 
     _use_module_dir()
     from SSALesionSegLib import mrml
@@ -200,7 +199,7 @@ def run_batch(args, context=None, out=print):
                 info.setdefault(key, value)
             info.update(source=str(Path(path).absolute()), input=readInfo)   # what a rerun compares
             # the file's own spacing (the scene's IJK-to-RAS round trip leaves ~1e-16 of noise on it)
-            info.update(size=readInfo.get("size", info.get("size")), spacing_mm=readInfo.get("spacing_mm", info.get("spacing_mm")))
+            info.update({k: readInfo[k] for k in ("size", "spacing_mm") if k in readInfo})
             notices = list(info.get("notices") or []) + [str(w.message) for w in caught]
             with outputs.copies_kept(edited) as copies:
                 context.logic.saveResults(result, args.output, caseName)

@@ -95,10 +95,11 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
     if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
         raise InputError(f"cannot read {p}: permission denied (the {'folder' if p.is_dir() else 'file'} is not "
                          "readable for this user)")
+    dicom = not p.is_dir() and is_dicom_file(p)
     if p.is_dir():
         img, dinfo = _read_dicom_folder(p)
         info.update(dinfo)
-    elif is_dicom_file(p) and len(series := _series_of_file(p)) > 1:
+    elif dicom and len(series := _series_of_file(p)) > 1:
         # one file of a series given: the series is meant, as Slicer's Add Data reads it
         summary = {**_dicom_summary([p]), "folder": str(p.parent), "n_files": len(series)}
         _refuse_other_modality([summary], p)
@@ -107,11 +108,11 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
         info["dicom_series_note"] = (f"{p.name} is one of the {len(series)} files of its DICOM series: the whole "
                                      "series was read (to segment that one slice, put the file in a folder of its own)")
     else:
-        if is_dicom_file(p):
+        if dicom:
             info["dicom"] = _dicom_summary([p])
             _refuse_other_modality([info["dicom"]], p)
         img = _read_file(p)
-        if is_dicom_file(p):
+        if dicom:
             img = _single_dicom_slice_spacing(img, p)
     img = validate_ct(img, str(p))
     info["size"] = list(img.GetSize())

@@ -30,6 +30,7 @@ from .geometry import array_from_lps, image_like, to_lps
 from .io import (OPTIONAL_OUTPUT_SUFFIXES, NotPutInPlace, check_writable, read_ct, validate_ct,
                  write_image, written_together)
 from .lungstep import compute_lungs
+from .outputs import RecordedRun, optional_outputs, output_paths
 from .stats import compute_stats, label_names_for, lung_coverage_note, write_stats
 
 ProgressFn = Callable[[str, float], None]
@@ -219,9 +220,6 @@ def _lesions(ct, lungs_img, predictor, meta, min_lesion_mm2, save_probability, r
 
 
 # -------------------------------------------------------------------------- one case
-
-from .outputs import RecordedRun, optional_outputs, output_paths
-
 
 def write_outputs(result: SegmentationResult, ct: sitk.Image, out_dir, name: str, labelmaps: bool = False) -> dict:
     """Write the four outputs, plus the confidence map when present and, with ``labelmaps``,

@@ -169,7 +169,7 @@ def lung_coverage_note(lungs: sitk.Image) -> str | None:
     arr = sitk.GetArrayViewFromImage(to_lps(lungs))   # (z, y, x), z from inferior to superior
     if arr.shape[0] == 0 or not arr.any():
         return None
-    tail = ("so the % of lung involved and the severity score describe the part scanned, not the whole lungs")
+    tail = "so the % of lung involved and the severity score describe the part scanned, not the whole lungs"
     if arr.shape[0] == 1:
         return f"the scan is one slice: the lungs go on above and below it, {tail}"
     ends = [name for name, z in (("top (superior)", -1), ("bottom (inferior)", 0)) if arr[z].any()]
@@ -184,7 +184,8 @@ def figure_notes(stats: dict, lungs: sitk.Image | None = None) -> list:
     that look like a lung mask, or that lie partly outside the lung mask (and, with
     ``lungs``, :func:`lung_coverage_note`)."""
     inf = (stats.get("lesions") or {}).get("infection") or {}
-    notes = [n for n in [lung_coverage_note(lungs) if lungs is not None else None] if n]
+    coverage = lung_coverage_note(lungs) if lungs is not None else None
+    notes = [coverage] if coverage else []
     if (inf.get("percent_of_lung") or 0) > 90:
         notes.append(f"the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: are the labels a lung mask "
                      "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")

@@ -177,7 +177,9 @@ class ProcessingLogic:
             # tell this file from one corrected in place
             info = result.stats.setdefault("info", {})
             info["outputs"] = {"segmentation": os.path.abspath(segPath), "stats_json": os.path.abspath(statsPath)}
-            info["outputs_sha256"] = {"segmentation": _sha256_of(partialSeg)}
+            engine_.import_engine_package(self.moduleDir)
+            from ssanet.checkpoint import sha256_of   # the hash `segment` records, by the same function
+            info["outputs_sha256"] = {"segmentation": sha256_of(partialSeg)}
             with open(partialStats, "w", encoding="utf-8") as f:
                 f.write(mrml.stats_to_json(result.stats))
             os.replace(partialSeg, segPath)
@@ -187,16 +189,6 @@ class ProcessingLogic:
                 if os.path.exists(partial):
                     os.remove(partial)
         return segPath, statsPath
-
-
-def _sha256_of(path):
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class BackgroundRun:

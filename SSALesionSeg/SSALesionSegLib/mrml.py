@@ -367,13 +367,10 @@ def _image_on_volume(array, referenceVolumeNode):
     return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
 
 
-def labelmap_from_segments(segmentationNode, referenceVolumeNode, idsToValues):
-    """SimpleITK uint8 labelmap on the CT grid; later entries win where segments overlap."""
-    dims = referenceVolumeNode.GetImageData().GetDimensions()
-    labels = np.zeros(dims[::-1], np.uint8)
-    for segmentId, value in idsToValues:
-        labels[segment_mask_array(segmentationNode, segmentId, referenceVolumeNode) > 0] = value
-    return _image_on_volume(labels, referenceVolumeNode)
+def _reference_image(referenceVolumeNode):
+    """An empty SimpleITK image on the volume's grid (what the engine's readers take as the CT)."""
+    return _image_on_volume(np.zeros(referenceVolumeNode.GetImageData().GetDimensions()[::-1], np.uint8),
+                            referenceVolumeNode)
 
 
 def result_segments(segmentationNode, referenceVolumeNode):
@@ -399,10 +396,8 @@ def result_from_segments(segmentationNode, referenceVolumeNode, requireLungs=Tru
     rule has to say (segments not used, overlap) is appended to ``notes``. No lung segment
     with voxels is an error unless ``requireLungs`` is False (then ``lungs`` may be None);
     one lung alone is scored as one of two regions, as the CLI does."""
-    reference = _image_on_volume(np.zeros(referenceVolumeNode.GetImageData().GetDimensions()[::-1], np.uint8),
-                                 referenceVolumeNode)
     result = _engine_module("io").result_labels_from_segments(
-        result_segments(segmentationNode, referenceVolumeNode), reference)
+        result_segments(segmentationNode, referenceVolumeNode), _reference_image(referenceVolumeNode))
     if notes is not None:
         notes.extend(result.notes)
     if result.lungs is None and requireLungs:
@@ -429,8 +424,7 @@ def lung_mask_from_segmentation(segmentationNode, referenceVolumeNode):
     segs = result_segments(segmentationNode, referenceVolumeNode)
     if not segs:
         raise ValueError(f"'{segmentationNode.GetName()}' has no segments to use as lung mask")
-    reference = _image_on_volume(np.zeros(referenceVolumeNode.GetImageData().GetDimensions()[::-1], np.uint8),
-                                 referenceVolumeNode)
+    reference = _reference_image(referenceVolumeNode)
     lungstep = _engine_module("lungstep")
     labels = lungstep.lungs_from_segments(segs, reference)
     if labels is None:

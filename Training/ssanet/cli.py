@@ -233,23 +233,24 @@ def _training_splits(a) -> tuple[dict, list]:
     return splits, cases
 
 
-def _duplicate_files(paths) -> list:
-    """Pairs (first, copy) of files in ``paths`` with the same content (sorted by name)."""
+def _content_groups(paths) -> list:
+    """The files of ``paths`` that share their content with another, as sorted groups (only
+    files of the same size are hashed)."""
     from .checkpoint import sha256_of
 
     by_size = {}
-    for f in sorted(paths):
+    for f in sorted(set(paths)):
         by_size.setdefault(os.path.getsize(f), []).append(f)
-    pairs = []
-    for group in (g for g in by_size.values() if len(g) > 1):
-        first = {}
-        for f in group:
-            digest = sha256_of(f)
-            if digest in first:
-                pairs.append((first[digest], f))
-            else:
-                first[digest] = f
-    return pairs
+    groups = {}
+    for same_size in (g for g in by_size.values() if len(g) > 1):
+        for f in same_size:
+            groups.setdefault(sha256_of(f), []).append(f)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _duplicate_files(paths) -> list:
+    """Pairs (first, copy) of files in ``paths`` with the same content (sorted by name)."""
+    return [(g[0], f) for g in _content_groups(paths) for f in g[1:]]
 
 
 def check_case_classes(samples, folder, multiclass: bool, what: str = "learn from") -> None:
@@ -265,15 +266,13 @@ def check_case_classes(samples, folder, multiclass: bool, what: str = "learn fro
 def _same_files(first, second):
     """A pair (a, b) of files in ``first`` and ``second`` with the same content, or None:
     the same CT exported twice under two names is one case."""
-    from .checkpoint import sha256_of
-
-    by_size = {}
-    for f in first:
-        by_size.setdefault(os.path.getsize(f), []).append(f)
-    for g in second:
-        for f in by_size.get(os.path.getsize(g), []):
-            if os.path.samefile(f, g) or sha256_of(f) == sha256_of(g):
-                return f, g
+    both = sorted(set(first) & set(second))
+    if both:
+        return both[0], both[0]
+    for group in _content_groups(set(first) | set(second)):
+        a, b = [f for f in group if f in first], [f for f in group if f in second]
+        if a and b:
+            return a[0], b[0]
     return None
 
 
