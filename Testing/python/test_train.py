@@ -206,6 +206,16 @@ def test_train_cli_adds_exported_cases(data_root, tmp_path, capsys):
                      "--device", "cpu", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["n_slices"] == 4 and res["dataset"] == "cases" and "score of the cases" in capsys.readouterr().out
+    # a second run never replaces an earlier result file unless asked to, and refuses before scoring
+    out.write_text("{\"kept\": 1}")
+    rc = cli_main(["evaluate", "--checkpoint", str(run / "best.safetensors"), "--cases", str(tmp_path / "export"),
+                   "--device", "cpu", "--json", str(out)])
+    err = capsys.readouterr()
+    assert rc == 2 and "exists" in err.err and "--overwrite" in err.err and "score of the cases" not in err.out
+    assert json.loads(out.read_text()) == {"kept": 1}
+    assert cli_main(["evaluate", "--checkpoint", str(run / "best.safetensors"), "--cases", str(tmp_path / "export"),
+                     "--device", "cpu", "--json", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["n_slices"] == 4
 
 
 def test_cases_only_trains_without_the_shared_data(tmp_path, monkeypatch, capsys):

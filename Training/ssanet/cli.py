@@ -310,6 +310,11 @@ def cmd_evaluate(a):
     if a.cases and named:
         raise SystemExit("--cases scores the exported cases alone; --split / --dataset choose among the shared "
                          "data instead: give one or the other")
+    if a.json and Path(a.json).exists() and not a.overwrite:
+        raise SystemExit(f"{a.json} exists; choose another --json (or --overwrite to replace it)")
+    if a.overlays and Path(a.overlays).is_dir() and any(Path(a.overlays).glob("*.png")) and not a.overwrite:
+        raise SystemExit(f"{a.overlays} already holds overlay PNGs; choose another --overlays folder "
+                         "(or --overwrite to replace them)")
     model, meta = checkpoint.load_checkpoint(a.checkpoint)
     per_folder = []   # (folder, number of slices), in the order the slices are scored
     if a.cases:   # held-out corrected cases, placed on the slice grid exactly as `train --cases` places them
@@ -583,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fold_args(e)
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--overlays", help="write prediction-vs-GT PNGs into this folder")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json file / the PNGs in an existing --overlays folder")
     e.add_argument("--device", default="auto", help="auto (default: a GPU when present) | cpu | cuda | mps")
     e.add_argument("--batch-size", type=positive_int, default=None,
                    help="slices per forward pass (default 4 on a CPU, 16 on a GPU)")
