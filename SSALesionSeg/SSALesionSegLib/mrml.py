@@ -230,25 +230,14 @@ def check_same_grid(image, volumeNode, tolerance=1e-3):
 # Segmentation node
 # ---------------------------------------------------------------------------
 
-def find_segment_id(segmentation, spec, byRole=False):
-    """Segment of a spec in a segmentation: by our ID, else by name (files loaded
-    from .seg.nrrd get new IDs but keep names); with ``byRole`` (reading results back, never
-    when writing into a segmentation the user added segments to) also by what its
-    terminology says it is, as the engine reads a .seg.nrrd (``io.segment_role``)."""
+def find_segment_id(segmentation, spec):
+    """Segment of a spec in a segmentation when writing results: by our ID, else by name
+    (files loaded from .seg.nrrd get new IDs but keep names). Never by terminology: a segment
+    the user added is not taken over (results are read back by the engine's rule,
+    ``io.result_labels_from_segments``)."""
     if segmentation.GetSegment(spec.segmentId):
         return spec.segmentId
-    segmentId = segmentation.GetSegmentIdBySegmentName(spec.name)
-    if segmentId or not byRole:
-        return segmentId or None
-    segmentRole = _engine_module("io").segment_role
-    wanted = segmentRole({"name": spec.name})
-    for index in range(segmentation.GetNumberOfSegments()):
-        candidate = segmentation.GetNthSegmentID(index)
-        segment = segmentation.GetSegment(candidate)
-        if segmentRole({"id": candidate, "name": segment.GetName(),
-                        "terminology": terminology_codes(segment.GetTerminology())}) == wanted:
-            return candidate
-    return None
+    return segmentation.GetSegmentIdBySegmentName(spec.name) or None
 
 
 def terminology_codes(entry):
