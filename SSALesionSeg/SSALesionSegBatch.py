@@ -90,9 +90,14 @@ def find_cases(inputDir, outputDir=None):
 def read_case(path):
     """(CT image in HU, what was read) through the engine's reader — the checks ``ssalesionseg
     segment`` makes (a cut-off NIfTI, a DICOM series with a missing or duplicate slice,
-    non-CT modalities, several patients in one folder, no HU ...) — and its DICOM series
-    choice (the CT series with the most slices; a note says which)."""
+    non-CT modalities, several patients in one folder, no HU ...), its DICOM series
+    choice (the CT series with the most slices) and its gantry-tilt correction;
+    ``read_notes`` says what it decided."""
     return _engine_module("io").read_ct(path)
+
+
+def read_notes(readInfo):
+    return _engine_module("io").read_notes(readInfo)
 
 
 def rerun_problem(args, outputDir, caseName, path, modelSha):
@@ -177,8 +182,8 @@ def run_batch(args, context=None, out=print):
                 if problem and problem[0] == "edited":
                     edited = [segPath]   # replaced as asked, but kept
             ct, readInfo = read_case(path)
-            if readInfo.get("dicom_series_note"):
-                out(f"{prefix}: note: {readInfo['dicom_series_note']}")
+            for note in read_notes(readInfo):
+                out(f"{prefix}: note: {note}")
             volume = mrml.add_volume_node_from_image(context.scene, ct, caseName)
             nodes.append(volume)
             lastStage = [None]

@@ -27,7 +27,7 @@ from ssanet.classes import MULTICLASS
 
 from .errors import Cancelled, InputError
 from .geometry import array_from_lps, image_like, to_lps
-from .io import (OPTIONAL_OUTPUT_SUFFIXES, NotPutInPlace, check_writable, read_ct, validate_ct,
+from .io import (OPTIONAL_OUTPUT_SUFFIXES, NotPutInPlace, check_writable, read_ct, read_notes, validate_ct,
                  write_image, written_together)
 from .lungstep import compute_lungs
 from .outputs import RecordedRun, optional_outputs, output_paths
@@ -291,8 +291,7 @@ def process_case(input_path, out_dir, name: str | None = None, progress: Progres
     t_read = time.perf_counter() - t
     result = segment_image(ct, progress=progress, source=str(Path(input_path).absolute()), **kwargs)
     result.info["input"] = read_info
-    if read_info.get("dicom_series_note"):
-        result.notices.append(read_info["dicom_series_note"])
+    result.notices.extend(read_notes(read_info))
     result.info["timings_s"]["read"] = t_read
     t = time.perf_counter()
     report("write", 0.0)

@@ -701,6 +701,45 @@ def test_dicom_ties_go_to_the_lung_reconstruction_and_other_modalities_are_refus
         read_ct(tmp_path / "tie")[1]["dicom_series_note"]
 
 
+def test_gantry_tilted_dicom_series_is_read_in_the_scanner_geometry(tmp_path):
+    """Each slice of a tilted acquisition is shifted in its plane from the one before. ITK
+    stacks such slices straight, spaced by the distance between their positions (here
+    sqrt(2² + 1²) = 2.24 mm for 2 mm steps): a sheared volume, every volume 12 % too large.
+    The reader shifts them back (a block fixed in the patient stays fixed) and spaces them
+    2 mm apart, with a note; an untilted series is read as before."""
+    n, size, step, shift = 10, 40, 2.0, 1.0          # 1 mm (one pixel) further posterior per slice
+    w = sitk.ImageFileWriter()
+    w.KeepOriginalImageUIDOn()
+    for tilted, folder in ((True, tmp_path / "tilt"), (False, tmp_path / "straight")):
+        folder.mkdir()
+        for k in range(n):
+            y0 = k * shift if tilted else 0.0
+            arr = np.full((1, size, size), -1000, np.int16)
+            rows = np.arange(size) + y0                  # patient y (mm) of each row of this slice
+            arr[0, (rows >= 10) & (rows < 20), 5:15] = 40    # a 10 x 10 mm block fixed in the patient
+            s = sitk.GetImageFromArray(arr)
+            for key, v in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.9.1"),
+                           ("0020|000d", "1.2.826.0.1.3680043.2.1125.9"), ("0010|0020", "anon"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0032", f"0\\{y0}\\{k * step}"),
+                           ("0028|0030", "1\\1"), ("0020|0013", str(k + 1)),
+                           ("0008|0018", f"1.2.826.0.1.3680043.2.1125.9.1.{k + 1}")):
+                s.SetMetaData(key, v)
+            w.SetFileName(str(folder / f"{k:03d}.dcm"))
+            w.Execute(s)
+    straight, info = read_ct(tmp_path / "straight")
+    assert straight.GetSpacing()[2] == pytest.approx(step) and "gantry_tilt_note" not in info["dicom"]
+    ct, info = read_ct(tmp_path / "tilt")
+    note = info["dicom"]["gantry_tilt_note"]
+    assert "gantry tilt of 26.6°" in note and "2.00 mm" in note and "2.24 mm" in note and "11.8 % larger" in note
+    assert ct.GetSpacing()[2] == pytest.approx(step) and ct.GetSize() == straight.GetSize()
+    block = sitk.GetArrayFromImage(ct) > -500
+    np.testing.assert_array_equal(block, sitk.GetArrayFromImage(straight) > -500)   # the block stands straight
+    voxel_ml = np.prod(ct.GetSpacing()) / 1000
+    assert block.sum() * voxel_ml == pytest.approx(n * 10 * 10 * step / 1000)       # its true 2.0 mL
+    from ssalesionseg.io import read_notes
+    assert read_notes(info) == [note]
+
+
 def test_dicom_series_with_a_missing_slice_is_refused_and_a_single_slice_keeps_its_thickness(tmp_path, phantom):
     """ITK reads a series with a lost file at the mean spacing (volumes and positions wrong)
     and only warns; a one-file DICOM gets 1 mm between slices. Both were silent."""
