@@ -100,6 +100,40 @@ def test_consolidation_running_into_a_cropped_border_is_kept():
     assert not (lung_mask_from_hu(hu, SP2) > 0)[~body].any()
 
 
+def test_a_field_of_view_inside_padding_is_cut_where_the_padding_begins():
+    """A thorax cut by the field of view and exported inside a frame of constant air (a
+    zero-filled square, the bundled sample's -1250 HU border), or with -3024 HU outside a
+    reconstruction circle smaller than the patient: the field's edge cuts the body as the
+    image border does. Before, the open tissue ring was not filled and the lungs, taken
+    for outside air, were lost (57 / 112 mL instead of 3241 / 2328 on a padded crop of the
+    sample)."""
+    h, c, r, l, b, hu, body = lung_box_crop()
+    cut = lung_mask_from_hu(h, SP2)
+    assert (cut == 1)[r].mean() > 0.9 and (cut == 2)[l].mean() > 0.9
+    for value in (-1024.0, -1250.0, -3024.0):
+        padded = np.pad(h, ((7, 9), (12, 5)), constant_values=value)
+        lab = lung_mask_from_hu(padded, SP2)
+        np.testing.assert_array_equal(lab[7:-9, 12:-5], cut)
+        assert not lab[:7].any() and not lab[:, -5:].any()
+    # reconstruction circle inside the body: everything outside it unscanned
+    hu2, r2, l2, body2 = chest_slice(size=200, seed=3)
+    Y, X = np.mgrid[0:200, 0:200]
+    circle = (Y - 100) ** 2 + (X - 100) ** 2 <= 80 ** 2      # cuts the body's sides (0.42 * 200 = 84)
+    assert (body2 & ~circle).any()
+    lab = lung_mask_from_hu(np.where(circle, hu2, -3024.0).astype(np.float32), SP2)
+    assert (lab == 1)[r2 & circle].mean() > 0.95 and (lab == 2)[l2 & circle].mean() > 0.95
+    assert not lab[~circle].any()
+    # noisy room air at the border is not padding: the whole body in view is unaffected
+    assert not (lung_mask_from_hu(hu, SP2) > 0)[~body].any()
+    # nor is room air clipped to one value (a dataset clipped at -1000 HU): the frame of clipped
+    # rows touches the body at a tangent only, and the mask is the unclipped one
+    hu3, r3, l3, body3 = chest_slice(size=160, seed=5)
+    hu3[~body3] = -1030.0
+    clipped = np.maximum(hu3, -1000.0)
+    assert (clipped[0] == -1000).all() and (clipped[:, 0] == -1000).all()
+    np.testing.assert_array_equal(lung_mask_from_hu(clipped, SP2), lung_mask_from_hu(hu3, SP2))
+
+
 def test_rendering_with_clipped_soft_tissue_is_unclipped():
     h, c, r, l, b, _, _ = lung_box_crop()
     usual = np.round(window_hu(h)).astype(np.uint8)

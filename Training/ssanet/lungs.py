@@ -9,6 +9,9 @@ Outline (per axial slice unless stated):
 1. Body: the largest soft-tissue component with its holes filled. When it touches the
    image border (a crop through the thorax, as in COVID-SemiSeg) the ring around the
    lungs is open, so the convex hull of the large tissue components stands in for it.
+   The edge of the scanned field counts as the image border: a frame of constant padding
+   that the body runs into is cropped off first (:func:`scanned_box`), and values far
+   below air outside a reconstruction circle are not scanned (:func:`unscanned_mask`).
 2. Aerated lung: air (< ``AIR_HU``) inside the body. In 3D the trachea and main bronchi
    are traced from the end slices while they stay small and central, and removed; then
    3D components are kept if they are one of the two lungs or a lung fragment cut off by
@@ -73,6 +76,10 @@ from scipy import ndimage as ndi
 from .preprocess import LUNG_WINDOW_HU, hu_from_window
 
 AIR_HU = -320.0
+# Below any tissue or air a scanner measures: what some write outside the reconstruction circle.
+UNSCANNED_HU = -1100.0
+# Share of a padding frame's inner edge that soft tissue must run along for the frame to cut the body.
+CUT_CONTACT = 0.05
 BODY_HU = -500.0
 BONE_HU = 200.0
 # Fraction of white (250-255) non-lung pixels above which an 8-bit rendering's window is
@@ -106,11 +113,18 @@ def lung_mask_from_hu(hu, spacing=None, *, air_threshold: float = AIR_HU) -> np.
     out = np.zeros(hu.shape, np.uint8)
     if hu.size == 0:
         return out
+    rows, cols = scanned_box(hu)
+    if (rows, cols) != (slice(0, hu.shape[1]), slice(0, hu.shape[2])):
+        # a frame of padding around the scanned field: the field's edge is the image's
+        out[:, rows, cols] = lung_mask_from_hu(np.ascontiguousarray(hu[:, rows, cols]), (sz, sy, sx),
+                                               air_threshold=air_threshold)
+        return out
     px = float(np.sqrt(sy * sx))
+    unscanned = unscanned_mask(hu)
 
     body = np.zeros(hu.shape, bool)
     for z in range(hu.shape[0]):
-        body[z] = body_mask_slice(hu[z] > BODY_HU)
+        body[z] = body_mask_slice(hu[z] > BODY_HU, None if unscanned is None else unscanned[z])
     air = (hu < air_threshold) & body
     if not air.any():
         return out
@@ -123,8 +137,54 @@ def lung_mask_from_hu(hu, spacing=None, *, air_threshold: float = AIR_HU) -> np.
     if not aerated.any():
         return out
     for z in np.flatnonzero(aerated.reshape(len(aerated), -1).any(axis=1)):
-        out[z] = _recover_slice(aerated[z], hu[z], body[z], px)
+        out[z] = _recover_slice(aerated[z], hu[z], body[z], px, None if unscanned is None else unscanned[z])
     return out
+
+
+def scanned_box(hu) -> tuple[slice, slice]:
+    """Rows and columns of a (Z, Y, X) volume inside a frame of padding that cuts the body:
+    whole rows / columns at the image border holding one value at or below air (-1000 HU) on
+    every slice — a field of view exported inside a larger rectangle (a zero-filled square,
+    the bundled sample's -1250 HU border) — on a side where soft tissue then runs along the
+    frame (at least ``CUT_CONTACT`` of it, on some slice). Real room air is noisy, so it
+    never makes such a frame; air clipped to one value may, but touches a body only at a
+    tangent, and such a side is left alone."""
+    def padding(axes):
+        lo, hi = hu.min(axis=axes), hu.max(axis=axes)
+        return (lo == hi) & (hi <= -1000)
+
+    def run(flags):   # padding rows / columns at the start
+        return int(np.argmin(flags)) if not flags.all() else 0
+
+    rows, cols = padding((0, 2)), padding((0, 1))
+    ny, nx = hu.shape[1:]
+    top, bottom, left, right = run(rows), run(rows[::-1]), run(cols), run(cols[::-1])
+    tissue = hu > BODY_HU
+
+    def cuts(line):   # soft tissue along that line of the scanned field, on its fullest slice
+        return line.mean(axis=1).max() >= CUT_CONTACT if line.size else False
+    top = top if top and cuts(tissue[:, top, left:nx - right]) else 0
+    bottom = bottom if bottom and cuts(tissue[:, ny - bottom - 1, left:nx - right]) else 0
+    left = left if left and cuts(tissue[:, top:ny - bottom, left]) else 0
+    right = right if right and cuts(tissue[:, top:ny - bottom, nx - right - 1]) else 0
+    return slice(top, ny - bottom), slice(left, nx - right)
+
+
+def unscanned_mask(hu) -> np.ndarray | None:
+    """(Z, Y, X) pixels outside the reconstructed field of view, or None: the volume's
+    minimum where it lies well below air (<= ``UNSCANNED_HU``: the -2048 / -3024 HU scanners
+    write outside the reconstruction circle), connected to the image border in each slice.
+    A body cut by that field has its edge there as at the image border."""
+    lo = float(hu.min())
+    if lo > UNSCANNED_HU:
+        return None
+    out = np.zeros(hu.shape, bool)
+    for z in range(hu.shape[0]):
+        lab, n = ndi.label(hu[z] == lo)
+        if n:
+            border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+            out[z] = np.isin(lab, border[border > 0])
+    return out if out.any() else None
 
 
 def lung_mask_from_window(img_u8, spacing=(0.7, 0.7), window=LUNG_WINDOW_HU) -> np.ndarray:
@@ -200,20 +260,23 @@ def split_lungs(mask) -> np.ndarray:
     return out
 
 
-def body_mask_slice(tissue: np.ndarray) -> np.ndarray:
-    """Body of one slice from its soft-tissue mask (see the module outline, step 1)."""
+def body_mask_slice(tissue: np.ndarray, unscanned: np.ndarray | None = None) -> np.ndarray:
+    """Body of one slice from its soft-tissue mask (see the module outline, step 1);
+    ``unscanned``: pixels outside the reconstructed field of view (:func:`unscanned_mask`),
+    whose edge cuts the body as the image border does."""
     lab, n = ndi.label(tissue)
     if n == 0:
         return np.zeros(tissue.shape, bool)
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     largest = lab == int(np.argmax(sizes))
-    if not _touches_border(largest):
+    if not _touches_border(largest) and not _cut_by(largest, unscanned).any():
         return ndi.binary_fill_holes(largest)
-    # The tissue ring is cut by the image border: the hull of the big tissue pieces spans
-    # the thorax, while the corners of outside air stay outside it.
+    # The tissue ring is cut by the image border or the field of view: the hull of the big
+    # tissue pieces spans the thorax, while the corners of outside air stay outside it.
     big = np.isin(lab, np.flatnonzero(sizes >= max(0.005 * tissue.size, 1)))
-    return _convex_hull(big) | ndi.binary_fill_holes(largest)
+    body = _convex_hull(big) | ndi.binary_fill_holes(largest)
+    return body if unscanned is None else body & ~unscanned
 
 
 # ------------------------------------------------------------------------- helpers
@@ -227,6 +290,13 @@ def _check_spacing(spacing, n):
 
 def _touches_border(m):
     return bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+
+
+def _cut_by(m, unscanned):
+    """Pixels of ``m`` beside the unscanned field (none when there is none)."""
+    if unscanned is None or not unscanned.any():
+        return np.zeros(m.shape, bool)
+    return m & ndi.binary_dilation(unscanned)
 
 
 def _convex_hull(m):
@@ -448,7 +518,7 @@ PLEURA_RIM_MM = 1.0      # lesions are drawn to the pleural surface, about a pix
                          # threshold edge of the lung (COVID-SemiSeg train: lesion kept 95.6 -> 96.2 %)
 
 
-def _recover_slice(aerated, hu, body, px):
+def _recover_slice(aerated, hu, body, px, unscanned=None):
     """Labels of one slice: each lung's aerated part plus its recovered dense lesions."""
     if not body.any():
         return np.zeros(aerated.shape, np.uint8)
@@ -460,10 +530,10 @@ def _recover_slice(aerated, hu, body, px):
     ang = np.arctan2(Y - cy, X - cx)
     rad = np.hypot(Y - cy, X - cx)
     ribs = _ribs(h, b, a > 0, px)
-    # body pixels on the image border: the field of view cuts the thorax there
+    # body pixels on the image border or the unscanned field's: the field of view cuts the thorax there
     edge = np.zeros(aerated.shape, bool)
     edge[[0, -1], :] = edge[:, [0, -1]] = True
-    edge = edge[sl] & b
+    edge = (edge[sl] & b) | _cut_by(body, unscanned)[sl]
     masks = {}
     for side in (_RIGHT, _LEFT):
         m = a == side
