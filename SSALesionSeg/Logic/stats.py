@@ -162,21 +162,30 @@ def severity_text(severity) -> str | None:
 
 
 def lung_coverage_note(lungs: sitk.Image) -> str | None:
-    """A note when the lung mask reaches the first or last axial slice of the scan: the lungs
-    go on beyond it, so the percentages and the severity score describe the part scanned."""
+    """A note when the lung mask reaches the first or last axial slice of the scan, or the
+    image's sides (a field of view or a crop that cuts the lungs): the lungs go on beyond
+    it, so the percentages and the severity score describe the part scanned."""
     from .geometry import to_lps
 
-    arr = sitk.GetArrayViewFromImage(to_lps(lungs))   # (z, y, x), z from inferior to superior
+    lps = to_lps(lungs)   # kept: a view of a temporary image reads freed memory
+    arr = sitk.GetArrayViewFromImage(lps)   # (z, y, x), z from inferior to superior
     if arr.shape[0] == 0 or not arr.any():
         return None
     tail = "so the % of lung involved and the severity score describe the part scanned, not the whole lungs"
     if arr.shape[0] == 1:
-        return f"the scan is one slice: the lungs go on above and below it, {tail}"
-    ends = [name for name, z in (("top (superior)", -1), ("bottom (inferior)", 0)) if arr[z].any()]
-    if not ends:
-        return None
-    where = "top and bottom slices" if len(ends) == 2 else f"{ends[0]} slice"
-    return f"the lungs reach the {where} of the scan ({arr.shape[0]} slices): they go on beyond it, {tail}"
+        notes = ["the scan is one slice: the lungs go on above and below it"]
+    else:
+        ends = [name for name, z in (("top (superior)", -1), ("bottom (inferior)", 0)) if arr[z].any()]
+        where = "top and bottom slices" if len(ends) == 2 else f"{ends[0]} slice" if ends else None
+        notes = [f"the lungs reach the {where} of the scan ({arr.shape[0]} slices): they go on beyond it"] if where else []
+    # LPS arrays: rows run anterior -> posterior, columns patient right -> left
+    sides = [name for name, edge in (("front", arr[:, 0, :]), ("back", arr[:, -1, :]),
+                                     ("right", arr[:, :, 0]), ("left", arr[:, :, -1])) if edge.any()]
+    if sides:
+        cut = int(sum(bool(arr[z, [0, -1], :].any() or arr[z, :, [0, -1]].any()) for z in range(arr.shape[0])))
+        notes.append(f"the lungs run into the image's {', '.join(sides)} edge{'s' if len(sides) > 1 else ''} on "
+                     f"{cut} slice{'s' if cut > 1 else ''}: the field of view (or a crop) cuts them there")
+    return f"{'; '.join(notes)}, {tail}" if notes else None
 
 
 def figure_notes(stats: dict, lungs: sitk.Image | None = None) -> list:

@@ -1661,3 +1661,26 @@ def test_a_batch_says_a_note_once_and_each_case_keeps_it(tmp_path, tiny_ckpt, ca
     for n in ("p1", "p2"):
         notices = json.loads((tmp_path / "out" / f"{n}_stats.json").read_text())["info"]["notices"]
         assert any(x.startswith("the lungs reach the top and bottom slices") for x in notices)
+
+
+def test_lungs_cut_by_the_field_of_view_are_noted():
+    """A CT cropped in-plane (Crop Volume, a tight reconstruction) cuts the lungs at the
+    image's sides: the figures then describe the part in view, and the note says where."""
+    from ssalesionseg.stats import lung_coverage_note
+
+    arr = np.zeros((5, 40, 50), np.uint8)
+    arr[1:4, 10:30, 5:20] = 1
+    arr[1:4, 10:30, 30:45] = 2
+    lungs = sitk.GetImageFromArray(arr)
+    lungs.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))    # RAS-stored: the engine reads it in LPS
+    assert lung_coverage_note(lungs) is None
+    arr[2, 12:20, 0:20] = 1                            # the right lung runs into the array's first column (LPS: right)
+    arr[1:3, 25:40, 35:40] = 2                         # the left lung into the last row (back)
+    lungs = sitk.GetImageFromArray(arr)
+    note = lung_coverage_note(lungs)
+    assert "run into the image's back, right edges on 2 slices" in note and "top" not in note
+    assert note.endswith("describe the part scanned, not the whole lungs")
+    arr[-1, 15, 15] = 1
+    note = lung_coverage_note(sitk.GetImageFromArray(arr))
+    assert note.startswith("the lungs reach the top (superior) slice of the scan (5 slices): they go on beyond it; "
+                           "the lungs run into")
