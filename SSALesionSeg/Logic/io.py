@@ -96,6 +96,7 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
         raise InputError(f"cannot read {p}: permission denied (the {'folder' if p.is_dir() else 'file'} is not "
                          "readable for this user)")
     dicom = not p.is_dir() and is_dicom_file(p)
+    header = None
     if p.is_dir():
         img, dinfo = _read_dicom_folder(p)
         info.update(dinfo)
@@ -111,7 +112,12 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
         if dicom:
             info["dicom"] = _dicom_summary([p])
             _refuse_other_modality([info["dicom"]], p)
-        img = _read_file(p)
+        if _is_nifti(p):
+            # what ITK would misread without a word is checked on the file's own header and data first
+            header = check_nifti_complete(p, count_nonfinite=True)
+            if header is not None:
+                nifti_ct_problems(header, p)
+        img = _read_file(p, checked=True)
         if dicom:
             img = _single_dicom_slice_spacing(img, p)
     img = validate_ct(img, str(p))
@@ -127,8 +133,14 @@ def read_notes(info: dict) -> list:
     return [n for n in (info.get("dicom_series_note"), (info.get("dicom") or {}).get("gantry_tilt_note")) if n]
 
 
-def _read_file(p: Path) -> sitk.Image:
-    if p.name.lower().endswith((".nii", ".nii.gz")):
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _read_file(p: Path, checked: bool = False) -> sitk.Image:
+    """``p`` as ITK reads it; a NIfTI is first checked to be complete (``checked``: the
+    caller did that already)."""
+    if _is_nifti(p) and not checked:
         check_nifti_complete(p)   # ITK reads a cut-off NIfTI without a word, the rest as zeros
     try:
         with _quiet_itk():   # a damaged file is reported below; ITK's own lines would interleave with the cases'
@@ -139,10 +151,57 @@ def _read_file(p: Path) -> sitk.Image:
         raise InputError(f"cannot read {p}: not a readable image file or corrupt ({detail.strip()[:200]})") from None
 
 
-def check_nifti_complete(p: Path) -> None:
+@dataclass
+class NiftiHeader:
+    """What the engine checks in a NIfTI-1/-2 header (values as stored, in the header's units):
+    ``dims`` the size, ``pixdim`` the voxel size along the first three axes, ``srow`` the sform
+    (3 x 4, RAS), ``quatern`` (b, c, d) and ``qfac`` the qform's rotation, ``nonfinite`` the
+    NaN / inf voxels counted in float data (None when not counted)."""
+    dims: tuple
+    datatype: int
+    pixdim: tuple
+    qfac: float
+    xyzt_units: int
+    qform_code: int
+    sform_code: int
+    quatern: tuple
+    srow: np.ndarray
+    nonfinite: int | None = None
+
+
+# NIfTI datatypes that can hold NaN / inf, as numpy reads them (complex and 128-bit types ITK
+# refuses or reads as vectors, which are refused as such)
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _parse_nifti_header(head: bytes, end: str, n: int) -> tuple[NiftiHeader, int]:
+    """The header of a NIfTI-1 (``n`` 348) or NIfTI-2 (540) file in byte order ``end``, and its bitpix."""
+    import struct
+
+    def get(fmt, at):
+        return struct.unpack_from(end + fmt, head, at)
+
+    if n == 348:
+        dims, (datatype, bitpix), pixdim = get("8h", 40), get("2h", 70), get("8f", 76)
+        units, (qcode, scode) = head[123], get("2h", 252)
+        quatern, srow = get("3f", 256), get("12f", 280)
+    else:
+        (datatype, bitpix), dims, pixdim = get("2h", 12), get("8q", 16), get("8d", 104)
+        (qcode, scode), quatern, srow = get("2i", 344), get("3d", 352), get("12d", 400)
+        units = get("i", 500)[0]
+    nd = int(dims[0])
+    return NiftiHeader(dims=tuple(int(d) for d in dims[1:nd + 1]) if 1 <= nd <= 7 else (), datatype=datatype,
+                       pixdim=tuple(float(v) for v in pixdim[1:4]), qfac=-1.0 if pixdim[0] < 0 else 1.0,
+                       xyzt_units=int(units), qform_code=int(qcode), sform_code=int(scode),
+                       quatern=tuple(map(float, quatern)), srow=np.asarray(srow, float).reshape(3, 4)), bitpix
+
+
+def check_nifti_complete(p: Path, count_nonfinite: bool = False) -> NiftiHeader | None:
     """Refuse a NIfTI-1/-2 file (``.nii`` or ``.nii.gz``) that holds fewer voxel bytes than its
     header announces: a cut-off download or copy. A ``.nii.gz`` is decompressed once to count
-    (about a second for a 300-slice CT); a gzip stream that ends early is refused as well."""
+    (about a second for a 300-slice CT); a gzip stream that ends early is refused as well.
+    Returns the header (None when it is not one this reads); with ``count_nonfinite`` the NaN /
+    inf voxels of float data are counted in the same pass (ITK reads them as 0)."""
     import gzip
     import struct
     import zlib
@@ -159,21 +218,27 @@ def check_nifti_complete(p: Path) -> None:
                 if n in (348, 540):
                     break
             else:
-                return   # not a NIfTI header we know: let the reader decide
-            if n == 348:
-                dims = struct.unpack(end + "8h", head[40:56])
-                bitpix = struct.unpack(end + "h", head[72:74])[0]
-                offset = int(struct.unpack(end + "f", head[108:112])[0])
-            else:
-                dims = struct.unpack(end + "8q", head[16:80])
-                bitpix = struct.unpack(end + "h", head[14:16])[0]
-                offset = struct.unpack(end + "q", head[168:176])[0]
-            nd = int(dims[0])
-            if not 1 <= nd <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:nd + 1]):
-                return
-            need = max(offset, n) + int(np.prod([int(d) for d in dims[1:nd + 1]], dtype=np.int64)) * bitpix // 8
+                return None   # not a NIfTI header we know: let the reader decide
+            if len(head) < n:
+                raise InputError(f"{p}: too short for a NIfTI-2 header ({len(head)} bytes); the file is "
+                                 "cut off — copy or export it again")
+            header, bitpix = _parse_nifti_header(head, end, n)
+            offset = int(struct.unpack_from(end + ("f" if n == 348 else "q"), head, 108 if n == 348 else 168)[0])
+            if not header.dims or bitpix <= 0 or any(d < 1 for d in header.dims):
+                return header
+            start = max(offset, n)
+            data_bytes = int(np.prod(header.dims, dtype=np.int64)) * bitpix // 8
+            need = start + data_bytes
+            dtype = _NIFTI_FLOATS.get(header.datatype) if count_nonfinite else None
+            if dtype is not None and np.dtype(dtype).itemsize * 8 != bitpix:
+                dtype = None   # an inconsistent header: ITK decides what it reads
+            counter = _NonFiniteCounter(end + dtype, start, data_bytes) if dtype else None
             have = len(head)
+            if counter:
+                counter.feed(head, 0)
             while chunk := f.read(1 << 22):
+                if counter:
+                    counter.feed(chunk, have)
                 have += len(chunk)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise InputError(f"{p}: the compressed data end early or are damaged ({e}); the file is cut off "
@@ -183,6 +248,41 @@ def check_nifti_complete(p: Path) -> None:
     if have < need:
         raise InputError(f"{p}: the file is cut off — its header announces {need} bytes of image data "
                          f"and header, it holds {have}; copy or export it again")
+    if counter:
+        header.nonfinite = counter.count
+    return header
+
+
+class _NonFiniteCounter:
+    """Counts NaN / inf values of ``dtype`` in the bytes [start, start + size) of a stream fed
+    in chunks (each with its position), without holding more than one chunk."""
+
+    def __init__(self, dtype: str, start: int, size: int):
+        self.dtype, self.start, self.stop = np.dtype(dtype), start, start + size
+        self.rest = b""
+        self.count = 0
+
+    def feed(self, chunk: bytes, at: int) -> None:
+        lo, hi = max(self.start - at, 0), min(self.stop - at, len(chunk))
+        if hi <= lo:
+            return
+        data = self.rest + chunk[lo:hi] if self.rest else memoryview(chunk)[lo:hi]
+        whole = len(data) - len(data) % self.dtype.itemsize
+        values = np.frombuffer(data, self.dtype, count=whole // self.dtype.itemsize)
+        self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.rest = bytes(data[whole:])
+
+
+def nonfinite_message(source: str, n: int) -> str:
+    return (f"{source}: {n} {'voxel is' if n == 1 else 'voxels are'} NaN or infinite; fix or mask them before "
+            "segmenting (they have no Hounsfield value)")
+
+
+def nifti_ct_problems(h: NiftiHeader, p: Path) -> None:
+    """InputError for what ITK would read from a NIfTI CT without a word but wrongly: NaN / inf
+    voxels (read as 0 HU)."""
+    if h.nonfinite:
+        raise InputError(nonfinite_message(str(p), h.nonfinite))
 
 
 @contextlib.contextmanager
@@ -492,8 +592,7 @@ def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
     arr = sitk.GetArrayViewFromImage(img)
     bad = ~np.isfinite(arr)
     if bad.any():
-        raise InputError(f"{source}: {int(bad.sum())} voxels are NaN or infinite; fix or mask them "
-                         "before segmenting (they have no Hounsfield value)")
+        raise InputError(nonfinite_message(source, int(bad.sum())))
     problem = hu_problem(arr)
     if problem:
         raise InputError(f"{source} {problem}")

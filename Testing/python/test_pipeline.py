@@ -971,6 +971,55 @@ def test_cut_off_nifti_is_refused(tmp_path, phantom, suffix):
     assert str(cut) in str(e.value)
 
 
+# NIfTI-1 header fields (offset, struct format) the tests below set by hand
+_NIFTI_FIELDS = {"pixdim": (76, "8f"), "xyzt_units": (123, "B"), "qform_code": (252, "h"), "sform_code": (254, "h"),
+                 "srow_x": (280, "4f"), "srow_y": (296, "4f"), "srow_z": (312, "4f")}
+
+
+def _nifti_field(path, name):
+    import struct
+    at, fmt = _NIFTI_FIELDS[name]
+    with open(path, "rb") as f:
+        f.seek(at)
+        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))
+
+
+def _patched_nifti(src, dst, **fields):
+    """A copy of the uncompressed NIfTI-1 ``src`` with header fields replaced (``.gz`` when
+    ``dst`` says so)."""
+    import gzip
+    import struct
+    data = bytearray(Path(src).read_bytes())
+    for name, values in fields.items():
+        at, fmt = _NIFTI_FIELDS[name]
+        struct.pack_into("<" + fmt, data, at, *(values if isinstance(values, (list, tuple)) else (values,)))
+    Path(dst).write_bytes(gzip.compress(bytes(data), 1) if str(dst).endswith(".gz") else bytes(data))
+    return Path(dst)
+
+
+@pytest.mark.parametrize("suffix,pixel", [(".nii", sitk.sitkFloat32), (".nii.gz", sitk.sitkFloat32),
+                                          (".nii.gz", sitk.sitkFloat64)], ids=["nii-float32", "nii.gz-float32",
+                                                                               "nii.gz-float64"])
+def test_nan_and_inf_voxels_of_a_nifti_are_refused_as_in_nrrd(tmp_path, phantom, tiny_ckpt, capsys, suffix, pixel):
+    """ITK reads NaN and inf in a float NIfTI as 0 HU (soft tissue: missing data became
+    consolidation); they are counted in the file's own data and refused as NRRD's are."""
+    img, _ = phantom
+    ct = sitk.Cast(img, pixel)
+    assert read_ct(write_image(ct, tmp_path / f"fine{suffix}", compress=False))[0].GetSize() == img.GetSize()
+    bad = sitk.Image(ct)
+    bad[5, 5, 1] = float("nan")
+    bad[6, 5, 1] = float("inf")
+    bad[127, 127, 5] = float("-inf")   # the last voxels of the file
+    for path in (write_image(bad, tmp_path / f"bad{suffix}", compress=False), tmp_path / "bad.nrrd"):
+        if path.suffix == ".nrrd":
+            write_image(bad, path)
+        with pytest.raises(InputError, match="3 voxels are NaN or infinite") as e:
+            read_ct(path)
+        assert str(path) in str(e.value)
+    assert cli.main(_segment_args(tmp_path / f"bad{suffix}", tmp_path / "o", tiny_ckpt)) == 2
+    assert "3 voxels are NaN or infinite" in capsys.readouterr().err
+
+
 def _segment_args(src, out, ckpt, *more):
     return ["segment", str(src), "--out", str(out), "--checkpoint", str(ckpt), "--lungs", "classical",
             "--device", "cpu", *more]
