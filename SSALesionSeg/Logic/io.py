@@ -137,6 +137,10 @@ def _is_nifti(p: Path) -> bool:
     return p.name.lower().endswith((".nii", ".nii.gz"))
 
 
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith((".nii", ".nii.gz"))
+
+
 def _read_file(p: Path, checked: bool = False) -> sitk.Image:
     """``p`` as ITK reads it; a NIfTI is first checked to be complete (``checked``: the
     caller did that already)."""
@@ -147,8 +151,23 @@ def _read_file(p: Path, checked: bool = False) -> sitk.Image:
             return sitk.ReadImage(str(p))
     except RuntimeError as e:
         msg = str(e).strip().splitlines()
+        zero = next((re.search(r"Refusing to change spacing from \[[^]]*\] to \[([^]]*)\]", m) for m in msg
+                     if "Refusing to change spacing" in m), None)
+        if zero:   # NRRD / MHA with a zero (or unreadable) voxel size: ITK refuses, in its own words
+            values = [v.strip() for v in zero.group(1).split(",")]
+            axes = [str(i + 1) for i, v in enumerate(values) if _float_or_nan(v) == 0]
+            raise InputError(f"{p}: the header gives a voxel size of 0 along voxel axis {', '.join(axes) or '?'} "
+                             f"(spacing {', '.join(values)}): no volume can be measured — fix the header with "
+                             "the true spacing (the scanner's PixelSpacing / slice spacing)") from None
         detail = next((m for m in msg if "ERROR" in m or "Unable" in m or "Could not" in m), msg[-1] if msg else "")
         raise InputError(f"cannot read {p}: not a readable image file or corrupt ({detail.strip()[:200]})") from None
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
 
 
 @dataclass
@@ -167,6 +186,10 @@ class NiftiHeader:
     quatern: tuple
     srow: np.ndarray
     nonfinite: int | None = None
+
+    @property
+    def units(self) -> str:
+        return {1: "m", 2: "mm", 3: "µm"}.get(self.xyzt_units & 7, "mm")   # unknown: mm, as ITK reads it
 
 
 # NIfTI datatypes that can hold NaN / inf, as numpy reads them (complex and 128-bit types ITK
@@ -278,11 +301,34 @@ def nonfinite_message(source: str, n: int) -> str:
             "segmenting (they have no Hounsfield value)")
 
 
+_AXES = ("the first voxel axis (i, pixdim[1])", "the second voxel axis (j, pixdim[2])",
+         "the third voxel axis (k, pixdim[3])")
+
+
+def _sform_spacing(h: NiftiHeader) -> np.ndarray:
+    return np.linalg.norm(h.srow[:, :3], axis=0)
+
+
 def nifti_ct_problems(h: NiftiHeader, p: Path) -> None:
     """InputError for what ITK would read from a NIfTI CT without a word but wrongly: NaN / inf
-    voxels (read as 0 HU)."""
+    voxels (read as 0 HU) and a voxel size of 0, below 0 or not a number (read as 1 mm, or
+    as a flip)."""
     if h.nonfinite:
         raise InputError(nonfinite_message(str(p), h.nonfinite))
+    n_axes = min(3, len(h.dims))
+    unit = h.units
+    for i in range(n_axes):
+        v = h.pixdim[i]
+        if not (np.isfinite(v) and v > 0):
+            hint = ""
+            if h.sform_code > 0:
+                s = float(_sform_spacing(h)[i])
+                hint = f" (the sform says {s:.4g} {unit})" if np.isfinite(s) and s > 0 else ""
+            read = ("ITK reads it as 1 mm, and every volume would be wrong" if v == 0 or not np.isfinite(v)
+                    else "readers disagree on what it means (ITK flips the axis, others take its size)")
+            raise InputError(f"{p}: the header's voxel size along {_AXES[i]} is {v:g}{hint}; {read} — fix the "
+                             "header with the true spacing (e.g. nibabel header.set_zooms, or export the CT again "
+                             "from its DICOM)")
 
 
 @contextlib.contextmanager

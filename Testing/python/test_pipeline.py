@@ -1020,6 +1020,32 @@ def test_nan_and_inf_voxels_of_a_nifti_are_refused_as_in_nrrd(tmp_path, phantom,
     assert "3 voxels are NaN or infinite" in capsys.readouterr().err
 
 
+def test_a_voxel_size_of_zero_or_below_is_refused_not_read_as_1_mm(tmp_path, phantom):
+    """ITK reads a NIfTI pixdim of 0 (or NaN) as 1 mm, every volume then wrong by the factor,
+    and a negative one as a flip; NRRD / MHA with a zero spacing ITK refuses in its own words."""
+    img, _ = phantom
+    plain = write_image(img, tmp_path / "ct.nii", compress=False)
+    pixdim = _nifti_field(plain, "pixdim")
+    for axis, value, words in ((3, 0.0, "1 mm"), (1, 0.0, "1 mm"), (2, float("nan"), "1 mm"), (3, -2.5, "flips")):
+        bad = list(pixdim)
+        bad[axis] = value
+        path = _patched_nifti(plain, tmp_path / f"pixdim{axis}.nii.gz", pixdim=bad)
+        with pytest.raises(InputError, match=rf"voxel size along the {('first', 'second', 'third')[axis - 1]} voxel "
+                                             rf"axis \(., pixdim\[{axis}\]\) is {value:g}") as e:
+            read_ct(path)
+        assert words in str(e.value) and "true spacing" in str(e.value) and str(path) in str(e.value)
+    nrrd = write_image(img, tmp_path / "ct.nrrd", compress=False)
+    text = nrrd.read_bytes()
+    assert b"(0,0,2.5)" in text
+    (tmp_path / "zero.nrrd").write_bytes(text.replace(b"(0,0,2.5)", b"(0,0,0)", 1))
+    mha = write_image(img, tmp_path / "ct.mha", compress=False).read_bytes()
+    import re
+    (tmp_path / "zero.mha").write_bytes(re.sub(rb"ElementSpacing = [^\n]*", b"ElementSpacing = 0 1.4 2.5", mha))
+    for name, axis in (("zero.nrrd", 3), ("zero.mha", 1)):
+        with pytest.raises(InputError, match=f"voxel size of 0 along voxel axis {axis} .*true spacing"):
+            read_ct(tmp_path / name)
+
+
 def _segment_args(src, out, ckpt, *more):
     return ["segment", str(src), "--out", str(out), "--checkpoint", str(ckpt), "--lungs", "classical",
             "--device", "cpu", *more]
