@@ -121,6 +121,8 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
         if dicom:
             img = _single_dicom_slice_spacing(img, p)
     img = validate_ct(img, str(p))
+    if header is not None and (note := nifti_orientation_note(header, img)):
+        info["nifti_note"] = note
     info["size"] = list(img.GetSize())
     info["spacing_mm"] = [float(s) for s in img.GetSpacing()]
     info["orientation"] = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(img.GetDirection())
@@ -129,12 +131,9 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
 
 def read_notes(info: dict) -> list:
     """What reading the input decided that the user should hear (``read_ct``'s info): which
-    DICOM series was read, a gantry tilt undone."""
-    return [n for n in (info.get("dicom_series_note"), (info.get("dicom") or {}).get("gantry_tilt_note")) if n]
-
-
-def _is_nifti(p: Path) -> bool:
-    return p.name.lower().endswith((".nii", ".nii.gz"))
+    DICOM series was read, a gantry tilt undone, a NIfTI whose qform and sform disagree."""
+    return [n for n in (info.get("dicom_series_note"), (info.get("dicom") or {}).get("gantry_tilt_note"),
+                        info.get("nifti_note")) if n]
 
 
 def _is_nifti(p: Path) -> bool:
@@ -311,8 +310,9 @@ def _sform_spacing(h: NiftiHeader) -> np.ndarray:
 
 def nifti_ct_problems(h: NiftiHeader, p: Path) -> None:
     """InputError for what ITK would read from a NIfTI CT without a word but wrongly: NaN / inf
-    voxels (read as 0 HU) and a voxel size of 0, below 0 or not a number (read as 1 mm, or
-    as a flip)."""
+    voxels (read as 0 HU), a voxel size of 0, below 0 or not a number (read as 1 mm, or
+    as a flip) and an sform whose voxel size is not pixdim's (ITK and Slicer measure with
+    pixdim, nibabel and FSL with the sform: the volumes depend on the reader)."""
     if h.nonfinite:
         raise InputError(nonfinite_message(str(p), h.nonfinite))
     n_axes = min(3, len(h.dims))
@@ -329,6 +329,64 @@ def nifti_ct_problems(h: NiftiHeader, p: Path) -> None:
             raise InputError(f"{p}: the header's voxel size along {_AXES[i]} is {v:g}{hint}; {read} — fix the "
                              "header with the true spacing (e.g. nibabel header.set_zooms, or export the CT again "
                              "from its DICOM)")
+    if h.sform_code > 0 and n_axes == 3:
+        pix = np.asarray(h.pixdim)
+        srow = _sform_spacing(h)
+        off = np.abs(srow - pix) > np.maximum(1e-3, 1e-3 * pix)   # ITK warns above 1e-3
+        if not np.all(np.isfinite(srow)) or off.any():
+            fmt = lambda v: " x ".join(f"{x:.4g}" for x in v)   # noqa: E731
+            ratio = float(np.prod(srow) / np.prod(pix)) if np.all(srow > 0) else float("nan")
+            raise InputError(f"{p}: the header holds two voxel sizes: pixdim {fmt(pix)} {unit}, the sform "
+                             f"(sform_code {h.sform_code}) {fmt(srow)} {unit}; ITK and Slicer measure with "
+                             f"pixdim, nibabel and FSL with the sform, so volumes would depend on the reader"
+                             + (f" (the sform's volumes are {ratio:.3g}x pixdim's)" if np.isfinite(ratio) else "")
+                             + " — fix the header so that both give the true spacing (or set sform_code 0 "
+                             "when pixdim and the qform are right)")
+
+
+def _qform_matrix(h: NiftiHeader) -> np.ndarray:
+    """The qform's rotation (3 x 3, RAS, columns the voxel axes), from its quaternion."""
+    b, c, d = h.quatern
+    a = 1.0 - (b * b + c * c + d * d)
+    a = np.sqrt(a) if a > 1e-7 else 0.0
+    if a == 0.0:   # as nifti_quatern_to_mat44: a 180° rotation, renormalised
+        norm = np.sqrt(b * b + c * c + d * d) or 1.0
+        b, c, d = b / norm, c / norm, d / norm
+    r = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                  [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                  [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    r[:, 2] *= h.qfac
+    return r
+
+
+def _orientation(ras_axes: np.ndarray) -> str:
+    lps = ras_axes * np.array([[-1.0], [-1.0], [1.0]])
+    lps = lps / np.linalg.norm(lps, axis=0)
+    return sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(tuple(lps.ravel()))
+
+
+def nifti_orientation_note(h: NiftiHeader, img: sitk.Image) -> str | None:
+    """A note when the header's qform and sform (both set) give the voxel axes other
+    orientations (e.g. one flips left and right): which one the 3D image ``img`` was read with."""
+    if h.qform_code <= 0 or h.sform_code <= 0 or img.GetDimension() != 3:
+        return None
+    srow = h.srow[:, :3]
+    if not np.all(np.isfinite(srow)) or np.any(np.linalg.norm(srow, axis=0) == 0):
+        return None
+    q, s = _orientation(_qform_matrix(h)), _orientation(srow)
+    if q == s:
+        return None
+    read = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(img.GetDirection())
+    used = "the sform's" if read == s else "the qform's" if read == q else "neither's"
+
+    def left_right(code):   # which voxel axis runs along left-right, and which way
+        return next(((i, c) for i, c in enumerate(code) if c in "LR"), None)
+
+    sides = "; they swap right and left" if left_right(q) != left_right(s) else ""
+    return (f"the NIfTI header's qform and sform disagree on the orientation (qform {q}, sform {s}{sides}): read "
+            f"with {used} ({read}), as ITK and Slicer read the file"
+            + ("" if read == s else f", while nibabel and FSL take the sform's ({s})")
+            + "; check the right and left lung in the overlay, and fix the header")
 
 
 @contextlib.contextmanager

@@ -1046,6 +1046,44 @@ def test_a_voxel_size_of_zero_or_below_is_refused_not_read_as_1_mm(tmp_path, pha
             read_ct(tmp_path / name)
 
 
+def test_a_nifti_whose_sform_and_pixdim_disagree_is_refused_and_a_side_swap_is_noted(tmp_path, phantom):
+    """SimpleITK measures with pixdim, nibabel and FSL with the sform: a file whose sform holds
+    other voxel sizes is refused with both named; one whose qform and sform swap right and left
+    is read as ITK (and Slicer) read it, with a note. Files where they agree to rounding read
+    exactly as before."""
+    img, _ = phantom
+    plain = write_image(img, tmp_path / "ct.nii", compress=False)
+    assert _nifti_field(plain, "sform_code") == (1,) and _nifti_field(plain, "qform_code") == (1,)
+    x, y = _nifti_field(plain, "srow_x"), _nifti_field(plain, "srow_y")
+    ref, ref_info = read_ct(plain)
+    assert "nifti_note" not in ref_info
+    for name, fields in (("sform_only", dict(qform_code=0, srow_x=(2 * x[0],) + x[1:], srow_y=(y[0], 2 * y[1]) + y[2:])),
+                         ("both", dict(srow_x=(2 * x[0],) + x[1:]))):
+        path = _patched_nifti(plain, tmp_path / f"{name}.nii.gz", **fields)
+        with pytest.raises(InputError, match=r"two voxel sizes: pixdim 1\.4 x 1\.4 x 2\.5 mm, the sform \(sform_code "
+                                             r"1\) 2\.8 x (1\.4|2\.8) x 2\.5 mm") as e:
+            read_ct(path)
+        assert "nibabel" in str(e.value)
+    # rounding in the sform (as float32 tools write it) is no disagreement
+    rounded = _patched_nifti(plain, tmp_path / "rounded.nii", srow_x=(x[0] - 4e-4,) + x[1:])
+    again, info = read_ct(rounded)
+    assert again.GetSpacing() == ref.GetSpacing() and again.GetDirection() == ref.GetDirection()
+    assert "nifti_note" not in info
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(again), sitk.GetArrayViewFromImage(ref))
+    # the sform flips left-right against the qform (the same voxels, counted from the other side):
+    # ITK takes the sform for sform_code 1, the qform for 2
+    flip_x = (-x[0], x[1], x[2], x[3] + 127 * x[0])
+    for code, read_as in ((1, "RPS"), (2, "LPS")):
+        path = _patched_nifti(plain, tmp_path / f"flip{code}.nii", srow_x=flip_x, sform_code=code)
+        flipped, info = read_ct(path)
+        assert info["orientation"] == read_as and flipped.GetSpacing() == ref.GetSpacing()
+        from ssalesionseg.io import read_notes
+        note = info["nifti_note"]
+        assert read_notes(info) == [note]
+        assert "qform LPS, sform RPS; they swap right and left" in note and f"({read_as})" in note
+        assert ("nibabel and FSL take the sform's (RPS)" in note) == (code == 2)
+
+
 def _segment_args(src, out, ckpt, *more):
     return ["segment", str(src), "--out", str(out), "--checkpoint", str(ckpt), "--lungs", "classical",
             "--device", "cpu", *more]
