@@ -663,6 +663,31 @@ def _dicom_summary(files, patient: bool = False) -> dict:
 
 # -------------------------------------------------------------------------- validate
 
+# no human chest CT comes near these (a wide-bore scanner's field of view is about 700 mm, a
+# whole-body scan about 2 m long, thick slices 10 mm): beyond them the header's spacing or
+# units are wrong (a NIfTI in metres reads as 750 mm voxels), and the model's grid would
+# need hundreds of GiB
+MAX_INPLANE_EXTENT_MM = 1000.0
+MAX_EXTENT_MM = 3000.0
+MAX_VOXEL_MM = 50.0
+
+
+def extent_problem(img: sitk.Image) -> str | None:
+    """Why the physical size of the 3D ``img`` is impossible for a human chest, or None."""
+    size, sp = img.GetSize(), img.GetSpacing()
+    d = np.abs(np.asarray(img.GetDirection(), float).reshape(3, 3))
+    extent = [n * s for n, s in zip(size, sp)]
+    inplane = [extent[int(np.argmax(d[row]))] for row in (0, 1)]
+    why = (f"a voxel size of {max(sp):.4g} mm" if max(sp) > MAX_VOXEL_MM else
+           f"an axial extent of {inplane[0]:.0f} x {inplane[1]:.0f} mm" if max(inplane) > MAX_INPLANE_EXTENT_MM else
+           f"an extent of {max(extent):.0f} mm" if max(extent) > MAX_EXTENT_MM else None)
+    if why is None:
+        return None
+    return (f"{why} ({' x '.join(str(n) for n in size)} voxels of {' x '.join(f'{s:.4g}' for s in sp)} mm): no "
+            "chest is that size — check the voxel spacing / units in the header (a NIfTI's xyzt_units in "
+            "metres instead of mm?)")
+
+
 def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
     """Check that ``img`` is a scalar 3D CT in HU; return it as float32.
 
@@ -691,6 +716,9 @@ def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
     if min(axial) < MIN_INPLANE_PX:
         raise InputError(f"{source}: image too small ({axial[0]}x{axial[1]} pixels in the axial plane); at "
                          f"least {MIN_INPLANE_PX}x{MIN_INPLANE_PX} are needed")
+    problem = extent_problem(img)
+    if problem:
+        raise InputError(f"{source}: {problem}")
     if img.GetPixelID() != sitk.sitkFloat32:
         img = sitk.Cast(img, sitk.sitkFloat32)
     arr = sitk.GetArrayViewFromImage(img)

@@ -101,7 +101,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
     if not lung_res.labels.any():
         sp = ct.GetSpacing()
         extent = [n * d for n, d in zip(ct.GetSize(), sp)]   # whatever the slicing (axial, coronal, ...)
-        where = (f"image extent {' x '.join(f'{e:.0f}' for e in extent)} mm, voxels "
+        where = (f"image extent {' x '.join(f'{e:.0f}' if e >= 10 else f'{e:.2g}' for e in extent)} mm, voxels "
                  f"{' x '.join(f'{d:.3g}' for d in sp)} mm")
         if max(extent) < 150 or min(extent) > 1000:   # a chest spans about 250-500 mm across
             where += "; no chest is that size: is the voxel spacing in the file's header right?"

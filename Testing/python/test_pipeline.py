@@ -1084,6 +1084,32 @@ def test_a_nifti_whose_sform_and_pixdim_disagree_is_refused_and_a_side_swap_is_n
         assert ("nibabel and FSL take the sform's (RPS)" in note) == (code == 2)
 
 
+def test_voxel_sizes_no_chest_has_are_refused_before_the_lungs(tmp_path, phantom, tiny_ckpt, capsys):
+    """A NIfTI in metres reads as 1400 mm voxels: the lungs were found, and the model's grid
+    then asked for hundreds of GiB (a traceback, exit 1). Refused as input, exit status 2."""
+    from ssalesionseg.io import validate_ct
+    img, _ = phantom
+    plain = write_image(img, tmp_path / "ct.nii", compress=False)
+    metres = _patched_nifti(plain, tmp_path / "metres.nii.gz", xyzt_units=1 | 8)
+    with pytest.raises(InputError, match=r"voxel size of 2500 mm .*no chest is that size — check the voxel spacing "
+                                         r"/ units in the header"):
+        read_ct(metres)
+    assert cli.main(_segment_args(metres, tmp_path / "o", tiny_ckpt)) == 2
+    err = capsys.readouterr().err
+    assert "no chest is that size" in err and "Traceback" not in err
+    wide = sitk.Image(img)
+    wide.SetSpacing((8.0, 8.0, 2.5))   # 128 px: 1024 mm across
+    with pytest.raises(InputError, match="axial extent of 1024 x 1024 mm"):
+        validate_ct(wide)
+    thick = sitk.Image(img)
+    thick.SetSpacing((1.4, 1.4, 60.0))
+    with pytest.raises(InputError, match="voxel size of 60 mm"):
+        validate_ct(thick)
+    big = sitk.Image(img)
+    big.SetSpacing((7.5, 7.5, 7.5))   # 960 mm across, 7.5 mm voxels: a wide scan, not refused
+    assert validate_ct(big).GetSize() == img.GetSize()
+
+
 def _segment_args(src, out, ckpt, *more):
     return ["segment", str(src), "--out", str(out), "--checkpoint", str(ckpt), "--lungs", "classical",
             "--device", "cpu", *more]
