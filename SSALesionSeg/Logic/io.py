@@ -984,11 +984,12 @@ def on_ct_grid(img: sitk.Image, reference: sitk.Image, p: Path | str, what: str)
     if same_grid(img, reference):
         return img
     if not on_lattice(img, reference):
+        has, is_ = ("have", "are") if what.endswith("s") else ("has", "is")   # "the labels have", "the labelmap has"
         if img.GetSize() == reference.GetSize():
-            raise InputError(f"{p}: the {what} has the CT's size but another position or spacing ({_grid_text(img)}; "
+            raise InputError(f"{p}: the {what} {has} the CT's size but another position or spacing ({_grid_text(img)}; "
                              f"CT {_grid_text(reference)}) — saved without the CT's geometry (e.g. from an array)? "
                              "Save it with the CT's header (SimpleITK: CopyInformation from the CT)")
-        raise InputError(f"{p}: the {what} is on another voxel grid than the CT ({_grid_text(img)}; CT "
+        raise InputError(f"{p}: the {what} {is_} on another voxel grid than the CT ({_grid_text(img)}; CT "
                          f"{_grid_text(reference)}); resample it onto the CT first (nearest neighbour, the CT as "
                          "reference: Slicer's Resample Scalar/Vector/DWI Volume, or sitk.Resample)")
     had = int(np.count_nonzero(sitk.GetArrayViewFromImage(img)))

@@ -1443,8 +1443,9 @@ def test_labels_are_read_on_the_ct_grid_or_refused(tmp_path, phantom, exact_resu
     stretched = sitk.Image(lab)
     stretched.SetSpacing([v * 1.03 for v in lab.GetSpacing()])   # 3 % off: labels drift by pixels at the far edge
     stretched = write_image(stretched, tmp_path / "stretched.nii.gz")
-    for labels, message in ((bare, "has the CT's size but another position"), (finer, "another voxel grid"),
-                            (stretched, "has the CT's size but another position")):
+    for labels, message in ((bare, "the labels have the CT's size but another position"),
+                            (finer, "the labels are on another voxel grid"),
+                            (stretched, "the labels have the CT's size but another position")):
         assert cli.main(["export-case", "--ct", str(ct_path), "--labels", str(labels), "--out",
                          str(tmp_path / "cases")]) == 2
         assert message in capsys.readouterr().err
