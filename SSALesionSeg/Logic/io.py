@@ -96,6 +96,7 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
         raise InputError(f"cannot read {p}: permission denied (the {'folder' if p.is_dir() else 'file'} is not "
                          "readable for this user)")
     dicom = not p.is_dir() and is_dicom_file(p)
+    header = None
     if p.is_dir():
         img, dinfo = _read_dicom_folder(p)
         info.update(dinfo)
@@ -111,10 +112,17 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
         if dicom:
             info["dicom"] = _dicom_summary([p])
             _refuse_other_modality([info["dicom"]], p)
-        img = _read_file(p)
+        if _is_nifti(p):
+            # what ITK would misread without a word is checked on the file's own header and data first
+            header = check_nifti_complete(p, count_nonfinite=True)
+            if header is not None:
+                nifti_ct_problems(header, p)
+        img = _read_file(p, checked=True)
         if dicom:
             img = _single_dicom_slice_spacing(img, p)
     img = validate_ct(img, str(p))
+    if header is not None and (note := nifti_orientation_note(header, img)):
+        info["nifti_note"] = note
     info["size"] = list(img.GetSize())
     info["spacing_mm"] = [float(s) for s in img.GetSpacing()]
     info["orientation"] = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(img.GetDirection())
@@ -123,26 +131,99 @@ def read_ct(path: str | os.PathLike) -> tuple[sitk.Image, dict]:
 
 def read_notes(info: dict) -> list:
     """What reading the input decided that the user should hear (``read_ct``'s info): which
-    DICOM series was read, a gantry tilt undone."""
-    return [n for n in (info.get("dicom_series_note"), (info.get("dicom") or {}).get("gantry_tilt_note")) if n]
+    DICOM series was read, a gantry tilt undone, a NIfTI whose qform and sform disagree."""
+    return [n for n in (info.get("dicom_series_note"), (info.get("dicom") or {}).get("gantry_tilt_note"),
+                        info.get("nifti_note")) if n]
 
 
-def _read_file(p: Path) -> sitk.Image:
-    if p.name.lower().endswith((".nii", ".nii.gz")):
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _read_file(p: Path, checked: bool = False) -> sitk.Image:
+    """``p`` as ITK reads it; a NIfTI is first checked to be complete (``checked``: the
+    caller did that already)."""
+    if _is_nifti(p) and not checked:
         check_nifti_complete(p)   # ITK reads a cut-off NIfTI without a word, the rest as zeros
     try:
         with _quiet_itk():   # a damaged file is reported below; ITK's own lines would interleave with the cases'
             return sitk.ReadImage(str(p))
     except RuntimeError as e:
         msg = str(e).strip().splitlines()
+        zero = next((re.search(r"Refusing to change spacing from \[[^]]*\] to \[([^]]*)\]", m) for m in msg
+                     if "Refusing to change spacing" in m), None)
+        if zero:   # NRRD / MHA with a zero (or unreadable) voxel size: ITK refuses, in its own words
+            values = [v.strip() for v in zero.group(1).split(",")]
+            axes = [str(i + 1) for i, v in enumerate(values) if _float_or_nan(v) == 0]
+            raise InputError(f"{p}: the header gives a voxel size of 0 along voxel axis {', '.join(axes) or '?'} "
+                             f"(spacing {', '.join(values)}): no volume can be measured — fix the header with "
+                             "the true spacing (the scanner's PixelSpacing / slice spacing)") from None
         detail = next((m for m in msg if "ERROR" in m or "Unable" in m or "Could not" in m), msg[-1] if msg else "")
         raise InputError(f"cannot read {p}: not a readable image file or corrupt ({detail.strip()[:200]})") from None
 
 
-def check_nifti_complete(p: Path) -> None:
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+@dataclass
+class NiftiHeader:
+    """What the engine checks in a NIfTI-1/-2 header (values as stored, in the header's units):
+    ``dims`` the size, ``pixdim`` the voxel size along the first three axes, ``srow`` the sform
+    (3 x 4, RAS), ``quatern`` (b, c, d) and ``qfac`` the qform's rotation, ``nonfinite`` the
+    NaN / inf voxels counted in float data (None when not counted)."""
+    dims: tuple
+    datatype: int
+    pixdim: tuple
+    qfac: float
+    xyzt_units: int
+    qform_code: int
+    sform_code: int
+    quatern: tuple
+    srow: np.ndarray
+    nonfinite: int | None = None
+
+    @property
+    def units(self) -> str:
+        return {1: "m", 2: "mm", 3: "µm"}.get(self.xyzt_units & 7, "mm")   # unknown: mm, as ITK reads it
+
+
+# NIfTI datatypes that can hold NaN / inf, as numpy reads them (complex and 128-bit types ITK
+# refuses or reads as vectors, which are refused as such)
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _parse_nifti_header(head: bytes, end: str, n: int) -> tuple[NiftiHeader, int]:
+    """The header of a NIfTI-1 (``n`` 348) or NIfTI-2 (540) file in byte order ``end``, and its bitpix."""
+    import struct
+
+    def get(fmt, at):
+        return struct.unpack_from(end + fmt, head, at)
+
+    if n == 348:
+        dims, (datatype, bitpix), pixdim = get("8h", 40), get("2h", 70), get("8f", 76)
+        units, (qcode, scode) = head[123], get("2h", 252)
+        quatern, srow = get("3f", 256), get("12f", 280)
+    else:
+        (datatype, bitpix), dims, pixdim = get("2h", 12), get("8q", 16), get("8d", 104)
+        (qcode, scode), quatern, srow = get("2i", 344), get("3d", 352), get("12d", 400)
+        units = get("i", 500)[0]
+    nd = int(dims[0])
+    return NiftiHeader(dims=tuple(int(d) for d in dims[1:nd + 1]) if 1 <= nd <= 7 else (), datatype=datatype,
+                       pixdim=tuple(float(v) for v in pixdim[1:4]), qfac=-1.0 if pixdim[0] < 0 else 1.0,
+                       xyzt_units=int(units), qform_code=int(qcode), sform_code=int(scode),
+                       quatern=tuple(map(float, quatern)), srow=np.asarray(srow, float).reshape(3, 4)), bitpix
+
+
+def check_nifti_complete(p: Path, count_nonfinite: bool = False) -> NiftiHeader | None:
     """Refuse a NIfTI-1/-2 file (``.nii`` or ``.nii.gz``) that holds fewer voxel bytes than its
     header announces: a cut-off download or copy. A ``.nii.gz`` is decompressed once to count
-    (about a second for a 300-slice CT); a gzip stream that ends early is refused as well."""
+    (about a second for a 300-slice CT); a gzip stream that ends early is refused as well.
+    Returns the header (None when it is not one this reads); with ``count_nonfinite`` the NaN /
+    inf voxels of float data are counted in the same pass (ITK reads them as 0)."""
     import gzip
     import struct
     import zlib
@@ -159,21 +240,27 @@ def check_nifti_complete(p: Path) -> None:
                 if n in (348, 540):
                     break
             else:
-                return   # not a NIfTI header we know: let the reader decide
-            if n == 348:
-                dims = struct.unpack(end + "8h", head[40:56])
-                bitpix = struct.unpack(end + "h", head[72:74])[0]
-                offset = int(struct.unpack(end + "f", head[108:112])[0])
-            else:
-                dims = struct.unpack(end + "8q", head[16:80])
-                bitpix = struct.unpack(end + "h", head[14:16])[0]
-                offset = struct.unpack(end + "q", head[168:176])[0]
-            nd = int(dims[0])
-            if not 1 <= nd <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:nd + 1]):
-                return
-            need = max(offset, n) + int(np.prod([int(d) for d in dims[1:nd + 1]], dtype=np.int64)) * bitpix // 8
+                return None   # not a NIfTI header we know: let the reader decide
+            if len(head) < n:
+                raise InputError(f"{p}: too short for a NIfTI-2 header ({len(head)} bytes); the file is "
+                                 "cut off — copy or export it again")
+            header, bitpix = _parse_nifti_header(head, end, n)
+            offset = int(struct.unpack_from(end + ("f" if n == 348 else "q"), head, 108 if n == 348 else 168)[0])
+            if not header.dims or bitpix <= 0 or any(d < 1 for d in header.dims):
+                return header
+            start = max(offset, n)
+            data_bytes = int(np.prod(header.dims, dtype=np.int64)) * bitpix // 8
+            need = start + data_bytes
+            dtype = _NIFTI_FLOATS.get(header.datatype) if count_nonfinite else None
+            if dtype is not None and np.dtype(dtype).itemsize * 8 != bitpix:
+                dtype = None   # an inconsistent header: ITK decides what it reads
+            counter = _NonFiniteCounter(end + dtype, start, data_bytes) if dtype else None
             have = len(head)
+            if counter:
+                counter.feed(head, 0)
             while chunk := f.read(1 << 22):
+                if counter:
+                    counter.feed(chunk, have)
                 have += len(chunk)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise InputError(f"{p}: the compressed data end early or are damaged ({e}); the file is cut off "
@@ -183,6 +270,123 @@ def check_nifti_complete(p: Path) -> None:
     if have < need:
         raise InputError(f"{p}: the file is cut off — its header announces {need} bytes of image data "
                          f"and header, it holds {have}; copy or export it again")
+    if counter:
+        header.nonfinite = counter.count
+    return header
+
+
+class _NonFiniteCounter:
+    """Counts NaN / inf values of ``dtype`` in the bytes [start, start + size) of a stream fed
+    in chunks (each with its position), without holding more than one chunk."""
+
+    def __init__(self, dtype: str, start: int, size: int):
+        self.dtype, self.start, self.stop = np.dtype(dtype), start, start + size
+        self.rest = b""
+        self.count = 0
+
+    def feed(self, chunk: bytes, at: int) -> None:
+        lo, hi = max(self.start - at, 0), min(self.stop - at, len(chunk))
+        if hi <= lo:
+            return
+        data = self.rest + chunk[lo:hi] if self.rest else memoryview(chunk)[lo:hi]
+        whole = len(data) - len(data) % self.dtype.itemsize
+        values = np.frombuffer(data, self.dtype, count=whole // self.dtype.itemsize)
+        self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.rest = bytes(data[whole:])
+
+
+def nonfinite_message(source: str, n: int) -> str:
+    return (f"{source}: {n} {'voxel is' if n == 1 else 'voxels are'} NaN or infinite; fix or mask them before "
+            "segmenting (they have no Hounsfield value)")
+
+
+_AXES = ("the first voxel axis (i, pixdim[1])", "the second voxel axis (j, pixdim[2])",
+         "the third voxel axis (k, pixdim[3])")
+
+
+def _sform_spacing(h: NiftiHeader) -> np.ndarray:
+    return np.linalg.norm(h.srow[:, :3], axis=0)
+
+
+def nifti_ct_problems(h: NiftiHeader, p: Path) -> None:
+    """InputError for what ITK would read from a NIfTI CT without a word but wrongly: NaN / inf
+    voxels (read as 0 HU), a voxel size of 0, below 0 or not a number (read as 1 mm, or
+    as a flip) and an sform whose voxel size is not pixdim's (ITK and Slicer measure with
+    pixdim, nibabel and FSL with the sform: the volumes depend on the reader)."""
+    if h.nonfinite:
+        raise InputError(nonfinite_message(str(p), h.nonfinite))
+    n_axes = min(3, len(h.dims))
+    unit = h.units
+    for i in range(n_axes):
+        v = h.pixdim[i]
+        if not (np.isfinite(v) and v > 0):
+            hint = ""
+            if h.sform_code > 0:
+                s = float(_sform_spacing(h)[i])
+                hint = f" (the sform says {s:.4g} {unit})" if np.isfinite(s) and s > 0 else ""
+            read = ("ITK reads it as 1 mm, and every volume would be wrong" if v == 0 or not np.isfinite(v)
+                    else "readers disagree on what it means (ITK flips the axis, others take its size)")
+            raise InputError(f"{p}: the header's voxel size along {_AXES[i]} is {v:g}{hint}; {read} — fix the "
+                             "header with the true spacing (e.g. nibabel header.set_zooms, or export the CT again "
+                             "from its DICOM)")
+    if h.sform_code > 0 and n_axes == 3:
+        pix = np.asarray(h.pixdim)
+        srow = _sform_spacing(h)
+        off = np.abs(srow - pix) > np.maximum(1e-3, 1e-3 * pix)   # ITK warns above 1e-3
+        if not np.all(np.isfinite(srow)) or off.any():
+            fmt = lambda v: " x ".join(f"{x:.4g}" for x in v)   # noqa: E731
+            ratio = float(np.prod(srow) / np.prod(pix)) if np.all(srow > 0) else float("nan")
+            raise InputError(f"{p}: the header holds two voxel sizes: pixdim {fmt(pix)} {unit}, the sform "
+                             f"(sform_code {h.sform_code}) {fmt(srow)} {unit}; ITK and Slicer measure with "
+                             f"pixdim, nibabel and FSL with the sform, so volumes would depend on the reader"
+                             + (f" (the sform's volumes are {ratio:.3g}x pixdim's)" if np.isfinite(ratio) else "")
+                             + " — fix the header so that both give the true spacing (or set sform_code 0 "
+                             "when pixdim and the qform are right)")
+
+
+def _qform_matrix(h: NiftiHeader) -> np.ndarray:
+    """The qform's rotation (3 x 3, RAS, columns the voxel axes), from its quaternion."""
+    b, c, d = h.quatern
+    a = 1.0 - (b * b + c * c + d * d)
+    a = np.sqrt(a) if a > 1e-7 else 0.0
+    if a == 0.0:   # as nifti_quatern_to_mat44: a 180° rotation, renormalised
+        norm = np.sqrt(b * b + c * c + d * d) or 1.0
+        b, c, d = b / norm, c / norm, d / norm
+    r = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                  [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                  [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    r[:, 2] *= h.qfac
+    return r
+
+
+def _orientation(ras_axes: np.ndarray) -> str:
+    lps = ras_axes * np.array([[-1.0], [-1.0], [1.0]])
+    lps = lps / np.linalg.norm(lps, axis=0)
+    return sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(tuple(lps.ravel()))
+
+
+def nifti_orientation_note(h: NiftiHeader, img: sitk.Image) -> str | None:
+    """A note when the header's qform and sform (both set) give the voxel axes other
+    orientations (e.g. one flips left and right): which one the 3D image ``img`` was read with."""
+    if h.qform_code <= 0 or h.sform_code <= 0 or img.GetDimension() != 3:
+        return None
+    srow = h.srow[:, :3]
+    if not np.all(np.isfinite(srow)) or np.any(np.linalg.norm(srow, axis=0) == 0):
+        return None
+    q, s = _orientation(_qform_matrix(h)), _orientation(srow)
+    if q == s:
+        return None
+    read = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(img.GetDirection())
+    used = "the sform's" if read == s else "the qform's" if read == q else "neither's"
+
+    def left_right(code):   # which voxel axis runs along left-right, and which way
+        return next(((i, c) for i, c in enumerate(code) if c in "LR"), None)
+
+    sides = "; they swap right and left" if left_right(q) != left_right(s) else ""
+    return (f"the NIfTI header's qform and sform disagree on the orientation (qform {q}, sform {s}{sides}): read "
+            f"with {used} ({read}), as ITK and Slicer read the file"
+            + ("" if read == s else f", while nibabel and FSL take the sform's ({s})")
+            + "; check the right and left lung in the overlay, and fix the header")
 
 
 @contextlib.contextmanager
@@ -459,6 +663,31 @@ def _dicom_summary(files, patient: bool = False) -> dict:
 
 # -------------------------------------------------------------------------- validate
 
+# no human chest CT comes near these (a wide-bore scanner's field of view is about 700 mm, a
+# whole-body scan about 2 m long, thick slices 10 mm): beyond them the header's spacing or
+# units are wrong (a NIfTI in metres reads as 750 mm voxels), and the model's grid would
+# need hundreds of GiB
+MAX_INPLANE_EXTENT_MM = 1000.0
+MAX_EXTENT_MM = 3000.0
+MAX_VOXEL_MM = 50.0
+
+
+def extent_problem(img: sitk.Image) -> str | None:
+    """Why the physical size of the 3D ``img`` is impossible for a human chest, or None."""
+    size, sp = img.GetSize(), img.GetSpacing()
+    d = np.abs(np.asarray(img.GetDirection(), float).reshape(3, 3))
+    extent = [n * s for n, s in zip(size, sp)]
+    inplane = [extent[int(np.argmax(d[row]))] for row in (0, 1)]
+    why = (f"a voxel size of {max(sp):.4g} mm" if max(sp) > MAX_VOXEL_MM else
+           f"an axial extent of {inplane[0]:.0f} x {inplane[1]:.0f} mm" if max(inplane) > MAX_INPLANE_EXTENT_MM else
+           f"an extent of {max(extent):.0f} mm" if max(extent) > MAX_EXTENT_MM else None)
+    if why is None:
+        return None
+    return (f"{why} ({' x '.join(str(n) for n in size)} voxels of {' x '.join(f'{s:.4g}' for s in sp)} mm): no "
+            "chest is that size — check the voxel spacing / units in the header (a NIfTI's xyzt_units in "
+            "metres instead of mm?)")
+
+
 def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
     """Check that ``img`` is a scalar 3D CT in HU; return it as float32.
 
@@ -487,13 +716,15 @@ def validate_ct(img: sitk.Image, source: str = "input") -> sitk.Image:
     if min(axial) < MIN_INPLANE_PX:
         raise InputError(f"{source}: image too small ({axial[0]}x{axial[1]} pixels in the axial plane); at "
                          f"least {MIN_INPLANE_PX}x{MIN_INPLANE_PX} are needed")
+    problem = extent_problem(img)
+    if problem:
+        raise InputError(f"{source}: {problem}")
     if img.GetPixelID() != sitk.sitkFloat32:
         img = sitk.Cast(img, sitk.sitkFloat32)
     arr = sitk.GetArrayViewFromImage(img)
     bad = ~np.isfinite(arr)
     if bad.any():
-        raise InputError(f"{source}: {int(bad.sum())} voxels are NaN or infinite; fix or mask them "
-                         "before segmenting (they have no Hounsfield value)")
+        raise InputError(nonfinite_message(source, int(bad.sum())))
     problem = hu_problem(arr)
     if problem:
         raise InputError(f"{source} {problem}")
@@ -753,11 +984,12 @@ def on_ct_grid(img: sitk.Image, reference: sitk.Image, p: Path | str, what: str)
     if same_grid(img, reference):
         return img
     if not on_lattice(img, reference):
+        has, is_ = ("have", "are") if what.endswith("s") else ("has", "is")   # "the labels have", "the labelmap has"
         if img.GetSize() == reference.GetSize():
-            raise InputError(f"{p}: the {what} has the CT's size but another position or spacing ({_grid_text(img)}; "
+            raise InputError(f"{p}: the {what} {has} the CT's size but another position or spacing ({_grid_text(img)}; "
                              f"CT {_grid_text(reference)}) — saved without the CT's geometry (e.g. from an array)? "
                              "Save it with the CT's header (SimpleITK: CopyInformation from the CT)")
-        raise InputError(f"{p}: the {what} is on another voxel grid than the CT ({_grid_text(img)}; CT "
+        raise InputError(f"{p}: the {what} {is_} on another voxel grid than the CT ({_grid_text(img)}; CT "
                          f"{_grid_text(reference)}); resample it onto the CT first (nearest neighbour, the CT as "
                          "reference: Slicer's Resample Scalar/Vector/DWI Volume, or sitk.Resample)")
     had = int(np.count_nonzero(sitk.GetArrayViewFromImage(img)))

@@ -971,6 +971,145 @@ def test_cut_off_nifti_is_refused(tmp_path, phantom, suffix):
     assert str(cut) in str(e.value)
 
 
+# NIfTI-1 header fields (offset, struct format) the tests below set by hand
+_NIFTI_FIELDS = {"pixdim": (76, "8f"), "xyzt_units": (123, "B"), "qform_code": (252, "h"), "sform_code": (254, "h"),
+                 "srow_x": (280, "4f"), "srow_y": (296, "4f"), "srow_z": (312, "4f")}
+
+
+def _nifti_field(path, name):
+    import struct
+    at, fmt = _NIFTI_FIELDS[name]
+    with open(path, "rb") as f:
+        f.seek(at)
+        return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))
+
+
+def _patched_nifti(src, dst, **fields):
+    """A copy of the uncompressed NIfTI-1 ``src`` with header fields replaced (``.gz`` when
+    ``dst`` says so)."""
+    import gzip
+    import struct
+    data = bytearray(Path(src).read_bytes())
+    for name, values in fields.items():
+        at, fmt = _NIFTI_FIELDS[name]
+        struct.pack_into("<" + fmt, data, at, *(values if isinstance(values, (list, tuple)) else (values,)))
+    Path(dst).write_bytes(gzip.compress(bytes(data), 1) if str(dst).endswith(".gz") else bytes(data))
+    return Path(dst)
+
+
+@pytest.mark.parametrize("suffix,pixel", [(".nii", sitk.sitkFloat32), (".nii.gz", sitk.sitkFloat32),
+                                          (".nii.gz", sitk.sitkFloat64)], ids=["nii-float32", "nii.gz-float32",
+                                                                               "nii.gz-float64"])
+def test_nan_and_inf_voxels_of_a_nifti_are_refused_as_in_nrrd(tmp_path, phantom, tiny_ckpt, capsys, suffix, pixel):
+    """ITK reads NaN and inf in a float NIfTI as 0 HU (soft tissue: missing data became
+    consolidation); they are counted in the file's own data and refused as NRRD's are."""
+    img, _ = phantom
+    ct = sitk.Cast(img, pixel)
+    assert read_ct(write_image(ct, tmp_path / f"fine{suffix}", compress=False))[0].GetSize() == img.GetSize()
+    bad = sitk.Image(ct)
+    bad[5, 5, 1] = float("nan")
+    bad[6, 5, 1] = float("inf")
+    bad[127, 127, 5] = float("-inf")   # the last voxels of the file
+    for path in (write_image(bad, tmp_path / f"bad{suffix}", compress=False), tmp_path / "bad.nrrd"):
+        if path.suffix == ".nrrd":
+            write_image(bad, path)
+        with pytest.raises(InputError, match="3 voxels are NaN or infinite") as e:
+            read_ct(path)
+        assert str(path) in str(e.value)
+    assert cli.main(_segment_args(tmp_path / f"bad{suffix}", tmp_path / "o", tiny_ckpt)) == 2
+    assert "3 voxels are NaN or infinite" in capsys.readouterr().err
+
+
+def test_a_voxel_size_of_zero_or_below_is_refused_not_read_as_1_mm(tmp_path, phantom):
+    """ITK reads a NIfTI pixdim of 0 (or NaN) as 1 mm, every volume then wrong by the factor,
+    and a negative one as a flip; NRRD / MHA with a zero spacing ITK refuses in its own words."""
+    img, _ = phantom
+    plain = write_image(img, tmp_path / "ct.nii", compress=False)
+    pixdim = _nifti_field(plain, "pixdim")
+    for axis, value, words in ((3, 0.0, "1 mm"), (1, 0.0, "1 mm"), (2, float("nan"), "1 mm"), (3, -2.5, "flips")):
+        bad = list(pixdim)
+        bad[axis] = value
+        path = _patched_nifti(plain, tmp_path / f"pixdim{axis}.nii.gz", pixdim=bad)
+        with pytest.raises(InputError, match=rf"voxel size along the {('first', 'second', 'third')[axis - 1]} voxel "
+                                             rf"axis \(., pixdim\[{axis}\]\) is {value:g}") as e:
+            read_ct(path)
+        assert words in str(e.value) and "true spacing" in str(e.value) and str(path) in str(e.value)
+    nrrd = write_image(img, tmp_path / "ct.nrrd", compress=False)
+    text = nrrd.read_bytes()
+    assert b"(0,0,2.5)" in text
+    (tmp_path / "zero.nrrd").write_bytes(text.replace(b"(0,0,2.5)", b"(0,0,0)", 1))
+    mha = write_image(img, tmp_path / "ct.mha", compress=False).read_bytes()
+    import re
+    (tmp_path / "zero.mha").write_bytes(re.sub(rb"ElementSpacing = [^\n]*", b"ElementSpacing = 0 1.4 2.5", mha))
+    for name, axis in (("zero.nrrd", 3), ("zero.mha", 1)):
+        with pytest.raises(InputError, match=f"voxel size of 0 along voxel axis {axis} .*true spacing"):
+            read_ct(tmp_path / name)
+
+
+def test_a_nifti_whose_sform_and_pixdim_disagree_is_refused_and_a_side_swap_is_noted(tmp_path, phantom):
+    """SimpleITK measures with pixdim, nibabel and FSL with the sform: a file whose sform holds
+    other voxel sizes is refused with both named; one whose qform and sform swap right and left
+    is read as ITK (and Slicer) read it, with a note. Files where they agree to rounding read
+    exactly as before."""
+    img, _ = phantom
+    plain = write_image(img, tmp_path / "ct.nii", compress=False)
+    assert _nifti_field(plain, "sform_code") == (1,) and _nifti_field(plain, "qform_code") == (1,)
+    x, y = _nifti_field(plain, "srow_x"), _nifti_field(plain, "srow_y")
+    ref, ref_info = read_ct(plain)
+    assert "nifti_note" not in ref_info
+    for name, fields in (("sform_only", dict(qform_code=0, srow_x=(2 * x[0],) + x[1:], srow_y=(y[0], 2 * y[1]) + y[2:])),
+                         ("both", dict(srow_x=(2 * x[0],) + x[1:]))):
+        path = _patched_nifti(plain, tmp_path / f"{name}.nii.gz", **fields)
+        with pytest.raises(InputError, match=r"two voxel sizes: pixdim 1\.4 x 1\.4 x 2\.5 mm, the sform \(sform_code "
+                                             r"1\) 2\.8 x (1\.4|2\.8) x 2\.5 mm") as e:
+            read_ct(path)
+        assert "nibabel" in str(e.value)
+    # rounding in the sform (as float32 tools write it) is no disagreement
+    rounded = _patched_nifti(plain, tmp_path / "rounded.nii", srow_x=(x[0] - 4e-4,) + x[1:])
+    again, info = read_ct(rounded)
+    assert again.GetSpacing() == ref.GetSpacing() and again.GetDirection() == ref.GetDirection()
+    assert "nifti_note" not in info
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(again), sitk.GetArrayViewFromImage(ref))
+    # the sform flips left-right against the qform (the same voxels, counted from the other side):
+    # ITK takes the sform for sform_code 1, the qform for 2
+    flip_x = (-x[0], x[1], x[2], x[3] + 127 * x[0])
+    for code, read_as in ((1, "RPS"), (2, "LPS")):
+        path = _patched_nifti(plain, tmp_path / f"flip{code}.nii", srow_x=flip_x, sform_code=code)
+        flipped, info = read_ct(path)
+        assert info["orientation"] == read_as and flipped.GetSpacing() == ref.GetSpacing()
+        from ssalesionseg.io import read_notes
+        note = info["nifti_note"]
+        assert read_notes(info) == [note]
+        assert "qform LPS, sform RPS; they swap right and left" in note and f"({read_as})" in note
+        assert ("nibabel and FSL take the sform's (RPS)" in note) == (code == 2)
+
+
+def test_voxel_sizes_no_chest_has_are_refused_before_the_lungs(tmp_path, phantom, tiny_ckpt, capsys):
+    """A NIfTI in metres reads as 1400 mm voxels: the lungs were found, and the model's grid
+    then asked for hundreds of GiB (a traceback, exit 1). Refused as input, exit status 2."""
+    from ssalesionseg.io import validate_ct
+    img, _ = phantom
+    plain = write_image(img, tmp_path / "ct.nii", compress=False)
+    metres = _patched_nifti(plain, tmp_path / "metres.nii.gz", xyzt_units=1 | 8)
+    with pytest.raises(InputError, match=r"voxel size of 2500 mm .*no chest is that size — check the voxel spacing "
+                                         r"/ units in the header"):
+        read_ct(metres)
+    assert cli.main(_segment_args(metres, tmp_path / "o", tiny_ckpt)) == 2
+    err = capsys.readouterr().err
+    assert "no chest is that size" in err and "Traceback" not in err
+    wide = sitk.Image(img)
+    wide.SetSpacing((8.0, 8.0, 2.5))   # 128 px: 1024 mm across
+    with pytest.raises(InputError, match="axial extent of 1024 x 1024 mm"):
+        validate_ct(wide)
+    thick = sitk.Image(img)
+    thick.SetSpacing((1.4, 1.4, 60.0))
+    with pytest.raises(InputError, match="voxel size of 60 mm"):
+        validate_ct(thick)
+    big = sitk.Image(img)
+    big.SetSpacing((7.5, 7.5, 7.5))   # 960 mm across, 7.5 mm voxels: a wide scan, not refused
+    assert validate_ct(big).GetSize() == img.GetSize()
+
+
 def _segment_args(src, out, ckpt, *more):
     return ["segment", str(src), "--out", str(out), "--checkpoint", str(ckpt), "--lungs", "classical",
             "--device", "cpu", *more]
@@ -1304,8 +1443,9 @@ def test_labels_are_read_on_the_ct_grid_or_refused(tmp_path, phantom, exact_resu
     stretched = sitk.Image(lab)
     stretched.SetSpacing([v * 1.03 for v in lab.GetSpacing()])   # 3 % off: labels drift by pixels at the far edge
     stretched = write_image(stretched, tmp_path / "stretched.nii.gz")
-    for labels, message in ((bare, "has the CT's size but another position"), (finer, "another voxel grid"),
-                            (stretched, "has the CT's size but another position")):
+    for labels, message in ((bare, "the labels have the CT's size but another position"),
+                            (finer, "the labels are on another voxel grid"),
+                            (stretched, "the labels have the CT's size but another position")):
         assert cli.main(["export-case", "--ct", str(ct_path), "--labels", str(labels), "--out",
                          str(tmp_path / "cases")]) == 2
         assert message in capsys.readouterr().err
