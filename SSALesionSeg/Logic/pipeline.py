@@ -31,7 +31,7 @@ from .io import (OPTIONAL_OUTPUT_SUFFIXES, NotPutInPlace, check_writable, read_c
                  write_image, written_together)
 from .lungstep import compute_lungs
 from .outputs import RecordedRun, optional_outputs, output_paths
-from .stats import compute_stats, label_names_for, lung_coverage_note, write_stats
+from .stats import compute_stats, label_names_for, lung_coverage_note, lung_size_note, write_stats
 
 ProgressFn = Callable[[str, float], None]
 
@@ -147,7 +147,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
         "timings_s": timings,
     }
-    notices = [n for n in (lung_res.notice, lung_coverage_note(lungs_img)) if n]
+    notices = [n for n in (lung_res.notice, lung_coverage_note(lungs_img), lung_size_note(lungs_img)) if n]
     if notices:
         info["notices"] = notices
     stats["info"] = info

@@ -188,13 +188,36 @@ def lung_coverage_note(lungs: sitk.Image) -> str | None:
     return f"{'; '.join(notes)}, {tail}" if notes else None
 
 
+# Both lungs of an adult cover 100-300 cm² of a slice between apex and base; a mask that
+# averages under this over several centimetres has most likely lost a lung or most of one.
+SMALL_LUNG_CM2 = 20.0
+SMALL_LUNG_SPAN_MM = 50.0
+
+
+def lung_size_note(lungs: sitk.Image) -> str | None:
+    """A note when the lung mask is far smaller than a chest's lungs: on average under
+    ``SMALL_LUNG_CM2`` per axial slice over at least ``SMALL_LUNG_SPAN_MM`` of slices."""
+    from .geometry import to_lps
+
+    lps = to_lps(lungs)
+    arr = sitk.GetArrayViewFromImage(lps)
+    sx, sy, sz = lps.GetSpacing()
+    areas = (arr > 0).sum(axis=(1, 2)) * sx * sy / 100.0     # cm² per slice
+    with_lung = areas[areas > 0]
+    span = len(with_lung) * sz
+    if span < SMALL_LUNG_SPAN_MM or with_lung.mean() >= SMALL_LUNG_CM2:
+        return None
+    return (f"the lungs found average {with_lung.mean():.0f} cm² a slice over {span:.0f} mm of slices "
+            f"({float(areas.sum() * sz / 10):.0f} mL), far less than a chest's lungs: has a lung, or most of one, been "
+            "missed? Check the lung outline (overlay, lung segments) before reading the % and the severity score")
+
+
 def figure_notes(stats: dict, lungs: sitk.Image | None = None) -> list:
     """What a reader of figures recomputed from corrected labels should be told: lesions
     that look like a lung mask, or that lie partly outside the lung mask (and, with
-    ``lungs``, :func:`lung_coverage_note`)."""
+    ``lungs``, :func:`lung_coverage_note` and :func:`lung_size_note`)."""
     inf = (stats.get("lesions") or {}).get("infection") or {}
-    coverage = lung_coverage_note(lungs) if lungs is not None else None
-    notes = [coverage] if coverage else []
+    notes = [n for n in ((lung_coverage_note(lungs), lung_size_note(lungs)) if lungs is not None else ()) if n]
     if (inf.get("percent_of_lung") or 0) > 90:
         notes.append(f"the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: are the labels a lung mask "
                      "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")

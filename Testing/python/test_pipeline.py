@@ -1824,3 +1824,22 @@ def test_lungs_cut_by_the_field_of_view_are_noted():
     note = lung_coverage_note(sitk.GetImageFromArray(arr))
     assert note.startswith("the lungs reach the top (superior) slice of the scan (5 slices): they go on beyond it; "
                            "the lungs run into")
+
+
+def test_lungs_far_smaller_than_a_chests_are_noted():
+    """A lung step that lost most of the lungs (a cut field of view before it was handled,
+    a wrong window) gave figures of a few fragments without a word."""
+    from ssalesionseg.stats import lung_size_note
+
+    arr = np.zeros((12, 100, 100), np.uint8)
+    arr[1:11, 40:50, 20:30] = 1                      # 10 x 10 px of 1 mm: 1 cm² a slice, over 75 mm
+    lungs = sitk.GetImageFromArray(arr)
+    lungs.SetSpacing((1.0, 1.0, 7.5))
+    note = lung_size_note(lungs)
+    assert note.startswith("the lungs found average 1 cm² a slice over 75 mm of slices (8 mL)")
+    arr[1:11, 20:80, 10:90] = 2                      # 48 cm² a slice more: a plausible pair of lungs
+    big = sitk.GetImageFromArray(arr)
+    big.SetSpacing((1.0, 1.0, 7.5))
+    assert lung_size_note(big) is None
+    lungs.SetSpacing((1.0, 1.0, 2.0))                # the same fragment over 20 mm: too short to judge
+    assert lung_size_note(lungs) is None
