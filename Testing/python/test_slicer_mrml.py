@@ -73,6 +73,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import Cancelled
+from .lungstep import compute_lungs
 from .stats import compute_stats, label_names_for
 
 
@@ -108,6 +109,9 @@ def segment_image(ct, *, checkpoint=None, lungs="auto", lung_weights=None, lobe_
         class_names = ["background", "infection"]
     labels.CopyInformation(ct)
     lungmap.CopyInformation(ct)
+    if lung_mask is not None:   # the engine's own reading of a given lung mask
+        lungmap = sitk.GetImageFromArray(compute_lungs(ct, lung_mask=lung_mask).labels)
+        lungmap.CopyInformation(ct)
     stats = compute_stats(ct, labels, lungmap, None, label_names_for(class_names))
     info = {"lung_method": lungs, "device": device, "class_names": class_names, "flip_tta": flip_tta}
     return SegmentationResult(labels, lungmap, class_names, stats, info)
@@ -140,9 +144,10 @@ def load_fake_engine(package, alias):
     spec.loader.exec_module(module)
     pipeline = importlib.import_module(alias + ".pipeline")
     stats = importlib.import_module(alias + ".stats")
+    lungstep = importlib.import_module(alias + ".lungstep")
     return types.SimpleNamespace(segment_image=pipeline.segment_image, compute_stats=stats.compute_stats,
                                  label_names_for=stats.label_names_for, figure_notes=stats.figure_notes,
-                                 Cancelled=pipeline.Cancelled,
+                                 Cancelled=pipeline.Cancelled, SidedLungMask=lungstep.SidedLungMask,
                                  resolve_lobe_weights=lambda: os.environ.get("FAKE_LOBE_WEIGHTS"),
                                  calls=pipeline.CALLS)
 
@@ -617,7 +622,7 @@ def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
     make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu", lungSegmentation=lungsNode)
     call = fake_engine.calls[-1]
     assert call["lungs"] == "auto"
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(call["lung_mask"]), case.lungs)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(call["lung_mask"].mask), case.lungs)
     with pytest.raises(ValueError, match="lungs"):
         make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu")
     # lungs known only by terminology (renamed) still count, and a lesion segment beside them is not lung
@@ -637,6 +642,37 @@ def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
     mrml.set_segment_from_array(only_ggo, ggo, case.labels == 1, mrml.ijk_to_ras_from_image(case.ct))
     with pytest.raises(ValueError, match="no lung segment with voxels"):
         mrml.lung_mask_from_segmentation(only_ggo, case.volume)
+
+
+@pytest.mark.parametrize("side", ["Right lung", "Left lung"])
+def test_existing_lungs_with_one_lung_keep_that_lung_alone(case, fake_engine, side):
+    """One lung drawn (or after a pneumonectomy): the engine split it into a made-up right and left lung."""
+    spec = next(s for s in mrml.lung_specs() if s.name == side)
+    other = next(s for s in mrml.lung_specs() if s.name != side)
+    lungsNode = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "one lung")
+    mrml.set_segment_from_array(lungsNode, spec, case.lungs == spec.labelValue, mrml.ijk_to_ras_from_image(case.ct))
+    result = make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu",
+                                                   lungSegmentation=lungsNode)
+    node = result.segmentationNode
+    np.testing.assert_array_equal(mrml.segment_mask_array(node, spec.segmentId, case.volume) > 0,
+                                  case.lungs == spec.labelValue)
+    assert not mrml.segment_mask_array(node, other.segmentId, case.volume).any()
+    ml = np.prod(case.ct.GetSpacing()) / 1000.0
+    values = mrml.table_values(result.tableNode)
+    key = "right" if side == "Right lung" else "left"
+    assert values[f"lungs.{key}.volume_ml"] == pytest.approx((case.lungs == spec.labelValue).sum() * ml)
+    assert result.stats["severity"]["regions_scored"] == 1
+    assert "(1 of 2 regions scored)" in result.summary
+
+
+def test_existing_one_lung_keeps_its_side_in_the_background_run_too(case, fake_engine_dir):
+    spec = mrml.lung_specs()[0]
+    lungsNode = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "right lung only")
+    mrml.set_segment_from_array(lungsNode, spec, case.lungs == 1, mrml.ijk_to_ras_from_image(case.ct))
+    result = background_logic(case, fake_engine_dir).process(
+        case.volume, None, "existing", None, "cpu", waitForCompletion=False, lungSegmentation=lungsNode).wait()
+    assert result.stats["severity"]["regions_scored"] == 1
+    assert not mrml.segment_mask_array(result.segmentationNode, "Left_lung", case.volume).any()
 
 
 def test_bad_choices_are_refused_before_running(case, fake_engine):
@@ -770,7 +806,8 @@ def test_loader_uses_the_bundled_logic_folder_when_nothing_is_installed(tmp_path
         "from ssalesionseg import stats\nclass Cancelled(Exception): pass\ndef segment_image(ct, **kw): return ct\n")
     (logicDir / "stats.py").write_text("def compute_stats(*a, **kw): return {}\ndef label_names_for(c): return {}\n"
                                        "def figure_notes(s, lungs=None): return []\n")
-    (logicDir / "lungstep.py").write_text("LOBE_WEIGHTS_ENV = 'X'\ndef resolve_weights(*a): return None\n")
+    (logicDir / "lungstep.py").write_text("LOBE_WEIGHTS_ENV = 'X'\ndef resolve_weights(*a): return None\n"
+                                          "class SidedLungMask: pass\n")
     # -S: no site-packages, so an installed ssalesionseg cannot be picked up instead.
     code = (f"import sys; sys.path.insert(0, {str(os.path.join(MODULE_DIR))!r})\n"
             "from SSALesionSegLib import engine\n"
