@@ -111,11 +111,13 @@ class ProcessingLogic:
         checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
         ct = mrml.image_from_volume_node(inputVolume)
         lungMask = None
+        notes = []   # the panel's own, before the engine's
         if lungMethod == "existing":
-            lungMask = mrml.lung_mask_from_segmentation(lungSegmentation, inputVolume)
+            lungMask = mrml.lung_mask_from_segmentation(lungSegmentation, inputVolume, notes)
 
         if not waitForCompletion:
             run = BackgroundRun(self, inputVolume, outputSegmentation, statisticsTable, progressCallback)
+            run.notes = notes
             run.start(ct, lungMask, lungMethod, checkpoint, device, flipTTA)
             return run
 
@@ -126,19 +128,25 @@ class ProcessingLogic:
         except engine.Cancelled as e:
             raise Cancelled(str(e) or "Cancelled") from e
         return self.applyResult(inputVolume, outputSegmentation, result.labels, result.lungs, result.stats,
-                                getattr(result, "info", None), statisticsTable, getattr(result, "class_names", None))
+                                getattr(result, "info", None), statisticsTable, getattr(result, "class_names", None),
+                                notes)
 
     def applyResult(self, inputVolume, outputSegmentation, labels, lungs, stats, info=None, statisticsTable=None,
-                    classNames=None):
+                    classNames=None, notes=None):
+        """The engine's result into the scene; ``notes`` (the panel's own, e.g. on the lung
+        segmentation) are listed before the engine's notices."""
         segmentationNode = mrml.import_result_to_segmentation(
             self.scene, inputVolume, labels, lungs, outputSegmentation, classNames)
+        notes = list(notes or [])
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
         mrml.stats_to_table(stats, tableNode)
+        info = dict(info or {})
+        notices = notes + list(info.get("notices") or [])
+        if notices:
+            info["notices"] = notices
         if info:
             tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
-        notices = (info or {}).get("notices") or []
-        return ProcessResult(segmentationNode, tableNode, stats, info or {}, mrml.summary_text(stats, notices),
-                             classNames)
+        return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notices), classNames)
 
     # -- correction loop -------------------------------------------------------
 
@@ -207,6 +215,7 @@ class BackgroundRun:
         self.outputSegmentation = outputSegmentation
         self.statisticsTable = statisticsTable
         self.progressCallback = progressCallback
+        self.notes = []   # the panel's own notes, listed before the engine's
         self.state = None
         self.result = None
         self.error = None
@@ -329,7 +338,7 @@ class BackgroundRun:
         if lungs is not None:
             lungs.CopyInformation(reference)
         return self.logic.applyResult(self.inputVolume, self.outputSegmentation, labels, lungs, stats, info,
-                                      self.statisticsTable, self._done.get("class_names"))
+                                      self.statisticsTable, self._done.get("class_names"), self.notes)
 
     def cancel(self):
         """Stop the worker (and anything it started); the scene is not touched."""

@@ -644,6 +644,89 @@ def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
         mrml.lung_mask_from_segmentation(only_ggo, case.volume)
 
 
+def _crop_node(case, name, i=slice(None), j=slice(None), k=slice(None)):
+    """A crop of the case's CT as Crop Volume makes it (a new volume, the same voxels on the same lattice)."""
+    return mrml.add_volume_node_from_image(case.scene, case.ct[i, j, k], name)
+
+
+def test_segments_reaching_beyond_a_cropped_ct_are_cut_to_it_and_said(case, fake_engine, tmp_path):
+    """Segments were resampled padded and then, being larger than the CT, read as empty:
+    Recompute after a crop gave 0 mL and Export an all-background case, without a word."""
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    ml = np.prod(case.ct.GetSpacing()) / 1000.0
+    # in-plane: the right lung whole, the left lung and the consolidation cut
+    crop = _crop_node(case, "Phantom CT crop", i=slice(0, 35))
+    labels, lungs = case.labels[:, :, :35], case.lungs[:, :, :35]
+    assert (labels == 2).any() and (case.labels[:, :, 35:] == 2).any()
+    recomputed = logic.recomputeStatistics(crop, node)
+    values = mrml.table_values(recomputed.tableNode)
+    assert values["lesions.ggo.volume_ml"] == pytest.approx((labels == 1).sum() * ml)
+    assert values["lesions.consolidation.volume_ml"] == pytest.approx((labels == 2).sum() * ml)
+    assert values["lungs.left.volume_ml"] == pytest.approx((lungs == 2).sum() * ml)
+    outsideLeft = (case.lungs[:, :, 35:] == 2).sum() * ml
+    note = [n for n in recomputed.info["notices"] if "reaches beyond the extent of 'Phantom CT crop'" in n]
+    assert note and f"Left lung {outsideLeft:.1f} mL" in note[0] and "Right lung" not in note[0]
+    assert "Note: 'Phantom CT lesions' reaches beyond" in recomputed.summary
+    notes = []
+    logic.exportTrainingCase(crop, node, str(tmp_path / "cases"), "crop", notes=notes)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "crop.nii.gz")))
+    np.testing.assert_array_equal(written, labels)
+    assert any("lie outside it and are left out" in n for n in notes)
+    # through the slices: every segment reaches beyond, none reads as empty
+    slab = _crop_node(case, "Phantom CT slab", k=slice(2, 6))
+    values = mrml.table_values(logic.recomputeStatistics(slab, node).tableNode)
+    assert values["lungs.total.volume_ml"] == pytest.approx((case.lungs[2:6] > 0).sum() * ml)
+    assert values["lesions.ggo.volume_ml"] == pytest.approx((case.labels[2:6] == 1).sum() * ml)
+    notes = []   # the result's lungs as "Existing lungs" on the slab: said for the lungs alone
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(node, slab, notes)),
+                                  case.lungs[2:6])
+    assert len(notes) == 1 and "Right lung" in notes[0] and "Left lung" in notes[0] and "Ground" not in notes[0]
+    # the lungs of a segmentation on a larger grid, as "Existing lungs"
+    big = np.pad(case.lungs, 3)
+    ijkToRas = mrml.ijk_to_ras_from_image(case.ct)
+    ijkToRas[:3, 3] -= ijkToRas[:3, :3] @ [3, 3, 3]
+    larger = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs on a larger grid")
+    for spec in mrml.lung_specs():
+        mrml.set_segment_from_array(larger, spec, big == spec.labelValue, ijkToRas)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(larger, case.volume)),
+                                  case.lungs)
+    # lungs wholly outside the CT: said so, not "no lung segment with voxels (its segments are Right lung ...)"
+    away = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs elsewhere")
+    far = mrml.ijk_to_ras_from_image(case.ct)
+    far[:3, 3] += far[:3, :3] @ [100, 0, 0]
+    for spec in mrml.lung_specs():
+        mrml.set_segment_from_array(away, spec, case.lungs == spec.labelValue, far)
+    with pytest.raises(ValueError, match="lie outside 'Phantom CT'.*select the CT this segmentation was made on"):
+        mrml.lung_mask_from_segmentation(away, case.volume)
+    # and Recompute on a slab that misses the lungs does not advise restoring them
+    empty = mrml.add_volume_node_from_image(case.scene, case.ct[:, :, 2:6], "Beyond")
+    empty.SetIJKToRASMatrix(mrml.vtk_matrix(far))
+    with pytest.raises(ValueError, match="No lungs to measure: the lung segments of 'Phantom CT lesions' lie outside"):
+        logic.recomputeStatistics(empty, node)
+
+
+def test_lungs_held_as_closed_surfaces_are_read_as_both_lungs(case):
+    """Lungs imported as models (closed-surface source): each segment is converted to a labelmap
+    on the fly, holding 1 whatever label value the segment kept, so the left lung (2) read as empty."""
+    lungsNode = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs from a model")
+    lungsNode.CreateDefaultDisplayNodes()
+    lungsNode.SetReferenceImageGeometryParameterFromVolumeNode(case.volume)
+    for spec in mrml.lung_specs():
+        mrml.set_segment_from_array(lungsNode, spec, case.lungs == spec.labelValue, mrml.ijk_to_ras_from_image(case.ct))
+    assert lungsNode.CreateClosedSurfaceRepresentation()
+    segmentation = lungsNode.GetSegmentation()
+    segmentation.SetSourceRepresentationName("Closed surface")
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentation.GetNthSegment(index).RemoveRepresentation("Binary labelmap")
+    assert segmentation.GetSegment("Left_lung").GetLabelValue() == 2
+    lungs = sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(lungsNode, case.volume))
+    for value in (1, 2):   # the surface's labelmap is not voxel for voxel the one it was made from
+        expected = case.lungs == value
+        assert (lungs == value).sum() == pytest.approx(expected.sum(), rel=0.25)
+        assert ((lungs == value) & expected).sum() > 0.7 * expected.sum()
+
+
 @pytest.mark.parametrize("side", ["Right lung", "Left lung"])
 def test_existing_lungs_with_one_lung_keep_that_lung_alone(case, fake_engine, side):
     """One lung drawn (or after a pneumonectomy): the engine split it into a made-up right and left lung."""
@@ -673,6 +756,33 @@ def test_existing_one_lung_keeps_its_side_in_the_background_run_too(case, fake_e
         case.volume, None, "existing", None, "cpu", waitForCompletion=False, lungSegmentation=lungsNode).wait()
     assert result.stats["severity"]["regions_scored"] == 1
     assert not mrml.segment_mask_array(result.segmentationNode, "Left_lung", case.volume).any()
+
+
+@pytest.mark.parametrize("moved", ["ct", "lungs"])
+def test_existing_lungs_follow_parent_transforms(case, fake_engine, moved):
+    """The CT (or the lung segmentation) under a transform: the lungs were read in the node's own
+    coordinates, i.e. shifted against the CT where Slicer shows them."""
+    shift = np.eye(4)
+    shift[:3, 3] = [1.1, 3.0, -2.2]      # e.g. after a registration
+    transform = case.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(mrml.vtk_matrix(shift))
+    ijkToRas = mrml.ijk_to_ras_from_image(case.ct)
+    lungsNode = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs as drawn")
+    if moved == "ct":   # the lungs drawn where the moved CT shows them, in world coordinates
+        case.volume.SetAndObserveTransformNodeID(transform.GetID())
+        drawnAt = shift @ ijkToRas
+    else:               # the lungs under a transform, shown on the CT where it is
+        lungsNode.SetAndObserveTransformNodeID(transform.GetID())
+        drawnAt = np.linalg.inv(shift) @ ijkToRas
+    for spec in mrml.lung_specs():
+        mrml.set_segment_from_array(lungsNode, spec, case.lungs == spec.labelValue, drawnAt)
+    notes = []
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(lungsNode, case.volume, notes)), case.lungs)
+    assert notes == []
+    fake_engine.calls.clear()
+    make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu", lungSegmentation=lungsNode)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fake_engine.calls[-1]["lung_mask"].mask), case.lungs)
 
 
 def test_bad_choices_are_refused_before_running(case, fake_engine):
