@@ -153,8 +153,14 @@ class ProcessingLogic:
     def recomputeStatistics(self, inputVolume, segmentationNode, statisticsTable=None):
         """Statistics from the (edited) segments, written to the segmentation's table, read
         and checked as ``ssalesionseg stats`` reads a ``.seg.nrrd``; its notes are in
-        ``info["notices"]`` and the summary."""
+        ``info["notices"]`` and the summary — among them when the segmentation was made from
+        another CT than ``inputVolume`` (as ``stats`` notes labels of another run)."""
         notes = []
+        other = mrml.other_ct_of(segmentationNode, inputVolume)
+        if other is not None:
+            notes.append(f"'{segmentationNode.GetName()}' was made from '{other.GetName()}', not from "
+                         f"'{inputVolume.GetName()}': these are its segments measured on '{inputVolume.GetName()}'. "
+                         f"Is it this CT's segmentation? (Select '{other.GetName()}' as input CT for its figures.)")
         result = mrml.result_from_segments(segmentationNode, inputVolume, notes=notes)
         classNames = ["background", "infection"] if result.binary else mrml._default_class_names()
         ct = mrml.image_from_volume_node(inputVolume)

@@ -79,6 +79,9 @@ def segment_specs(classNames=None):
 
 
 STATISTICS_REFERENCE_ROLE = "SSALesionSegStatistics"
+# The CT a result segmentation was made from (set on Apply); Recompute and Export check it.
+SOURCE_VOLUME_REFERENCE_ROLE = "SSALesionSegSourceVolume"
+REFERENCE_GEOMETRY_ROLE = "referenceImageGeometryRef"   # what SetReferenceImageGeometryParameterFromVolumeNode sets
 STATS_ATTRIBUTE = "SSALesionSeg.Stats"
 
 
@@ -259,8 +262,67 @@ def ensure_segmentation_node(scene, segmentationNode, referenceVolumeNode, name=
     if segmentationNode.GetDisplayNode() is None:
         segmentationNode.CreateDefaultDisplayNodes()
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+    segmentationNode.SetNodeReferenceID(SOURCE_VOLUME_REFERENCE_ROLE, referenceVolumeNode.GetID())
     segmentationNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
     return segmentationNode
+
+
+def source_volume_of(segmentationNode):
+    """The CT a segmentation was made from: the input of its last Apply, else the volume its
+    reference geometry was taken from (e.g. the Segment Editor's source volume), else None."""
+    return (segmentationNode.GetNodeReference(SOURCE_VOLUME_REFERENCE_ROLE)
+            or segmentationNode.GetNodeReference(REFERENCE_GEOMETRY_ROLE))
+
+
+def _ijk_to_ras(volumeNode):
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return numpy_matrix(matrix)
+
+
+def same_scan(volumeNode, otherNode, tolerance=1e-3):
+    """True when two volume nodes hold the same scan where they overlap: their voxel lattices
+    coincide where Slicer shows them (same spacing and axes, origins whole voxels apart — a
+    copy, or a crop Crop Volume made without resampling) and the voxels they share are equal."""
+    if volumeNode is otherNode:
+        return True
+    transform = transform_to_volume(otherNode, volumeNode)
+    if transform is not None and not transform.IsA("vtkLinearTransform"):
+        return False
+    otherToVolume = np.eye(4) if transform is None else numpy_matrix(transform.GetMatrix())
+    # voxel index of the volume -> voxel index of the other volume
+    indexMap = np.linalg.inv(otherToVolume @ _ijk_to_ras(otherNode)) @ _ijk_to_ras(volumeNode)
+    offset = indexMap[:3, 3]
+    if not (np.allclose(indexMap[:3, :3], np.eye(3), atol=tolerance)
+            and np.allclose(offset, np.round(offset), atol=tolerance)):
+        return False
+    offset = np.round(offset).astype(int)                       # i, j, k
+    dims = np.array(volumeNode.GetImageData().GetDimensions())
+    otherDims = np.array(otherNode.GetImageData().GetDimensions())
+    low, high = np.maximum(0, -offset), np.minimum(dims, otherDims - offset)
+    if np.any(low >= high):
+        return False
+    mine = slicer.util.arrayFromVolume(volumeNode)[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
+    theirs = slicer.util.arrayFromVolume(otherNode)[low[2] + offset[2]:high[2] + offset[2],
+                                                    low[1] + offset[1]:high[1] + offset[1],
+                                                    low[0] + offset[0]:high[0] + offset[0]]
+    return mine.shape == theirs.shape and np.array_equal(mine, theirs)
+
+
+def _same_grid(volumeNode, otherNode, tolerance=1e-3):
+    return (volumeNode.GetImageData().GetDimensions() == otherNode.GetImageData().GetDimensions()
+            and volumeNode.GetTransformNodeID() == otherNode.GetTransformNodeID()
+            and np.allclose(_ijk_to_ras(volumeNode), _ijk_to_ras(otherNode), atol=tolerance))
+
+
+def other_ct_of(segmentationNode, volumeNode):
+    """The CT ``segmentationNode`` was made from when that is another scan than ``volumeNode``
+    (patient A's segmentation with patient B's CT selected), else None — also when it is not
+    known, or is the same scan (a copy, or a crop of it)."""
+    source = source_volume_of(segmentationNode)
+    if source is None or source is volumeNode or source.GetImageData() is None:
+        return None
+    return None if same_scan(volumeNode, source) else source
 
 
 def set_segment_from_array(segmentationNode, spec, mask, ijkToRas):
@@ -762,7 +824,17 @@ def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None,
     ``labels/<case>.nii.gz`` (0 background, 1 GGO, 2 consolidation) and ``lungs/<case>.nii.gz``
     (1 right, 2 left) when the lung segments exist — with the engine's writer, the layout
     ``ssalesionseg train --cases`` reads, as ``ssalesionseg export-case`` does (what either
-    has to say goes into ``notes``). Returns the written paths."""
+    has to say goes into ``notes``). Returns the written paths. A segmentation made from another
+    scan than ``volumeNode`` (:func:`other_ct_of`) is refused: its labels with this CT would
+    be a wrong training pair."""
+    other = other_ct_of(segmentationNode, volumeNode)
+    if other is not None:
+        raise ValueError(
+            f"'{segmentationNode.GetName()}' was made from '{other.GetName()}', not from '{volumeNode.GetName()}' "
+            f"(another scan: {'other voxel values on the same grid' if _same_grid(volumeNode, other) else 'another grid'}"
+            f"): exporting would pair the CT of '{volumeNode.GetName()}' with labels drawn on "
+            f"'{other.GetName()}'. Select '{other.GetName()}' as input CT to export this segmentation, or press "
+            f"Apply on '{volumeNode.GetName()}' to segment it.")
     result = result_from_segments(segmentationNode, volumeNode, requireLungs=False, notes=notes)
     lungs = None if result.lungs is None else _image_on_volume(result.lungs, volumeNode)
     return _engine_module("trainingcase").write_training_case(

@@ -758,6 +758,37 @@ def test_existing_one_lung_keeps_its_side_in_the_background_run_too(case, fake_e
     assert not mrml.segment_mask_array(result.segmentationNode, "Left_lung", case.volume).any()
 
 
+def test_recompute_notes_and_export_refuses_a_segmentation_made_from_another_ct(case, fake_engine, tmp_path):
+    """Patient A's segmentation with patient B's CT selected: A's masks measured on B's HU,
+    and B's CT exported with A's labels, without a word."""
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    assert mrml.source_volume_of(node) is case.volume
+    other = sitk.GetImageFromArray(sitk.GetArrayFromImage(case.ct)[::-1].copy())   # same grid, other voxels
+    other.CopyInformation(case.ct)
+    patientB = mrml.add_volume_node_from_image(case.scene, other, "Patient B")
+    recomputed = logic.recomputeStatistics(patientB, node)
+    assert "'Phantom CT lesions' was made from 'Phantom CT', not from 'Patient B'" in recomputed.summary
+    assert "Is it this CT's segmentation?" in recomputed.info["notices"][0]
+    with pytest.raises(ValueError, match="made from 'Phantom CT', not from 'Patient B'.*same grid"):
+        logic.exportTrainingCase(patientB, node, str(tmp_path / "cases"))
+    assert not (tmp_path / "cases").exists()
+    # the same scan loaded again (another node, the same voxels): nothing to say
+    again = mrml.add_volume_node_from_image(case.scene, case.ct, "Phantom CT again")
+    assert not [n for n in logic.recomputeStatistics(again, node).info["notices"] if "made from" in n]
+    logic.exportTrainingCase(again, node, str(tmp_path / "cases"))
+    # the CT of the segmentation itself, under another transform than the segmentation: the lattice
+    # where Slicer shows them differs, so it is not the scan the segments were drawn on
+    moved = mrml.add_volume_node_from_image(case.scene, case.ct, "Phantom CT moved")
+    transform = case.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[1, 3] = 7.3
+    transform.SetMatrixTransformToParent(mrml.vtk_matrix(shift))
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(ValueError, match="another grid"):
+        logic.exportTrainingCase(moved, node, str(tmp_path / "other"))
+
+
 @pytest.mark.parametrize("moved", ["ct", "lungs"])
 def test_existing_lungs_follow_parent_transforms(case, fake_engine, moved):
     """The CT (or the lung segmentation) under a transform: the lungs were read in the node's own
