@@ -138,7 +138,7 @@ class ProcessingLogic:
         segmentationNode = mrml.import_result_to_segmentation(
             self.scene, inputVolume, labels, lungs, outputSegmentation, classNames)
         notes = list(notes or [])
-        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
+        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
         mrml.stats_to_table(stats, tableNode)
         info = dict(info or {})
         notices = notes + list(info.get("notices") or [])
@@ -168,7 +168,7 @@ class ProcessingLogic:
         stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume), lungs,
                                           label_names=self.engine.label_names_for(classNames))
         notes += self.engine.figure_notes(stats, lungs)
-        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
+        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
         mrml.stats_to_table(stats, tableNode)
         info = {"notices": notes} if notes else {}
         return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notes), classNames)

@@ -741,20 +741,35 @@ def statistics_table_owner(scene, tableNode):
     return None
 
 
-def ensure_statistics_table(scene, segmentationNode, tableNode=None, name=None):
+def is_module_table(tableNode):
+    """A table this module may fill: one it wrote before (it carries ``STATS_ATTRIBUTE``), or an
+    empty one (e.g. just made for it). Any other table is the user's and is not overwritten."""
+    return tableNode.GetAttribute(STATS_ATTRIBUTE) is not None or (
+        tableNode.GetNumberOfColumns() == 0 and tableNode.GetNumberOfRows() == 0)
+
+
+def ensure_statistics_table(scene, segmentationNode, tableNode=None, name=None, notes=None):
     """The statistics table of a segmentation: the given one, the one referenced by
     the segmentation from an earlier run, or a new one. A given table that holds another
     segmentation's figures is left to that segmentation (a second case run into a new
-    segmentation must not overwrite the first case's table)."""
+    segmentation must not overwrite the first case's table), and a given table of the user's
+    own (not one of this module's, :func:`is_module_table`) is left as it is: the figures go
+    to the segmentation's table instead, said in ``notes``."""
     owner = statistics_table_owner(scene, tableNode)
     if owner is not None and owner is not segmentationNode:
         tableNode = None
+    refused = None
+    if tableNode is not None and not is_module_table(tableNode):
+        refused, tableNode = tableNode, None
     if tableNode is None:
         tableNode = segmentationNode.GetNodeReference(STATISTICS_REFERENCE_ROLE)
     if tableNode is None:
         tableNode = scene.AddNewNodeByClass(
             "vtkMRMLTableNode", name or f"{segmentationNode.GetName()} statistics")
     segmentationNode.SetNodeReferenceID(STATISTICS_REFERENCE_ROLE, tableNode.GetID())
+    if refused is not None and notes is not None:
+        notes.append(f"'{refused.GetName()}' is not a statistics table of this module and was left as it was: the "
+                     f"figures are in '{tableNode.GetName()}'")
     return tableNode
 
 

@@ -816,6 +816,31 @@ def test_existing_lungs_follow_parent_transforms(case, fake_engine, moved):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(fake_engine.calls[-1]["lung_mask"].mask), case.lungs)
 
 
+def test_a_users_own_table_is_never_overwritten(case, fake_engine):
+    """A table of the user's chosen as "Statistics table" lost its columns to the figures."""
+    own = case.scene.AddNewNodeByClass("vtkMRMLTableNode", "My measurements")
+    column = own.AddColumn()
+    column.SetName("Reader notes")
+    own.AddEmptyRow()
+    own.SetCellText(0, 0, "GGO looks larger on the left")
+    logic = make_logic(case, fake_engine)
+    result = logic.process(case.volume, None, "auto", None, "cpu", statisticsTable=own)
+    assert result.tableNode is not own and result.tableNode.GetName() == "Phantom CT lesions statistics"
+    assert own.GetNumberOfColumns() == 1 and own.GetColumnName(0) == "Reader notes"
+    assert own.GetCellText(0, 0) == "GGO looks larger on the left"
+    assert own.GetAttribute(mrml.STATS_ATTRIBUTE) is None
+    note = ("'My measurements' is not a statistics table of this module and was left as it was: the figures are in "
+            "'Phantom CT lesions statistics'")
+    assert note in result.info["notices"] and f"Note: {note}" in result.summary
+    assert result.segmentationNode.GetNodeReference(mrml.STATISTICS_REFERENCE_ROLE) is result.tableNode
+    recomputed = logic.recomputeStatistics(case.volume, result.segmentationNode, own)
+    assert recomputed.tableNode is result.tableNode and note in recomputed.summary
+    assert own.GetNumberOfColumns() == 1
+    # the module's own table, and an empty one, are filled
+    again = logic.process(case.volume, result.segmentationNode, "auto", None, "cpu", statisticsTable=result.tableNode)
+    assert again.tableNode is result.tableNode and not again.info.get("notices")
+
+
 def test_bad_choices_are_refused_before_running(case, fake_engine):
     logic = make_logic(case, fake_engine)
     with pytest.raises(ValueError, match="lung method"):
