@@ -9,7 +9,8 @@ Methods
 ``classical`` :func:`ssanet.lungs.lung_mask_from_hu` (threshold-based with dense-lesion
               recovery); needs nothing, less exact.
 ``auto``      lungmask when weights are found, else classical with a notice.
-A lung mask file (labelmap or ``.seg.nrrd`` on the CT grid) bypasses both.
+A lung mask file (labelmap or ``.seg.nrrd`` on the CT grid) bypasses both; so does a
+:class:`SidedLungMask` (labels that already give the side, e.g. from Slicer's segments).
 """
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ class LungResult:
     lobes: np.ndarray | None = None    # uint8 1..5 (LTRCLobes order) or None
     details: dict = field(default_factory=dict)
     notice: str | None = None
+
+
+@dataclass
+class SidedLungMask:
+    """A lung mask whose labels already give the side (1 right, 2 left): kept as it is even
+    with one side only (one lung drawn, or after a pneumonectomy), where a plain mask holding
+    only 1s is taken as unsided and split into two lungs. ``mask`` is what ``lung_mask``
+    takes otherwise: a file, a SimpleITK image or an array on the CT grid."""
+    mask: object
 
 
 def hub_cache_weights(pattern: str = "unet_r231-*.pth") -> Path | None:
@@ -189,6 +199,13 @@ def _from_file(path, ct: sitk.Image) -> LungResult:
                 raise InputError(f"{path}: no lung segment (by name or terminology) among "
                                  f"{', '.join(n for n, _, _ in segs)}")
             labels = np.zeros(ct.GetSize()[::-1], np.uint8)   # lung segments, all empty: said below
+    elif isinstance(path, SidedLungMask):
+        arr = _mask_array(path.mask, ct)
+        other = sorted(set(np.unique(arr).tolist()) - {0, 1, 2})
+        if other:
+            raise InputError(f"the sided lung mask holds label(s) {other}: only 1 (right lung) and 2 (left lung)")
+        labels = arr.astype(np.uint8)
+        path = path.mask   # named as what it holds, below
     else:
         arr = _mask_array(path, ct)
         values = set(np.unique(arr).tolist()) - {0}

@@ -100,6 +100,7 @@ def load_engine(moduleDir=None):
         label_names_for=stats.label_names_for,
         figure_notes=stats.figure_notes,
         Cancelled=pipeline.Cancelled,
+        SidedLungMask=lungstep.SidedLungMask,
         resolve_lobe_weights=lambda: lungstep.resolve_weights(
             None, lungstep.LOBE_WEIGHTS_ENV, "unet_ltrclobes-*.pth"),
     )
@@ -119,13 +120,16 @@ def run_segmentation(engine, ct, lungMethod, checkpoint, device, lungMask=None, 
     choices (FLIP_TTA).
 
     The engine's own methods are auto/lungmask/classical; "lobes" is lungmask with the
-    LTRCLobes weights (severity per lobe), "existing" passes the user's lung mask.
+    LTRCLobes weights (severity per lobe), "existing" passes the user's lung mask — sided
+    labels (1 right, 2 left, ``mrml.lung_mask_from_segmentation``), so a segmentation with one
+    lung gives that lung alone instead of being split into two.
     """
     lungs, lobeWeights = lungMethod, None
     if lungMethod == "existing":
         if lungMask is None:
             raise ValueError("The 'existing segmentation' lung method needs a lung mask")
         lungs = "auto"
+        lungMask = engine.SidedLungMask(lungMask)
     elif lungMethod == "lobes":
         lungs = "lungmask"
         lobeWeights = engine.resolve_lobe_weights()

@@ -111,11 +111,13 @@ class ProcessingLogic:
         checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
         ct = mrml.image_from_volume_node(inputVolume)
         lungMask = None
+        notes = []   # the panel's own, before the engine's
         if lungMethod == "existing":
-            lungMask = mrml.lung_mask_from_segmentation(lungSegmentation, inputVolume)
+            lungMask = mrml.lung_mask_from_segmentation(lungSegmentation, inputVolume, notes)
 
         if not waitForCompletion:
             run = BackgroundRun(self, inputVolume, outputSegmentation, statisticsTable, progressCallback)
+            run.notes = notes
             run.start(ct, lungMask, lungMethod, checkpoint, device, flipTTA)
             return run
 
@@ -126,27 +128,39 @@ class ProcessingLogic:
         except engine.Cancelled as e:
             raise Cancelled(str(e) or "Cancelled") from e
         return self.applyResult(inputVolume, outputSegmentation, result.labels, result.lungs, result.stats,
-                                getattr(result, "info", None), statisticsTable, getattr(result, "class_names", None))
+                                getattr(result, "info", None), statisticsTable, getattr(result, "class_names", None),
+                                notes)
 
     def applyResult(self, inputVolume, outputSegmentation, labels, lungs, stats, info=None, statisticsTable=None,
-                    classNames=None):
+                    classNames=None, notes=None):
+        """The engine's result into the scene; ``notes`` (the panel's own, e.g. on the lung
+        segmentation) are listed before the engine's notices."""
         segmentationNode = mrml.import_result_to_segmentation(
             self.scene, inputVolume, labels, lungs, outputSegmentation, classNames)
-        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
+        notes = list(notes or [])
+        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
         mrml.stats_to_table(stats, tableNode)
+        info = dict(info or {})
+        notices = notes + list(info.get("notices") or [])
+        if notices:
+            info["notices"] = notices
         if info:
             tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
-        notices = (info or {}).get("notices") or []
-        return ProcessResult(segmentationNode, tableNode, stats, info or {}, mrml.summary_text(stats, notices),
-                             classNames)
+        return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notices), classNames)
 
     # -- correction loop -------------------------------------------------------
 
     def recomputeStatistics(self, inputVolume, segmentationNode, statisticsTable=None):
         """Statistics from the (edited) segments, written to the segmentation's table, read
         and checked as ``ssalesionseg stats`` reads a ``.seg.nrrd``; its notes are in
-        ``info["notices"]`` and the summary."""
+        ``info["notices"]`` and the summary — among them when the segmentation was made from
+        another CT than ``inputVolume`` (as ``stats`` notes labels of another run)."""
         notes = []
+        other = mrml.other_ct_of(segmentationNode, inputVolume)
+        if other is not None:
+            notes.append(f"'{segmentationNode.GetName()}' was made from '{other.GetName()}', not from "
+                         f"'{inputVolume.GetName()}': these are its segments measured on '{inputVolume.GetName()}'. "
+                         f"Is it this CT's segmentation? (Select '{other.GetName()}' as input CT for its figures.)")
         result = mrml.result_from_segments(segmentationNode, inputVolume, notes=notes)
         classNames = ["background", "infection"] if result.binary else mrml._default_class_names()
         ct = mrml.image_from_volume_node(inputVolume)
@@ -154,7 +168,7 @@ class ProcessingLogic:
         stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume), lungs,
                                           label_names=self.engine.label_names_for(classNames))
         notes += self.engine.figure_notes(stats, lungs)
-        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable)
+        tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
         mrml.stats_to_table(stats, tableNode)
         info = {"notices": notes} if notes else {}
         return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notes), classNames)
@@ -207,6 +221,7 @@ class BackgroundRun:
         self.outputSegmentation = outputSegmentation
         self.statisticsTable = statisticsTable
         self.progressCallback = progressCallback
+        self.notes = []   # the panel's own notes, listed before the engine's
         self.state = None
         self.result = None
         self.error = None
@@ -329,7 +344,7 @@ class BackgroundRun:
         if lungs is not None:
             lungs.CopyInformation(reference)
         return self.logic.applyResult(self.inputVolume, self.outputSegmentation, labels, lungs, stats, info,
-                                      self.statisticsTable, self._done.get("class_names"))
+                                      self.statisticsTable, self._done.get("class_names"), self.notes)
 
     def cancel(self):
         """Stop the worker (and anything it started); the scene is not touched."""

@@ -79,6 +79,9 @@ def segment_specs(classNames=None):
 
 
 STATISTICS_REFERENCE_ROLE = "SSALesionSegStatistics"
+# The CT a result segmentation was made from (set on Apply); Recompute and Export check it.
+SOURCE_VOLUME_REFERENCE_ROLE = "SSALesionSegSourceVolume"
+REFERENCE_GEOMETRY_ROLE = "referenceImageGeometryRef"   # what SetReferenceImageGeometryParameterFromVolumeNode sets
 STATS_ATTRIBUTE = "SSALesionSeg.Stats"
 
 
@@ -259,8 +262,67 @@ def ensure_segmentation_node(scene, segmentationNode, referenceVolumeNode, name=
     if segmentationNode.GetDisplayNode() is None:
         segmentationNode.CreateDefaultDisplayNodes()
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+    segmentationNode.SetNodeReferenceID(SOURCE_VOLUME_REFERENCE_ROLE, referenceVolumeNode.GetID())
     segmentationNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
     return segmentationNode
+
+
+def source_volume_of(segmentationNode):
+    """The CT a segmentation was made from: the input of its last Apply, else the volume its
+    reference geometry was taken from (e.g. the Segment Editor's source volume), else None."""
+    return (segmentationNode.GetNodeReference(SOURCE_VOLUME_REFERENCE_ROLE)
+            or segmentationNode.GetNodeReference(REFERENCE_GEOMETRY_ROLE))
+
+
+def _ijk_to_ras(volumeNode):
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return numpy_matrix(matrix)
+
+
+def same_scan(volumeNode, otherNode, tolerance=1e-3):
+    """True when two volume nodes hold the same scan where they overlap: their voxel lattices
+    coincide where Slicer shows them (same spacing and axes, origins whole voxels apart — a
+    copy, or a crop Crop Volume made without resampling) and the voxels they share are equal."""
+    if volumeNode is otherNode:
+        return True
+    transform = transform_to_volume(otherNode, volumeNode)
+    if transform is not None and not transform.IsA("vtkLinearTransform"):
+        return False
+    otherToVolume = np.eye(4) if transform is None else numpy_matrix(transform.GetMatrix())
+    # voxel index of the volume -> voxel index of the other volume
+    indexMap = np.linalg.inv(otherToVolume @ _ijk_to_ras(otherNode)) @ _ijk_to_ras(volumeNode)
+    offset = indexMap[:3, 3]
+    if not (np.allclose(indexMap[:3, :3], np.eye(3), atol=tolerance)
+            and np.allclose(offset, np.round(offset), atol=tolerance)):
+        return False
+    offset = np.round(offset).astype(int)                       # i, j, k
+    dims = np.array(volumeNode.GetImageData().GetDimensions())
+    otherDims = np.array(otherNode.GetImageData().GetDimensions())
+    low, high = np.maximum(0, -offset), np.minimum(dims, otherDims - offset)
+    if np.any(low >= high):
+        return False
+    mine = slicer.util.arrayFromVolume(volumeNode)[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
+    theirs = slicer.util.arrayFromVolume(otherNode)[low[2] + offset[2]:high[2] + offset[2],
+                                                    low[1] + offset[1]:high[1] + offset[1],
+                                                    low[0] + offset[0]:high[0] + offset[0]]
+    return mine.shape == theirs.shape and np.array_equal(mine, theirs)
+
+
+def _same_grid(volumeNode, otherNode, tolerance=1e-3):
+    return (volumeNode.GetImageData().GetDimensions() == otherNode.GetImageData().GetDimensions()
+            and volumeNode.GetTransformNodeID() == otherNode.GetTransformNodeID()
+            and np.allclose(_ijk_to_ras(volumeNode), _ijk_to_ras(otherNode), atol=tolerance))
+
+
+def other_ct_of(segmentationNode, volumeNode):
+    """The CT ``segmentationNode`` was made from when that is another scan than ``volumeNode``
+    (patient A's segmentation with patient B's CT selected), else None — also when it is not
+    known, or is the same scan (a copy, or a crop of it)."""
+    source = source_volume_of(segmentationNode)
+    if source is None or source is volumeNode or source.GetImageData() is None:
+        return None
+    return None if same_scan(volumeNode, source) else source
 
 
 def set_segment_from_array(segmentationNode, spec, mask, ijkToRas):
@@ -328,24 +390,87 @@ def class_names_of(segmentationNode):
     return _default_class_names()
 
 
-def segment_mask_array(segmentationNode, segmentId, referenceVolumeNode):
-    """Binary (k, j, i) uint8 array of one segment on the reference volume's grid."""
+def transform_to_volume(node, volumeNode):
+    """The transform from ``node``'s coordinates to ``volumeNode``'s (through world, as Slicer
+    shows them), or None when both sit under the same parent transform."""
+    if node.GetTransformNodeID() == volumeNode.GetTransformNodeID():
+        return None
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+        node.GetParentTransformNode(), volumeNode.GetParentTransformNode(), transform)
+    linear = vtk.vtkTransform()
+    if slicer.vtkMRMLTransformNode.IsGeneralTransformLinear(transform, linear):
+        return linear
+    return transform
+
+
+def segment_on_grid(segmentationNode, segmentId, referenceVolumeNode):
+    """(mask, outside): one segment as a binary (k, j, i) uint8 array on the reference volume's
+    grid, and how many voxels of it (counted on that grid) lie beyond the volume's extent and
+    are left out. Parent transforms of both nodes are applied: the segment is read where
+    Slicer shows it, in the volume's own coordinates (those the engine works in)."""
+    dims = referenceVolumeNode.GetImageData().GetDimensions()
+    empty = np.zeros(dims[::-1], np.uint8)
     segmentImage = slicer.vtkOrientedImageData()
     if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
             segmentationNode, segmentId, segmentImage, False):
         raise RuntimeError(f"Segment '{segmentId}' has no binary labelmap")
+    if segmentImage.GetPointData().GetScalars() is None or segmentImage.IsEmpty():
+        return empty, 0
     reference = reference_geometry_image(referenceVolumeNode)
     resampled = slicer.vtkOrientedImageData()
+    # Padded: the output is on the reference's lattice and holds the whole segment, so what
+    # lies beyond the CT can be counted before it is cut off.
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-            segmentImage, reference, resampled, False, True):
+            segmentImage, reference, resampled, False, True,
+            transform_to_volume(segmentationNode, referenceVolumeNode)):
         raise RuntimeError(f"Could not resample segment '{segmentId}' onto the CT grid")
-    dims = referenceVolumeNode.GetImageData().GetDimensions()
-    if resampled.GetPointData().GetScalars() is None or resampled.GetDimensions() != dims:
-        # An empty segment resamples to an empty image.
-        return np.zeros(dims[::-1], np.uint8)
-    # Segments may share one labelmap layer, each under its own label value.
-    labelValue = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
-    return (array_from_oriented_image(resampled) == labelValue).astype(np.uint8)
+    if resampled.GetPointData().GetScalars() is None:
+        return empty, 0
+    labelmap = array_from_oriented_image(resampled)
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    if segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()):
+        # Segments may share one labelmap layer, each under its own label value.
+        full = labelmap == segment.GetLabelValue()
+    else:
+        # Converted just now from another source (e.g. a closed surface): this segment alone,
+        # whatever label value the segment kept from an earlier labelmap.
+        full = labelmap > 0
+    have, want = resampled.GetExtent(), reference.GetExtent()
+    low = [max(have[2 * a], want[2 * a]) for a in range(3)]       # i, j, k
+    high = [min(have[2 * a + 1], want[2 * a + 1]) for a in range(3)]
+    if any(lo > hi for lo, hi in zip(low, high)):
+        return empty, int(full.sum())
+    part = full[low[2] - have[4]:high[2] - have[4] + 1, low[1] - have[2]:high[1] - have[2] + 1,
+                low[0] - have[0]:high[0] - have[0] + 1]
+    mask = empty
+    mask[low[2] - want[4]:high[2] - want[4] + 1, low[1] - want[2]:high[1] - want[2] + 1,
+         low[0] - want[0]:high[0] - want[0] + 1] = part
+    return mask, int(full.sum()) - int(part.sum())
+
+
+def segment_mask_array(segmentationNode, segmentId, referenceVolumeNode):
+    """Binary (k, j, i) uint8 array of one segment on the reference volume's grid (what lies
+    beyond the volume's extent is left out; :func:`segment_on_grid` says how much)."""
+    return segment_on_grid(segmentationNode, segmentId, referenceVolumeNode)[0]
+
+
+def voxel_ml(volumeNode):
+    return float(np.prod(volumeNode.GetSpacing())) / 1000.0
+
+
+def _ml_text(ml):
+    return f"{ml:.1f} mL" if ml >= 0.05 else f"{ml:.2g} mL"
+
+
+def outside_note(segmentationNode, referenceVolumeNode, outside):
+    """A note on the segments of ``outside`` ({name: voxels beyond the volume}), or None."""
+    parts = [f"{name} {_ml_text(voxels * voxel_ml(referenceVolumeNode))}" for name, voxels in outside.items()
+             if voxels]
+    if not parts:
+        return None
+    return (f"'{segmentationNode.GetName()}' reaches beyond the extent of '{referenceVolumeNode.GetName()}': "
+            f"{', '.join(parts)} lie outside it and are left out")
 
 
 def _image_on_volume(array, referenceVolumeNode):
@@ -362,10 +487,11 @@ def _reference_image(referenceVolumeNode):
                             referenceVolumeNode)
 
 
-def result_segments(segmentationNode, referenceVolumeNode):
+def result_segments(segmentationNode, referenceVolumeNode, outside=None):
     """Every segment as (name, role, bool (k, j, i) mask on the CT grid) — what
     ``io.read_segments`` returns for a ``.seg.nrrd``, the role by the same rule
-    (``io.segment_role``: terminology, then ID, then name)."""
+    (``io.segment_role``: terminology, then ID, then name). A segment is cut to the CT's
+    extent; ``outside`` (a dict) gets {name: voxels left out} of the segments that reach beyond it."""
     segmentRole = _engine_module("io").segment_role
     segmentation = segmentationNode.GetSegmentation()
     out = []
@@ -374,24 +500,48 @@ def result_segments(segmentationNode, referenceVolumeNode):
         segment = segmentation.GetSegment(segmentId)
         role = segmentRole({"id": segmentId, "name": segment.GetName(),
                             "terminology": terminology_codes(segment.GetTerminology())})
-        out.append((segment.GetName(), role, segment_mask_array(segmentationNode, segmentId, referenceVolumeNode) > 0))
+        mask, beyond = segment_on_grid(segmentationNode, segmentId, referenceVolumeNode)
+        if beyond and outside is not None:
+            outside[segment.GetName()] = outside.get(segment.GetName(), 0) + beyond
+        out.append((segment.GetName(), role, mask > 0))
     return out
+
+
+LUNG_ROLES = ("right_lung", "left_lung", "lung")
+
+
+def _lungs_outside_message(segmentationNode, referenceVolumeNode, segs, outside, roles=LUNG_ROLES):
+    """When the segments of ``roles`` give no voxel on the CT because they lie outside it
+    (another CT's segmentation, or a crop that missed them), a sentence saying so; else None."""
+    beyond = {name: outside[name] for name, role, _ in segs if role in roles and outside.get(name)}
+    if not beyond:
+        return None
+    where = ", ".join(f"{name} {_ml_text(v * voxel_ml(referenceVolumeNode))}" for name, v in beyond.items())
+    return (f"the lung segments of '{segmentationNode.GetName()}' lie outside '{referenceVolumeNode.GetName()}' "
+            f"({where}, none of it inside): select the CT this segmentation was made on")
 
 
 def result_from_segments(segmentationNode, referenceVolumeNode, requireLungs=True, notes=None):
     """The (edited) segments read back by the rule ``ssalesionseg stats`` applies to a
     ``.seg.nrrd`` (``io.result_labels_from_segments``: every segment of a class counts,
     consolidation over GGO where they overlap), as the engine's ``ResultLabels``; what that
-    rule has to say (segments not used, overlap) is appended to ``notes``. No lung segment
-    with voxels is an error unless ``requireLungs`` is False (then ``lungs`` may be None);
-    one lung alone is scored as one of two regions, as the CLI does."""
-    result = _engine_module("io").result_labels_from_segments(
-        result_segments(segmentationNode, referenceVolumeNode), _reference_image(referenceVolumeNode))
-    if notes is not None:
-        notes.extend(result.notes)
+    rule has to say (segments not used, overlap, segments reaching beyond the CT) is appended
+    to ``notes``. No lung segment with voxels is an error unless ``requireLungs`` is False
+    (then ``lungs`` may be None); one lung alone is scored as one of two regions, as the CLI does."""
+    outside = {}
+    segs = result_segments(segmentationNode, referenceVolumeNode, outside)
+    result = _engine_module("io").result_labels_from_segments(segs, _reference_image(referenceVolumeNode))
     if result.lungs is None and requireLungs:
+        why = _lungs_outside_message(segmentationNode, referenceVolumeNode, segs, outside)
+        if why:
+            raise ValueError(f"No lungs to measure: {why}")
         raise ValueError(f"'{segmentationNode.GetName()}' has no Right lung or Left lung segment with voxels: the "
                          "figures are per lung. Restore them (Undo in the Segment Editor) or press Apply again")
+    if notes is not None:
+        notes.extend(result.notes)
+        note = outside_note(segmentationNode, referenceVolumeNode, outside)
+        if note:
+            notes.append(note)
     return result
 
 
@@ -403,25 +553,46 @@ def labelmaps_from_result_segments(segmentationNode, referenceVolumeNode, requir
     return _image_on_volume(result.lesions, referenceVolumeNode), lungs
 
 
-def lung_mask_from_segmentation(segmentationNode, referenceVolumeNode):
+def lung_mask_from_segmentation(segmentationNode, referenceVolumeNode, notes=None):
     """Lung labelmap (1 right, 2 left) from a user's segmentation for the engine's
     ``lung_mask``, by the rule the CLI's ``--lung-mask FILE.seg.nrrd`` applies
     (``lungstep.lungs_from_segments``: right / left lung segments by terminology, ID or name,
     else an unsided lung segment split into sides). A segmentation without any lung segment
     — e.g. one segment painted by thresholding — counts as lung as a whole, except segments
-    that are known to be something else (GGO, consolidation, infection)."""
-    segs = result_segments(segmentationNode, referenceVolumeNode)
+    that are known to be something else (GGO, consolidation, infection). The labels are sided:
+    a segmentation with only a right (or only a left) lung gives that lung alone (pass it as
+    the engine's ``SidedLungMask``). Segments are read where Slicer shows them (parent
+    transforms applied) and cut to the CT's extent, said in ``notes``."""
+    outside = {}
+    segs = result_segments(segmentationNode, referenceVolumeNode, outside)
     if not segs:
         raise ValueError(f"'{segmentationNode.GetName()}' has no segments to use as lung mask")
     reference = _reference_image(referenceVolumeNode)
     lungstep = _engine_module("lungstep")
     labels = lungstep.lungs_from_segments(segs, reference)
+    used = LUNG_ROLES
     if labels is None:
+        why = _lungs_outside_message(segmentationNode, referenceVolumeNode, segs, outside)
+        if why:
+            raise ValueError(f"No lung mask: {why}")
         unnamed = [(name, "lung", mask) for name, role, mask in segs if role is None]
+        used = ("lung",)
         if not unnamed or not any(mask.any() for _, _, mask in unnamed):
-            raise ValueError(f"'{segmentationNode.GetName()}' has no lung segment with voxels (its segments are "
-                             f"{', '.join(name for name, _, _ in segs)}): choose the segmentation that holds the lungs")
+            why = _lungs_outside_message(segmentationNode, referenceVolumeNode, unnamed, outside, used)
+            if why:
+                raise ValueError(f"No lung mask: {why}")
+            lungNames = [name for name, role, _ in segs if role in LUNG_ROLES]
+            detail = (f"its lung segments {', '.join(lungNames)} are empty" if lungNames else
+                      f"its segments are {', '.join(name for name, _, _ in segs)}")
+            raise ValueError(f"'{segmentationNode.GetName()}' has no lung segment with voxels ({detail}): choose "
+                             "the segmentation that holds the lungs")
         labels = lungstep.lungs_from_segments(unnamed, reference)
+        segs = unnamed
+    if notes is not None:
+        note = outside_note(segmentationNode, referenceVolumeNode,
+                            {name: outside.get(name, 0) for name, role, _ in segs if role in used})
+        if note:
+            notes.append(note)
     return _image_on_volume(labels, referenceVolumeNode)
 
 
@@ -570,20 +741,35 @@ def statistics_table_owner(scene, tableNode):
     return None
 
 
-def ensure_statistics_table(scene, segmentationNode, tableNode=None, name=None):
+def is_module_table(tableNode):
+    """A table this module may fill: one it wrote before (it carries ``STATS_ATTRIBUTE``), or an
+    empty one (e.g. just made for it). Any other table is the user's and is not overwritten."""
+    return tableNode.GetAttribute(STATS_ATTRIBUTE) is not None or (
+        tableNode.GetNumberOfColumns() == 0 and tableNode.GetNumberOfRows() == 0)
+
+
+def ensure_statistics_table(scene, segmentationNode, tableNode=None, name=None, notes=None):
     """The statistics table of a segmentation: the given one, the one referenced by
     the segmentation from an earlier run, or a new one. A given table that holds another
     segmentation's figures is left to that segmentation (a second case run into a new
-    segmentation must not overwrite the first case's table)."""
+    segmentation must not overwrite the first case's table), and a given table of the user's
+    own (not one of this module's, :func:`is_module_table`) is left as it is: the figures go
+    to the segmentation's table instead, said in ``notes``."""
     owner = statistics_table_owner(scene, tableNode)
     if owner is not None and owner is not segmentationNode:
         tableNode = None
+    refused = None
+    if tableNode is not None and not is_module_table(tableNode):
+        refused, tableNode = tableNode, None
     if tableNode is None:
         tableNode = segmentationNode.GetNodeReference(STATISTICS_REFERENCE_ROLE)
     if tableNode is None:
         tableNode = scene.AddNewNodeByClass(
             "vtkMRMLTableNode", name or f"{segmentationNode.GetName()} statistics")
     segmentationNode.SetNodeReferenceID(STATISTICS_REFERENCE_ROLE, tableNode.GetID())
+    if refused is not None and notes is not None:
+        notes.append(f"'{refused.GetName()}' is not a statistics table of this module and was left as it was: the "
+                     f"figures are in '{tableNode.GetName()}'")
     return tableNode
 
 
@@ -653,7 +839,17 @@ def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None,
     ``labels/<case>.nii.gz`` (0 background, 1 GGO, 2 consolidation) and ``lungs/<case>.nii.gz``
     (1 right, 2 left) when the lung segments exist — with the engine's writer, the layout
     ``ssalesionseg train --cases`` reads, as ``ssalesionseg export-case`` does (what either
-    has to say goes into ``notes``). Returns the written paths."""
+    has to say goes into ``notes``). Returns the written paths. A segmentation made from another
+    scan than ``volumeNode`` (:func:`other_ct_of`) is refused: its labels with this CT would
+    be a wrong training pair."""
+    other = other_ct_of(segmentationNode, volumeNode)
+    if other is not None:
+        raise ValueError(
+            f"'{segmentationNode.GetName()}' was made from '{other.GetName()}', not from '{volumeNode.GetName()}' "
+            f"(another scan: {'other voxel values on the same grid' if _same_grid(volumeNode, other) else 'another grid'}"
+            f"): exporting would pair the CT of '{volumeNode.GetName()}' with labels drawn on "
+            f"'{other.GetName()}'. Select '{other.GetName()}' as input CT to export this segmentation, or press "
+            f"Apply on '{volumeNode.GetName()}' to segment it.")
     result = result_from_segments(segmentationNode, volumeNode, requireLungs=False, notes=notes)
     lungs = None if result.lungs is None else _image_on_volume(result.lungs, volumeNode)
     return _engine_module("trainingcase").write_training_case(

@@ -73,6 +73,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import Cancelled
+from .lungstep import compute_lungs
 from .stats import compute_stats, label_names_for
 
 
@@ -108,6 +109,9 @@ def segment_image(ct, *, checkpoint=None, lungs="auto", lung_weights=None, lobe_
         class_names = ["background", "infection"]
     labels.CopyInformation(ct)
     lungmap.CopyInformation(ct)
+    if lung_mask is not None:   # the engine's own reading of a given lung mask
+        lungmap = sitk.GetImageFromArray(compute_lungs(ct, lung_mask=lung_mask).labels)
+        lungmap.CopyInformation(ct)
     stats = compute_stats(ct, labels, lungmap, None, label_names_for(class_names))
     info = {"lung_method": lungs, "device": device, "class_names": class_names, "flip_tta": flip_tta}
     return SegmentationResult(labels, lungmap, class_names, stats, info)
@@ -140,9 +144,10 @@ def load_fake_engine(package, alias):
     spec.loader.exec_module(module)
     pipeline = importlib.import_module(alias + ".pipeline")
     stats = importlib.import_module(alias + ".stats")
+    lungstep = importlib.import_module(alias + ".lungstep")
     return types.SimpleNamespace(segment_image=pipeline.segment_image, compute_stats=stats.compute_stats,
                                  label_names_for=stats.label_names_for, figure_notes=stats.figure_notes,
-                                 Cancelled=pipeline.Cancelled,
+                                 Cancelled=pipeline.Cancelled, SidedLungMask=lungstep.SidedLungMask,
                                  resolve_lobe_weights=lambda: os.environ.get("FAKE_LOBE_WEIGHTS"),
                                  calls=pipeline.CALLS)
 
@@ -617,7 +622,7 @@ def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
     make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu", lungSegmentation=lungsNode)
     call = fake_engine.calls[-1]
     assert call["lungs"] == "auto"
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(call["lung_mask"]), case.lungs)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(call["lung_mask"].mask), case.lungs)
     with pytest.raises(ValueError, match="lungs"):
         make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu")
     # lungs known only by terminology (renamed) still count, and a lesion segment beside them is not lung
@@ -637,6 +642,203 @@ def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
     mrml.set_segment_from_array(only_ggo, ggo, case.labels == 1, mrml.ijk_to_ras_from_image(case.ct))
     with pytest.raises(ValueError, match="no lung segment with voxels"):
         mrml.lung_mask_from_segmentation(only_ggo, case.volume)
+
+
+def _crop_node(case, name, i=slice(None), j=slice(None), k=slice(None)):
+    """A crop of the case's CT as Crop Volume makes it (a new volume, the same voxels on the same lattice)."""
+    return mrml.add_volume_node_from_image(case.scene, case.ct[i, j, k], name)
+
+
+def test_segments_reaching_beyond_a_cropped_ct_are_cut_to_it_and_said(case, fake_engine, tmp_path):
+    """Segments were resampled padded and then, being larger than the CT, read as empty:
+    Recompute after a crop gave 0 mL and Export an all-background case, without a word."""
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    ml = np.prod(case.ct.GetSpacing()) / 1000.0
+    # in-plane: the right lung whole, the left lung and the consolidation cut
+    crop = _crop_node(case, "Phantom CT crop", i=slice(0, 35))
+    labels, lungs = case.labels[:, :, :35], case.lungs[:, :, :35]
+    assert (labels == 2).any() and (case.labels[:, :, 35:] == 2).any()
+    recomputed = logic.recomputeStatistics(crop, node)
+    values = mrml.table_values(recomputed.tableNode)
+    assert values["lesions.ggo.volume_ml"] == pytest.approx((labels == 1).sum() * ml)
+    assert values["lesions.consolidation.volume_ml"] == pytest.approx((labels == 2).sum() * ml)
+    assert values["lungs.left.volume_ml"] == pytest.approx((lungs == 2).sum() * ml)
+    outsideLeft = (case.lungs[:, :, 35:] == 2).sum() * ml
+    note = [n for n in recomputed.info["notices"] if "reaches beyond the extent of 'Phantom CT crop'" in n]
+    assert note and f"Left lung {outsideLeft:.1f} mL" in note[0] and "Right lung" not in note[0]
+    assert "Note: 'Phantom CT lesions' reaches beyond" in recomputed.summary
+    notes = []
+    logic.exportTrainingCase(crop, node, str(tmp_path / "cases"), "crop", notes=notes)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "crop.nii.gz")))
+    np.testing.assert_array_equal(written, labels)
+    assert any("lie outside it and are left out" in n for n in notes)
+    # through the slices: every segment reaches beyond, none reads as empty
+    slab = _crop_node(case, "Phantom CT slab", k=slice(2, 6))
+    values = mrml.table_values(logic.recomputeStatistics(slab, node).tableNode)
+    assert values["lungs.total.volume_ml"] == pytest.approx((case.lungs[2:6] > 0).sum() * ml)
+    assert values["lesions.ggo.volume_ml"] == pytest.approx((case.labels[2:6] == 1).sum() * ml)
+    notes = []   # the result's lungs as "Existing lungs" on the slab: said for the lungs alone
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(node, slab, notes)),
+                                  case.lungs[2:6])
+    assert len(notes) == 1 and "Right lung" in notes[0] and "Left lung" in notes[0] and "Ground" not in notes[0]
+    # the lungs of a segmentation on a larger grid, as "Existing lungs"
+    big = np.pad(case.lungs, 3)
+    ijkToRas = mrml.ijk_to_ras_from_image(case.ct)
+    ijkToRas[:3, 3] -= ijkToRas[:3, :3] @ [3, 3, 3]
+    larger = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs on a larger grid")
+    for spec in mrml.lung_specs():
+        mrml.set_segment_from_array(larger, spec, big == spec.labelValue, ijkToRas)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(larger, case.volume)),
+                                  case.lungs)
+    # lungs wholly outside the CT: said so, not "no lung segment with voxels (its segments are Right lung ...)"
+    away = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs elsewhere")
+    far = mrml.ijk_to_ras_from_image(case.ct)
+    far[:3, 3] += far[:3, :3] @ [100, 0, 0]
+    for spec in mrml.lung_specs():
+        mrml.set_segment_from_array(away, spec, case.lungs == spec.labelValue, far)
+    with pytest.raises(ValueError, match="lie outside 'Phantom CT'.*select the CT this segmentation was made on"):
+        mrml.lung_mask_from_segmentation(away, case.volume)
+    # and Recompute on a slab that misses the lungs does not advise restoring them
+    empty = mrml.add_volume_node_from_image(case.scene, case.ct[:, :, 2:6], "Beyond")
+    empty.SetIJKToRASMatrix(mrml.vtk_matrix(far))
+    with pytest.raises(ValueError, match="No lungs to measure: the lung segments of 'Phantom CT lesions' lie outside"):
+        logic.recomputeStatistics(empty, node)
+
+
+def test_lungs_held_as_closed_surfaces_are_read_as_both_lungs(case):
+    """Lungs imported as models (closed-surface source): each segment is converted to a labelmap
+    on the fly, holding 1 whatever label value the segment kept, so the left lung (2) read as empty."""
+    lungsNode = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs from a model")
+    lungsNode.CreateDefaultDisplayNodes()
+    lungsNode.SetReferenceImageGeometryParameterFromVolumeNode(case.volume)
+    for spec in mrml.lung_specs():
+        mrml.set_segment_from_array(lungsNode, spec, case.lungs == spec.labelValue, mrml.ijk_to_ras_from_image(case.ct))
+    assert lungsNode.CreateClosedSurfaceRepresentation()
+    segmentation = lungsNode.GetSegmentation()
+    segmentation.SetSourceRepresentationName("Closed surface")
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentation.GetNthSegment(index).RemoveRepresentation("Binary labelmap")
+    assert segmentation.GetSegment("Left_lung").GetLabelValue() == 2
+    lungs = sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(lungsNode, case.volume))
+    for value in (1, 2):   # the surface's labelmap is not voxel for voxel the one it was made from
+        expected = case.lungs == value
+        assert (lungs == value).sum() == pytest.approx(expected.sum(), rel=0.25)
+        assert ((lungs == value) & expected).sum() > 0.7 * expected.sum()
+
+
+@pytest.mark.parametrize("side", ["Right lung", "Left lung"])
+def test_existing_lungs_with_one_lung_keep_that_lung_alone(case, fake_engine, side):
+    """One lung drawn (or after a pneumonectomy): the engine split it into a made-up right and left lung."""
+    spec = next(s for s in mrml.lung_specs() if s.name == side)
+    other = next(s for s in mrml.lung_specs() if s.name != side)
+    lungsNode = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "one lung")
+    mrml.set_segment_from_array(lungsNode, spec, case.lungs == spec.labelValue, mrml.ijk_to_ras_from_image(case.ct))
+    result = make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu",
+                                                   lungSegmentation=lungsNode)
+    node = result.segmentationNode
+    np.testing.assert_array_equal(mrml.segment_mask_array(node, spec.segmentId, case.volume) > 0,
+                                  case.lungs == spec.labelValue)
+    assert not mrml.segment_mask_array(node, other.segmentId, case.volume).any()
+    ml = np.prod(case.ct.GetSpacing()) / 1000.0
+    values = mrml.table_values(result.tableNode)
+    key = "right" if side == "Right lung" else "left"
+    assert values[f"lungs.{key}.volume_ml"] == pytest.approx((case.lungs == spec.labelValue).sum() * ml)
+    assert result.stats["severity"]["regions_scored"] == 1
+    assert "(1 of 2 regions scored)" in result.summary
+
+
+def test_existing_one_lung_keeps_its_side_in_the_background_run_too(case, fake_engine_dir):
+    spec = mrml.lung_specs()[0]
+    lungsNode = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "right lung only")
+    mrml.set_segment_from_array(lungsNode, spec, case.lungs == 1, mrml.ijk_to_ras_from_image(case.ct))
+    result = background_logic(case, fake_engine_dir).process(
+        case.volume, None, "existing", None, "cpu", waitForCompletion=False, lungSegmentation=lungsNode).wait()
+    assert result.stats["severity"]["regions_scored"] == 1
+    assert not mrml.segment_mask_array(result.segmentationNode, "Left_lung", case.volume).any()
+
+
+def test_recompute_notes_and_export_refuses_a_segmentation_made_from_another_ct(case, fake_engine, tmp_path):
+    """Patient A's segmentation with patient B's CT selected: A's masks measured on B's HU,
+    and B's CT exported with A's labels, without a word."""
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    assert mrml.source_volume_of(node) is case.volume
+    other = sitk.GetImageFromArray(sitk.GetArrayFromImage(case.ct)[::-1].copy())   # same grid, other voxels
+    other.CopyInformation(case.ct)
+    patientB = mrml.add_volume_node_from_image(case.scene, other, "Patient B")
+    recomputed = logic.recomputeStatistics(patientB, node)
+    assert "'Phantom CT lesions' was made from 'Phantom CT', not from 'Patient B'" in recomputed.summary
+    assert "Is it this CT's segmentation?" in recomputed.info["notices"][0]
+    with pytest.raises(ValueError, match="made from 'Phantom CT', not from 'Patient B'.*same grid"):
+        logic.exportTrainingCase(patientB, node, str(tmp_path / "cases"))
+    assert not (tmp_path / "cases").exists()
+    # the same scan loaded again (another node, the same voxels): nothing to say
+    again = mrml.add_volume_node_from_image(case.scene, case.ct, "Phantom CT again")
+    assert not [n for n in logic.recomputeStatistics(again, node).info["notices"] if "made from" in n]
+    logic.exportTrainingCase(again, node, str(tmp_path / "cases"))
+    # the CT of the segmentation itself, under another transform than the segmentation: the lattice
+    # where Slicer shows them differs, so it is not the scan the segments were drawn on
+    moved = mrml.add_volume_node_from_image(case.scene, case.ct, "Phantom CT moved")
+    transform = case.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[1, 3] = 7.3
+    transform.SetMatrixTransformToParent(mrml.vtk_matrix(shift))
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(ValueError, match="another grid"):
+        logic.exportTrainingCase(moved, node, str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("moved", ["ct", "lungs"])
+def test_existing_lungs_follow_parent_transforms(case, fake_engine, moved):
+    """The CT (or the lung segmentation) under a transform: the lungs were read in the node's own
+    coordinates, i.e. shifted against the CT where Slicer shows them."""
+    shift = np.eye(4)
+    shift[:3, 3] = [1.1, 3.0, -2.2]      # e.g. after a registration
+    transform = case.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(mrml.vtk_matrix(shift))
+    ijkToRas = mrml.ijk_to_ras_from_image(case.ct)
+    lungsNode = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs as drawn")
+    if moved == "ct":   # the lungs drawn where the moved CT shows them, in world coordinates
+        case.volume.SetAndObserveTransformNodeID(transform.GetID())
+        drawnAt = shift @ ijkToRas
+    else:               # the lungs under a transform, shown on the CT where it is
+        lungsNode.SetAndObserveTransformNodeID(transform.GetID())
+        drawnAt = np.linalg.inv(shift) @ ijkToRas
+    for spec in mrml.lung_specs():
+        mrml.set_segment_from_array(lungsNode, spec, case.lungs == spec.labelValue, drawnAt)
+    notes = []
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(mrml.lung_mask_from_segmentation(lungsNode, case.volume, notes)), case.lungs)
+    assert notes == []
+    fake_engine.calls.clear()
+    make_logic(case, fake_engine).process(case.volume, None, "existing", None, "cpu", lungSegmentation=lungsNode)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fake_engine.calls[-1]["lung_mask"].mask), case.lungs)
+
+
+def test_a_users_own_table_is_never_overwritten(case, fake_engine):
+    """A table of the user's chosen as "Statistics table" lost its columns to the figures."""
+    own = case.scene.AddNewNodeByClass("vtkMRMLTableNode", "My measurements")
+    column = own.AddColumn()
+    column.SetName("Reader notes")
+    own.AddEmptyRow()
+    own.SetCellText(0, 0, "GGO looks larger on the left")
+    logic = make_logic(case, fake_engine)
+    result = logic.process(case.volume, None, "auto", None, "cpu", statisticsTable=own)
+    assert result.tableNode is not own and result.tableNode.GetName() == "Phantom CT lesions statistics"
+    assert own.GetNumberOfColumns() == 1 and own.GetColumnName(0) == "Reader notes"
+    assert own.GetCellText(0, 0) == "GGO looks larger on the left"
+    assert own.GetAttribute(mrml.STATS_ATTRIBUTE) is None
+    note = ("'My measurements' is not a statistics table of this module and was left as it was: the figures are in "
+            "'Phantom CT lesions statistics'")
+    assert note in result.info["notices"] and f"Note: {note}" in result.summary
+    assert result.segmentationNode.GetNodeReference(mrml.STATISTICS_REFERENCE_ROLE) is result.tableNode
+    recomputed = logic.recomputeStatistics(case.volume, result.segmentationNode, own)
+    assert recomputed.tableNode is result.tableNode and note in recomputed.summary
+    assert own.GetNumberOfColumns() == 1
+    # the module's own table, and an empty one, are filled
+    again = logic.process(case.volume, result.segmentationNode, "auto", None, "cpu", statisticsTable=result.tableNode)
+    assert again.tableNode is result.tableNode and not again.info.get("notices")
 
 
 def test_bad_choices_are_refused_before_running(case, fake_engine):
@@ -770,7 +972,8 @@ def test_loader_uses_the_bundled_logic_folder_when_nothing_is_installed(tmp_path
         "from ssalesionseg import stats\nclass Cancelled(Exception): pass\ndef segment_image(ct, **kw): return ct\n")
     (logicDir / "stats.py").write_text("def compute_stats(*a, **kw): return {}\ndef label_names_for(c): return {}\n"
                                        "def figure_notes(s, lungs=None): return []\n")
-    (logicDir / "lungstep.py").write_text("LOBE_WEIGHTS_ENV = 'X'\ndef resolve_weights(*a): return None\n")
+    (logicDir / "lungstep.py").write_text("LOBE_WEIGHTS_ENV = 'X'\ndef resolve_weights(*a): return None\n"
+                                          "class SidedLungMask: pass\n")
     # -S: no site-packages, so an installed ssalesionseg cannot be picked up instead.
     code = (f"import sys; sys.path.insert(0, {str(os.path.join(MODULE_DIR))!r})\n"
             "from SSALesionSegLib import engine\n"
