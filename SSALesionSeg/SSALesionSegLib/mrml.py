@@ -487,19 +487,40 @@ def _reference_image(referenceVolumeNode):
                             referenceVolumeNode)
 
 
-def result_segments(segmentationNode, referenceVolumeNode, outside=None):
-    """Every segment as (name, role, bool (k, j, i) mask on the CT grid) — what
-    ``io.read_segments`` returns for a ``.seg.nrrd``, the role by the same rule
-    (``io.segment_role``: terminology, then ID, then name). A segment is cut to the CT's
-    extent; ``outside`` (a dict) gets {name: voxels left out} of the segments that reach beyond it."""
+def segment_roles(segmentationNode):
+    """[(segment ID, name, role)] of every segment, the role by the engine's rule
+    (``io.segment_role``: terminology, then ID, then name; None when not known)."""
     segmentRole = _engine_module("io").segment_role
     segmentation = segmentationNode.GetSegmentation()
     out = []
     for index in range(segmentation.GetNumberOfSegments()):
         segmentId = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segmentId)
-        role = segmentRole({"id": segmentId, "name": segment.GetName(),
-                            "terminology": terminology_codes(segment.GetTerminology())})
+        out.append((segmentId, segment.GetName(),
+                    segmentRole({"id": segmentId, "name": segment.GetName(),
+                                 "terminology": terminology_codes(segment.GetTerminology())})))
+    return out
+
+
+def other_counted_segments(segmentationNode, classNames=None, haveLungs=True):
+    """Names of the segments that the engine's rule counts (a lesion or lung role) but that are
+    not the result's own segments (those of ``segment_specs(classNames)``, the lung ones only
+    with ``haveLungs``): e.g. a GGO segment the user added, kept by a re-Apply."""
+    specs = [spec for spec in segment_specs(classNames) if haveLungs or spec.source != "lungs"]
+    segmentation = segmentationNode.GetSegmentation()
+    own = {find_segment_id(segmentation, spec) for spec in specs} - {None}
+    return [name for segmentId, name, role in segment_roles(segmentationNode)
+            if segmentId not in own and role is not None]
+
+
+def result_segments(segmentationNode, referenceVolumeNode, outside=None):
+    """Every segment as (name, role, bool (k, j, i) mask on the CT grid) — what
+    ``io.read_segments`` returns for a ``.seg.nrrd``, the role by the same rule
+    (``io.segment_role``: terminology, then ID, then name). A segment is cut to the CT's
+    extent; ``outside`` (a dict) gets {name: voxels left out} of the segments that reach beyond it."""
+    out = []
+    for segmentId, name, role in segment_roles(segmentationNode):
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         mask, beyond = segment_on_grid(segmentationNode, segmentId, referenceVolumeNode)
         if beyond and outside is not None:
             outside[segment.GetName()] = outside.get(segment.GetName(), 0) + beyond

@@ -371,6 +371,76 @@ def test_a_second_case_never_overwrites_the_first_cases_table(case, fake_engine)
     assert third.tableNode is own
 
 
+def _other_patient(case, name="Patient B"):
+    """Another scan on the same grid (other voxel values), as a second patient's CT."""
+    other = sitk.Cast(case.ct, sitk.sitkInt16) + 7
+    other.CopyInformation(case.ct)
+    return mrml.add_volume_node_from_image(case.scene, other, name)
+
+
+def test_apply_on_another_ct_never_overwrites_the_first_patients_segmentation(case, fake_engine):
+    """The panel keeps patient A's segmentation and table selected; Apply on patient B put B's
+    results into "Phantom CT lesions" and its table, A's figures gone and the names A's."""
+    logic = make_logic(case, fake_engine)
+    first = logic.process(case.volume, None, "auto", None, "cpu")
+    a, aTable = first.segmentationNode, first.tableNode
+    aFigures = mrml.table_values(aTable)
+    ggo = mrml.lesion_specs()[0]
+    edited = case.labels == 1
+    edited[:2] = False     # A's corrections, which must survive
+    mrml.set_segment_from_array(a, ggo, edited, mrml.ijk_to_ras_from_image(case.ct))
+    patientB = _other_patient(case)
+    second = logic.process(patientB, a, "auto", None, "cpu", statisticsTable=aTable)
+    b = second.segmentationNode
+    assert b is not a and b.GetName() == "Patient B lesions"
+    assert second.tableNode is not aTable and second.tableNode.GetName() == "Patient B lesions statistics"
+    assert b.GetNodeReference(mrml.SOURCE_VOLUME_REFERENCE_ROLE) is patientB
+    assert a.GetNodeReference(mrml.SOURCE_VOLUME_REFERENCE_ROLE) is case.volume
+    assert a.GetNodeReference(mrml.STATISTICS_REFERENCE_ROLE) is aTable
+    assert a.GetName() == "Phantom CT lesions" and aTable.GetName() == "Phantom CT lesions statistics"
+    np.testing.assert_array_equal(mrml.segment_mask_array(a, ggo.segmentId, case.volume) > 0, edited)
+    assert mrml.table_values(aTable) == aFigures
+    note = ("'Phantom CT lesions' was made from 'Phantom CT', not from 'Patient B': it was left as it was, with its "
+            "table, and the results of 'Patient B' are in a new segmentation, 'Patient B lesions'")
+    assert note in second.info["notices"] and f"Note: {note}" in second.summary
+    # the panel asks before replacing segments only when they are replaced
+    assert logic_.replace_question(patientB, a) is None
+    assert "will be replaced" in logic_.replace_question(case.volume, a)
+    # B's own segmentation is B's to re-run into (after confirming)
+    assert "will be replaced" in logic_.replace_question(patientB, b)
+    again = logic.process(patientB, b, "auto", None, "cpu", statisticsTable=second.tableNode)
+    assert again.segmentationNode is b and again.tableNode is second.tableNode and not again.info.get("notices")
+    # an empty segmentation made on A (nothing to lose) is used as chosen
+    empty = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn on A")
+    empty.SetReferenceImageGeometryParameterFromVolumeNode(case.volume)
+    assert logic.process(patientB, empty, "auto", None, "cpu").segmentationNode is empty
+
+
+def test_apply_counts_kept_segments_as_recompute_does(case, fake_engine):
+    """A re-Apply keeps a GGO segment the user added; its table held the model's labels alone
+    (541.11 mL) and Recompute right after counted the user's segment too (541.54 mL)."""
+    logic = make_logic(case, fake_engine)
+    first = logic.process(case.volume, None, "auto", None, "cpu")
+    node = first.segmentationNode
+    node.GetSegmentation().AddEmptySegment("MyNote", "My note")   # counts for nothing: figures are the engine's
+    assert logic.process(case.volume, node, "auto", None, "cpu").stats == first.stats
+    extra = np.zeros(case.labels.shape, bool)
+    extra[0, :3, :3] = True
+    extra &= case.labels == 0
+    more = mrml.SegmentSpec("More GGO", "labels", 1, (1.0, 1.0, 0.0), mrml.lesion_specs()[0].terminology)
+    more.segmentId = "more_ggo"
+    mrml.set_segment_from_array(node, more, extra, mrml.ijk_to_ras_from_image(case.ct))
+
+    applied = logic.process(case.volume, node, "auto", None, "cpu")
+    appliedFigures = mrml.table_values(applied.tableNode)
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    assert mrml.table_values(recomputed.tableNode) == pytest.approx(appliedFigures, rel=1e-12)
+    ml = np.prod(case.ct.GetSpacing()) / 1000.0
+    assert appliedFigures["lesions.ggo.volume_ml"] == pytest.approx(((case.labels == 1) | extra).sum() * ml)
+    assert any("also count More GGO, kept from before this run" in n for n in applied.info["notices"])
+    assert "More GGO" in applied.summary
+
+
 def test_rerun_into_a_loaded_segmentation_matches_segments_by_name(case, fake_engine, tmp_path):
     logic = make_logic(case, fake_engine)
     result = logic.process(case.volume, None, "auto", None, "cpu")
@@ -936,6 +1006,32 @@ def test_background_failure_reports_the_engine_error(case, fake_engine_dir, monk
         run.wait()
     assert run.state == run.FAILED and not os.path.exists(workDir)
     assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_output_deleted_during_a_background_run_gets_a_new_segmentation(case, fake_engine_dir):
+    """The results went into the removed node (outside the scene) and the run reported success."""
+    logic = background_logic(case, fake_engine_dir)
+    first = logic.process(case.volume, None, "auto", None, "cpu", waitForCompletion=False).wait()
+    output, table = first.segmentationNode, first.tableNode
+    run = logic.process(case.volume, output, "auto", None, "cpu", waitForCompletion=False,
+                        statisticsTable=table)
+    mrml.remove_nodes(case.scene, [output, table])   # the scene is written only once the run is polled done
+    result = run.wait()
+    assert run.state == run.FINISHED
+    node = result.segmentationNode
+    assert node is not output and node.GetScene() is case.scene and result.tableNode.GetScene() is case.scene
+    assert node.GetSegmentation().GetNumberOfSegments() == len(mrml.segment_specs())
+    assert node.GetNodeReference(mrml.STATISTICS_REFERENCE_ROLE) is result.tableNode
+    note = f"the output segmentation 'Phantom CT lesions' was deleted during the run: the results are in a new " \
+           f"segmentation, '{node.GetName()}'"
+    assert note in result.info["notices"] and f"Note: {note}" in result.summary
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    # the input CT deleted: nothing is written, and the run says so
+    run = logic.process(case.volume, node, "auto", None, "cpu", waitForCompletion=False)
+    mrml.remove_nodes(case.scene, [case.volume])
+    with pytest.raises(RuntimeError, match="The input CT 'Phantom CT' was deleted during the run"):
+        run.wait()
+    assert run.state == run.FAILED and case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
 
 def test_background_worker_stops_when_slicer_is_gone(case, fake_engine_dir, monkeypatch):
