@@ -26,7 +26,7 @@ if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 
 from SSALesionSegLib import dependencies, engine, mrml, phantom  # noqa: E402
-from SSALesionSegLib.logic import ProcessingLogic, missing_choice, replace_question  # noqa: E402
+from SSALesionSegLib.logic import ProcessingLogic, default_input_volume, missing_choice, replace_question  # noqa: E402
 
 
 #
@@ -183,7 +183,7 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            firstVolume = default_input_volume(slicer.mrmlScene)
             if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
 

@@ -46,10 +46,22 @@ def missing_choice(inputVolume, lungMethod, lungSegmentation=None, checkpoint=No
     """
     if inputVolume is None:
         return "Select an input CT volume."
+    if mrml.is_labelmap_volume(inputVolume):
+        return f"'{inputVolume.GetName()}' is a labelmap, not a CT: select a CT volume."
     if lungMethod == "existing" and lungSegmentation is None:
         return "Select the segmentation that holds the lungs, or choose another lung method."
     if checkpointRequired and not (checkpoint and os.path.isfile(os.fspath(checkpoint))):
         return "Choose a model file (.safetensors), or tick 'Use the bundled model'."
+    return None
+
+
+def default_input_volume(scene):
+    """The panel's default input CT: the first plain scalar volume, the class the input selector
+    lists (``GetFirstNodeByClass`` would also return a labelmap, a subclass), or None."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+            return node
     return None
 
 
@@ -146,6 +158,7 @@ class ProcessingLogic:
             raise ValueError(reason)
         checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
         ct = mrml.image_from_volume_node(inputVolume)
+        mrml.check_ct(inputVolume, ct)   # before a worker starts, naming the volume
         lungMask = None
         notes = []   # the panel's own, before the engine's
         if lungMethod == "existing":

@@ -174,6 +174,20 @@ def image_from_volume_node(volumeNode):
     return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
 
 
+def is_labelmap_volume(volumeNode):
+    return volumeNode is not None and volumeNode.IsA("vtkMRMLLabelMapVolumeNode")
+
+
+def check_ct(volumeNode, image=None):
+    """Raise (a ValueError naming the volume) when ``volumeNode`` is not a CT the engine takes:
+    a labelmap volume, or what the engine's own check (``io.validate_ct``) refuses — checked
+    here, before a run starts, so the message names the volume and comes at once."""
+    if is_labelmap_volume(volumeNode):
+        raise ValueError(f"'{volumeNode.GetName()}' is a labelmap volume, not a CT: select the CT as input")
+    image = image if image is not None else image_from_volume_node(volumeNode)
+    _engine_module("io").validate_ct(image, f"'{volumeNode.GetName()}'")
+
+
 def update_volume_node_from_image(volumeNode, image):
     """Replace voxels and geometry of a volume node with those of a SimpleITK image."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:

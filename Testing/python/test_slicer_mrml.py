@@ -93,6 +93,9 @@ def segment_image(ct, *, checkpoint=None, lungs="auto", lung_weights=None, lobe_
                       lobe_weights=lobe_weights, flip_tta=flip_tta))
     if os.environ.get("FAKE_ENGINE_FAIL"):
         raise ValueError(os.environ["FAKE_ENGINE_FAIL"])
+    if os.environ.get("FAKE_ENGINE_INPUT_ERROR"):
+        from .errors import InputError
+        raise InputError(os.environ["FAKE_ENGINE_INPUT_ERROR"])
     delay = float(os.environ.get("FAKE_ENGINE_DELAY", "0"))
     for stage in ("lungs", "lesions"):
         for step in range(5):
@@ -685,6 +688,37 @@ def test_export_finds_a_lesion_segment_by_its_terminology_when_name_and_id_chang
     assert mrml.find_segment_id(segmentation, spec) is None
 
 
+def test_a_labelmap_or_non_ct_input_is_refused_by_name_before_anything_runs(case, fake_engine, fake_engine_dir):
+    labels = sitk.GetImageFromArray(case.labels)
+    labels.CopyInformation(case.ct)
+    labelmapNode = mrml.add_volume_node_from_image(case.scene, labels, "Phantom labels", labelmap=True)
+    asScalar = mrml.add_volume_node_from_image(case.scene, labels, "labels as volume")
+    # the panel's default input is never a labelmap, even when one comes first
+    scene = mrml.HeadlessScene().scene
+    mrml.add_volume_node_from_image(scene, labels, "first: a labelmap", labelmap=True)
+    assert logic_.default_input_volume(scene) is None
+    ct = mrml.add_volume_node_from_image(scene, case.ct, "the CT")
+    assert logic_.default_input_volume(scene) is ct
+    assert logic_.default_input_volume(case.scene) is case.volume
+    assert "'Phantom labels' is a labelmap" in logic_.missing_choice(labelmapNode, "auto")
+    logic = background_logic(case, fake_engine_dir)
+    with pytest.raises(ValueError, match="'Phantom labels' is a labelmap"):
+        logic.process(labelmapNode, None, "auto", None, "cpu", waitForCompletion=False)
+    started = []
+    logic.pythonExecutable = None   # no worker may start: this would fail if one did
+    original = logic_.BackgroundRun.start
+    logic_.BackgroundRun.start = lambda self, *a, **k: started.append(a)
+    try:
+        with pytest.raises(ValueError, match=r"^'labels as volume' does not look like a CT in Hounsfield units"):
+            logic.process(asScalar, None, "auto", None, "cpu", waitForCompletion=False)
+    finally:
+        logic_.BackgroundRun.start = original
+    assert not started
+    with pytest.raises(ValueError, match="'labels as volume' does not look like a CT"):
+        make_logic(case, fake_engine).process(asScalar, None, "auto", None, "cpu")
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
 def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
     lungsNode = mrml.import_result_to_segmentation(
         case.scene, case.volume, None, _image(case.lungs, case.ct), None, specs=mrml.lung_specs())
@@ -1006,6 +1040,15 @@ def test_background_failure_reports_the_engine_error(case, fake_engine_dir, monk
         run.wait()
     assert run.state == run.FAILED and not os.path.exists(workDir)
     assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_background_engine_input_error_is_its_message_without_a_traceback(case, fake_engine_dir, monkeypatch):
+    monkeypatch.setenv("FAKE_ENGINE_INPUT_ERROR", "'Phantom CT': no lungs in view")
+    run = background_logic(case, fake_engine_dir).process(case.volume, None, "auto", None, "cpu",
+                                                          waitForCompletion=False)
+    with pytest.raises(RuntimeError) as error:
+        run.wait()
+    assert str(error.value).startswith("'Phantom CT': no lungs in view") and "Traceback" not in str(error.value)
 
 
 def test_output_deleted_during_a_background_run_gets_a_new_segmentation(case, fake_engine_dir):
