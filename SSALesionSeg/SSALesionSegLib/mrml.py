@@ -887,10 +887,19 @@ def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None,
             f"Apply on '{volumeNode.GetName()}' to segment it.")
     result = result_from_segments(segmentationNode, volumeNode, requireLungs=False, notes=notes)
     lungs = None if result.lungs is None else _image_on_volume(result.lungs, volumeNode)
-    return _engine_module("trainingcase").write_training_case(
+    written = _engine_module("trainingcase").write_training_case(
         outputDir, caseName or volumeNode.GetName(), image_from_volume_node(volumeNode),
         _image_on_volume(result.lesions, volumeNode), lungs, overwrite,
         class_names=("background", "infection") if result.binary else None, notes=notes)
+    if notes is not None and not result.lesions.any():   # a lesion-free case is fine, if it is meant to be one
+        hasLesionSegment = any(role in ("ggo", "consolidation", "infection")
+                               for _, _, role in segment_roles(segmentationNode))
+        notes.append(
+            (f"the lesion segments of '{segmentationNode.GetName()}' are empty" if hasLesionSegment else
+             f"'{segmentationNode.GetName()}' has no GGO, consolidation or infection segment")
+            + ": the case was exported as lesion-free (its labels are all background). If the CT has lesions, "
+              "paint them (or press Apply) and export again, overwriting the case")
+    return written
 
 
 def remove_nodes(scene, nodes):

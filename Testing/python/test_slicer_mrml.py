@@ -688,6 +688,28 @@ def test_export_finds_a_lesion_segment_by_its_terminology_when_name_and_id_chang
     assert mrml.find_segment_id(segmentation, spec) is None
 
 
+def test_export_without_lesions_says_the_case_is_lesion_free(case, fake_engine, tmp_path):
+    """All lesion segments deleted: an all-background label file was written without a word."""
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    notes = []
+    logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "with", notes=notes)
+    assert not any("lesion-free" in n for n in notes)
+    ggo, consolidation = mrml.lesion_specs()
+    mrml.set_segment_from_array(node, ggo, np.zeros(case.labels.shape, bool), mrml.ijk_to_ras_from_image(case.ct))
+    node.GetSegmentation().RemoveSegment(consolidation.segmentId)
+    notes = []
+    logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "erased", notes=notes)
+    assert notes == ["the lesion segments of 'Phantom CT lesions' are empty: the case was exported as lesion-free "
+                     "(its labels are all background). If the CT has lesions, paint them (or press Apply) and "
+                     "export again, overwriting the case"]
+    node.GetSegmentation().RemoveSegment(ggo.segmentId)
+    notes = []
+    logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "none", notes=notes)
+    assert len(notes) == 1 and notes[0].startswith(
+        "'Phantom CT lesions' has no GGO, consolidation or infection segment: the case was exported as lesion-free")
+
+
 def test_a_labelmap_or_non_ct_input_is_refused_by_name_before_anything_runs(case, fake_engine, fake_engine_dir):
     labels = sitk.GetImageFromArray(case.labels)
     labels.CopyInformation(case.ct)
