@@ -258,7 +258,20 @@ class ProcessingLogic:
         _, stats, classNames = self._segmentFigures(inputVolume, segmentationNode, notes)
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
         mrml.stats_to_table(stats, tableNode)
-        info = {"notices": notes} if notes else {}
+        # the table's run info: marked as recomputed, the last Apply's settings kept, its notes not
+        # (they were about the figures now replaced)
+        try:
+            previous = json.loads(tableNode.GetAttribute("SSALesionSeg.Info") or "{}")
+        except ValueError:
+            previous = {}
+        run = previous.get("run", {}) if previous.get("recomputed") else {
+            key: value for key, value in previous.items() if key != "notices"}
+        info = {"recomputed": True, "segmentation": segmentationNode.GetName(), "inputVolume": inputVolume.GetName()}
+        if run:
+            info["run"] = run
+        if notes:
+            info["notices"] = notes
+        tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
         return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notes), classNames)
 
     def exportTrainingCase(self, inputVolume, segmentationNode, outputDir, caseName=None, overwrite=False,

@@ -270,9 +270,9 @@ def terminology_codes(entry):
 
 
 def ensure_segmentation_node(scene, segmentationNode, referenceVolumeNode, name=None):
-    if segmentationNode is None:
+    if segmentationNode is None:   # a unique name, as Slicer gives one: two runs on a CT are told apart
         segmentationNode = scene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", name or f"{referenceVolumeNode.GetName()} lesions")
+            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(name or f"{referenceVolumeNode.GetName()} lesions"))
     if segmentationNode.GetDisplayNode() is None:
         segmentationNode.CreateDefaultDisplayNodes()
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
@@ -800,7 +800,7 @@ def ensure_statistics_table(scene, segmentationNode, tableNode=None, name=None, 
         tableNode = segmentationNode.GetNodeReference(STATISTICS_REFERENCE_ROLE)
     if tableNode is None:
         tableNode = scene.AddNewNodeByClass(
-            "vtkMRMLTableNode", name or f"{segmentationNode.GetName()} statistics")
+            "vtkMRMLTableNode", scene.GenerateUniqueName(name or f"{segmentationNode.GetName()} statistics"))
     segmentationNode.SetNodeReferenceID(STATISTICS_REFERENCE_ROLE, tableNode.GetID())
     if refused is not None and notes is not None:
         notes.append(f"'{refused.GetName()}' is not a statistics table of this module and was left as it was: the "

@@ -444,6 +444,20 @@ def test_apply_counts_kept_segments_as_recompute_does(case, fake_engine):
     assert "More GGO" in applied.summary
 
 
+def test_new_nodes_get_unique_names_and_recompute_marks_the_table(case, fake_engine):
+    logic = make_logic(case, fake_engine)
+    first = logic.process(case.volume, None, "classical", None, "cpu")
+    second = logic.process(case.volume, None, "auto", None, "cpu")
+    assert first.segmentationNode.GetName() == "Phantom CT lesions"
+    assert second.segmentationNode.GetName() != first.segmentationNode.GetName()
+    assert second.segmentationNode.GetName().startswith("Phantom CT lesions")
+    assert second.tableNode.GetName() == second.segmentationNode.GetName() + " statistics"
+    assert json.loads(first.tableNode.GetAttribute("SSALesionSeg.Info"))["lung_method"] == "classical"
+    logic.recomputeStatistics(case.volume, first.segmentationNode)
+    info = json.loads(first.tableNode.GetAttribute("SSALesionSeg.Info"))
+    assert info["recomputed"] is True and info["run"]["lung_method"] == "classical"
+
+
 def test_rerun_into_a_loaded_segmentation_matches_segments_by_name(case, fake_engine, tmp_path):
     logic = make_logic(case, fake_engine)
     result = logic.process(case.volume, None, "auto", None, "cpu")
