@@ -476,9 +476,11 @@ class BackgroundRun:
 def exit_message(returnCode):
     """What a worker's exit code without an error report means, and what to do."""
     if returnCode in (-9, 137):   # SIGKILL: on Linux nearly always the kernel's out-of-memory killer
+        # Not "crop the CT": an in-plane crop that cuts into the lungs gives wrong lung masks and figures.
         return ("The segmentation process was killed (code %d), most likely for lack of memory. "
-                "Close other programs or large scenes and try again; the GPU or a smaller CT "
-                "(crop it in Crop Volume) needs less." % returnCode)
+                "Close other programs or large scenes and try again, or use the GPU. To make the CT "
+                "smaller, crop it in Crop Volume only above and below the lungs, keeping the whole "
+                "chest in-plane: a crop that cuts into the lungs gives wrong lung masks and figures." % returnCode)
     return (f"The segmentation process exited with code {returnCode} without reporting an error; "
             "its output is below.")
 
