@@ -26,7 +26,7 @@ if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 
 from SSALesionSegLib import dependencies, engine, mrml, phantom  # noqa: E402
-from SSALesionSegLib.logic import ProcessingLogic, missing_choice  # noqa: E402
+from SSALesionSegLib.logic import ProcessingLogic, default_input_volume, missing_choice, replace_question  # noqa: E402
 
 
 #
@@ -183,7 +183,7 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            firstVolume = default_input_volume(slicer.mrmlScene)
             if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
 
@@ -258,12 +258,9 @@ class SSALesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         parameters = self._parameterNode
         output = parameters.outputSegmentation
-        if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
-            if not slicer.util.confirmOkCancelDisplay(
-                    f"The result segments in '{output.GetName()}', including any edits, will be replaced.\n\n"
-                    "To keep them, choose 'Create new segmentation' as output instead.",
-                    windowTitle="Replace segmentation?"):
-                return
+        question = replace_question(parameters.inputVolume, output)
+        if question and not slicer.util.confirmOkCancelDisplay(question, windowTitle="Replace segmentation?"):
+            return
         # Installing asks first (no wait cursor over the question) and runs pip, which
         # processes events: the panel stays disabled meanwhile.
         self._installing = True

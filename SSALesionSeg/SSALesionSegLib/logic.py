@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import engine as engine_
@@ -45,11 +46,58 @@ def missing_choice(inputVolume, lungMethod, lungSegmentation=None, checkpoint=No
     """
     if inputVolume is None:
         return "Select an input CT volume."
+    if mrml.is_labelmap_volume(inputVolume):
+        return f"'{inputVolume.GetName()}' is a labelmap, not a CT: select a CT volume."
     if lungMethod == "existing" and lungSegmentation is None:
         return "Select the segmentation that holds the lungs, or choose another lung method."
     if checkpointRequired and not (checkpoint and os.path.isfile(os.fspath(checkpoint))):
         return "Choose a model file (.safetensors), or tick 'Use the bundled model'."
     return None
+
+
+def default_input_volume(scene):
+    """The panel's default input CT: the first plain scalar volume, the class the input selector
+    lists (``GetFirstNodeByClass`` would also return a labelmap, a subclass), or None."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+            return node
+    return None
+
+
+def output_for(inputVolume, outputSegmentation):
+    """(segmentation, why): the segmentation Apply writes ``inputVolume``'s results into — None
+    for a new one — and, when that is not ``outputSegmentation``, a function of the new node's
+    name giving the note that says why. Patient A's segmentation (made from another scan,
+    ``mrml.other_ct_of``) is never overwritten with patient B's results, and a segmentation
+    deleted while the run went on is replaced by a new one."""
+    if outputSegmentation is None:
+        return None, None
+    name = outputSegmentation.GetName()
+    if outputSegmentation.GetScene() is None:
+        return None, lambda new: (f"the output segmentation '{name}' was deleted during the run: the results are in "
+                                  f"a new segmentation, '{new}'")
+    other = mrml.other_ct_of(outputSegmentation, inputVolume)
+    if other is not None and outputSegmentation.GetSegmentation().GetNumberOfSegments() > 0:
+        return None, lambda new: (f"'{name}' was made from '{other.GetName()}', not from '{inputVolume.GetName()}': "
+                                  f"it was left as it was, with its table, and the results of "
+                                  f"'{inputVolume.GetName()}' are in a new segmentation, '{new}'")
+    return outputSegmentation, None
+
+
+def replace_question(inputVolume, outputSegmentation):
+    """What the panel asks before Apply overwrites segments (a sentence), or None when nothing
+    is overwritten (no segments, or a new segmentation is made: :func:`output_for`)."""
+    if outputSegmentation is None or outputSegmentation.GetSegmentation().GetNumberOfSegments() == 0:
+        return None
+    if output_for(inputVolume, outputSegmentation)[0] is None:
+        return None
+    return (f"The result segments in '{outputSegmentation.GetName()}', including any edits, will be replaced.\n\n"
+            "To keep them, choose 'Create new segmentation' as output instead.")
+
+
+def _unique(notes):
+    return list(dict.fromkeys(notes))
 
 
 def check_choices(lungMethod, checkpoint, device, flipTTA="model"):
@@ -110,6 +158,7 @@ class ProcessingLogic:
             raise ValueError(reason)
         checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
         ct = mrml.image_from_volume_node(inputVolume)
+        mrml.check_ct(inputVolume, ct)   # before a worker starts, naming the volume
         lungMask = None
         notes = []   # the panel's own, before the engine's
         if lungMethod == "existing":
@@ -134,19 +183,64 @@ class ProcessingLogic:
     def applyResult(self, inputVolume, outputSegmentation, labels, lungs, stats, info=None, statisticsTable=None,
                     classNames=None, notes=None):
         """The engine's result into the scene; ``notes`` (the panel's own, e.g. on the lung
-        segmentation) are listed before the engine's notices."""
+        segmentation) are listed before the engine's notices.
+
+        The results go into ``outputSegmentation`` unless it was made from another scan or was
+        deleted meanwhile (:func:`output_for`: then a new one, said in the notes). When the
+        segmentation keeps segments of its own that count (e.g. a GGO segment the user added),
+        the figures are those of the segmentation as it now stands, as Recompute gives them."""
+        notes = list(notes or [])
+        outputSegmentation, why = output_for(inputVolume, outputSegmentation)
+        if statisticsTable is not None and statisticsTable.GetScene() is None:
+            statisticsTable = None   # deleted during the run
         segmentationNode = mrml.import_result_to_segmentation(
             self.scene, inputVolume, labels, lungs, outputSegmentation, classNames)
-        notes = list(notes or [])
+        if why:
+            notes.append(why(segmentationNode.GetName()))
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
-        mrml.stats_to_table(stats, tableNode)
         info = dict(info or {})
         notices = notes + list(info.get("notices") or [])
+        stats, recountNotes = self._countKeptSegments(inputVolume, segmentationNode, labels, lungs, stats, classNames)
+        notices = _unique(notices + recountNotes)
+        mrml.stats_to_table(stats, tableNode)
         if notices:
             info["notices"] = notices
         if info:
             tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
         return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notices), classNames)
+
+    def _countKeptSegments(self, inputVolume, segmentationNode, labels, lungs, stats, classNames):
+        """(stats, notes): the engine's ``stats`` while the segmentation holds only this run's
+        result; when segments it kept (the user's) change what the engine's rule reads from it,
+        the figures of the segmentation as it now stands — what Recompute would give."""
+        kept = mrml.other_counted_segments(segmentationNode, classNames, lungs is not None)
+        if not kept or labels is None:
+            return stats, []
+        notes = []
+        result, figures, _ = self._segmentFigures(inputVolume, segmentationNode, notes)
+        sameLungs = (result.lungs is None if lungs is None else
+                     result.lungs is not None and np.array_equal(result.lungs, sitk.GetArrayViewFromImage(lungs)))
+        if sameLungs and np.array_equal(result.lesions, sitk.GetArrayViewFromImage(labels)):
+            return stats, []
+        if isinstance(stats, dict) and "info" in stats:
+            figures["info"] = stats["info"]   # the run's model and settings, for a saved stats JSON
+        note = (f"the figures are those of '{segmentationNode.GetName()}' as it now stands, as Recompute gives "
+                f"them: they also count {', '.join(kept)}, kept from before this run")
+        if isinstance(stats, dict) and stats.get("lobes"):
+            note += "; the per-lobe figures of this run (the model's labels alone) are left out"
+        return figures, [note] + notes
+
+    def _segmentFigures(self, inputVolume, segmentationNode, notes):
+        """(result, stats, classNames) of the segments as they stand (``mrml.result_from_segments``,
+        the engine's ``compute_stats``); what either has to say goes into ``notes``."""
+        result = mrml.result_from_segments(segmentationNode, inputVolume, notes=notes)
+        classNames = ["background", "infection"] if result.binary else mrml._default_class_names()
+        ct = mrml.image_from_volume_node(inputVolume)
+        lungs = mrml._image_on_volume(result.lungs, inputVolume)
+        stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume), lungs,
+                                          label_names=self.engine.label_names_for(classNames))
+        notes += self.engine.figure_notes(stats, lungs)
+        return result, stats, classNames
 
     # -- correction loop -------------------------------------------------------
 
@@ -161,16 +255,23 @@ class ProcessingLogic:
             notes.append(f"'{segmentationNode.GetName()}' was made from '{other.GetName()}', not from "
                          f"'{inputVolume.GetName()}': these are its segments measured on '{inputVolume.GetName()}'. "
                          f"Is it this CT's segmentation? (Select '{other.GetName()}' as input CT for its figures.)")
-        result = mrml.result_from_segments(segmentationNode, inputVolume, notes=notes)
-        classNames = ["background", "infection"] if result.binary else mrml._default_class_names()
-        ct = mrml.image_from_volume_node(inputVolume)
-        lungs = mrml._image_on_volume(result.lungs, inputVolume)
-        stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume), lungs,
-                                          label_names=self.engine.label_names_for(classNames))
-        notes += self.engine.figure_notes(stats, lungs)
+        _, stats, classNames = self._segmentFigures(inputVolume, segmentationNode, notes)
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
         mrml.stats_to_table(stats, tableNode)
-        info = {"notices": notes} if notes else {}
+        # the table's run info: marked as recomputed, the last Apply's settings kept, its notes not
+        # (they were about the figures now replaced)
+        try:
+            previous = json.loads(tableNode.GetAttribute("SSALesionSeg.Info") or "{}")
+        except ValueError:
+            previous = {}
+        run = previous.get("run", {}) if previous.get("recomputed") else {
+            key: value for key, value in previous.items() if key != "notices"}
+        info = {"recomputed": True, "segmentation": segmentationNode.GetName(), "inputVolume": inputVolume.GetName()}
+        if run:
+            info["run"] = run
+        if notes:
+            info["notices"] = notes
+        tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
         return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notes), classNames)
 
     def exportTrainingCase(self, inputVolume, segmentationNode, outputDir, caseName=None, overwrite=False,
@@ -337,6 +438,9 @@ class BackgroundRun:
         with open(os.path.join(self.outputDir, self._done["stats"]), encoding="utf-8") as f:
             stats = json.load(f)
         info = self._done.get("info", {})
+        if self.inputVolume.GetScene() is None:
+            raise RuntimeError(f"The input CT '{self.inputVolume.GetName()}' was deleted during the run: its results "
+                               "were not put into the scene")
         # Files drop the geometry's last few bits; the CT's grid is the reference.
         mrml.check_same_grid(labels, self.inputVolume)
         reference = mrml.image_from_volume_node(self.inputVolume)
@@ -372,9 +476,11 @@ class BackgroundRun:
 def exit_message(returnCode):
     """What a worker's exit code without an error report means, and what to do."""
     if returnCode in (-9, 137):   # SIGKILL: on Linux nearly always the kernel's out-of-memory killer
+        # Not "crop the CT": an in-plane crop that cuts into the lungs gives wrong lung masks and figures.
         return ("The segmentation process was killed (code %d), most likely for lack of memory. "
-                "Close other programs or large scenes and try again; the GPU or a smaller CT "
-                "(crop it in Crop Volume) needs less." % returnCode)
+                "Close other programs or large scenes and try again, or use the GPU. To make the CT "
+                "smaller, crop it in Crop Volume only above and below the lungs, keeping the whole "
+                "chest in-plane: a crop that cuts into the lungs gives wrong lung masks and figures." % returnCode)
     return (f"The segmentation process exited with code {returnCode} without reporting an error; "
             "its output is below.")
 

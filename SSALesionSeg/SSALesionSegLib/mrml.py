@@ -174,6 +174,20 @@ def image_from_volume_node(volumeNode):
     return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
 
 
+def is_labelmap_volume(volumeNode):
+    return volumeNode is not None and volumeNode.IsA("vtkMRMLLabelMapVolumeNode")
+
+
+def check_ct(volumeNode, image=None):
+    """Raise (a ValueError naming the volume) when ``volumeNode`` is not a CT the engine takes:
+    a labelmap volume, or what the engine's own check (``io.validate_ct``) refuses — checked
+    here, before a run starts, so the message names the volume and comes at once."""
+    if is_labelmap_volume(volumeNode):
+        raise ValueError(f"'{volumeNode.GetName()}' is a labelmap volume, not a CT: select the CT as input")
+    image = image if image is not None else image_from_volume_node(volumeNode)
+    _engine_module("io").validate_ct(image, f"'{volumeNode.GetName()}'")
+
+
 def update_volume_node_from_image(volumeNode, image):
     """Replace voxels and geometry of a volume node with those of a SimpleITK image."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -256,9 +270,9 @@ def terminology_codes(entry):
 
 
 def ensure_segmentation_node(scene, segmentationNode, referenceVolumeNode, name=None):
-    if segmentationNode is None:
+    if segmentationNode is None:   # a unique name, as Slicer gives one: two runs on a CT are told apart
         segmentationNode = scene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", name or f"{referenceVolumeNode.GetName()} lesions")
+            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(name or f"{referenceVolumeNode.GetName()} lesions"))
     if segmentationNode.GetDisplayNode() is None:
         segmentationNode.CreateDefaultDisplayNodes()
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
@@ -487,19 +501,40 @@ def _reference_image(referenceVolumeNode):
                             referenceVolumeNode)
 
 
-def result_segments(segmentationNode, referenceVolumeNode, outside=None):
-    """Every segment as (name, role, bool (k, j, i) mask on the CT grid) — what
-    ``io.read_segments`` returns for a ``.seg.nrrd``, the role by the same rule
-    (``io.segment_role``: terminology, then ID, then name). A segment is cut to the CT's
-    extent; ``outside`` (a dict) gets {name: voxels left out} of the segments that reach beyond it."""
+def segment_roles(segmentationNode):
+    """[(segment ID, name, role)] of every segment, the role by the engine's rule
+    (``io.segment_role``: terminology, then ID, then name; None when not known)."""
     segmentRole = _engine_module("io").segment_role
     segmentation = segmentationNode.GetSegmentation()
     out = []
     for index in range(segmentation.GetNumberOfSegments()):
         segmentId = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segmentId)
-        role = segmentRole({"id": segmentId, "name": segment.GetName(),
-                            "terminology": terminology_codes(segment.GetTerminology())})
+        out.append((segmentId, segment.GetName(),
+                    segmentRole({"id": segmentId, "name": segment.GetName(),
+                                 "terminology": terminology_codes(segment.GetTerminology())})))
+    return out
+
+
+def other_counted_segments(segmentationNode, classNames=None, haveLungs=True):
+    """Names of the segments that the engine's rule counts (a lesion or lung role) but that are
+    not the result's own segments (those of ``segment_specs(classNames)``, the lung ones only
+    with ``haveLungs``): e.g. a GGO segment the user added, kept by a re-Apply."""
+    specs = [spec for spec in segment_specs(classNames) if haveLungs or spec.source != "lungs"]
+    segmentation = segmentationNode.GetSegmentation()
+    own = {find_segment_id(segmentation, spec) for spec in specs} - {None}
+    return [name for segmentId, name, role in segment_roles(segmentationNode)
+            if segmentId not in own and role is not None]
+
+
+def result_segments(segmentationNode, referenceVolumeNode, outside=None):
+    """Every segment as (name, role, bool (k, j, i) mask on the CT grid) — what
+    ``io.read_segments`` returns for a ``.seg.nrrd``, the role by the same rule
+    (``io.segment_role``: terminology, then ID, then name). A segment is cut to the CT's
+    extent; ``outside`` (a dict) gets {name: voxels left out} of the segments that reach beyond it."""
+    out = []
+    for segmentId, name, role in segment_roles(segmentationNode):
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         mask, beyond = segment_on_grid(segmentationNode, segmentId, referenceVolumeNode)
         if beyond and outside is not None:
             outside[segment.GetName()] = outside.get(segment.GetName(), 0) + beyond
@@ -765,7 +800,7 @@ def ensure_statistics_table(scene, segmentationNode, tableNode=None, name=None, 
         tableNode = segmentationNode.GetNodeReference(STATISTICS_REFERENCE_ROLE)
     if tableNode is None:
         tableNode = scene.AddNewNodeByClass(
-            "vtkMRMLTableNode", name or f"{segmentationNode.GetName()} statistics")
+            "vtkMRMLTableNode", scene.GenerateUniqueName(name or f"{segmentationNode.GetName()} statistics"))
     segmentationNode.SetNodeReferenceID(STATISTICS_REFERENCE_ROLE, tableNode.GetID())
     if refused is not None and notes is not None:
         notes.append(f"'{refused.GetName()}' is not a statistics table of this module and was left as it was: the "
@@ -852,10 +887,19 @@ def export_training_case(volumeNode, segmentationNode, outputDir, caseName=None,
             f"Apply on '{volumeNode.GetName()}' to segment it.")
     result = result_from_segments(segmentationNode, volumeNode, requireLungs=False, notes=notes)
     lungs = None if result.lungs is None else _image_on_volume(result.lungs, volumeNode)
-    return _engine_module("trainingcase").write_training_case(
+    written = _engine_module("trainingcase").write_training_case(
         outputDir, caseName or volumeNode.GetName(), image_from_volume_node(volumeNode),
         _image_on_volume(result.lesions, volumeNode), lungs, overwrite,
         class_names=("background", "infection") if result.binary else None, notes=notes)
+    if notes is not None and not result.lesions.any():   # a lesion-free case is fine, if it is meant to be one
+        hasLesionSegment = any(role in ("ggo", "consolidation", "infection")
+                               for _, _, role in segment_roles(segmentationNode))
+        notes.append(
+            (f"the lesion segments of '{segmentationNode.GetName()}' are empty" if hasLesionSegment else
+             f"'{segmentationNode.GetName()}' has no GGO, consolidation or infection segment")
+            + ": the case was exported as lesion-free (its labels are all background). If the CT has lesions, "
+              "paint them (or press Apply) and export again, overwriting the case")
+    return written
 
 
 def remove_nodes(scene, nodes):

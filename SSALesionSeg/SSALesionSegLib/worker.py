@@ -98,9 +98,19 @@ def main(argv=None):
              class_names=list(getattr(result, "class_names", None) or []) or None, **names)
         return 0
     except Exception as e:  # reported to the panel, which shows the message
-        emit(event="error", message=f"{type(e).__name__}: {e}")
-        traceback.print_exc(file=sys.stdout)
+        if _is_input_error(e):   # the engine's word on the input: the message is all there is to say
+            emit(event="error", message=str(e))
+        else:
+            emit(event="error", message=f"{type(e).__name__}: {e}")
+            traceback.print_exc(file=sys.stdout)
         return 1
+
+
+def _is_input_error(error):
+    """An error the engine raises on purpose about what it was given (``errors.SSALesionSegError``),
+    not a failure whose traceback helps."""
+    engineErrors = sys.modules.get("ssalesionseg.errors")
+    return engineErrors is not None and isinstance(error, getattr(engineErrors, "SSALesionSegError", ()))
 
 
 if __name__ == "__main__":

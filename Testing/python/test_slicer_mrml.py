@@ -93,6 +93,9 @@ def segment_image(ct, *, checkpoint=None, lungs="auto", lung_weights=None, lobe_
                       lobe_weights=lobe_weights, flip_tta=flip_tta))
     if os.environ.get("FAKE_ENGINE_FAIL"):
         raise ValueError(os.environ["FAKE_ENGINE_FAIL"])
+    if os.environ.get("FAKE_ENGINE_INPUT_ERROR"):
+        from .errors import InputError
+        raise InputError(os.environ["FAKE_ENGINE_INPUT_ERROR"])
     delay = float(os.environ.get("FAKE_ENGINE_DELAY", "0"))
     for stage in ("lungs", "lesions"):
         for step in range(5):
@@ -371,6 +374,90 @@ def test_a_second_case_never_overwrites_the_first_cases_table(case, fake_engine)
     assert third.tableNode is own
 
 
+def _other_patient(case, name="Patient B"):
+    """Another scan on the same grid (other voxel values), as a second patient's CT."""
+    other = sitk.Cast(case.ct, sitk.sitkInt16) + 7
+    other.CopyInformation(case.ct)
+    return mrml.add_volume_node_from_image(case.scene, other, name)
+
+
+def test_apply_on_another_ct_never_overwrites_the_first_patients_segmentation(case, fake_engine):
+    """The panel keeps patient A's segmentation and table selected; Apply on patient B put B's
+    results into "Phantom CT lesions" and its table, A's figures gone and the names A's."""
+    logic = make_logic(case, fake_engine)
+    first = logic.process(case.volume, None, "auto", None, "cpu")
+    a, aTable = first.segmentationNode, first.tableNode
+    aFigures = mrml.table_values(aTable)
+    ggo = mrml.lesion_specs()[0]
+    edited = case.labels == 1
+    edited[:2] = False     # A's corrections, which must survive
+    mrml.set_segment_from_array(a, ggo, edited, mrml.ijk_to_ras_from_image(case.ct))
+    patientB = _other_patient(case)
+    second = logic.process(patientB, a, "auto", None, "cpu", statisticsTable=aTable)
+    b = second.segmentationNode
+    assert b is not a and b.GetName() == "Patient B lesions"
+    assert second.tableNode is not aTable and second.tableNode.GetName() == "Patient B lesions statistics"
+    assert b.GetNodeReference(mrml.SOURCE_VOLUME_REFERENCE_ROLE) is patientB
+    assert a.GetNodeReference(mrml.SOURCE_VOLUME_REFERENCE_ROLE) is case.volume
+    assert a.GetNodeReference(mrml.STATISTICS_REFERENCE_ROLE) is aTable
+    assert a.GetName() == "Phantom CT lesions" and aTable.GetName() == "Phantom CT lesions statistics"
+    np.testing.assert_array_equal(mrml.segment_mask_array(a, ggo.segmentId, case.volume) > 0, edited)
+    assert mrml.table_values(aTable) == aFigures
+    note = ("'Phantom CT lesions' was made from 'Phantom CT', not from 'Patient B': it was left as it was, with its "
+            "table, and the results of 'Patient B' are in a new segmentation, 'Patient B lesions'")
+    assert note in second.info["notices"] and f"Note: {note}" in second.summary
+    # the panel asks before replacing segments only when they are replaced
+    assert logic_.replace_question(patientB, a) is None
+    assert "will be replaced" in logic_.replace_question(case.volume, a)
+    # B's own segmentation is B's to re-run into (after confirming)
+    assert "will be replaced" in logic_.replace_question(patientB, b)
+    again = logic.process(patientB, b, "auto", None, "cpu", statisticsTable=second.tableNode)
+    assert again.segmentationNode is b and again.tableNode is second.tableNode and not again.info.get("notices")
+    # an empty segmentation made on A (nothing to lose) is used as chosen
+    empty = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn on A")
+    empty.SetReferenceImageGeometryParameterFromVolumeNode(case.volume)
+    assert logic.process(patientB, empty, "auto", None, "cpu").segmentationNode is empty
+
+
+def test_apply_counts_kept_segments_as_recompute_does(case, fake_engine):
+    """A re-Apply keeps a GGO segment the user added; its table held the model's labels alone
+    (541.11 mL) and Recompute right after counted the user's segment too (541.54 mL)."""
+    logic = make_logic(case, fake_engine)
+    first = logic.process(case.volume, None, "auto", None, "cpu")
+    node = first.segmentationNode
+    node.GetSegmentation().AddEmptySegment("MyNote", "My note")   # counts for nothing: figures are the engine's
+    assert logic.process(case.volume, node, "auto", None, "cpu").stats == first.stats
+    extra = np.zeros(case.labels.shape, bool)
+    extra[0, :3, :3] = True
+    extra &= case.labels == 0
+    more = mrml.SegmentSpec("More GGO", "labels", 1, (1.0, 1.0, 0.0), mrml.lesion_specs()[0].terminology)
+    more.segmentId = "more_ggo"
+    mrml.set_segment_from_array(node, more, extra, mrml.ijk_to_ras_from_image(case.ct))
+
+    applied = logic.process(case.volume, node, "auto", None, "cpu")
+    appliedFigures = mrml.table_values(applied.tableNode)
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    assert mrml.table_values(recomputed.tableNode) == pytest.approx(appliedFigures, rel=1e-12)
+    ml = np.prod(case.ct.GetSpacing()) / 1000.0
+    assert appliedFigures["lesions.ggo.volume_ml"] == pytest.approx(((case.labels == 1) | extra).sum() * ml)
+    assert any("also count More GGO, kept from before this run" in n for n in applied.info["notices"])
+    assert "More GGO" in applied.summary
+
+
+def test_new_nodes_get_unique_names_and_recompute_marks_the_table(case, fake_engine):
+    logic = make_logic(case, fake_engine)
+    first = logic.process(case.volume, None, "classical", None, "cpu")
+    second = logic.process(case.volume, None, "auto", None, "cpu")
+    assert first.segmentationNode.GetName() == "Phantom CT lesions"
+    assert second.segmentationNode.GetName() != first.segmentationNode.GetName()
+    assert second.segmentationNode.GetName().startswith("Phantom CT lesions")
+    assert second.tableNode.GetName() == second.segmentationNode.GetName() + " statistics"
+    assert json.loads(first.tableNode.GetAttribute("SSALesionSeg.Info"))["lung_method"] == "classical"
+    logic.recomputeStatistics(case.volume, first.segmentationNode)
+    info = json.loads(first.tableNode.GetAttribute("SSALesionSeg.Info"))
+    assert info["recomputed"] is True and info["run"]["lung_method"] == "classical"
+
+
 def test_rerun_into_a_loaded_segmentation_matches_segments_by_name(case, fake_engine, tmp_path):
     logic = make_logic(case, fake_engine)
     result = logic.process(case.volume, None, "auto", None, "cpu")
@@ -613,6 +700,59 @@ def test_export_finds_a_lesion_segment_by_its_terminology_when_name_and_id_chang
     # writing results into that segmentation does not take the user's segment over
     spec = mrml.lesion_specs()[0]
     assert mrml.find_segment_id(segmentation, spec) is None
+
+
+def test_export_without_lesions_says_the_case_is_lesion_free(case, fake_engine, tmp_path):
+    """All lesion segments deleted: an all-background label file was written without a word."""
+    logic = make_logic(case, fake_engine)
+    node = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    notes = []
+    logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "with", notes=notes)
+    assert not any("lesion-free" in n for n in notes)
+    ggo, consolidation = mrml.lesion_specs()
+    mrml.set_segment_from_array(node, ggo, np.zeros(case.labels.shape, bool), mrml.ijk_to_ras_from_image(case.ct))
+    node.GetSegmentation().RemoveSegment(consolidation.segmentId)
+    notes = []
+    logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "erased", notes=notes)
+    assert notes == ["the lesion segments of 'Phantom CT lesions' are empty: the case was exported as lesion-free "
+                     "(its labels are all background). If the CT has lesions, paint them (or press Apply) and "
+                     "export again, overwriting the case"]
+    node.GetSegmentation().RemoveSegment(ggo.segmentId)
+    notes = []
+    logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "none", notes=notes)
+    assert len(notes) == 1 and notes[0].startswith(
+        "'Phantom CT lesions' has no GGO, consolidation or infection segment: the case was exported as lesion-free")
+
+
+def test_a_labelmap_or_non_ct_input_is_refused_by_name_before_anything_runs(case, fake_engine, fake_engine_dir):
+    labels = sitk.GetImageFromArray(case.labels)
+    labels.CopyInformation(case.ct)
+    labelmapNode = mrml.add_volume_node_from_image(case.scene, labels, "Phantom labels", labelmap=True)
+    asScalar = mrml.add_volume_node_from_image(case.scene, labels, "labels as volume")
+    # the panel's default input is never a labelmap, even when one comes first
+    scene = mrml.HeadlessScene().scene
+    mrml.add_volume_node_from_image(scene, labels, "first: a labelmap", labelmap=True)
+    assert logic_.default_input_volume(scene) is None
+    ct = mrml.add_volume_node_from_image(scene, case.ct, "the CT")
+    assert logic_.default_input_volume(scene) is ct
+    assert logic_.default_input_volume(case.scene) is case.volume
+    assert "'Phantom labels' is a labelmap" in logic_.missing_choice(labelmapNode, "auto")
+    logic = background_logic(case, fake_engine_dir)
+    with pytest.raises(ValueError, match="'Phantom labels' is a labelmap"):
+        logic.process(labelmapNode, None, "auto", None, "cpu", waitForCompletion=False)
+    started = []
+    logic.pythonExecutable = None   # no worker may start: this would fail if one did
+    original = logic_.BackgroundRun.start
+    logic_.BackgroundRun.start = lambda self, *a, **k: started.append(a)
+    try:
+        with pytest.raises(ValueError, match=r"^'labels as volume' does not look like a CT in Hounsfield units"):
+            logic.process(asScalar, None, "auto", None, "cpu", waitForCompletion=False)
+    finally:
+        logic_.BackgroundRun.start = original
+    assert not started
+    with pytest.raises(ValueError, match="'labels as volume' does not look like a CT"):
+        make_logic(case, fake_engine).process(asScalar, None, "auto", None, "cpu")
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
 def test_existing_lung_segmentation_is_passed_as_lung_mask(case, fake_engine):
@@ -938,6 +1078,41 @@ def test_background_failure_reports_the_engine_error(case, fake_engine_dir, monk
     assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+def test_background_engine_input_error_is_its_message_without_a_traceback(case, fake_engine_dir, monkeypatch):
+    monkeypatch.setenv("FAKE_ENGINE_INPUT_ERROR", "'Phantom CT': no lungs in view")
+    run = background_logic(case, fake_engine_dir).process(case.volume, None, "auto", None, "cpu",
+                                                          waitForCompletion=False)
+    with pytest.raises(RuntimeError) as error:
+        run.wait()
+    assert str(error.value).startswith("'Phantom CT': no lungs in view") and "Traceback" not in str(error.value)
+
+
+def test_output_deleted_during_a_background_run_gets_a_new_segmentation(case, fake_engine_dir):
+    """The results went into the removed node (outside the scene) and the run reported success."""
+    logic = background_logic(case, fake_engine_dir)
+    first = logic.process(case.volume, None, "auto", None, "cpu", waitForCompletion=False).wait()
+    output, table = first.segmentationNode, first.tableNode
+    run = logic.process(case.volume, output, "auto", None, "cpu", waitForCompletion=False,
+                        statisticsTable=table)
+    mrml.remove_nodes(case.scene, [output, table])   # the scene is written only once the run is polled done
+    result = run.wait()
+    assert run.state == run.FINISHED
+    node = result.segmentationNode
+    assert node is not output and node.GetScene() is case.scene and result.tableNode.GetScene() is case.scene
+    assert node.GetSegmentation().GetNumberOfSegments() == len(mrml.segment_specs())
+    assert node.GetNodeReference(mrml.STATISTICS_REFERENCE_ROLE) is result.tableNode
+    note = f"the output segmentation 'Phantom CT lesions' was deleted during the run: the results are in a new " \
+           f"segmentation, '{node.GetName()}'"
+    assert note in result.info["notices"] and f"Note: {note}" in result.summary
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    # the input CT deleted: nothing is written, and the run says so
+    run = logic.process(case.volume, node, "auto", None, "cpu", waitForCompletion=False)
+    mrml.remove_nodes(case.scene, [case.volume])
+    with pytest.raises(RuntimeError, match="The input CT 'Phantom CT' was deleted during the run"):
+        run.wait()
+    assert run.state == run.FAILED and case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
 def test_background_worker_stops_when_slicer_is_gone(case, fake_engine_dir, monkeypatch):
     """Slicer's end of the worker's stdin closes when Slicer exits or crashes; the worker
     (which would otherwise keep the GPU and a copy of the CT) must stop by itself."""
@@ -954,7 +1129,10 @@ def test_background_worker_stops_when_slicer_is_gone(case, fake_engine_dir, monk
 
 
 def test_exit_messages_say_what_happened():
-    assert "lack of memory" in logic_.exit_message(-9) and "Crop Volume" in logic_.exit_message(-9)
+    message = logic_.exit_message(-9)
+    assert "lack of memory" in message and "Crop Volume" in message
+    # an in-plane crop that cuts the lungs gives wrong figures: never the advice
+    assert "only above and below the lungs, keeping the whole chest in-plane" in message
     assert "code 1 without reporting an error" in logic_.exit_message(1)
 
 
