@@ -145,6 +145,8 @@ def _read_file(p: Path, checked: bool = False) -> sitk.Image:
     caller did that already)."""
     if _is_nifti(p) and not checked:
         check_nifti_complete(p)   # ITK reads a cut-off NIfTI without a word, the rest as zeros
+    if p.name.lower().endswith((".mha", ".mhd")):
+        check_metaimage_complete(p)   # MetaIO prints its own lines on a cut-off file, then ITK fails vaguely
     try:
         with _quiet_itk():   # a damaged file is reported below; ITK's own lines would interleave with the cases'
             return sitk.ReadImage(str(p))
@@ -160,6 +162,55 @@ def _read_file(p: Path, checked: bool = False) -> sitk.Image:
                              "the true spacing (the scanner's PixelSpacing / slice spacing)") from None
         detail = next((m for m in msg if "ERROR" in m or "Unable" in m or "Could not" in m), msg[-1] if msg else "")
         raise InputError(f"cannot read {p}: not a readable image file or corrupt ({detail.strip()[:200]})") from None
+
+
+_META_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+               "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+               "MET_DOUBLE": 8}
+
+
+def check_metaimage_complete(p: Path) -> None:
+    """Refuse a MetaImage (``.mha``, or ``.mhd`` with its data file) holding fewer data bytes
+    than its header announces: a cut-off copy. Headers this does not follow (several data
+    files, unknown types) are left to ITK."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return
+    fields, start = {}, None
+    pos = 0
+    for line in head.split(b"\n"):
+        pos += len(line) + 1
+        key, _, value = line.decode("latin-1").partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            start = pos
+            break
+    if start is None:
+        return
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+        item = _META_BYTES[fields["ElementType"]] * int(fields.get("ElementNumberOfChannels", "1"))
+    except (KeyError, ValueError):
+        return
+    source = fields["ElementDataFile"]
+    if source == "LOCAL":
+        have = p.stat().st_size - start
+    elif len(source.split()) == 1 and (p.parent / source).is_file():
+        start, have = 0, (p.parent / source).stat().st_size
+    else:
+        return
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    if compressed:
+        if "CompressedDataSize" not in fields:
+            return
+        need = int(fields["CompressedDataSize"])
+    else:
+        need = int(np.prod(dims, dtype=np.int64)) * item
+    if have < need:
+        raise InputError(f"{p}: the file is cut off — its header announces {need} bytes of "
+                         f"{'compressed ' if compressed else ''}image data, it holds {have}; copy or export it again")
 
 
 def _float_or_nan(text: str) -> float:

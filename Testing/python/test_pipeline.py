@@ -1843,3 +1843,20 @@ def test_lungs_far_smaller_than_a_chests_are_noted():
     assert lung_size_note(big) is None
     lungs.SetSpacing((1.0, 1.0, 2.0))                # the same fragment over 20 mm: too short to judge
     assert lung_size_note(lungs) is None
+
+
+def test_a_cut_off_metaimage_is_refused_as_cut_off(tmp_path, capfd):
+    """MetaIO printed its own 'data not read completely' lines on a cut-off .mha, then ITK
+    failed with 'File cannot be read'; the header's byte count now says what is wrong."""
+    img = sitk.GetImageFromArray(np.full((6, 40, 40), -1000, np.int16))
+    for name, compress in (("plain.mha", False), ("packed.mha", True), ("split.mhd", False)):
+        whole = tmp_path / name
+        sitk.WriteImage(img, str(whole), compress)
+        data = whole.with_suffix(".raw") if name.endswith(".mhd") else whole
+        assert read_ct(whole)[0].GetSize() == (40, 40, 6)
+        blob = data.read_bytes()
+        data.write_bytes(blob[:len(blob) - 100])
+        capfd.readouterr()
+        with pytest.raises(InputError, match="the file is cut off — its header announces"):
+            read_ct(whole)
+        assert "MetaImage" not in capfd.readouterr().err
