@@ -105,7 +105,7 @@ def test_a_field_of_view_inside_padding_is_cut_where_the_padding_begins():
     zero-filled square, the bundled sample's -1250 HU border), or with -3024 HU outside a
     reconstruction circle smaller than the patient: the field's edge cuts the body as the
     image border does. Before, the open tissue ring was not filled and the lungs, taken
-    for outside air, were lost (57 / 112 mL instead of 3241 / 2328 on a padded crop of the
+    for outside air, were lost (57 / 112 mL instead of 3241 / 2330 on a padded crop of the
     sample)."""
     h, c, r, l, b, hu, body = lung_box_crop()
     cut = lung_mask_from_hu(h, SP2)
@@ -132,6 +132,18 @@ def test_a_field_of_view_inside_padding_is_cut_where_the_padding_begins():
     clipped = np.maximum(hu3, -1000.0)
     assert (clipped[0] == -1000).all() and (clipped[:, 0] == -1000).all()
     np.testing.assert_array_equal(lung_mask_from_hu(clipped, SP2), lung_mask_from_hu(hu3, SP2))
+    # a CT table joined to the body, wider than the reconstruction circle or running along a
+    # clipped-air frame, and a circle that grazes the chest wall, do not cut the body open:
+    # the mask is the one of the whole field (before, 4427 / 6929 / 429 more pixels outside the lungs)
+    hu4, r4, l4, body4 = chest_slice(size=200, seed=1)
+    hu4[int(np.flatnonzero(body4.any(1))[-1]) + 1:][:7, 10:190] = 100.0
+    whole = lung_mask_from_hu(np.repeat(hu4[None], 5, 0), (2.0, 1.0, 1.0))
+    Y, X = np.mgrid[0:200, 0:200]
+    for label, vol in (("table across the circle", np.where((Y - 100) ** 2 + (X - 100) ** 2 <= 95 ** 2, hu4, -3024.0)),
+                       ("table on clipped air", np.where(body4 | (hu4 > -500), hu4, -1000.0)),
+                       ("grazing circle", np.where((Y - 100) ** 2 + (X - 100) ** 2 <= 84 ** 2, hu4, -3024.0))):
+        lab = lung_mask_from_hu(np.repeat(vol[None].astype(np.float32), 5, 0), (2.0, 1.0, 1.0))
+        assert abs(int((lab > 0).sum()) - int((whole > 0).sum())) <= 0.01 * (whole > 0).sum(), label
 
 
 def test_rendering_with_clipped_soft_tissue_is_unclipped():

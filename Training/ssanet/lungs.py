@@ -78,8 +78,15 @@ from .preprocess import LUNG_WINDOW_HU, hu_from_window
 AIR_HU = -320.0
 # Below any tissue or air a scanner measures: what some write outside the reconstruction circle.
 UNSCANNED_HU = -1100.0
-# Share of a padding frame's inner edge that soft tissue must run along for the frame to cut the body.
+# Share of a padding frame's inner edge that the body must run along for the frame to cut it.
 CUT_CONTACT = 0.05
+# A body runs along the unscanned field (or a frame) where it is cut: parts thinner than twice
+# CUT_OPEN_MM (a CT table, skin at a tangent) do not count, and the cut is CUT_MIN_MM long at least.
+CUT_OPEN_MM = 5.0
+CUT_MIN_MM = 20.0
+# Air the hull encloses beyond the filled tissue ring when the field of view cuts the ring
+# open (a lung's cross-section, mm²); a field edge grazing the chest wall encloses less.
+RING_OPEN_MM2 = 1000.0
 BODY_HU = -500.0
 BONE_HU = 200.0
 # Fraction of white (250-255) non-lung pixels above which an 8-bit rendering's window is
@@ -113,18 +120,19 @@ def lung_mask_from_hu(hu, spacing=None, *, air_threshold: float = AIR_HU) -> np.
     out = np.zeros(hu.shape, np.uint8)
     if hu.size == 0:
         return out
-    rows, cols = scanned_box(hu)
+    px = float(np.sqrt(sy * sx))
+    rows, cols = scanned_box(hu, px)
     if (rows, cols) != (slice(0, hu.shape[1]), slice(0, hu.shape[2])):
         # a frame of padding around the scanned field: the field's edge is the image's
         out[:, rows, cols] = lung_mask_from_hu(np.ascontiguousarray(hu[:, rows, cols]), (sz, sy, sx),
                                                air_threshold=air_threshold)
         return out
-    px = float(np.sqrt(sy * sx))
     unscanned = unscanned_mask(hu)
 
     body = np.zeros(hu.shape, bool)
+    cuts = np.zeros(hu.shape, bool)   # where the field of view cuts the body open, per slice
     for z in range(hu.shape[0]):
-        body[z] = body_mask_slice(hu[z] > BODY_HU, None if unscanned is None else unscanned[z])
+        body[z], cuts[z] = _body_and_cut(hu[z] > BODY_HU, None if unscanned is None else unscanned[z], px)
     air = (hu < air_threshold) & body
     if not air.any():
         return out
@@ -137,18 +145,19 @@ def lung_mask_from_hu(hu, spacing=None, *, air_threshold: float = AIR_HU) -> np.
     if not aerated.any():
         return out
     for z in np.flatnonzero(aerated.reshape(len(aerated), -1).any(axis=1)):
-        out[z] = _recover_slice(aerated[z], hu[z], body[z], px, None if unscanned is None else unscanned[z])
+        out[z] = _recover_slice(aerated[z], hu[z], body[z], px, cuts[z])
     return out
 
 
-def scanned_box(hu) -> tuple[slice, slice]:
+def scanned_box(hu, px: float = 1.0) -> tuple[slice, slice]:
     """Rows and columns of a (Z, Y, X) volume inside a frame of padding that cuts the body:
     whole rows / columns at the image border holding one value at or below air (-1000 HU) on
     every slice — a field of view exported inside a larger rectangle (a zero-filled square,
-    the bundled sample's -1250 HU border) — on a side where soft tissue then runs along the
-    frame (at least ``CUT_CONTACT`` of it, on some slice). Real room air is noisy, so it
-    never makes such a frame; air clipped to one value may, but touches a body only at a
-    tangent, and such a side is left alone."""
+    the bundled sample's -1250 HU border) — on a side where the body then runs along the
+    frame (at least ``CUT_CONTACT`` of it, on some slice; tissue thinner than twice
+    ``CUT_OPEN_MM``, such as a CT table, does not count). Real room air is noisy, so it never
+    makes such a frame; air clipped to one value may, but touches a body only at a tangent,
+    and such a side is left alone. ``px``: pixel size in mm."""
     def padding(axes):
         lo, hi = hu.min(axis=axes), hu.max(axis=axes)
         return (lo == hi) & (hi <= -1000)
@@ -159,7 +168,9 @@ def scanned_box(hu) -> tuple[slice, slice]:
     rows, cols = padding((0, 2)), padding((0, 1))
     ny, nx = hu.shape[1:]
     top, bottom, left, right = run(rows), run(rows[::-1]), run(cols), run(cols[::-1])
-    tissue = hu > BODY_HU
+    if not (top or bottom or left or right):
+        return slice(0, ny), slice(0, nx)
+    tissue = np.stack([_open(z > BODY_HU, CUT_OPEN_MM / px) for z in hu])
 
     def cuts(line):   # soft tissue along that line of the scanned field, on its fullest slice
         return line.mean(axis=1).max() >= CUT_CONTACT if line.size else False
@@ -260,23 +271,41 @@ def split_lungs(mask) -> np.ndarray:
     return out
 
 
-def body_mask_slice(tissue: np.ndarray, unscanned: np.ndarray | None = None) -> np.ndarray:
+def body_mask_slice(tissue: np.ndarray, unscanned: np.ndarray | None = None, px: float = 1.0) -> np.ndarray:
     """Body of one slice from its soft-tissue mask (see the module outline, step 1);
     ``unscanned``: pixels outside the reconstructed field of view (:func:`unscanned_mask`),
-    whose edge cuts the body as the image border does."""
+    whose edge cuts the body open as the image border does (:func:`_body_and_cut`); ``px``:
+    pixel size in mm."""
+    return _body_and_cut(tissue, unscanned, px)[0]
+
+
+def _body_and_cut(tissue, unscanned, px):
+    """(body, cut): the body of one slice, and its pixels where the unscanned field cuts the
+    tissue ring open (none when it does not)."""
+    none = np.zeros(tissue.shape, bool)
     lab, n = ndi.label(tissue)
     if n == 0:
-        return np.zeros(tissue.shape, bool)
+        return none, none
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     largest = lab == int(np.argmax(sizes))
-    if not _touches_border(largest) and not _cut_by(largest, unscanned).any():
-        return ndi.binary_fill_holes(largest)
+    border = _touches_border(largest)
+    cut = none if border else _field_cut(largest, unscanned, px)
+    filled = ndi.binary_fill_holes(largest)
+    if not border and not cut.any():
+        return filled, none
     # The tissue ring is cut by the image border or the field of view: the hull of the big
     # tissue pieces spans the thorax, while the corners of outside air stay outside it.
     big = np.isin(lab, np.flatnonzero(sizes >= max(0.005 * tissue.size, 1)))
-    body = _convex_hull(big) | ndi.binary_fill_holes(largest)
-    return body if unscanned is None else body & ~unscanned
+    body = _convex_hull(big) | filled
+    if border:
+        return body, none
+    body &= ~unscanned
+    # a field edge that grazes the chest wall leaves the ring closed: no lung-sized air is
+    # enclosed by the hull alone, and the body stays the filled ring
+    if (body & ~filled & ~tissue).sum() * px * px < RING_OPEN_MM2:
+        return filled, none
+    return body, cut
 
 
 # ------------------------------------------------------------------------- helpers
@@ -292,11 +321,18 @@ def _touches_border(m):
     return bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
 
 
-def _cut_by(m, unscanned):
-    """Pixels of ``m`` beside the unscanned field (none when there is none)."""
+def _field_cut(m, unscanned, px):
+    """Pixels of ``m`` where the unscanned field cuts it: ``m`` without its parts thinner than
+    ``2 * CUT_OPEN_MM`` (a CT table, skin touching at a tangent) beside that field, when they
+    run along it for ``CUT_MIN_MM`` or more; else none."""
+    none = np.zeros(m.shape, bool)
     if unscanned is None or not unscanned.any():
-        return np.zeros(m.shape, bool)
-    return m & ndi.binary_dilation(unscanned)
+        return none
+    near = ndi.binary_dilation(unscanned)
+    if not (m & near).any():
+        return none
+    cut = _open(m, CUT_OPEN_MM / px) & near
+    return cut if cut.sum() * px >= CUT_MIN_MM else none
 
 
 def _convex_hull(m):
@@ -518,7 +554,7 @@ PLEURA_RIM_MM = 1.0      # lesions are drawn to the pleural surface, about a pix
                          # threshold edge of the lung (COVID-SemiSeg train: lesion kept 95.6 -> 96.2 %)
 
 
-def _recover_slice(aerated, hu, body, px, unscanned=None):
+def _recover_slice(aerated, hu, body, px, cut=None):
     """Labels of one slice: each lung's aerated part plus its recovered dense lesions."""
     if not body.any():
         return np.zeros(aerated.shape, np.uint8)
@@ -530,10 +566,10 @@ def _recover_slice(aerated, hu, body, px, unscanned=None):
     ang = np.arctan2(Y - cy, X - cx)
     rad = np.hypot(Y - cy, X - cx)
     ribs = _ribs(h, b, a > 0, px)
-    # body pixels on the image border or the unscanned field's: the field of view cuts the thorax there
+    # body pixels on the image border, or where the field of view cuts the body open: the thorax is cut there
     edge = np.zeros(aerated.shape, bool)
     edge[[0, -1], :] = edge[:, [0, -1]] = True
-    edge = (edge[sl] & b) | _cut_by(body, unscanned)[sl]
+    edge = (edge[sl] & b) | (cut[sl] if cut is not None else False)
     masks = {}
     for side in (_RIGHT, _LEFT):
         m = a == side
