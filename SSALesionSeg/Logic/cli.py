@@ -479,6 +479,12 @@ def format_summary(result, paths) -> str:
 
 # --------------------------------------------------------------------------- stats
 
+# what segment's stats JSON says of the run that made the labels, kept by stats when it
+# replaces those figures with the corrected ones (info.labels_made_by)
+_MADE_BY = ("checkpoint", "device", "precision", "flip_tta", "min_lesion_mm2", "class_names", "lung_method",
+            "lung_details")
+
+
 def cmd_stats(args) -> int:
     import numpy as np
     import SimpleITK as sitk
@@ -491,6 +497,7 @@ def cmd_stats(args) -> int:
     from .lungstep import compute_lungs
     from .outputs import RecordedRun, outputs_from_other_input
     from .report import write_overlay
+    from .segfile import write_seg_nrrd
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, figure_notes, write_stats
 
     out = Path(args.out)
@@ -507,6 +514,17 @@ def cmd_stats(args) -> int:
     # ... and so do the plain labelmaps segment wrote (--labelmaps), when untouched since
     relabel = {k: out / f"{name}{OPTIONAL_OUTPUT_SUFFIXES[k]}" for k in ("lesion_labelmap", "lung_labelmap")}
     relabel = {k: p for k, p in relabel.items() if k in recorded.outputs and not (p.is_file() and recorded.changed(k, p))}
+    # ... and the .seg.nrrd, when the corrected labels are another file (e.g. the plain labelmap)
+    seg = out / f"{name}{OUTPUT_SUFFIXES['segmentation']}"
+    from_seg = seg.exists() and Path(args.labels).resolve() == seg.resolve()
+    seg_edited = (not from_seg and "segmentation" in recorded.outputs and seg.is_file()
+                  and recorded.changed("segmentation", seg))
+    if not from_seg and "segmentation" in recorded.outputs and not seg_edited:
+        relabel["segmentation"] = seg
+    # the labels are that run's own outputs: what made them is kept with the new figures
+    made_by = (recorded.info.get("labels_made_by") or {k: recorded.info[k] for k in _MADE_BY if k in recorded.info}
+               if labels_run_name(args.labels) == name and Path(args.labels).resolve().parent == out.resolve()
+               else None)
     ct, info = read_ct(args.ct)
     out = check_writable(out)
     result = read_result_labels(args.labels, ct, args.classes)
@@ -534,12 +552,17 @@ def cmd_stats(args) -> int:
     stats = compute_stats(ct, lesions_img, lungs_img, image_like(lobes, ct) if lobes is not None else None, names)
     inf = stats["lesions"]["infection"]
     notes += figure_notes(stats, lungs_img)
+    if seg_edited:
+        notes.append(f"{seg.name} was edited since segment wrote it and is not the labels given: it is left as it "
+                     "is, and its segments differ from these figures")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     # the keys segment's stats JSON has for the same things, plus where the labels came from
     stats["info"] = {"source": str(Path(args.ct).absolute()), "size": info["size"], "spacing_mm": info["spacing_mm"],
                      "input": info, "labels": str(Path(args.labels).absolute()), "lung_method": method,
                      "recomputed_by": "ssalesionseg stats"}
+    if made_by:
+        stats["info"]["labels_made_by"] = made_by
     if notes:
         stats["info"]["notices"] = notes
     # segment's outputs beside the figures stay listed with their hashes (a corrected .seg.nrrd
@@ -558,6 +581,9 @@ def cmd_stats(args) -> int:
         for key, image in (("lesion_labelmap", lesions_img), ("lung_labelmap", lungs_img)):
             if key in tmp:
                 sitk.WriteImage(image, str(tmp[key]), True)
+        if "segmentation" in tmp:
+            write_seg_nrrd(tmp["segmentation"], lesions_img, lungs_img,
+                           list(BINARY if result.binary else MULTICLASS))
         for key in tmp:
             if key not in ("stats_json", "stats_csv"):
                 stats["info"]["outputs"][key] = str(Path(targets[key]).absolute())

@@ -49,6 +49,7 @@ class RecordedRun:
     def __init__(self, out_dir, name: str):
         self.stats_json = output_paths(out_dir, name)["stats_json"]
         info = _recorded_info(out_dir, name)
+        self.info = info   # the whole "info" of that stats JSON ({} when there is none)
         outputs, hashes = info.get("outputs"), info.get("outputs_sha256")
         # ntpath: the folder may have been written on Windows (backslashes) and read here
         self.outputs = outputs if isinstance(outputs, dict) else {}   # {key: path as written}

@@ -1625,11 +1625,12 @@ def test_stats_redraws_segments_overlay_and_records_its_notes(tmp_path, tiny_ckp
     assert cli.main(["stats", "--ct", str(src), "--labels", str(labels), "--lungs", "classical", "--out", str(out),
                      "--overwrite"]) == 0
     err = capsys.readouterr().err
-    assert "ct_overlay.png, ct_lesions.nii.gz, ct_lungs.nii.gz: rewritten from the corrected labels" in err
+    assert "ct_overlay.png, ct_lesions.nii.gz, ct_lungs.nii.gz, ct.seg.nrrd: rewritten from the corrected labels" in err
     assert overlay.read_bytes() != before
     st = json.loads((out / "ct_stats.json").read_text())
+    assert "labels_made_by" not in st["info"]     # labels from elsewhere: not known to be this run's
     for key, path in (("overlay", overlay), ("lesion_labelmap", out / "ct_lesions.nii.gz"),
-                      ("lung_labelmap", out / "ct_lungs.nii.gz")):
+                      ("lung_labelmap", out / "ct_lungs.nii.gz"), ("segmentation", out / "ct.seg.nrrd")):
         assert st["info"]["outputs_sha256"][key] == sha256_of(path) and st["info"]["outputs"][key] == str(path)
     # the plain labelmap segment wrote is now the corrected one, not the old prediction
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ct_lesions.nii.gz"))), arr)
@@ -1647,6 +1648,8 @@ def test_stats_redraws_segments_overlay_and_records_its_notes(tmp_path, tiny_ckp
     # segment's own outputs stay listed as its: --overwrite keeps copies of the recomputed
     # figures only, not of the files nobody edited
     assert set(st["info"]["outputs"]) == {"segmentation", "overlay", "lesion_labelmap", "lung_labelmap"}
+    from ssalesionseg.io import read_result_labels
+    assert np.array_equal(read_result_labels(out / "ct.seg.nrrd", img).lesions, arr)   # the .seg.nrrd too
     seg_bytes = (out / "ct.seg.nrrd").read_bytes()
     (out / "ct.seg.nrrd").write_bytes(seg_bytes + b"\n")          # now corrected in place
     ct_bytes = src.read_bytes()
@@ -1860,3 +1863,43 @@ def test_a_cut_off_metaimage_is_refused_as_cut_off(tmp_path, capfd):
         with pytest.raises(InputError, match="the file is cut off — its header announces"):
             read_ct(whole)
         assert "MetaImage" not in capfd.readouterr().err
+
+
+def test_stats_on_a_corrected_labelmap_in_place_keeps_the_folder_one_case(tmp_path, tiny_ckpt, capsys):
+    """A correction made in segment's plain labelmap (<name>_lesions.nii.gz) and recomputed
+    into that folder left the .seg.nrrd with the old prediction — the file Slicer opens and
+    the one exported for training — and dropped the record of the model that made the labels."""
+    from ssalesionseg.io import read_result_labels
+
+    img, truth = synthetic_chest_ct(3, 128, spacing=SP)
+    src = write_image(img, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(src, out, tiny_ckpt, "--labelmaps")) == 0
+    made = json.loads((out / "ct_stats.json").read_text())["info"]
+    lesions = out / "ct_lesions.nii.gz"
+    arr = truth["ggo"].astype(np.uint8) + 2 * truth["consolidation"].astype(np.uint8)
+    corrected = sitk.GetImageFromArray(arr)
+    corrected.CopyInformation(img)
+    write_image(corrected, lesions)
+    capsys.readouterr()
+    assert cli.main(["stats", "--ct", str(src), "--labels", str(lesions), "--lungs", "classical", "--out", str(out),
+                     "--overwrite"]) == 0
+    assert "ct.seg.nrrd" in capsys.readouterr().err
+    assert np.array_equal(read_result_labels(out / "ct.seg.nrrd", img).lesions, arr)
+    info = json.loads((out / "ct_stats.json").read_text())["info"]
+    assert info["labels_made_by"]["checkpoint"]["sha256"] == made["checkpoint"]["sha256"]
+    assert info["labels_made_by"]["lung_method"] == made["lung_method"]
+    # a second correction keeps that record (the figures' JSON is now stats', not segment's)
+    assert cli.main(["stats", "--ct", str(src), "--labels", str(lesions), "--lungs", "classical", "--out", str(out),
+                     "--overwrite"]) == 0
+    again = json.loads((out / "ct_stats.json").read_text())["info"]
+    assert again["labels_made_by"] == info["labels_made_by"]
+    # a .seg.nrrd edited by hand meanwhile is left alone, and said to differ
+    seg = out / "ct.seg.nrrd"
+    seg.write_bytes(seg.read_bytes() + b"\n")
+    edited = seg.read_bytes()
+    capsys.readouterr()
+    assert cli.main(["stats", "--ct", str(src), "--labels", str(lesions), "--lungs", "classical", "--out", str(out),
+                     "--overwrite"]) == 0
+    assert "ct.seg.nrrd was edited since segment wrote it and is not the labels given" in capsys.readouterr().err
+    assert seg.read_bytes() == edited
