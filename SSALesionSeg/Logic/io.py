@@ -388,13 +388,19 @@ def nifti_ct_problems(h: NiftiHeader, p: Path) -> None:
         off = np.abs(srow - pix) > np.maximum(1e-3, 1e-3 * pix)   # ITK warns above 1e-3
         if not np.all(np.isfinite(srow)) or off.any():
             fmt = lambda v: " x ".join(f"{x:.4g}" for x in v)   # noqa: E731
-            ratio = float(np.prod(srow) / np.prod(pix)) if np.all(srow > 0) else float("nan")
+            # the sform's voxel volume is |det|, not the product of its column lengths (a sheared sform)
+            ratio = (float(abs(np.linalg.det(h.srow[:, :3])) / np.prod(pix))
+                     if np.all(np.isfinite(h.srow)) and np.all(pix > 0) else float("nan"))
+            if np.isfinite(ratio) and abs(ratio - 1) < 1e-3:
+                what = ("the sform's axes are sheared (not at right angles: a gantry tilt left in the header?), "
+                        "so voxel positions would depend on the reader (the voxel volume is the same)")
+            else:
+                what = ("so volumes would depend on the reader"
+                        + (f" (the sform's are {ratio:.3g}x pixdim's)" if np.isfinite(ratio) else ""))
             raise InputError(f"{p}: the header holds two voxel sizes: pixdim {fmt(pix)} {unit}, the sform "
                              f"(sform_code {h.sform_code}) {fmt(srow)} {unit}; ITK and Slicer measure with "
-                             f"pixdim, nibabel and FSL with the sform, so volumes would depend on the reader"
-                             + (f" (the sform's volumes are {ratio:.3g}x pixdim's)" if np.isfinite(ratio) else "")
-                             + " — fix the header so that both give the true spacing (or set sform_code 0 "
-                             "when pixdim and the qform are right)")
+                             f"pixdim, nibabel and FSL with the sform: {what} — fix the header so that both "
+                             "give the true spacing (or set sform_code 0 when pixdim and the qform are right)")
 
 
 def _qform_matrix(h: NiftiHeader) -> np.ndarray:

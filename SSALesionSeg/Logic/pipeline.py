@@ -291,7 +291,9 @@ def process_case(input_path, out_dir, name: str | None = None, progress: Progres
     t_read = time.perf_counter() - t
     result = segment_image(ct, progress=progress, source=str(Path(input_path).absolute()), **kwargs)
     result.info["input"] = read_info
-    result.notices.extend(read_notes(read_info))
+    result.notices[:0] = read_notes(read_info)   # what reading decided comes first, and into the JSON
+    if result.notices:
+        result.info["notices"] = result.notices
     result.info["timings_s"]["read"] = t_read
     t = time.perf_counter()
     report("write", 0.0)

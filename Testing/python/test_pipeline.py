@@ -1063,7 +1063,12 @@ def test_a_nifti_whose_sform_and_pixdim_disagree_is_refused_and_a_side_swap_is_n
         with pytest.raises(InputError, match=r"two voxel sizes: pixdim 1\.4 x 1\.4 x 2\.5 mm, the sform \(sform_code "
                                              r"1\) 2\.8 x (1\.4|2\.8) x 2\.5 mm") as e:
             read_ct(path)
-        assert "nibabel" in str(e.value)
+        assert "nibabel" in str(e.value) and f"the sform's are {4 if name == 'sform_only' else 2}x pixdim's" in str(e.value)
+    # a sheared sform (slice axis tilted) has pixdim's voxel volume: positions, not volumes, differ
+    sheared = _patched_nifti(plain, tmp_path / "sheared.nii", srow_y=y[:2] + (1.0,) + y[3:])
+    with pytest.raises(InputError, match="sheared") as e:
+        read_ct(sheared)
+    assert "voxel volume is the same" in str(e.value) and "x pixdim's" not in str(e.value)
     # rounding in the sform (as float32 tools write it) is no disagreement
     rounded = _patched_nifti(plain, tmp_path / "rounded.nii", srow_x=(x[0] - 4e-4,) + x[1:])
     again, info = read_ct(rounded)
@@ -1822,6 +1827,8 @@ def test_lungs_cut_by_the_field_of_view_are_noted():
     lungs = sitk.GetImageFromArray(arr)
     note = lung_coverage_note(lungs)
     assert "run into the image's back, right edges on 2 slices" in note and "top" not in note
+    lungs.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))    # the same array stored RAS: named in the patient's terms
+    assert "run into the image's front, left edges on 2 slices" in lung_coverage_note(lungs)
     assert note.endswith("describe the part scanned, not the whole lungs")
     arr[-1, 15, 15] = 1
     note = lung_coverage_note(sitk.GetImageFromArray(arr))
