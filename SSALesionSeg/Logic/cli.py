@@ -362,7 +362,7 @@ def _segment(args, prog) -> int:
         prog.event(event="skipped", case=n, reason=f"{reason} (use --overwrite to redo)")
         if not args.progress_json:
             print(f"{n}: {reason}, skipped (use --overwrite to redo)", file=sys.stderr)
-    done, said = [], set()
+    done, said = [], {}   # note -> the case it was printed in full for
     prog.names, prog.skipped, prog.done = [n for n, _ in cases], skipped, done
     if not todo:
         prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
@@ -394,9 +394,13 @@ def _segment(args, prog) -> int:
         result.notices[:0] = _replaced_notes(edited, copies, "segment")
         for notice in result.notices:
             prog.event(event="notice", case=name, message=notice)
-            if not args.progress_json and notice not in said:   # the same words once a batch (each JSON keeps its own)
+            if args.progress_json:
+                continue
+            if notice not in said:   # the same words in full once a batch (each JSON keeps its own)
                 print(f"{name}: note: {notice}", file=sys.stderr)
-                said.add(notice)
+                said[notice] = name
+            else:   # ... and each case it applies to still says so
+                print(f"{name}: note: as for {said[notice]} ({notice[:60].rstrip()}…)", file=sys.stderr)
         done.append(name)
         prog.event(event="done", case=name, outputs={k: str(p) for k, p in paths.items()},
                    seconds=round(time.perf_counter() - t, 2), severity_total=result.stats["severity"]["total"])
@@ -407,7 +411,60 @@ def _segment(args, prog) -> int:
                   f"severity {severity_text(sev)}, lungs: {result.info['lung_method']} -> {paths['segmentation']}")
     prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                failed=[n for n, _ in failures])
+    if len(cases) > 1:
+        summary = write_batch_summary(out, [n for n, _ in cases])
+        if summary and not args.progress_json:
+            print(f"figures of every case, one row each: {summary}", file=sys.stderr)
     return _report(failures, len(cases), done, skipped, out, args.progress_json)
+
+
+BATCH_SUMMARY = "ssalesionseg_summary.csv"
+_SUMMARY_COLUMNS = ("case", "right_lung_ml", "left_lung_ml", "lungs_ml", "ggo_ml", "ggo_percent_of_lung",
+                    "consolidation_ml", "consolidation_percent_of_lung", "infection_ml",
+                    "infection_percent_of_lung", "severity_right_lung", "severity_left_lung", "severity_total",
+                    "severity_max", "lung_method", "figures_from", "notes")
+
+
+def write_batch_summary(out: Path, names) -> Path | None:
+    """``ssalesionseg_summary.csv`` in ``out``: one row per case of a batch whose stats JSON is there (those
+    segmented now, kept from before, or recomputed by ``stats``), mL and % rounded to 0.1,
+    infection = GGO + consolidation, notes joined by " | ". None when no case has figures."""
+    import csv
+
+    from .io import atomic_path
+
+    rows = []
+    for name in names:
+        try:
+            st = json.loads((out / f"{name}_stats.json").read_text())
+        except (OSError, ValueError):
+            continue
+        les, lungs, sev = st.get("lesions") or {}, st.get("lungs") or {}, st.get("severity") or {}
+        regions = sev.get("regions") or {}
+
+        def r(v):
+            return "" if v is None else round(float(v), 1)
+        info = st.get("info") or {}
+        rows.append({"case": name, "right_lung_ml": r((lungs.get("right") or {}).get("volume_ml")),
+                     "left_lung_ml": r((lungs.get("left") or {}).get("volume_ml")),
+                     "lungs_ml": r((lungs.get("total") or {}).get("volume_ml")),
+                     **{f"{c}_{k}": r((les.get(c) or {}).get(f)) for c in ("ggo", "consolidation", "infection")
+                        for k, f in (("ml", "volume_ml"), ("percent_of_lung", "percent_of_lung"))},
+                     "severity_right_lung": (regions.get("right_lung") or {}).get("score", ""),
+                     "severity_left_lung": (regions.get("left_lung") or {}).get("score", ""),
+                     "severity_total": sev.get("total", ""), "severity_max": sev.get("max", ""),
+                     "lung_method": info.get("lung_method", ""),
+                     "figures_from": info.get("recomputed_by") or "ssalesionseg segment",
+                     "notes": " | ".join(info.get("notices") or ())})
+    if not rows:
+        return None
+    path = out / BATCH_SUMMARY
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=_SUMMARY_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    return path
 
 
 def _report(failures, n_cases: int, done, skipped, out, as_json: bool) -> int:

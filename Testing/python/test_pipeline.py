@@ -1805,7 +1805,15 @@ def test_a_batch_says_a_note_once_and_each_case_keeps_it(tmp_path, tiny_ckpt, ca
     assert cli.main(_segment_args(cases, tmp_path / "out", tiny_ckpt)) == 0
     err = capsys.readouterr().err
     assert err.count("note: the lungs reach the top and bottom slices") == 1
+    assert "p2: note: as for p1 (the lungs reach the top and bottom slices" in err   # each case still says so
     assert "2 cases: 2 segmented, 0 skipped, 0 failed" in err
+    # one row per case for a spreadsheet, figures as in each case's JSON
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "out" / "ssalesionseg_summary.csv", encoding="utf-8")))
+    assert [r["case"] for r in rows] == ["p1", "p2"] and "ssalesionseg_summary.csv" in err
+    st = json.loads((tmp_path / "out" / "p1_stats.json").read_text())
+    assert float(rows[0]["ggo_ml"]) == round(st["lesions"]["ggo"]["volume_ml"], 1)
+    assert int(rows[0]["severity_total"]) == st["severity"]["total"] and "lungs reach the top" in rows[0]["notes"]
     for n in ("p1", "p2"):
         notices = json.loads((tmp_path / "out" / f"{n}_stats.json").read_text())["info"]["notices"]
         assert any(x.startswith("the lungs reach the top and bottom slices") for x in notices)
