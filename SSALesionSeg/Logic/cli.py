@@ -276,7 +276,7 @@ def _segment(args, prog) -> int:
     from .io import check_writable
     from .outputs import (checkpoint_sha256, copies_kept, edited_outputs, foreign_files, optional_outputs,
                           output_paths, outputs_complete, outputs_from_other_input, outputs_from_other_model,
-                          outputs_with_other_settings, recomputed_by_stats)
+                          outputs_with_other_settings, recomputed_by_stats, RecordedRun)
     from .pipeline import load_model, process_case
 
     notes = []
@@ -359,6 +359,11 @@ def _segment(args, prog) -> int:
     for n in skipped:
         reason = ("figures recomputed by `ssalesionseg stats` are kept" if decisions[n] == "kept"
                   else "outputs exist")
+        seg = output_paths(out, n)["segmentation"]
+        if decisions[n] == "skip" and seg.is_file() and RecordedRun(out, n).changed("segmentation", seg):
+            # corrected since its figures were computed, and not recomputed yet
+            reason += (f"; {seg.name} was edited after its figures were computed: `ssalesionseg stats --ct "
+                       f"{dict(cases)[n]} --labels {seg} --out {out} --overwrite` recomputes them")
         prog.event(event="skipped", case=n, reason=f"{reason} (use --overwrite to redo)")
         if not args.progress_json:
             print(f"{n}: {reason}, skipped (use --overwrite to redo)", file=sys.stderr)

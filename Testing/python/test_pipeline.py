@@ -1404,6 +1404,8 @@ def test_corrections_made_in_place_are_never_replaced_unasked(tmp_path, tiny_ckp
     assert seg.read_bytes() == corrected and not (out / "ct_lesions.nii.gz").exists()
     assert cli.main(_segment_args(src, out, tiny_ckpt)) == 0        # nothing asked for: skipped, kept
     assert seg.read_bytes() == corrected
+    # ... and the skip says the figures are older than the correction, and how to renew them
+    assert "ct.seg.nrrd was edited after its figures were computed: `ssalesionseg stats --ct" in capsys.readouterr().err
     # figures recomputed by stats: kept by a plain rerun, refused by one that would redo the case
     capsys.readouterr()
     assert cli.main(_segment_args(src, out, tiny_ckpt, "--overwrite")) == 0

@@ -642,3 +642,20 @@ def test_the_same_ct_twice_among_training_cases_is_found(tmp_path):
         (tmp_path / name).write_bytes(data)
     paths = {str(p) for p in tmp_path.iterdir()}
     assert _duplicate_files(paths) == [(str(tmp_path / "a.nii.gz"), str(tmp_path / "c.nii.gz"))]
+
+
+def test_evaluate_keeps_earlier_overlays_unless_told(tmp_path, capsys):
+    """An --overlays folder holding PNGs (another model's, say) is refused before anything is
+    loaded or scored; --overwrite replaces them."""
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    (overlays / "slice_01.png").write_bytes(b"earlier")
+    rc = cli_main(["evaluate", "--checkpoint", str(tmp_path / "not_read.safetensors"), "--split", "val",
+                   "--overlays", str(overlays), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds overlay PNGs" in err and "--overwrite" in err
+    assert (overlays / "slice_01.png").read_bytes() == b"earlier"
+    # with --overwrite the refusal is gone: what fails now is the missing checkpoint, not the folder
+    rc = cli_main(["evaluate", "--checkpoint", str(tmp_path / "not_read.safetensors"), "--split", "val",
+                   "--overlays", str(overlays), "--device", "cpu", "--overwrite"])
+    assert rc == 2 and "already holds" not in capsys.readouterr().err
