@@ -34,6 +34,14 @@ def pick_slices(lesion_per_slice: np.ndarray, lung_per_slice: np.ndarray, n: int
     return sorted(set(chosen))
 
 
+def file_slice(ct: sitk.Image, ct_lps: sitk.Image, z: int) -> tuple[int, int]:
+    """(index, count) of axial slice ``z`` of ``ct_lps`` along the CT file's own slice axis
+    (the voxel axis closest to head-foot), as a viewer of that file numbers it."""
+    axis = int(np.argmax(np.abs(np.asarray(ct.GetDirection(), float).reshape(3, 3)[2])))
+    centre = ct_lps.TransformIndexToPhysicalPoint((ct_lps.GetSize()[0] // 2, ct_lps.GetSize()[1] // 2, z))
+    return int(ct.TransformPhysicalPointToIndex(centre)[axis]), int(ct.GetSize()[axis])
+
+
 def write_overlay(path, ct: sitk.Image, labels: sitk.Image, lungs: sitk.Image, class_names,
                   title: str | None = None, n_slices: int = 3) -> list:
     """Write the PNG; returns the LPS slice indices shown."""
@@ -63,7 +71,8 @@ def write_overlay(path, ct: sitk.Image, labels: sitk.Image, lungs: sitk.Image, c
         if lung[z].any():
             ax.contour(lung[z] > 0, levels=[0.5], colors=["#4fc3f7"], linewidths=0.8)
         z_mm = float(ct_l.TransformIndexToPhysicalPoint((0, 0, int(z)))[2])
-        ax.set_title(f"slice {z}  (z = {z_mm:.0f} mm)", fontsize=9)
+        k, n = file_slice(ct, ct_l, int(z))
+        ax.set_title(f"slice {k + 1} of {n}  (z = {z_mm:.1f} mm)", fontsize=9)
         ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="w", fontsize=9, va="center",
                 fontweight="bold", bbox=dict(boxstyle="round,pad=0.15", fc="black", ec="none", alpha=0.6))
         ax.text(0.96, 0.5, "L", transform=ax.transAxes, color="w", fontsize=9, va="center",

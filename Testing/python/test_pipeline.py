@@ -1920,3 +1920,18 @@ def test_stats_on_a_corrected_labelmap_in_place_keeps_the_folder_one_case(tmp_pa
                      "--overwrite"]) == 0
     assert "ct.seg.nrrd was edited since segment wrote it and is not the labels given" in capsys.readouterr().err
     assert seg.read_bytes() == edited
+
+
+def test_overlay_numbers_slices_as_the_files_own_viewer_does():
+    """The overlay's "slice N" was the 0-based index after reorienting to LPS: on a CT stored
+    head-first it named slice 2 what the file's viewer calls slice 22."""
+    from ssalesionseg.geometry import to_lps
+    from ssalesionseg.report import file_slice
+
+    img = sitk.Image(20, 20, 24, sitk.sitkFloat32)
+    img.SetSpacing((1.0, 1.0, 2.5))
+    assert [file_slice(img, to_lps(img), z) for z in (0, 2, 23)] == [(0, 24), (2, 24), (23, 24)]
+    head_first = sitk.Flip(img, [False, False, True])            # stored superior -> inferior
+    assert [file_slice(head_first, to_lps(head_first), z) for z in (0, 2, 23)] == [(23, 24), (21, 24), (0, 24)]
+    coronal = sitk.PermuteAxes(img, [0, 2, 1])                    # slice axis stored second
+    assert file_slice(coronal, to_lps(coronal), 5) == (5, 24)
