@@ -613,7 +613,7 @@ def cmd_stats(args) -> int:
     lesions_img, lungs_img = image_like(lab, ct), image_like(lung_labels.astype(np.uint8), ct)
     stats = compute_stats(ct, lesions_img, lungs_img, image_like(lobes, ct) if lobes is not None else None, names)
     inf = stats["lesions"]["infection"]
-    notes += figure_notes(stats, lungs_img)
+    notes += figure_notes(stats, lungs_img, ct)
     if seg_edited:
         notes.append(f"{seg.name} was edited since segment wrote it and is not the labels given: it is left as it "
                      "is, and its segments differ from these figures")

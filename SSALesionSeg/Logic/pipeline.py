@@ -147,7 +147,7 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
         "timings_s": timings,
     }
-    notices = [n for n in (lung_res.notice, lung_coverage_note(lungs_img), lung_size_note(lungs_img)) if n]
+    notices = [n for n in (lung_res.notice, lung_coverage_note(lungs_img, ct), lung_size_note(lungs_img)) if n]
     if notices:
         info["notices"] = notices
     stats["info"] = info

@@ -161,10 +161,13 @@ def severity_text(severity) -> str | None:
     return text
 
 
-def lung_coverage_note(lungs: sitk.Image) -> str | None:
+def lung_coverage_note(lungs: sitk.Image, ct: sitk.Image | None = None) -> str | None:
     """A note when the lung mask reaches the first or last axial slice of the scan, or the
-    image's sides (a field of view or a crop that cuts the lungs): the lungs go on beyond
-    it, so the percentages and the severity score describe the part scanned."""
+    image's sides or (with ``ct``) the edge of its scanned field (a field of view or a crop
+    that cuts the lungs): the lungs go on beyond it, so the percentages and the severity
+    score describe the part scanned."""
+    from scipy import ndimage as ndi
+
     from .geometry import to_lps
 
     lps = to_lps(lungs)   # kept: a view of a temporary image reads freed memory
@@ -185,6 +188,17 @@ def lung_coverage_note(lungs: sitk.Image) -> str | None:
         cut = int(sum(bool(arr[z, [0, -1], :].any() or arr[z, :, [0, -1]].any()) for z in range(arr.shape[0])))
         notes.append(f"the lungs run into the image's {', '.join(sides)} edge{'s' if len(sides) > 1 else ''} on "
                      f"{cut} slice{'s' if cut > 1 else ''}: the field of view (or a crop) cuts them there")
+    if ct is not None:   # ... or into padding around the scanned field, inside the image
+        from ssanet.lungs import outside_field
+
+        ct_lps = to_lps(ct)
+        outside = outside_field(sitk.GetArrayViewFromImage(ct_lps))
+        near = np.array([ndi.binary_dilation(o).any() and (ndi.binary_dilation(o) & (a > 0)).any() if o.any()
+                         else False for o, a in zip(outside, arr)])
+        if near.any():
+            n = int(near.sum())
+            notes.append(f"the lungs run into the edge of the scanned field (padding around it) on {n} "
+                         f"slice{'s' if n > 1 else ''}: the field of view (or a crop) cuts them there")
     return f"{'; '.join(notes)}, {tail}" if notes else None
 
 
@@ -212,12 +226,12 @@ def lung_size_note(lungs: sitk.Image) -> str | None:
             "missed? Check the lung outline (overlay, lung segments) before reading the % and the severity score")
 
 
-def figure_notes(stats: dict, lungs: sitk.Image | None = None) -> list:
+def figure_notes(stats: dict, lungs: sitk.Image | None = None, ct: sitk.Image | None = None) -> list:
     """What a reader of figures recomputed from corrected labels should be told: lesions
     that look like a lung mask, or that lie partly outside the lung mask (and, with
     ``lungs``, :func:`lung_coverage_note` and :func:`lung_size_note`)."""
     inf = (stats.get("lesions") or {}).get("infection") or {}
-    notes = [n for n in ((lung_coverage_note(lungs), lung_size_note(lungs)) if lungs is not None else ()) if n]
+    notes = [n for n in ((lung_coverage_note(lungs, ct), lung_size_note(lungs)) if lungs is not None else ()) if n]
     if (inf.get("percent_of_lung") or 0) > 90:
         notes.append(f"the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: are the labels a lung mask "
                      "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")

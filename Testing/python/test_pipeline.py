@@ -1840,6 +1840,18 @@ def test_lungs_cut_by_the_field_of_view_are_noted():
     lungs.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))    # the same array stored RAS: named in the patient's terms
     assert "run into the image's front, left edges on 2 slices" in lung_coverage_note(lungs)
     assert note.endswith("describe the part scanned, not the whole lungs")
+    # lungs running into padding around the scanned field, a frame whose width changes from
+    # slice to slice (the bundled sample's): seen with the CT, not from the lung mask alone
+    lungs2 = np.zeros((5, 40, 50), np.uint8)
+    lungs2[1:4, 10:30, 8:20] = 1
+    ct = np.full((5, 40, 50), -850.0, np.float32)
+    for z in range(5):
+        ct[z, :, :6 + z % 2] = -1250.0                 # padding at the patient's right, 6-7 columns wide
+    ct_img, lungs_img = sitk.GetImageFromArray(ct), sitk.GetImageFromArray(lungs2)
+    assert lung_coverage_note(lungs_img) is None
+    lungs2[2, 12:20, 6:8] = 1                          # the right lung reaches the padding on one slice
+    note = lung_coverage_note(sitk.GetImageFromArray(lungs2), ct_img)
+    assert "the lungs run into the edge of the scanned field (padding around it) on 1 slice" in note
     arr[-1, 15, 15] = 1
     note = lung_coverage_note(sitk.GetImageFromArray(arr))
     assert note.startswith("the lungs reach the top (superior) slice of the scan (5 slices): they go on beyond it; "

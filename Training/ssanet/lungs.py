@@ -181,6 +181,26 @@ def scanned_box(hu, px: float = 1.0) -> tuple[slice, slice]:
     return slice(top, ny - bottom), slice(left, nx - right)
 
 
+def outside_field(hu) -> np.ndarray:
+    """(Z, Y, X) pixels outside the scanned field, slice by slice: whole border rows / columns
+    of one value at or below air (a padding frame, which may change width from slice to
+    slice) and :func:`unscanned_mask`'s. For saying where lungs are cut, not for the mask."""
+    hu = np.asarray(hu)
+    out = np.zeros(hu.shape, bool)
+    for z, sl in enumerate(hu):
+        for axis in (0, 1):
+            lo, hi = sl.min(axis=1 - axis), sl.max(axis=1 - axis)
+            flags = (lo == hi) & (hi <= -1000)
+            first = int(np.argmin(flags)) if not flags.all() else len(flags)
+            last = int(np.argmin(flags[::-1])) if not flags.all() else 0
+            index = [slice(None), slice(None)]
+            for part in (slice(0, first), slice(len(flags) - last, len(flags))):
+                index[axis] = part
+                out[z][tuple(index)] = True
+    unscanned = unscanned_mask(hu)
+    return out | unscanned if unscanned is not None else out
+
+
 def unscanned_mask(hu) -> np.ndarray | None:
     """(Z, Y, X) pixels outside the reconstructed field of view, or None: the volume's
     minimum where it lies well below air (<= ``UNSCANNED_HU``: the -2048 / -3024 HU scanners
