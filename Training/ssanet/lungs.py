@@ -158,16 +158,13 @@ def scanned_box(hu, px: float = 1.0) -> tuple[slice, slice]:
     ``CUT_OPEN_MM``, such as a CT table, does not count). Real room air is noisy, so it never
     makes such a frame; air clipped to one value may, but touches a body only at a tangent,
     and such a side is left alone. ``px``: pixel size in mm."""
-    def padding(axes):
-        lo, hi = hu.min(axis=axes), hu.max(axis=axes)
-        return (lo == hi) & (hi <= -1000)
-
-    def run(flags):   # padding rows / columns at the start
-        return int(np.argmin(flags)) if not flags.all() else 0
-
-    rows, cols = padding((0, 2)), padding((0, 1))
     ny, nx = hu.shape[1:]
-    top, bottom, left, right = run(rows), run(rows[::-1]), run(cols), run(cols[::-1])
+
+    def frame(axes, n):   # an axis of nothing but padding lines has no field to find
+        lead, trail = _padding_runs(hu, axes)
+        return (lead, trail) if lead < n else (0, 0)
+    top, bottom = frame((0, 2), ny)
+    left, right = frame((0, 1), nx)
     if not (top or bottom or left or right):
         return slice(0, ny), slice(0, nx)
     tissue = np.stack([_open(z > BODY_HU, CUT_OPEN_MM / px) for z in hu])
@@ -181,6 +178,17 @@ def scanned_box(hu, px: float = 1.0) -> tuple[slice, slice]:
     return slice(top, ny - bottom), slice(left, nx - right)
 
 
+def _padding_runs(hu, axes) -> tuple[int, int]:
+    """(leading, trailing): how many lines at each end of the array axis that ``axes`` leave
+    (the axes reduced over) hold one value at or below air (-1000 HU) throughout: a padding
+    frame. All lines such: (all, 0)."""
+    lo, hi = hu.min(axis=axes), hu.max(axis=axes)
+    flags = (lo == hi) & (hi <= -1000)
+    if flags.all():
+        return len(flags), 0
+    return int(np.argmin(flags)), int(np.argmin(flags[::-1]))
+
+
 def outside_field(hu) -> np.ndarray:
     """(Z, Y, X) pixels outside the scanned field, slice by slice: whole border rows / columns
     of one value at or below air (a padding frame, which may change width from slice to
@@ -188,15 +196,10 @@ def outside_field(hu) -> np.ndarray:
     hu = np.asarray(hu)
     out = np.zeros(hu.shape, bool)
     for z, sl in enumerate(hu):
-        for axis in (0, 1):
-            lo, hi = sl.min(axis=1 - axis), sl.max(axis=1 - axis)
-            flags = (lo == hi) & (hi <= -1000)
-            first = int(np.argmin(flags)) if not flags.all() else len(flags)
-            last = int(np.argmin(flags[::-1])) if not flags.all() else 0
-            index = [slice(None), slice(None)]
-            for part in (slice(0, first), slice(len(flags) - last, len(flags))):
-                index[axis] = part
-                out[z][tuple(index)] = True
+        top, bottom = _padding_runs(sl, 1)
+        left, right = _padding_runs(sl, 0)
+        out[z, :top] = out[z, sl.shape[0] - bottom:] = True
+        out[z, :, :left] = out[z, :, sl.shape[1] - right:] = True
     unscanned = unscanned_mask(hu)
     return out | unscanned if unscanned is not None else out
 
@@ -291,17 +294,10 @@ def split_lungs(mask) -> np.ndarray:
     return out
 
 
-def body_mask_slice(tissue: np.ndarray, unscanned: np.ndarray | None = None, px: float = 1.0) -> np.ndarray:
-    """Body of one slice from its soft-tissue mask (see the module outline, step 1);
-    ``unscanned``: pixels outside the reconstructed field of view (:func:`unscanned_mask`),
-    whose edge cuts the body open as the image border does (:func:`_body_and_cut`); ``px``:
-    pixel size in mm."""
-    return _body_and_cut(tissue, unscanned, px)[0]
-
-
 def _body_and_cut(tissue, unscanned, px):
-    """(body, cut): the body of one slice, and its pixels where the unscanned field cuts the
-    tissue ring open (none when it does not)."""
+    """(body, cut): the body of one slice from its soft-tissue mask (see the module outline,
+    step 1), and its pixels where the unscanned field (:func:`unscanned_mask`) cuts the tissue
+    ring open as the image border does (none when it does not); ``px``: pixel size in mm."""
     none = np.zeros(tissue.shape, bool)
     lab, n = ndi.label(tissue)
     if n == 0:
