@@ -515,11 +515,12 @@ def _read_dicom_series(names: list, best: dict) -> sitk.Image:
                          f"{str(e).strip().splitlines()[-1][:200]}") from None
     if len(names) == 1:
         img = _single_dicom_slice_spacing(img, Path(names[0]))
-    problem = slice_spacing_problem(reader, img)
+    positions = _slice_positions(reader, img)
+    problem = slice_spacing_problem(reader, img, positions)
     if problem:
         raise InputError(f"DICOM series {best.get('description') or best['series_uid']} in {best['folder']}: "
                          f"{problem}; volumes and positions would be wrong — export the complete series again")
-    img, tilt = untilted(img, _slice_positions(reader, img))
+    img, tilt = untilted(img, positions)
     if tilt:
         best["gantry_tilt_note"] = tilt
     return img
@@ -578,16 +579,17 @@ def untilted(img: sitk.Image, positions) -> tuple[sitk.Image, str | None]:
                  f"{100 * (sz / along - 1):.1f} % larger volumes")
 
 
-def slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image) -> str | None:
+def slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, positions=None) -> str | None:
     """Why the slices a series reader read are not evenly spaced along the slice normal — a
     gap of 1.5 steps or more (a missing or unreadable file) or of half a step or less (two
     acquisitions mixed, a duplicate) — or None. ITK would place them at the mean spacing and
-    only warn. Smaller variation (positions rounded to 0.1 mm) is not a defect."""
+    only warn. Smaller variation (positions rounded to 0.1 mm) is not a defect. ``positions``:
+    the slices' :func:`_slice_positions`, when the caller has them."""
     n = img.GetDepth() if img.GetDimension() == 3 else 0
     if n < 3:
         return None
     normal = np.asarray(img.GetDirection(), float).reshape(3, 3)[:, 2]
-    positions = _slice_positions(reader, img)
+    positions = _slice_positions(reader, img) if positions is None else positions
     if positions is None:
         return None
     gaps = np.diff(positions @ normal)
