@@ -193,8 +193,8 @@ def lung_coverage_note(lungs: sitk.Image, ct: sitk.Image | None = None) -> str |
 
         ct_lps = to_lps(ct)
         outside = outside_field(sitk.GetArrayViewFromImage(ct_lps))
-        near = np.array([ndi.binary_dilation(o).any() and (ndi.binary_dilation(o) & (a > 0)).any() if o.any()
-                         else False for o, a in zip(outside, arr)])
+        near = np.array([o.any() and a.any() and bool((ndi.binary_dilation(o) & (a > 0)).any())
+                         for o, a in zip(outside, arr)])
         if near.any():
             n = int(near.sum())
             notes.append(f"the lungs run into the edge of the scanned field (padding around it) on {n} "
