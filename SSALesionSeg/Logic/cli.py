@@ -438,6 +438,9 @@ def write_batch_summary(out: Path, names) -> Path | None:
 
     from .io import atomic_path
 
+    def r(v):
+        return "" if v is None else round(float(v), 1)
+
     rows = []
     for name in names:
         try:
@@ -446,9 +449,6 @@ def write_batch_summary(out: Path, names) -> Path | None:
             continue
         les, lungs, sev = st.get("lesions") or {}, st.get("lungs") or {}, st.get("severity") or {}
         regions = sev.get("regions") or {}
-
-        def r(v):
-            return "" if v is None else round(float(v), 1)
         info = st.get("info") or {}
         rows.append({"case": name, "right_lung_ml": r((lungs.get("right") or {}).get("volume_ml")),
                      "left_lung_ml": r((lungs.get("left") or {}).get("volume_ml")),
@@ -578,20 +578,19 @@ def cmd_stats(args) -> int:
     relabel = {k: p for k, p in relabel.items() if k in recorded.outputs and not (p.is_file() and recorded.changed(k, p))}
     # ... and the .seg.nrrd, when the corrected labels are another file (e.g. the plain labelmap)
     seg = out / f"{name}{OUTPUT_SUFFIXES['segmentation']}"
-    from_seg = seg.exists() and Path(args.labels).resolve() == seg.resolve()
-    seg_edited = (not from_seg and "segmentation" in recorded.outputs and seg.is_file()
-                  and recorded.changed("segmentation", seg))
-    if not from_seg and "segmentation" in recorded.outputs and not seg_edited:
-        relabel["segmentation"] = seg
-    # the labels are that run's own outputs: what made them is kept with the new figures
+    seg_edited = False
+    if "segmentation" in recorded.outputs and not (seg.exists() and Path(args.labels).resolve() == seg.resolve()):
+        seg_edited = seg.is_file() and recorded.changed("segmentation", seg)
+        if not seg_edited:
+            relabel["segmentation"] = seg
+    run = labels_run_name(args.labels)   # the labels are a run's output: its stats JSON says of which CT
+    # the labels are this folder's run's own outputs: what made them is kept with the new figures
     made_by = (recorded.info.get("labels_made_by") or {k: recorded.info[k] for k in _MADE_BY if k in recorded.info}
-               if labels_run_name(args.labels) == name and Path(args.labels).resolve().parent == out.resolve()
-               else None)
+               if run == name and Path(args.labels).resolve().parent == out.resolve() else None)
     ct, info = read_ct(args.ct)
     out = check_writable(out)
     result = read_result_labels(args.labels, ct, args.classes)
     notes = _label_notes(result, args)
-    run = labels_run_name(args.labels)   # the labels are a run's output: its stats JSON says of which CT
     made_from = outputs_from_other_input(Path(args.labels).parent, run, args.ct) if run else None
     if made_from and Path(made_from).is_dir() and Path(args.ct).resolve().is_relative_to(Path(made_from).resolve()):
         made_from = None   # a file of the DICOM folder segmented: the same scan
