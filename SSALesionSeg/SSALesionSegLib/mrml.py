@@ -534,20 +534,22 @@ def result_segments(segmentationNode, referenceVolumeNode, outside=None):
     extent; ``outside`` (a dict) gets {name: voxels left out} of the segments that reach beyond it."""
     out = []
     for segmentId, name, role in segment_roles(segmentationNode):
-        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         mask, beyond = segment_on_grid(segmentationNode, segmentId, referenceVolumeNode)
         if beyond and outside is not None:
-            outside[segment.GetName()] = outside.get(segment.GetName(), 0) + beyond
-        out.append((segment.GetName(), role, mask > 0))
+            outside[name] = outside.get(name, 0) + beyond
+        out.append((name, role, mask > 0))
     return out
 
 
-LUNG_ROLES = ("right_lung", "left_lung", "lung")
+def _lung_roles():
+    return _engine_module("lungstep").LUNG_ROLES   # the roles the engine reads as lung
 
 
-def _lungs_outside_message(segmentationNode, referenceVolumeNode, segs, outside, roles=LUNG_ROLES):
-    """When the segments of ``roles`` give no voxel on the CT because they lie outside it
-    (another CT's segmentation, or a crop that missed them), a sentence saying so; else None."""
+def _lungs_outside_message(segmentationNode, referenceVolumeNode, segs, outside, roles=None):
+    """When the segments of ``roles`` (default: the lung roles) give no voxel on the CT because
+    they lie outside it (another CT's segmentation, or a crop that missed them), a sentence
+    saying so; else None."""
+    roles = _lung_roles() if roles is None else roles
     beyond = {name: outside[name] for name, role, _ in segs if role in roles and outside.get(name)}
     if not beyond:
         return None
@@ -605,7 +607,7 @@ def lung_mask_from_segmentation(segmentationNode, referenceVolumeNode, notes=Non
     reference = _reference_image(referenceVolumeNode)
     lungstep = _engine_module("lungstep")
     labels = lungstep.lungs_from_segments(segs, reference)
-    used = LUNG_ROLES
+    used = _lung_roles()
     if labels is None:
         why = _lungs_outside_message(segmentationNode, referenceVolumeNode, segs, outside)
         if why:
@@ -616,7 +618,7 @@ def lung_mask_from_segmentation(segmentationNode, referenceVolumeNode, notes=Non
             why = _lungs_outside_message(segmentationNode, referenceVolumeNode, unnamed, outside, used)
             if why:
                 raise ValueError(f"No lung mask: {why}")
-            lungNames = [name for name, role, _ in segs if role in LUNG_ROLES]
+            lungNames = [name for name, role, _ in segs if role in _lung_roles()]
             detail = (f"its lung segments {', '.join(lungNames)} are empty" if lungNames else
                       f"its segments are {', '.join(name for name, _, _ in segs)}")
             raise ValueError(f"'{segmentationNode.GetName()}' has no lung segment with voxels ({detail}): choose "
