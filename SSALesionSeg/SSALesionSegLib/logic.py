@@ -239,7 +239,7 @@ class ProcessingLogic:
         lungs = mrml._image_on_volume(result.lungs, inputVolume)
         stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume), lungs,
                                           label_names=self.engine.label_names_for(classNames))
-        notes += self.engine.figure_notes(stats, lungs)
+        notes += self.engine.figure_notes(stats, lungs, ct)   # with the CT: lungs cut by its padding
         return result, stats, classNames
 
     # -- correction loop -------------------------------------------------------

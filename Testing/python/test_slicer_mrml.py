@@ -550,6 +550,26 @@ def test_recompute_statistics_uses_the_edited_segments(case, fake_engine):
             assert after[key] == pytest.approx(value), key
 
 
+def test_recompute_notes_lungs_cut_by_the_cts_padding_as_the_cli_does(case, fake_engine):
+    # the phantom CT with scanner padding (-3024 HU, outside the reconstruction circle) running
+    # in from the image's side up to the lungs on one slice: only the CT shows that cut
+    ct = sitk.GetArrayFromImage(case.ct).astype(np.int16)
+    z = int(np.argmax(case.lungs.reshape(len(case.lungs), -1).any(axis=1)))
+    ys, xs = np.nonzero(case.lungs[z])
+    y, x = ys[np.argmin(xs)], xs.min()
+    ct[z, y, :x] = -3024
+    padded = sitk.GetImageFromArray(ct)
+    padded.CopyInformation(case.ct)
+    volume = mrml.add_volume_node_from_image(case.scene, padded, "Padded CT")
+    logic = make_logic(case, fake_engine)
+    node = logic.process(volume, None, "auto", None, "cpu").segmentationNode
+    recomputed = logic.recomputeStatistics(volume, node)
+    expected = fake_engine.figure_notes(recomputed.stats, _image(case.lungs, padded), padded)
+    assert any("the edge of the scanned field (padding around it) on 1 slice" in n for n in expected)
+    assert set(expected) <= set(recomputed.info["notices"])
+    assert "scanned field (padding around it)" in recomputed.summary
+
+
 def _image(array, reference):
     image = sitk.GetImageFromArray(array.astype(np.uint8))
     image.CopyInformation(reference)
