@@ -415,6 +415,9 @@ def train(cfg: TrainConfig, train_samples, val_samples, out_dir, log=print) -> d
         out_of_time = cfg.time_limit_min > 0 and (time.time() - t_start) / 60 > cfg.time_limit_min
         if (epoch + 1) % cfg.val_every == 0 or last_epoch or out_of_time:
             val = evaluate_samples(Predictor(ema_model, device), val_samples, _meta(cfg, None, epoch))
+            # the Predictor lays a CPU model out channels_last for inference; training goes on in the
+            # layout a resumed run starts with, so that a resume computes what the whole run did
+            ema_model.to(memory_format=torch.contiguous_format)
             model.train()
             score = _score(val)
             row.update(val_score=score, **{f"val_{k}": v["dsc"] for k, v in val["classes"].items()})
