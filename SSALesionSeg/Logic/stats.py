@@ -274,7 +274,8 @@ def _clean(o):
 
 
 def write_stats(stats: dict, json_path, csv_path) -> None:
-    """JSON (nested, as returned) and CSV (one ``measure,value`` row per flattened key)."""
+    """JSON (nested, as returned) and CSV (one ``measure,value`` row per flattened key; floats
+    to 7 significant digits, as 3554.242 rather than 3554.2420312500003 — the JSON keeps them whole)."""
     clean = _clean(stats)
     with atomic_path(json_path) as tmp:
         Path(tmp).write_text(json.dumps(clean, indent=2) + "\n")
@@ -283,4 +284,4 @@ def write_stats(stats: dict, json_path, csv_path) -> None:
             w = csv.writer(f)
             w.writerow(["measure", "value"])
             for k, v in _flatten(clean):
-                w.writerow([k, "" if v is None else v])
+                w.writerow([k, "" if v is None else format(v, ".7g") if isinstance(v, float) else v])

@@ -1743,11 +1743,17 @@ def test_stats_csv_spells_out_lists_of_records(tmp_path):
     from ssalesionseg.stats import write_stats
 
     stats = {"info": {"checkpoint": {"members": [{"name": "a", "sha256": "1f"}, {"name": "b", "sha256": "2e"}]},
-                      "size": [3, 4, 5]}}
+                      "size": [3, 4, 5]},
+             "voxel_volume_ml": 0.00421875, "lungs": {"right": {"volume_ml": 3554.2420312500003}},
+             "severity": {"total": 4, "max": 10}}
     write_stats(stats, tmp_path / "s.json", tmp_path / "s.csv")
     rows = dict(list(csv.reader(open(tmp_path / "s.csv")))[1:])
     assert rows["info.checkpoint.members.1.name"] == "b" and rows["info.checkpoint.members.0.sha256"] == "1f"
     assert rows["info.size"] == "3 4 5" and not any("{" in v for v in rows.values())
+    # floats to 7 significant digits (the JSON keeps them whole), integers as they are
+    assert rows["lungs.right.volume_ml"] == "3554.242" and rows["voxel_volume_ml"] == "0.00421875"
+    assert rows["severity.total"] == "4"
+    assert json.loads((tmp_path / "s.json").read_text())["lungs"]["right"]["volume_ml"] == 3554.2420312500003
 
 
 def test_a_rerun_with_other_settings_is_refused_not_skipped(tmp_path, tiny_ckpt, capsys):
