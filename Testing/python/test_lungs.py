@@ -204,6 +204,44 @@ def test_joined_lungs_are_split_at_the_valley():
     assert (sides[r] == 1).mean() > 0.95 and (sides[l] == 2).mean() > 0.95
 
 
+def test_a_view_of_one_side_of_the_chest_holds_one_lung():
+    """A field of view (or crop) of one side of the chest cut through the mediastinum was
+    split into a false right and left lung at the cut-off body's midline."""
+    hu, r, l, _ = chest_slice()
+    half = hu.shape[1] // 2
+    right = lung_mask_from_hu(np.ascontiguousarray(hu[:, :half]), SP2)
+    left = lung_mask_from_hu(np.ascontiguousarray(hu[:, half:]), SP2)
+    assert set(np.unique(right)) == {0, 1} and set(np.unique(left)) == {0, 2}
+    assert ((right == 1) & r[:, :half]).sum() > 0.97 * r.sum()
+    # two lungs joined at the front, one side's wall out of view: still two lungs
+    bridge = np.zeros(hu.shape, bool)
+    bridge[int(0.3 * hu.shape[0]):int(0.3 * hu.shape[0]) + 4, int(0.3 * hu.shape[1]):int(0.7 * hu.shape[1])] = True
+    joined = np.where(bridge, np.float32(-850), hu)
+    lab = lung_mask_from_hu(np.ascontiguousarray(joined[:, :int(0.85 * hu.shape[1])]), SP2)
+    assert (lab[r[:, :lab.shape[1]]] == 1).mean() > 0.95 and (lab[l[:, :lab.shape[1]]] == 2).mean() > 0.95
+
+
+def test_a_real_ct_cut_at_the_mediastinum_keeps_each_lung_whole():
+    """The bundled sample CT cut in two between the lungs: each half is one lung, about as
+    large as that lung in the whole CT's mask (the mediastinum is not taken in)."""
+    sitk = pytest.importorskip("SimpleITK")
+    from pathlib import Path
+
+    from ssalesionseg.geometry import to_lps
+
+    path = Path(__file__).resolve().parents[2] / "SSALesionSeg" / "Resources" / "Sample" / "covid_ct_sample.nii.gz"
+    img = to_lps(sitk.ReadImage(str(path)))
+    hu = sitk.GetArrayFromImage(img).astype(np.float32)
+    spacing = img.GetSpacing()[::-1]
+    whole = lung_mask_from_hu(hu, spacing)
+    mid = int((np.nonzero((whole == 1).any(axis=(0, 1)))[0].max() + np.nonzero((whole == 2).any(axis=(0, 1)))[0].min()) // 2)
+    for side, cols in ((1, slice(0, mid)), (2, slice(mid, None))):
+        part = lung_mask_from_hu(np.ascontiguousarray(hu[:, :, cols]), spacing)
+        assert set(np.unique(part)) == {0, side}, side
+        ref = (whole[:, :, cols] == side).sum()
+        assert abs(int((part == side).sum()) - int(ref)) < 0.06 * ref, side
+
+
 def test_no_lungs_gives_empty_mask():
     hu = np.full((3, 64, 64), -1000.0, np.float32)
     hu[:, 8:56, 8:56] = 40.0  # a body without lungs

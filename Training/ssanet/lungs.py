@@ -144,8 +144,13 @@ def lung_mask_from_hu(hu, spacing=None, *, air_threshold: float = AIR_HU) -> np.
     aerated = _select_lungs(air, hu, body, (sz, sy, sx))
     if not aerated.any():
         return out
-    for z in np.flatnonzero(aerated.reshape(len(aerated), -1).any(axis=1)):
-        out[z] = _recover_slice(aerated[z], hu[z], body[z], px, cuts[z])
+    lung_z = np.flatnonzero(aerated.reshape(len(aerated), -1).any(axis=1))
+    # a field of view of one side of the chest: its medial border cuts the mediastinum, not a lung
+    one_side = _side_in_view(body[lung_z])
+    medial = None if one_side is None or (aerated == (_LEFT if one_side == _RIGHT else _RIGHT)).any() else (
+        hu.shape[2] - 1 if one_side == _RIGHT else 0)
+    for z in lung_z:
+        out[z] = _recover_slice(aerated[z], hu[z], body[z], px, cuts[z], medial)
     return out
 
 
@@ -489,7 +494,8 @@ def _select_lungs(air, hu, body, spacing):
         whole = lab == mains[0]
         for f in frags:
             whole |= lab == f
-        _split_single(whole, sides, body[crop])
+        lung_z = crop[0].start + np.flatnonzero(whole.any(axis=(1, 2)))
+        _split_single(whole, sides, body[crop], _side_in_view(body[lung_z]))
     out = np.zeros(air.shape, np.uint8)
     out[crop] = sides
     return out
@@ -531,8 +537,26 @@ def _lung_at(lab, i, mains, zc, objs):
     return sum(areas) >= 0.1 * peak
 
 
-def _split_single(whole, sides, body):
-    """Right/left of one component holding both lungs (or one lung only)."""
+def _side_in_view(body):
+    """The side (``_RIGHT`` / ``_LEFT``) of a field of view that shows one side of the chest,
+    from the body on the slices with lung: it runs into the image's medial border on one side
+    only, on most of them (LPS columns: a body cut at the high columns is the patient's right
+    side), else None."""
+    low, high = (float(body[:, :, c].any(axis=1).mean()) > 0.5 for c in (0, -1))
+    return _RIGHT if high and not low else _LEFT if low and not high else None
+
+
+# a lung component's column profile dips below this share of its peaks either side where
+# two lungs meet (the anterior junction line); one lung has no such valley
+VALLEY_DEPTH = 0.5
+
+
+def _split_single(whole, sides, body, side_in_view=None):
+    """Right/left of one component holding both lungs (or one lung only). ``side_in_view``
+    (:func:`_side_in_view`): when the field of view shows one side of the chest and no slice
+    of the component has the valley of two lungs meeting, it is that side's lung, whole."""
+    cuts = {}
+    valley = False
     for z in range(whole.shape[0]):
         m = whole[z]
         if not m.any():
@@ -546,8 +570,15 @@ def _split_single(whole, sides, body):
         cols = np.nonzero(m.any(axis=0))[0]
         if cols.min() < lo and cols.max() > hi:
             cut = lo + int(np.argmin(prof[lo:hi + 1]))
+            valley |= bool(prof[cut] <= VALLEY_DEPTH * min(prof[:cut + 1].max(), prof[cut:].max()))
         else:
             cut = int(round(mid))  # one lung only: the body's midline decides the side
+        cuts[z] = cut
+    if side_in_view is not None and not valley:
+        sides[whole] = side_in_view
+        return
+    for z, cut in cuts.items():
+        m = whole[z]
         row = np.zeros(m.shape, np.uint8)
         row[:, :cut] = _RIGHT
         row[:, cut:] = _LEFT
@@ -570,14 +601,18 @@ PLEURA_RIM_MM = 1.0      # lesions are drawn to the pleural surface, about a pix
                          # threshold edge of the lung (COVID-SemiSeg train: lesion kept 95.6 -> 96.2 %)
 
 
-def _recover_slice(aerated, hu, body, px, cut=None):
-    """Labels of one slice: each lung's aerated part plus its recovered dense lesions."""
+def _recover_slice(aerated, hu, body, px, cut=None, medial=None):
+    """Labels of one slice: each lung's aerated part plus its recovered dense lesions.
+    ``medial``: the image column where a view of one side of the chest cuts the mediastinum
+    (the chest's centre lies there, and the lung does not end there), or None."""
     if not body.any():
         return np.zeros(aerated.shape, np.uint8)
     sl = _bbox(body | (aerated > 0), pad=2)
     b, h, a = body[sl], hu[sl], aerated[sl]
     yy, xx = np.nonzero(b)
     cy, cx = yy.mean(), xx.mean()
+    if medial is not None:
+        cx = float(medial - sl[1].start)
     Y, X = np.indices(b.shape, dtype=np.float32)
     ang = np.arctan2(Y - cy, X - cx)
     rad = np.hypot(Y - cy, X - cx)
@@ -585,6 +620,8 @@ def _recover_slice(aerated, hu, body, px, cut=None):
     # body pixels on the image border, or where the field of view cuts the body open: the thorax is cut there
     edge = np.zeros(aerated.shape, bool)
     edge[[0, -1], :] = edge[:, [0, -1]] = True
+    if medial is not None:
+        edge[:, medial] = False
     edge = (edge[sl] & b) | (cut[sl] if cut is not None else False)
     masks = {}
     for side in (_RIGHT, _LEFT):
