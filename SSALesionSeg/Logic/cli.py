@@ -60,7 +60,9 @@ def add_subcommands(subparsers) -> None:
 
     st = subparsers.add_parser(
         "stats", help="recompute the statistics from a (corrected) labelmap or .seg.nrrd",
-        description="Lungs come from the .seg.nrrd's lung segments, else --lung-mask, else the lung step.")
+        description="Lungs come from the .seg.nrrd's lung segments, else --lung-mask, else (for segment's "
+                    "<name>_lesions.nii.gz) that run's <name>_lungs.nii.gz or <name>.seg.nrrd lungs unless --lungs / "
+                    "--lung-weights ask for new ones, else the lung step.")
     st.add_argument("--ct", required=True, help="the CT the labels belong to")
     st.add_argument("--labels", required=True, help="labelmap (1 GGO, 2 consolidation) or .seg.nrrd")
     st.add_argument("--out", required=True, help="output folder")
@@ -601,7 +603,16 @@ def cmd_stats(args) -> int:
     names = dict(BINARY_NAMES) if result.binary else dict(MULTICLASS_NAMES)
     lobes = None
     method = "segmentation file"
-    if lung_labels is None:
+    run_lungs = None
+    if lung_labels is None and run and not (args.lung_mask or args.lung_weights or args.lobe_weights) \
+            and args.lungs == "auto":
+        run_lungs = _run_lung_file(Path(args.labels), run)
+    if run_lungs is not None:   # a labelmap of segment's: its lungs (maybe corrected), not new ones
+        res = compute_lungs(ct, lung_mask=run_lungs)
+        lung_labels, method = res.labels, res.method
+        notes.append(f"lungs from {run_lungs.name}, beside the labels (segment's run): give --lung-mask, --lungs "
+                     "or --lung-weights to find them anew")
+    elif lung_labels is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FallbackWarning)  # printed as a note below
             res = compute_lungs(ct, method=args.lungs, weights=args.lung_weights, lobe_weights=args.lobe_weights,
@@ -659,6 +670,31 @@ def cmd_stats(args) -> int:
     print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), severity "
           f"{severity_text(stats['severity'])} -> {out / (name + '_stats.json')}")
     return 0
+
+
+def _run_lung_file(labels: Path, run: str) -> Path | None:
+    """The lungs of segment's run ``run`` beside its lesion labelmap ``labels``:
+    ``<run>_lungs.nii.gz``, else ``<run>.seg.nrrd`` when it holds lung segments; None when
+    neither does (the lung step then runs, as for a labelmap from elsewhere)."""
+    from .io import OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES
+    from .lungstep import LUNG_ROLES
+
+    lungs = labels.with_name(run + OPTIONAL_OUTPUT_SUFFIXES["lung_labelmap"])
+    if lungs.is_file() and lungs.resolve() != labels.resolve():
+        return lungs
+    seg = labels.with_name(run + OUTPUT_SUFFIXES["segmentation"])
+    if seg.is_file() and seg.resolve() != labels.resolve():
+        try:   # its segments' roles, from the header alone
+            import slicerio
+
+            from .io import _empty_terminology_tolerated, segment_role
+            with _empty_terminology_tolerated():
+                segments = slicerio.read_segmentation(str(seg), skip_voxels=True).get("segments", [])
+        except Exception:
+            return None
+        if any(segment_role(s) in LUNG_ROLES for s in segments):
+            return seg
+    return None
 
 
 # --------------------------------------------------------------------- export-case

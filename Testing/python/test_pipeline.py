@@ -1953,3 +1953,45 @@ def test_overlay_numbers_slices_as_the_files_own_viewer_does():
     assert [file_slice(head_first, to_lps(head_first), z) for z in (0, 2, 23)] == [(23, 24), (21, 24), (0, 24)]
     coronal = sitk.PermuteAxes(img, [0, 2, 1])                    # slice axis stored second
     assert file_slice(coronal, to_lps(coronal), 5) == (5, 24)
+
+
+def test_stats_on_a_runs_lesion_labelmap_keeps_that_runs_lungs(tmp_path, phantom, truth_lungs_path, tiny_ckpt, capsys):
+    """The plain-labelmap correction loop: segment --lung-mask ... --labelmaps, correct
+    <name>_lesions.nii.gz, stats --labels it. The lungs are the run's (<name>_lungs.nii.gz, else
+    the .seg.nrrd's lung segments), not new classical ones that replace them in the rewritten
+    _lungs.nii.gz / .seg.nrrd and change the percentages."""
+    import slicerio
+
+    img, truth = phantom
+    ct = tmp_path / "p.nii.gz"
+    write_image(img, ct)
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(ct), "--out", str(out), "--checkpoint", str(tiny_ckpt), "--lung-mask",
+                     str(truth_lungs_path), "--device", "cpu", "--labelmaps"]) == 0
+    true_lungs = truth["right_lung"].astype(np.uint8) + 2 * truth["left_lung"].astype(np.uint8)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "p_lungs.nii.gz"))), true_lungs)
+    corrected = truth["ggo"].astype(np.uint8) + 2 * truth["consolidation"].astype(np.uint8)   # the researcher's fix
+    write_image(image_like(corrected, img), out / "p_lesions.nii.gz")
+    capsys.readouterr()
+    assert cli.main(["stats", "--ct", str(ct), "--labels", str(out / "p_lesions.nii.gz"), "--out", str(out),
+                     "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    stats = json.loads((out / "p_stats.json").read_text())
+    n_lung = int(np.count_nonzero(true_lungs))
+    assert stats["lungs"]["total"]["volume_ml"] == pytest.approx(n_lung * np.prod(SP) / 1000, rel=1e-6)
+    assert stats["lesions"]["infection"]["percent_of_lung"] == pytest.approx(
+        100 * np.count_nonzero((corrected > 0) & (true_lungs > 0)) / n_lung, rel=1e-9)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "p_lungs.nii.gz"))), true_lungs)
+    seg = slicerio.read_segmentation(str(out / "p.seg.nrrd"))   # rewritten from the corrected labels
+    voxels = np.asarray(seg["voxels"])
+    by_name = {s["name"]: (voxels[int(s["layer"])] == int(s["labelValue"])).transpose(2, 1, 0) for s in seg["segments"]}
+    assert np.array_equal(by_name["Right lung"], truth["right_lung"])
+    assert np.array_equal(by_name["Consolidation"], truth["consolidation"])
+    assert "lungs from p_lungs.nii.gz" in err
+    # without the lung labelmap, the .seg.nrrd's lung segments are the run's lungs
+    (out / "p_lungs.nii.gz").unlink()
+    assert cli.main(["stats", "--ct", str(ct), "--labels", str(out / "p_lesions.nii.gz"), "--out",
+                     str(tmp_path / "o2")]) == 0
+    assert "lungs from p.seg.nrrd" in capsys.readouterr().err
+    again = json.loads((tmp_path / "o2" / "p_stats.json").read_text())
+    assert again["lungs"]["total"]["volume_ml"] == stats["lungs"]["total"]["volume_ml"]
