@@ -976,6 +976,11 @@ def read_result_labels(path: str | os.PathLike, reference: sitk.Image, classes: 
     or a labelmap file (``classes``: "multiclass" = 1 GGO, 2 consolidation; "binary" = 1 infection)."""
     if str(path).lower().endswith(".seg.nrrd"):
         return result_labels_from_segments(read_segments(path, reference, what="labels"), reference)
+    lungs_of = lung_labelmap_run_name(path)
+    if lungs_of:   # 1 right / 2 left lung would be read as 1 GGO / 2 consolidation
+        raise InputError(f"{path}: this is segment's lung labelmap of '{lungs_of}' (1 right, 2 left lung), not its "
+                         f"lesions: give {lungs_of}{OPTIONAL_OUTPUT_SUFFIXES['lesion_labelmap']} or {lungs_of}.seg.nrrd "
+                         "as --labels (this file can be the --lung-mask)")
     lab = read_labelmap(path, reference, what="labels")
     binary = classes == "binary"
     allowed = (0, 1) if binary else (0, 1, 2)
@@ -1010,6 +1015,18 @@ def labels_run_name(labels_path) -> str | None:
             name = p.name[: -len(suffix)]
             if name and p.with_name(name + "_stats.json").is_file():
                 return name
+    return None
+
+
+def lung_labelmap_run_name(path) -> str | None:
+    """The case name when ``path`` is ``segment``'s lung labelmap (``<name>_lungs.nii.gz`` with
+    ``<name>_stats.json`` beside it), else None."""
+    p = Path(path)
+    suffix = OPTIONAL_OUTPUT_SUFFIXES["lung_labelmap"]
+    if p.name.lower().endswith(suffix):
+        name = p.name[: -len(suffix)]
+        if name and p.with_name(name + "_stats.json").is_file():
+            return name
     return None
 
 

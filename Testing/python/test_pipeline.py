@@ -1995,3 +1995,32 @@ def test_stats_on_a_runs_lesion_labelmap_keeps_that_runs_lungs(tmp_path, phantom
     assert "lungs from p.seg.nrrd" in capsys.readouterr().err
     again = json.loads((tmp_path / "o2" / "p_stats.json").read_text())
     assert again["lungs"]["total"]["volume_ml"] == stats["lungs"]["total"]["volume_ml"]
+
+
+def test_export_case_and_stats_refuse_segments_lung_labelmap_as_the_lesions(tmp_path, phantom, exact_result, capsys):
+    """<name>_lungs.nii.gz given as --labels (the two plain labelmaps side by side) would be read as
+    1 GGO / 2 consolidation: export-case wrote a training case teaching the right lung as GGO and the
+    left as consolidation. Refused, naming the right file; a renamed copy of a lung mask is noted."""
+    img, _ = phantom
+    out = tmp_path / "out"
+    out.mkdir()
+    ct = write_image(img, tmp_path / "ph.nii.gz")
+    write_image(exact_result.lungs, out / "ph_lungs.nii.gz")
+    write_image(exact_result.labels, out / "ph_lesions.nii.gz")
+    (out / "ph_stats.json").write_text(json.dumps({"info": {}}))
+    for argv in (["export-case", "--ct", str(ct), "--labels", str(out / "ph_lungs.nii.gz"), "--out", str(tmp_path / "cases")],
+                 ["stats", "--ct", str(ct), "--labels", str(out / "ph_lungs.nii.gz"), "--out", str(tmp_path / "s")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "lung labelmap" in err and "ph_lesions.nii.gz" in err
+    assert not (tmp_path / "cases").exists() and not (tmp_path / "s" / "ph_stats.json").exists()
+    copy = write_image(exact_result.lungs, tmp_path / "edited.nii.gz")   # not recognisable by name
+    assert cli.main(["export-case", "--ct", str(ct), "--labels", str(copy), "--lung-mask", str(out / "ph_lungs.nii.gz"),
+                     "--out", str(tmp_path / "cases")]) == 0
+    assert "are the labels a lung mask" in capsys.readouterr().err
+    # the right file exports as before
+    assert cli.main(["export-case", "--ct", str(ct), "--labels", str(out / "ph_lesions.nii.gz"), "--out",
+                     str(tmp_path / "cases"), "--name", "good"]) == 0
+    assert "lung mask" not in capsys.readouterr().err
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "good.nii.gz")))
+    assert np.array_equal(saved, sitk.GetArrayFromImage(exact_result.labels))
