@@ -713,6 +713,7 @@ def cmd_export_case(args) -> int:
     from .geometry import image_like
     from .io import check_writable, read_ct, read_result_labels, result_case_name
     from .lungstep import compute_lungs
+    from .stats import labels_like_lungs_note
     from .trainingcase import safe_case_name, write_training_case
 
     wanted = args.name or result_case_name(args.labels, args.ct)
@@ -727,10 +728,10 @@ def cmd_export_case(args) -> int:
     if lungs is None and args.lung_mask:
         lungs = compute_lungs(ct, lung_mask=args.lung_mask).labels
     if lungs is not None and (lungs > 0).any():   # as stats notes it: a lung mask given as the labels?
-        cover = 100.0 * np.count_nonzero((lab > 0) & (lungs > 0)) / np.count_nonzero(lungs > 0)
-        if cover > 90:
-            print(f"note: the lesions cover {cover:.0f} % of the lungs: are the labels a lung mask rather than the "
-                  "lesion labels? Training would learn the lungs as lesions", file=sys.stderr)
+        lung_like = labels_like_lungs_note(
+            100.0 * np.count_nonzero((lab > 0) & (lungs > 0)) / np.count_nonzero(lungs > 0))
+        if lung_like:
+            print(f"note: {lung_like} Training would learn the lungs as lesions", file=sys.stderr)
     out = check_writable(args.out)
     notes = []
     try:

@@ -1005,12 +1005,12 @@ def result_case_name(labels_path, ct_path) -> str:
     return labels_run_name(labels_path) or case_name(ct_path)
 
 
-def labels_run_name(labels_path) -> str | None:
-    """The case name when ``labels_path`` is one of ``segment``'s outputs (``<name>.seg.nrrd``
-    or ``<name>_lesions.nii.gz`` with ``<name>_stats.json`` beside it), else None."""
-    p = Path(labels_path)
+def _run_name(path, suffixes) -> str | None:
+    """The case name when ``path`` is ``<name><suffix>`` for one of ``suffixes`` with
+    ``segment``'s ``<name>_stats.json`` beside it, else None."""
+    p = Path(path)
     low = p.name.lower()
-    for suffix in (".seg.nrrd", OPTIONAL_OUTPUT_SUFFIXES["lesion_labelmap"]):
+    for suffix in suffixes:
         if low.endswith(suffix):
             name = p.name[: -len(suffix)]
             if name and p.with_name(name + "_stats.json").is_file():
@@ -1018,16 +1018,16 @@ def labels_run_name(labels_path) -> str | None:
     return None
 
 
+def labels_run_name(labels_path) -> str | None:
+    """The case name when ``labels_path`` is one of ``segment``'s outputs (``<name>.seg.nrrd``
+    or ``<name>_lesions.nii.gz`` with ``<name>_stats.json`` beside it), else None."""
+    return _run_name(labels_path, (".seg.nrrd", OPTIONAL_OUTPUT_SUFFIXES["lesion_labelmap"]))
+
+
 def lung_labelmap_run_name(path) -> str | None:
     """The case name when ``path`` is ``segment``'s lung labelmap (``<name>_lungs.nii.gz`` with
     ``<name>_stats.json`` beside it), else None."""
-    p = Path(path)
-    suffix = OPTIONAL_OUTPUT_SUFFIXES["lung_labelmap"]
-    if p.name.lower().endswith(suffix):
-        name = p.name[: -len(suffix)]
-        if name and p.with_name(name + "_stats.json").is_file():
-            return name
-    return None
+    return _run_name(path, (OPTIONAL_OUTPUT_SUFFIXES["lung_labelmap"],))
 
 
 def _grid_text(img: sitk.Image) -> str:

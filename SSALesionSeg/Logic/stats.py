@@ -226,15 +226,24 @@ def lung_size_note(lungs: sitk.Image) -> str | None:
             "missed? Check the lung outline (overlay, lung segments) before reading the % and the severity score")
 
 
+def labels_like_lungs_note(percent_of_lung) -> str | None:
+    """A note when lesions cover over 90 % of the lungs (``percent_of_lung``; None: no lungs):
+    the labels are more likely a lung mask than lesion labels."""
+    if (percent_of_lung or 0) <= 90:
+        return None
+    return (f"the lesions cover {percent_of_lung:.0f} % of the lungs: are the labels a lung mask "
+            "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")
+
+
 def figure_notes(stats: dict, lungs: sitk.Image | None = None, ct: sitk.Image | None = None) -> list:
     """What a reader of figures recomputed from corrected labels should be told: lesions
     that look like a lung mask, or that lie partly outside the lung mask (and, with
     ``lungs``, :func:`lung_coverage_note` and :func:`lung_size_note`)."""
     inf = (stats.get("lesions") or {}).get("infection") or {}
     notes = [n for n in ((lung_coverage_note(lungs, ct), lung_size_note(lungs)) if lungs is not None else ()) if n]
-    if (inf.get("percent_of_lung") or 0) > 90:
-        notes.append(f"the lesions cover {inf['percent_of_lung']:.0f} % of the lungs: are the labels a lung mask "
-                     "(e.g. <name>_lungs.nii.gz) rather than the lesion labels?")
+    lung_like = labels_like_lungs_note(inf.get("percent_of_lung"))
+    if lung_like:
+        notes.append(lung_like)
     if (inf.get("outside_lung_volume_ml") or 0) > 0.05 * max(inf.get("volume_ml") or 0, 1e-9):
         notes.append(f"{inf['outside_lung_volume_ml']:.1f} of the {inf['volume_ml']:.1f} mL of lesion lie outside "
                      "the lung mask: they count in the volumes, not in the percentages or the severity score")

@@ -141,15 +141,12 @@ def lung_mask_from_hu(hu, spacing=None, *, air_threshold: float = AIR_HU) -> np.
         if not air.any():
             return out
 
-    aerated = _select_lungs(air, hu, body, (sz, sy, sx))
+    aerated, one_side = _select_lungs(air, hu, body, (sz, sy, sx))
     if not aerated.any():
         return out
-    lung_z = np.flatnonzero(aerated.reshape(len(aerated), -1).any(axis=1))
     # a field of view of one side of the chest: its medial border cuts the mediastinum, not a lung
-    one_side = _side_in_view(body[lung_z])
-    medial = None if one_side is None or (aerated == (_LEFT if one_side == _RIGHT else _RIGHT)).any() else (
-        hu.shape[2] - 1 if one_side == _RIGHT else 0)
-    for z in lung_z:
+    medial = None if one_side is None else hu.shape[2] - 1 if one_side == _RIGHT else 0
+    for z in np.flatnonzero(aerated.reshape(len(aerated), -1).any(axis=1)):
         out[z] = _recover_slice(aerated[z], hu[z], body[z], px, cuts[z], medial)
     return out
 
@@ -438,7 +435,8 @@ def _is_separate(lab, seeds, big):
 # --------------------------------------------------------------- component selection
 
 def _select_lungs(air, hu, body, spacing):
-    """Aerated lung labels (1 right, 2 left) from the air-in-body mask."""
+    """(aerated lung labels (1 right, 2 left) from the air-in-body mask, the side when they
+    are one lung in a view of that side of the chest (:func:`_split_single`) else None)."""
     sz, sy, sx = spacing
     vox_ml = sz * sy * sx / 1000.0
     nz = air.shape[0]
@@ -448,7 +446,7 @@ def _select_lungs(air, hu, body, spacing):
     structure = ndi.generate_binary_structure(3, 1)
     lab, n = ndi.label(a, structure=structure)
     if n == 0:
-        return np.zeros(air.shape, np.uint8)
+        return np.zeros(air.shape, np.uint8), None
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] > 0]
@@ -456,7 +454,7 @@ def _select_lungs(air, hu, body, spacing):
     # A lung slice is at least a few cm^2; anything smaller overall is noise or gas.
     min_lung = 3.0 / vox_ml if nz > 1 else 150.0 / (sy * sx)
     if largest < min_lung:
-        return np.zeros(air.shape, np.uint8)
+        return np.zeros(air.shape, np.uint8), None
     objs = ndi.find_objects(lab)
     coms = ndi.center_of_mass(a, lab, order)
     com = dict(zip(order, coms))
@@ -483,6 +481,7 @@ def _select_lungs(air, hu, body, spacing):
         frags.append(i)
 
     sides = np.zeros(a.shape, np.uint8)
+    one_side = None
     if len(mains) == 2:
         r, l = sorted(mains, key=lambda i: com[i][2])
         sides[lab == r] = _RIGHT
@@ -495,10 +494,10 @@ def _select_lungs(air, hu, body, spacing):
         for f in frags:
             whole |= lab == f
         lung_z = crop[0].start + np.flatnonzero(whole.any(axis=(1, 2)))
-        _split_single(whole, sides, body[crop], _side_in_view(body[lung_z]))
+        one_side = _split_single(whole, sides, body[crop], _side_in_view(body[lung_z]))
     out = np.zeros(air.shape, np.uint8)
     out[crop] = sides
-    return out
+    return out, one_side
 
 
 def _overlaps_z(objs, i, j):
@@ -554,7 +553,8 @@ VALLEY_DEPTH = 0.5
 def _split_single(whole, sides, body, side_in_view=None):
     """Right/left of one component holding both lungs (or one lung only). ``side_in_view``
     (:func:`_side_in_view`): when the field of view shows one side of the chest and no slice
-    of the component has the valley of two lungs meeting, it is that side's lung, whole."""
+    of the component has the valley of two lungs meeting, it is that side's lung, whole.
+    Returns that side when so, else None."""
     cuts = {}
     valley = False
     for z in range(whole.shape[0]):
@@ -576,13 +576,14 @@ def _split_single(whole, sides, body, side_in_view=None):
         cuts[z] = cut
     if side_in_view is not None and not valley:
         sides[whole] = side_in_view
-        return
+        return side_in_view
     for z, cut in cuts.items():
         m = whole[z]
         row = np.zeros(m.shape, np.uint8)
         row[:, :cut] = _RIGHT
         row[:, cut:] = _LEFT
         sides[z][m] = row[m]
+    return None
 
 
 # ------------------------------------------------------------------- dense recovery
