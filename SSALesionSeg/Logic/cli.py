@@ -92,7 +92,8 @@ def add_subcommands(subparsers) -> None:
     e.add_argument("--classes", default="multiclass", choices=["multiclass", "binary"],
                    help="meaning of labelmap values: 1 GGO / 2 consolidation, or 1 infection")
     e.add_argument("--lung-mask", help="lung segmentation on the CT grid (labelmap or .seg.nrrd) when --labels "
-                                       "has no lung segments (default: none; training then finds the lungs)")
+                                       "has no lung segments (default: the lungs segment wrote beside its --labels, "
+                                       "<name>_lungs.nii.gz or <name>.seg.nrrd; else none, and training finds them)")
     e.add_argument("--overwrite", action="store_true", help="replace a case of the same name already in --out")
     e.set_defaults(func=cmd_export_case)
 
@@ -589,8 +590,8 @@ def cmd_stats(args) -> int:
     # the labels are this folder's run's own outputs: what made them is kept with the new figures
     made_by = (recorded.info.get("labels_made_by") or {k: recorded.info[k] for k in _MADE_BY if k in recorded.info}
                if run == name and Path(args.labels).resolve().parent == out.resolve() else None)
+    check_writable(out, create=False)   # created once the labels and lungs have been read
     ct, info = read_ct(args.ct)
-    out = check_writable(out)
     result = read_result_labels(args.labels, ct, args.classes)
     notes = _label_notes(result, args)
     made_from = outputs_from_other_input(Path(args.labels).parent, run, args.ct) if run else None
@@ -642,6 +643,7 @@ def cmd_stats(args) -> int:
     kept = {k: v for k, v in recorded.outputs.items() if k not in ("stats_json", "stats_csv", "overlay", *relabel)}
     stats["info"]["outputs"] = dict(kept)
     stats["info"]["outputs_sha256"] = {k: recorded.hashes[k] for k in kept if recorded.hashes.get(k)}
+    out = check_writable(out)
     targets = {"stats_json": out / f"{name}_stats.json", "stats_csv": out / f"{name}_stats.csv"}
     if redraw:
         targets = {"overlay": overlay, **targets}
@@ -711,7 +713,7 @@ def cmd_export_case(args) -> int:
     import numpy as np
 
     from .geometry import image_like
-    from .io import check_writable, read_ct, read_result_labels, result_case_name
+    from .io import check_writable, labels_run_name, read_ct, read_result_labels, result_case_name
     from .lungstep import compute_lungs
     from .stats import labels_like_lungs_note
     from .trainingcase import safe_case_name, write_training_case
@@ -720,19 +722,26 @@ def cmd_export_case(args) -> int:
     case = safe_case_name(wanted)
     if args.name and case != args.name:
         print(f"note: case name {args.name!r} is written as {case!r} (letters, digits, _ . - only: no spaces, slashes or punctuation)", file=sys.stderr)
+    out = check_writable(args.out, create=False)   # made by write_training_case, once all is checked
     ct, _ = read_ct(args.ct)
     result = read_result_labels(args.labels, ct, args.classes)
     for note in _label_notes(result, args):
         print(f"note: {note}", file=sys.stderr)
     lab, lungs, binary = result.lesions, result.lungs, result.binary
-    if lungs is None and args.lung_mask:
-        lungs = compute_lungs(ct, lung_mask=args.lung_mask).labels
+    lung_file = args.lung_mask
+    run = labels_run_name(args.labels) if lungs is None and not lung_file else None
+    if run:   # a labelmap of segment's: the lungs of that run (maybe corrected), as stats takes them
+        lung_file = _run_lung_file(Path(args.labels), run)
+        if lung_file is not None:
+            print(f"note: lungs from {lung_file.name}, beside the labels (segment's run): give --lung-mask for "
+                  "others", file=sys.stderr)
+    if lungs is None and lung_file:
+        lungs = compute_lungs(ct, lung_mask=lung_file).labels
     if lungs is not None and (lungs > 0).any():   # as stats notes it: a lung mask given as the labels?
         lung_like = labels_like_lungs_note(
             100.0 * np.count_nonzero((lab > 0) & (lungs > 0)) / np.count_nonzero(lungs > 0))
         if lung_like:
             print(f"note: {lung_like} Training would learn the lungs as lesions", file=sys.stderr)
-    out = check_writable(args.out)
     notes = []
     try:
         written = write_training_case(out, case, ct, image_like(lab, ct),

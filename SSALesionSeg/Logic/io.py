@@ -1083,11 +1083,22 @@ def on_ct_grid(img: sitk.Image, reference: sitk.Image, p: Path | str, what: str)
 
 # ----------------------------------------------------------------------------- write
 
-def check_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and prove it is writable (clear error otherwise)."""
+def check_writable(folder: str | os.PathLike, create: bool = True) -> Path:
+    """Create ``folder`` if needed and prove it is writable (clear error otherwise).
+    ``create=False`` checks the same before the inputs are validated, creating nothing: a
+    missing folder then has to be creatable in the nearest folder above it that exists."""
     d = Path(folder)
     if d.exists() and not d.is_dir():
         raise InputError(f"output folder {d} is a file, not a folder; give a folder for the outputs")
+    if not create:
+        above = d.absolute()
+        while not above.exists():
+            above = above.parent
+        if not above.is_dir():
+            raise InputError(f"output folder {d} cannot be made: {above} is a file, not a folder")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise InputError(f"output folder {d} is not writable ({above} is not writable)")
+        return d
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / f".ssalesionseg-write-test-{uuid.uuid4().hex}"

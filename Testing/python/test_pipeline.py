@@ -900,6 +900,12 @@ def test_unwritable_output_folder(tmp_path, phantom):
     blocker.write_text("not a folder")
     with pytest.raises(InputError, match="not writable"):
         process_case(src, blocker / "out", model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
+    # the check stats / export-case make before reading their inputs creates nothing
+    from ssalesionseg.io import check_writable
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        check_writable(blocker / "a" / "b", create=False)
+    assert check_writable(tmp_path / "new" / "deeper", create=False) == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()
 
 
 def test_interrupted_runs_leave_no_outputs(tmp_path, phantom, monkeypatch):
@@ -1386,7 +1392,7 @@ def test_export_case_refuses_what_training_would_refuse(tmp_path, phantom, exact
         out = tmp_path / f"out_{Path(labels).stem}_{Path(ct).stem}"
         assert cli.main(["export-case", "--ct", str(ct), "--labels", str(labels), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
-        assert not out.exists() or not any(out.rglob("*.nii.gz"))
+        assert not out.exists()   # refused before the folder is made
 
 
 def test_corrections_made_in_place_are_never_replaced_unasked(tmp_path, tiny_ckpt, capsys):
@@ -1997,6 +2003,41 @@ def test_stats_on_a_runs_lesion_labelmap_keeps_that_runs_lungs(tmp_path, phantom
     assert again["lungs"]["total"]["volume_ml"] == stats["lungs"]["total"]["volume_ml"]
 
 
+def test_export_case_of_a_runs_lesion_labelmap_exports_that_runs_lungs(tmp_path, phantom, truth_lungs_path, tiny_ckpt,
+                                                                        capsys):
+    """export-case --labels <name>_lesions.nii.gz (the plain-labelmap correction loop) exported no
+    lung mask, so training found classical lungs instead of the run's (here --lung-mask's). It now
+    takes the run's lungs as stats does: <name>_lungs.nii.gz, else the .seg.nrrd's lung segments."""
+    from ssalesionseg.trainingcase import lungs_covering_lesions
+
+    img, truth = phantom
+    ct = write_image(img, tmp_path / "p.nii.gz")
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(ct), "--out", str(out), "--checkpoint", str(tiny_ckpt), "--lung-mask",
+                     str(truth_lungs_path), "--device", "cpu", "--labelmaps"]) == 0
+    true_lungs = truth["right_lung"].astype(np.uint8) + 2 * truth["left_lung"].astype(np.uint8)
+    corrected = truth["ggo"].astype(np.uint8) + 2 * truth["consolidation"].astype(np.uint8)
+    write_image(image_like(corrected, img), out / "p_lesions.nii.gz")
+    expected, _ = lungs_covering_lesions(true_lungs, corrected)
+    for cases, lung_name in ((tmp_path / "c1", "p_lungs.nii.gz"), (tmp_path / "c2", "p.seg.nrrd")):
+        if lung_name == "p.seg.nrrd":
+            (out / "p_lungs.nii.gz").unlink()
+        capsys.readouterr()
+        assert cli.main(["export-case", "--ct", str(ct), "--labels", str(out / "p_lesions.nii.gz"),
+                         "--out", str(cases)]) == 0
+        assert f"lungs from {lung_name}" in capsys.readouterr().err
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(cases / "lungs" / "p.nii.gz"))), expected)
+    # --lung-mask still wins over the run's lungs
+    other = np.zeros_like(true_lungs)
+    other[:, :, : other.shape[2] // 2] = 1
+    lung_file = write_image(image_like(other, img), tmp_path / "other_lungs.nii.gz")
+    assert cli.main(["export-case", "--ct", str(ct), "--labels", str(out / "p_lesions.nii.gz"), "--lung-mask",
+                     str(lung_file), "--out", str(tmp_path / "c3")]) == 0
+    assert "lungs from" not in capsys.readouterr().err
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "c3" / "lungs" / "p.nii.gz")))
+    assert np.array_equal(saved > 0, lungs_covering_lesions(other, corrected)[0] > 0)   # (split into sides)
+
+
 def test_export_case_and_stats_refuse_segments_lung_labelmap_as_the_lesions(tmp_path, phantom, exact_result, capsys):
     """<name>_lungs.nii.gz given as --labels (the two plain labelmaps side by side) would be read as
     1 GGO / 2 consolidation: export-case wrote a training case teaching the right lung as GGO and the
@@ -2013,7 +2054,7 @@ def test_export_case_and_stats_refuse_segments_lung_labelmap_as_the_lesions(tmp_
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert "lung labelmap" in err and "ph_lesions.nii.gz" in err
-    assert not (tmp_path / "cases").exists() and not (tmp_path / "s" / "ph_stats.json").exists()
+    assert not (tmp_path / "cases").exists() and not (tmp_path / "s").exists()   # no empty folder left either
     copy = write_image(exact_result.lungs, tmp_path / "edited.nii.gz")   # not recognisable by name
     assert cli.main(["export-case", "--ct", str(ct), "--labels", str(copy), "--lung-mask", str(out / "ph_lungs.nii.gz"),
                      "--out", str(tmp_path / "cases")]) == 0
