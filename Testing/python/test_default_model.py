@@ -39,6 +39,26 @@ def test_tampered_bundled_model_is_refused(no_overrides, tmp_path, monkeypatch):
         ckpt.load_checkpoint(None)
 
 
+def test_a_renamed_changed_copy_of_the_bundled_model_is_refused(no_overrides, tmp_path):
+    """The bundled v6 carries no content digest (written before them), so a copy under another
+    name with its weights changed used to load; models.json records v6's header SHA-256, which
+    ties any file with that header to v6's SHA-256. An unchanged renamed copy still loads."""
+    entry = next(e for e in json.loads(ckpt.REGISTRY.read_text())["models"] if e["default"])
+    data = bytearray((ckpt.MODELS_DIR / entry["file"]).read_bytes())
+    same = tmp_path / "my_model.safetensors"
+    same.write_bytes(bytes(data))
+    assert ckpt.describe(same)["registry"]["verified"] is True
+    data[-16:] = bytes(16)   # weights, not the header
+    changed = tmp_path / "other_name.safetensors"
+    changed.write_bytes(bytes(data))
+    assert ckpt.read_meta(changed) == ckpt.read_meta(same)
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 mismatch.*weights were changed"):
+        ckpt.load_checkpoint(changed)
+    assert ckpt.describe(changed)["registry"]["verified"] is False
+    _, meta = ckpt.load_checkpoint(same)
+    assert meta["sha256"] == entry["sha256"]
+
+
 def test_demo_runs_on_the_bundled_sample(no_overrides, tmp_path, capsys):
     import torch
     torch.set_num_threads(1)

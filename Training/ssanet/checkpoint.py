@@ -21,6 +21,9 @@ ensembles, members, ``--init`` and resuming from ``last``/``raw.safetensors``; t
   SHA-256 recorded there, wherever it is loaded from (the bundle picked by default, or a path
   given with ``--checkpoint`` or ``SSALESIONSEG_MODEL``; the user cache's
   ``default.safetensors`` bears no registered name, so there the content digest is the check).
+  A model written before content digests has its header's SHA-256 recorded too
+  (``header_sha256``): a file with that header under any name must have the model's SHA-256,
+  so a renamed copy whose weights were changed is refused.
 
 The digest catches changed, truncated-and-patched or hand-edited files; it is not a signature
 (whoever rewrites a file on purpose can write a new digest too).
@@ -263,6 +266,22 @@ def registered_entry(path) -> dict | None:
     return next((e for e in _registry_entries() if e.get("file") == name and e.get("sha256")), None)
 
 
+def header_sha256(meta: dict) -> str:
+    """SHA-256 of a checkpoint's header as read (:func:`read_meta`), keys sorted: what
+    ``models.json`` records as ``header_sha256`` for a model written before content digests."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def header_twin_entry(meta: dict) -> dict | None:
+    """The ``models.json`` entry recording ``meta``'s header (``header_sha256``): the file is that
+    model or a changed copy of it, whatever its name. Only for headers without a content digest
+    (a file with one is checked by it)."""
+    if CONTENT_DIGEST in meta:
+        return None
+    h = header_sha256(meta)
+    return next((e for e in _registry_entries() if e.get("header_sha256") == h and e.get("sha256")), None)
+
+
 def _sha_mismatch(path, digest: str, expected: str, why: str = "") -> CheckpointError:
     return CheckpointError(
         f"{path}: SHA-256 mismatch (file {digest[:12]}…, expected {expected[:12]}…{why}). The file "
@@ -310,6 +329,11 @@ def load_checkpoint(path=None, expected_sha256: str | None = None,
                             f" — the SHA-256 that models.json records for {entry['file']}, the "
                             "registered model whose file name this file bears; another model needs "
                             "another file name")
+    twin = None if entry else header_twin_entry(meta)
+    if twin and digest.lower() != twin["sha256"].lower():   # a renamed copy of a digest-less model, changed
+        raise _sha_mismatch(path, digest, twin["sha256"],
+                            f" — the SHA-256 that models.json records for {twin['file']}, whose header "
+                            "this file has, so its weights were changed after it was written")
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
@@ -446,6 +470,14 @@ def _verification(path: Path, meta: dict, digest: str) -> dict:
             "note": ("the SHA-256 models.json records for this file name; verified at every load" if ok
                      else "this file bears a registered model's file name but not its SHA-256: "
                           "refused at load")}
+    elif header_twin_entry(meta):
+        twin = header_twin_entry(meta)
+        ok = digest.lower() == twin["sha256"].lower()
+        out["registry"] = {
+            "model": twin.get("name"), "sha256": twin["sha256"], "verified": ok,
+            "note": ("a copy of this registered model under another name (its header and SHA-256); verified at "
+                     "every load" if ok else "this file has a registered model's header but not its SHA-256 "
+                     "(weights changed): refused at load")}
     return out
 
 
