@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from ssanet.classes import MULTICLASS
 
 from .errors import Cancelled, InputError
-from .geometry import array_from_lps, image_like, to_lps
+from .geometry import ap_flip_note, array_from_lps, image_like, to_lps
 from .io import (OPTIONAL_OUTPUT_SUFFIXES, NotPutInPlace, check_writable, read_ct, read_notes, validate_ct,
                  write_image, written_together)
 from .lungstep import compute_lungs
@@ -147,7 +147,8 @@ def segment_image(ct: sitk.Image, *, checkpoint=None, lungs: str = "auto", lung_
         "lesion_slices_per_s": n_slices / timings["lesions"] if timings["lesions"] > 0 else None,
         "timings_s": timings,
     }
-    notices = [n for n in (lung_res.notice, lung_coverage_note(lungs_img, ct), lung_size_note(lungs_img)) if n]
+    notices = [n for n in (ap_flip_note(ct, lungs_img), lung_res.notice, lung_coverage_note(lungs_img, ct),
+                           lung_size_note(lungs_img)) if n]
     if notices:
         info["notices"] = notices
     stats["info"] = info

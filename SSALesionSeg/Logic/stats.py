@@ -238,9 +238,13 @@ def labels_like_lungs_note(percent_of_lung) -> str | None:
 def figure_notes(stats: dict, lungs: sitk.Image | None = None, ct: sitk.Image | None = None) -> list:
     """What a reader of figures recomputed from corrected labels should be told: lesions
     that look like a lung mask, or that lie partly outside the lung mask (and, with
-    ``lungs``, :func:`lung_coverage_note` and :func:`lung_size_note`)."""
+    ``lungs``, :func:`lung_coverage_note` and :func:`lung_size_note`; with ``ct`` too, the
+    orientation check segment makes, :func:`geometry.ap_flip_note`: right / left may be swapped)."""
+    from .geometry import ap_flip_note
+
     inf = (stats.get("lesions") or {}).get("infection") or {}
-    notes = [n for n in ((lung_coverage_note(lungs, ct), lung_size_note(lungs)) if lungs is not None else ()) if n]
+    notes = [n for n in ((ap_flip_note(ct, lungs) if ct is not None else None, lung_coverage_note(lungs, ct),
+                          lung_size_note(lungs)) if lungs is not None else ()) if n]
     lung_like = labels_like_lungs_note(inf.get("percent_of_lung"))
     if lung_like:
         notes.append(lung_like)

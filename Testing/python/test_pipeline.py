@@ -2065,3 +2065,25 @@ def test_export_case_and_stats_refuse_segments_lung_labelmap_as_the_lesions(tmp_
     assert "lung mask" not in capsys.readouterr().err
     saved = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "good.nii.gz")))
     assert np.array_equal(saved, sitk.GetArrayFromImage(exact_result.labels))
+
+
+def test_a_ct_turned_upside_down_by_its_header_is_noted(tmp_path):
+    """The real sample's rows flipped with the header kept (an array saved without its
+    direction): the spine now lies in front of the lungs, and segment (and stats) say the
+    orientation looks flipped. The sample itself, and the same flip stated by the header (read correctly
+    through LPS), give no such note."""
+    from ssalesionseg.cli import SAMPLE_CT
+    from ssalesionseg.geometry import ap_flip_note
+    from ssalesionseg.stats import figure_notes
+
+    ct = sitk.ReadImage(str(SAMPLE_CT))[:, :, 8:14]
+    flipped = image_like(sitk.GetArrayFromImage(ct)[:, ::-1, :].copy(), ct)
+    said = "anterior and posterior look flipped"
+    notes = {}
+    for what, img in (("sample", ct), ("flipped", flipped), ("header", sitk.Flip(ct, [False, True, False]))):
+        res = segment_image(img, model=(ThresholdNet(), exact_meta()), lungs="classical", device="cpu")
+        notes[what] = [n for n in res.notices if said in n]
+        assert (ap_flip_note(img, res.lungs) is not None) == bool(notes[what])
+        # stats and Slicer's Recompute say it too (figure_notes with the CT)
+        assert any(said in n for n in figure_notes(res.stats, res.lungs, img)) == bool(notes[what])
+    assert notes["sample"] == [] and notes["header"] == [] and len(notes["flipped"]) == 1
