@@ -2024,3 +2024,59 @@ def test_export_case_and_stats_refuse_segments_lung_labelmap_as_the_lesions(tmp_
     assert "lung mask" not in capsys.readouterr().err
     saved = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "good.nii.gz")))
     assert np.array_equal(saved, sitk.GetArrayFromImage(exact_result.labels))
+
+
+def _summary_rows(out):
+    import csv
+    with open(out / cli.BATCH_SUMMARY, encoding="utf-8", newline="") as f:
+        return {r["case"]: r for r in csv.DictReader(f)}
+
+
+def test_the_batch_summary_has_every_case_with_its_status_also_after_ctrl_c(tmp_path, tiny_ckpt, capsys):
+    """ssalesionseg_summary.csv held only the cases with figures: a failed case was simply not
+    in it (nor written at all when every case failed or was skipped), and Ctrl-C left no summary."""
+    import signal
+    import subprocess
+    import sys
+
+    cases = tmp_path / "my cases"
+    cases.mkdir()
+    img, _ = synthetic_chest_ct(3, 96, spacing=SP)
+    for n in ("a", "b"):
+        write_image(img, cases / f"{n}.nii.gz")
+    (cases / "c.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    # Ctrl-C while the second case is being segmented
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "ssanet.cli", *_segment_args(cases, out, tiny_ckpt)],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    err = []
+    for line in p.stderr:
+        err.append(line)
+        if line.startswith("[2/3] b: lungs"):
+            p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=300) == 130, "".join(err)
+    rows = _summary_rows(out)
+    assert [(n, r["status"]) for n, r in rows.items()] == [("a", "segmented"), ("b", "not run"), ("c", "not run")]
+    assert rows["a"]["ggo_ml"] != "" and rows["b"]["ggo_ml"] == "" and "interrupted" in rows["b"]["reason"]
+    assert rows["a"]["input"] == str(cases / "a.nii.gz")
+
+    # the rerun: a is skipped, b segmented, c fails with its reason -- every case has a row
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 1
+    rows = _summary_rows(out)
+    assert [(n, r["status"]) for n, r in rows.items()] == [("a", "skipped"), ("b", "segmented"), ("c", "failed")]
+    assert rows["c"]["ggo_ml"] == "" and "c.nii.gz" in rows["c"]["reason"] and rows["b"]["ggo_ml"] != ""
+    st = json.loads((out / "b_stats.json").read_text())
+    assert float(rows["b"]["ggo_ml"]) == round(st["lesions"]["ggo"]["volume_ml"], 1)
+    # nothing left to segment (a and b skipped, c fails): still a summary of this run
+    (out / cli.BATCH_SUMMARY).unlink()
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 1
+    assert [r["status"] for r in _summary_rows(out).values()] == ["skipped", "skipped", "failed"]
+    assert "every case, one row each" in capsys.readouterr().err
+    # a batch where every case fails has its summary too
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for n in ("x", "y"):
+        (bad / f"{n}.nii.gz").write_bytes(b"not an image")
+    assert cli.main(_segment_args(bad, tmp_path / "out_bad", tiny_ckpt)) == 1
+    assert [r["status"] for r in _summary_rows(tmp_path / "out_bad").values()] == ["failed", "failed"]
