@@ -10,7 +10,8 @@ cli.find_cases): each NIfTI/NRRD/MHA file and each subfolder of --input (its DIC
 series — the CT series with the most slices, searched in its subfolders too — or the
 one CT file it holds), or --input itself when it is one DICOM series, and read by the
 engine's reader with its checks. --output receives <case>.seg.nrrd and <case>_stats.json;
-a rerun skips a case whose outputs exist unless they were made from another input, with
+a rerun skips a case whose outputs exist unless they were made from another input (or
+from the same path before the CT there was replaced), with
 another model or other settings, or the .seg.nrrd was edited since (that case fails;
 --overwrite redoes it, keeping an edited .seg.nrrd as .bak). A failing case is reported and the rest
 continue; the exit code is 1 if any case failed or there was nothing to process (no
@@ -112,6 +113,9 @@ def rerun_problem(args, outputDir, caseName, path, modelSha):
     other = outputs.outputs_from_other_input(outputDir, caseName, path)
     if other:
         return "input", f"its outputs were made from another input ({other})"
+    other = outputs.input_changed_since(outputDir, caseName, path)
+    if other:
+        return "input", f"its outputs were made from {path} before it changed ({other})"
     other = outputs.outputs_from_other_model(outputDir, caseName, modelSha())
     if other:
         return "model", f"its outputs were made with another model ({other})"
@@ -202,7 +206,8 @@ def run_batch(args, context=None, out=print):
             info = result.stats.setdefault("info", {})
             for key, value in (result.info or {}).items():   # the run's settings (an engine that kept them apart)
                 info.setdefault(key, value)
-            info.update(source=str(Path(path).absolute()), input=readInfo)   # what a rerun compares
+            info.update(source=str(Path(path).absolute()), input=readInfo,   # what a rerun compares
+                        input_stamp=outputs.input_stamp(path))
             # the file's own spacing (the scene's IJK-to-RAS round trip leaves ~1e-16 of noise on it)
             info.update({k: readInfo[k] for k in ("size", "spacing_mm") if k in readInfo})
             notices = list(info.get("notices") or []) + [str(w.message) for w in caught]

@@ -276,9 +276,9 @@ def cmd_segment(args) -> int:
 
 def _segment(args, prog) -> int:
     from .io import check_writable
-    from .outputs import (checkpoint_sha256, foreign_files, optional_outputs, output_paths, outputs_complete,
-                          outputs_from_other_input, outputs_from_other_model, outputs_with_other_settings,
-                          recomputed_by_stats, RecordedRun)
+    from .outputs import (checkpoint_sha256, foreign_files, input_changed_since, optional_outputs, output_paths,
+                          outputs_complete, outputs_from_other_input, outputs_from_other_model,
+                          outputs_with_other_settings, recomputed_by_stats, RecordedRun)
 
     notes = []
     cases = find_cases(args.input, out=args.out, notes=notes)
@@ -309,6 +309,11 @@ def _segment(args, prog) -> int:
             if other:
                 return InputError(f"{out} already holds outputs named {n!r} made from another input ({other}); "
                                   "they are left as they are: give another --out, or --overwrite to replace them")
+            other = input_changed_since(out, n, path)
+            if other:
+                return InputError(f"{out} already holds outputs of {n!r} made from {path} before it changed "
+                                  f"({other}); they are left as they are: --overwrite segments it anew, or give "
+                                  "another --out to keep both")
             other = outputs_from_other_model(out, n, model_sha())
             if other:
                 return InputError(f"{out} already holds outputs named {n!r} made with another model ({other}); "

@@ -2080,3 +2080,36 @@ def test_the_batch_summary_has_every_case_with_its_status_also_after_ctrl_c(tmp_
         (bad / f"{n}.nii.gz").write_bytes(b"not an image")
     assert cli.main(_segment_args(bad, tmp_path / "out_bad", tiny_ckpt)) == 1
     assert [r["status"] for r in _summary_rows(tmp_path / "out_bad").values()] == ["failed", "failed"]
+
+
+def test_a_ct_replaced_at_the_same_path_is_not_skipped_as_done(tmp_path, tiny_ckpt, capsys):
+    """A rerun skipped a case whose CT had been replaced at the same path (a re-export, the full
+    scan instead of a part) and kept the old figures as if they were the new CT's."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    img, _ = synthetic_chest_ct(3, 96, spacing=SP)
+    write_image(img, cases / "p1.nii.gz")
+    _write_dicom_series(img, cases / "p2", "1.2.826.0.1.3680043.2.1125.11.1", "ct", "i")
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 0
+    stamp = json.loads((out / "p2_stats.json").read_text())["info"]["input_stamp"]
+    assert stamp["files"] == 3 and len(stamp["sha256"]) == 64
+    # the same files copied anew (new times, same contents) are the same input: skipped
+    for f in [cases / "p1.nii.gz", *sorted((cases / "p2").iterdir())]:
+        f.write_bytes(f.read_bytes())
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 5 * 10**9))
+    capsys.readouterr()
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 0
+    assert capsys.readouterr().err.count("outputs exist, skipped") == 2
+    # another scan at p1's path, and a slice removed from p2's series: both fail, outputs kept
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    write_image(synthetic_chest_ct(4, 96, spacing=SP)[0], cases / "p1.nii.gz")
+    (cases / "p2" / "i002.dcm").unlink()
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 1
+    err = capsys.readouterr().err
+    assert f"outputs of 'p1' made from {cases / 'p1.nii.gz'} before it changed (1 file" in err
+    assert "3 files, " in err and "2 files, " in err and "--overwrite segments it anew" in err
+    assert all((out / n).read_bytes() == b for n, b in before.items() if n != cli.BATCH_SUMMARY)
+    assert cli.main(_segment_args(cases, out, tiny_ckpt, "--overwrite")) == 0
+    assert json.loads((out / "p1_stats.json").read_text())["info"]["size"][2] == 4
+    assert json.loads((out / "p2_stats.json").read_text())["info"]["input_stamp"]["files"] == 2

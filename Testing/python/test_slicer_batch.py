@@ -278,6 +278,25 @@ def test_batch_reads_with_the_engines_checks_and_reruns_by_segments_rules(input_
     assert (out / "patient_nifti.seg.nrrd.bak").read_bytes() == edited and any("kept as" in x for x in lines)
 
 
+def test_batch_does_not_skip_a_ct_replaced_at_the_same_path(input_folder, tmp_path, mrml_scene, fake_engine):
+    """As `segment`: outputs of a CT that was replaced since at the same path are not passed off
+    as the new CT's; the same contents copied anew are still skipped."""
+    out = tmp_path / "out"
+    args = batch.parse_args(["--input", str(input_folder.path), "--output", str(out)])
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=print) == 0
+    nifti = input_folder.path / "patient_nifti.nii.gz"
+    nifti.write_bytes(nifti.read_bytes())   # a fresh copy: new time, same contents
+    lines = []
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
+    assert sum("outputs exist, skipped" in line for line in lines) == 2
+    before = (out / "patient_nifti_stats.json").read_bytes()
+    sitk.WriteImage(sitk.Flip(sitk.ReadImage(str(nifti)), [True, False, False]), str(nifti))   # another scan
+    lines.clear()
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 1
+    assert any("patient_nifti: FAILED" in line and "before it changed" in line for line in lines), lines
+    assert (out / "patient_nifti_stats.json").read_bytes() == before
+
+
 def test_batch_script_runs_under_slicer_core_without_qt(input_folder, tmp_path, fake_engine_dir):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake_engine_dir), os.environ.get("PYTHONPATH", "")]))
