@@ -9,7 +9,9 @@ The cases are found as `ssalesionseg segment` finds them (the engine's
 cli.find_cases): each NIfTI/NRRD/MHA file and each subfolder of --input (its DICOM
 series — the CT series with the most slices, searched in its subfolders too — or the
 one CT file it holds), or --input itself when it is one DICOM series, and read by the
-engine's reader with its checks. --output receives <case>.seg.nrrd and <case>_stats.json;
+engine's reader with its checks. --output receives <case>.seg.nrrd and <case>_stats.json
+(and, for several cases, ssalesionseg_summary.csv as `segment` writes it: every case, its
+status, the reason it failed, its figures);
 a rerun skips a case whose outputs exist unless they were made from another input (or
 from the same path before the CT there was replaced), with
 another model or other settings, or the .seg.nrrd was edited since (that case fails;
@@ -168,6 +170,7 @@ def run_batch(args, context=None, out=print):
     os.makedirs(args.output, exist_ok=True)
     modelSha = functools.lru_cache(maxsize=None)(lambda: outputs.checkpoint_sha256(args.checkpoint))
     failed, skipped, said = [], [], set()
+    status = {}   # case -> (status, reason), for the batch summary `segment` writes too
     for index, (caseName, path) in enumerate(cases, start=1):
         segPath = os.path.join(args.output, caseName + ".seg.nrrd")
         prefix = f"[{index}/{len(cases)}] {caseName}"
@@ -182,6 +185,7 @@ def run_batch(args, context=None, out=print):
                         raise InputError(f"{problem[1]}; left as it is: give another --output, or --overwrite")
                     out(f"{prefix}: outputs exist, skipped (use --overwrite to redo)")
                     skipped.append(caseName)
+                    status[caseName] = ("skipped", "outputs exist")
                     continue
                 if problem and problem[0] == "edited":
                     edited = [segPath]   # replaced as asked, but kept
@@ -221,13 +225,18 @@ def run_batch(args, context=None, out=print):
                     out(f"{prefix}: note: {message}")
                     said.add(message)
             out(f"{prefix}: {mrml.summary_line(result.stats)} ({time.time() - started:.1f} s)")
+            status[caseName] = ("segmented", "")
         except Exception as e:
             failed.append(caseName)
+            status[caseName] = ("failed", f"{type(e).__name__}: {e}")
             out(f"{prefix}: FAILED: {type(e).__name__}: {e}")
             logging.info(traceback.format_exc())
         finally:
             mrml.remove_nodes(context.scene, nodes)
     done = len(cases) - len(failed) - len(skipped)
+    if len(cases) > 1:
+        summary = _engine_module("cli").write_batch_summary(Path(args.output), cases, status)
+        out(f"Every case, one row each: {summary}")
     if failed:
         out(f"{len(failed)} of {len(cases)} cases failed: {', '.join(failed)}"
             + (f" ({done} segmented, {len(skipped)} skipped)" if done or skipped else ""))

@@ -193,7 +193,8 @@ def test_batch_processes_a_dicom_folder_and_a_nifti(input_folder, tmp_path, mrml
     assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
 
     assert sorted(os.listdir(out)) == ["patient_dicom.seg.nrrd", "patient_dicom_stats.json",
-                                       "patient_nifti.seg.nrrd", "patient_nifti_stats.json"]
+                                       "patient_nifti.seg.nrrd", "patient_nifti_stats.json",
+                                       "ssalesionseg_summary.csv"]
     for case in ("patient_dicom", "patient_nifti"):
         segmentation = slicerio.read_segmentation(str(out / f"{case}.seg.nrrd"))
         assert {s["name"] for s in segmentation["segments"]} == {s.name for s in mrml.segment_specs()}
@@ -236,6 +237,17 @@ def test_batch_goes_on_after_a_bad_case_and_fails_at_the_end(input_folder, tmp_p
     assert (out / "patient_nifti.seg.nrrd").exists() and (out / "patient_dicom.seg.nrrd").exists()
     assert not (out / "broken.seg.nrrd").exists()
     assert lines[-1] == "1 of 3 cases failed: broken (2 segmented, 0 skipped)"
+    # the summary `segment` writes: every case, the failure with its reason, the others' figures
+    import csv
+    with open(out / "ssalesionseg_summary.csv", encoding="utf-8", newline="") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert {n: r["status"] for n, r in rows.items()} == {"broken": "failed", "patient_nifti": "segmented",
+                                                         "patient_dicom": "segmented"}
+    assert "broken.nrrd" in rows["broken"]["reason"] and rows["broken"]["ggo_ml"] == ""
+    stats = json.loads((out / "patient_dicom_stats.json").read_text())
+    assert float(rows["patient_dicom"]["ggo_ml"]) == round(stats["lesions"]["ggo"]["volume_ml"], 1)
+    assert rows["patient_dicom"]["input"] == str(input_folder.path / "patient_dicom")
+    assert any(line.startswith("Every case, one row each:") for line in lines)
 
 
 def test_batch_reads_with_the_engines_checks_and_reruns_by_segments_rules(input_folder, tmp_path, mrml_scene,
