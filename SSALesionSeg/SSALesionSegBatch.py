@@ -9,8 +9,11 @@ The cases are found as `ssalesionseg segment` finds them (the engine's
 cli.find_cases): each NIfTI/NRRD/MHA file and each subfolder of --input (its DICOM
 series — the CT series with the most slices, searched in its subfolders too — or the
 one CT file it holds), or --input itself when it is one DICOM series, and read by the
-engine's reader with its checks. --output receives <case>.seg.nrrd and <case>_stats.json;
-a rerun skips a case whose outputs exist unless they were made from another input, with
+engine's reader with its checks. --output receives <case>.seg.nrrd and <case>_stats.json
+(and, for several cases, ssalesionseg_summary.csv as `segment` writes it: every case, its
+status, the reason it failed, its figures);
+a rerun skips a case whose outputs exist unless they were made from another input (or
+from the same path before the CT there was replaced), with
 another model or other settings, or the .seg.nrrd was edited since (that case fails;
 --overwrite redoes it, keeping an edited .seg.nrrd as .bak). A failing case is reported and the rest
 continue; the exit code is 1 if any case failed or there was nothing to process (no
@@ -112,6 +115,9 @@ def rerun_problem(args, outputDir, caseName, path, modelSha):
     other = outputs.outputs_from_other_input(outputDir, caseName, path)
     if other:
         return "input", f"its outputs were made from another input ({other})"
+    other = outputs.input_changed_since(outputDir, caseName, path)
+    if other:
+        return "input", f"its outputs were made from {path} before it changed ({other})"
     other = outputs.outputs_from_other_model(outputDir, caseName, modelSha())
     if other:
         return "model", f"its outputs were made with another model ({other})"
@@ -164,6 +170,7 @@ def run_batch(args, context=None, out=print):
     os.makedirs(args.output, exist_ok=True)
     modelSha = functools.lru_cache(maxsize=None)(lambda: outputs.checkpoint_sha256(args.checkpoint))
     failed, skipped, said = [], [], set()
+    status = {}   # case -> (status, reason), for the batch summary `segment` writes too
     for index, (caseName, path) in enumerate(cases, start=1):
         segPath = os.path.join(args.output, caseName + ".seg.nrrd")
         prefix = f"[{index}/{len(cases)}] {caseName}"
@@ -178,6 +185,7 @@ def run_batch(args, context=None, out=print):
                         raise InputError(f"{problem[1]}; left as it is: give another --output, or --overwrite")
                     out(f"{prefix}: outputs exist, skipped (use --overwrite to redo)")
                     skipped.append(caseName)
+                    status[caseName] = ("skipped", "outputs exist")
                     continue
                 if problem and problem[0] == "edited":
                     edited = [segPath]   # replaced as asked, but kept
@@ -202,7 +210,8 @@ def run_batch(args, context=None, out=print):
             info = result.stats.setdefault("info", {})
             for key, value in (result.info or {}).items():   # the run's settings (an engine that kept them apart)
                 info.setdefault(key, value)
-            info.update(source=str(Path(path).absolute()), input=readInfo)   # what a rerun compares
+            info.update(source=str(Path(path).absolute()), input=readInfo,   # what a rerun compares
+                        input_stamp=outputs.input_stamp(path))
             # the file's own spacing (the scene's IJK-to-RAS round trip leaves ~1e-16 of noise on it)
             info.update({k: readInfo[k] for k in ("size", "spacing_mm") if k in readInfo})
             notices = list(info.get("notices") or []) + [str(w.message) for w in caught]
@@ -216,13 +225,18 @@ def run_batch(args, context=None, out=print):
                     out(f"{prefix}: note: {message}")
                     said.add(message)
             out(f"{prefix}: {mrml.summary_line(result.stats)} ({time.time() - started:.1f} s)")
+            status[caseName] = ("segmented", "")
         except Exception as e:
             failed.append(caseName)
+            status[caseName] = ("failed", f"{type(e).__name__}: {e}")
             out(f"{prefix}: FAILED: {type(e).__name__}: {e}")
             logging.info(traceback.format_exc())
         finally:
             mrml.remove_nodes(context.scene, nodes)
     done = len(cases) - len(failed) - len(skipped)
+    if len(cases) > 1:
+        summary = _engine_module("cli").write_batch_summary(Path(args.output), cases, status)
+        out(f"Every case, one row each: {summary}")
     if failed:
         out(f"{len(failed)} of {len(cases)} cases failed: {', '.join(failed)}"
             + (f" ({done} segmented, {len(skipped)} skipped)" if done or skipped else ""))

@@ -277,10 +277,9 @@ def cmd_segment(args) -> int:
 
 def _segment(args, prog) -> int:
     from .io import check_writable
-    from .outputs import (checkpoint_sha256, copies_kept, edited_outputs, foreign_files, optional_outputs,
-                          output_paths, outputs_complete, outputs_from_other_input, outputs_from_other_model,
+    from .outputs import (checkpoint_sha256, foreign_files, input_changed_since, optional_outputs, output_paths,
+                          outputs_complete, outputs_from_other_input, outputs_from_other_model,
                           outputs_with_other_settings, recomputed_by_stats, RecordedRun)
-    from .pipeline import load_model, process_case
 
     notes = []
     cases = find_cases(args.input, out=args.out, notes=notes)
@@ -311,6 +310,11 @@ def _segment(args, prog) -> int:
             if other:
                 return InputError(f"{out} already holds outputs named {n!r} made from another input ({other}); "
                                   "they are left as they are: give another --out, or --overwrite to replace them")
+            other = input_changed_since(out, n, path)
+            if other:
+                return InputError(f"{out} already holds outputs of {n!r} made from {path} before it changed "
+                                  f"({other}); they are left as they are: --overwrite segments it anew, or give "
+                                  "another --out to keep both")
             other = outputs_from_other_model(out, n, model_sha())
             if other:
                 return InputError(f"{out} already holds outputs named {n!r} made with another model ({other}); "
@@ -372,10 +376,45 @@ def _segment(args, prog) -> int:
             print(f"{n}: {reason}, skipped (use --overwrite to redo)", file=sys.stderr)
     done, said = [], {}   # note -> the case it was printed in full for
     prog.names, prog.skipped, prog.done = [n for n, _ in cases], skipped, done
+
+    def summary(interrupted=False):
+        """The batch summary: every case found, each with its status (and why it failed)."""
+        if len(cases) < 2:
+            return None
+        failed = {n: str(e) for n, e in failures}
+        status = {n: ("failed", failed[n]) if n in failed else
+                  ("segmented", "") if n in done else
+                  ("kept", "figures recomputed by `ssalesionseg stats`") if decisions[n] == "kept" else
+                  ("skipped", "outputs exist") if n in skipped else
+                  ("not run", "the batch was interrupted before it" if interrupted else "") for n, _ in cases}
+        return write_batch_summary(out, cases, status)
+
     if not todo:
         prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                    failed=[n for n, _ in failures])
+        path = summary()
+        if path and not args.progress_json:
+            print(f"every case, one row each: {path}", file=sys.stderr)
         return _report(failures, len(cases), done, skipped, out, args.progress_json)
+    try:
+        _segment_cases(args, prog, cases, todo, out, wanted, fail, done, said)
+    except (KeyboardInterrupt, Cancelled):
+        summary(interrupted=True)   # what was done so far; the rerun's summary replaces it
+        raise
+    prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
+               failed=[n for n, _ in failures])
+    path = summary()
+    if path and not args.progress_json:
+        print(f"every case, one row each: {path}", file=sys.stderr)
+    return _report(failures, len(cases), done, skipped, out, args.progress_json)
+
+
+def _segment_cases(args, prog, cases, todo, out, wanted, fail, done, said) -> None:
+    """Segment the cases of ``todo`` in order: a case's failure is ``fail``ed, a finished case
+    joins ``done``."""
+    from .outputs import copies_kept, edited_outputs
+    from .pipeline import load_model, process_case
+
     model = load_model(args.checkpoint)
     for i, (name, path) in enumerate(cases):
         if name not in todo:
@@ -417,26 +456,22 @@ def _segment(args, prog) -> int:
             inf = result.stats["lesions"]["infection"]
             print(f"{name}: lesions {inf['volume_ml']:.1f} mL ({inf['percent_of_lung'] or 0:.1f} % of lung), "
                   f"severity {severity_text(sev)}, lungs: {result.info['lung_method']} -> {paths['segmentation']}")
-    prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
-               failed=[n for n, _ in failures])
-    if len(cases) > 1:
-        summary = write_batch_summary(out, [n for n, _ in cases])
-        if summary and not args.progress_json:
-            print(f"figures of every case, one row each: {summary}", file=sys.stderr)
-    return _report(failures, len(cases), done, skipped, out, args.progress_json)
 
 
 BATCH_SUMMARY = "ssalesionseg_summary.csv"
-_SUMMARY_COLUMNS = ("case", "right_lung_ml", "left_lung_ml", "lungs_ml", "ggo_ml", "ggo_percent_of_lung",
-                    "consolidation_ml", "consolidation_percent_of_lung", "infection_ml",
+_SUMMARY_COLUMNS = ("case", "status", "input", "right_lung_ml", "left_lung_ml", "lungs_ml", "ggo_ml",
+                    "ggo_percent_of_lung", "consolidation_ml", "consolidation_percent_of_lung", "infection_ml",
                     "infection_percent_of_lung", "severity_right_lung", "severity_left_lung", "severity_total",
-                    "severity_max", "lung_method", "figures_from", "notes")
+                    "severity_max", "lung_method", "figures_from", "notes", "reason")
 
 
-def write_batch_summary(out: Path, names) -> Path | None:
-    """``ssalesionseg_summary.csv`` in ``out``: one row per case of a batch whose stats JSON is there (those
-    segmented now, kept from before, or recomputed by ``stats``), mL and % rounded to 0.1,
-    infection = GGO + consolidation, notes joined by " | ". None when no case has figures."""
+def write_batch_summary(out: Path, cases, status=None) -> Path | None:
+    """``ssalesionseg_summary.csv`` in ``out``: one row per case of a batch (``cases``: [(name, input)]),
+    with its ``status`` ({name: (status, reason)}: segmented, skipped, kept, failed, not run) and
+    the figures of its stats JSON -- mL and % rounded to 0.1, infection = GGO + consolidation,
+    notes joined by " | ". The row of a case that failed or was not run has no figures
+    (outputs left from an earlier run are not this batch's) and says why in ``reason``. None
+    when there are no cases."""
     import csv
 
     from .io import atomic_path
@@ -444,8 +479,14 @@ def write_batch_summary(out: Path, names) -> Path | None:
     def r(v):
         return "" if v is None else round(float(v), 1)
 
+    status = status or {}
     rows = []
-    for name in names:
+    for name, source in cases:
+        state, reason = status.get(name, ("", ""))
+        row = {"case": name, "status": state, "input": str(Path(source).absolute()), "reason": reason}
+        rows.append(row)
+        if state in ("failed", "not run"):   # files left from an earlier run are not this batch's figures
+            continue
         try:
             st = json.loads((out / f"{name}_stats.json").read_text())
         except (OSError, ValueError):
@@ -453,17 +494,17 @@ def write_batch_summary(out: Path, names) -> Path | None:
         les, lungs, sev = st.get("lesions") or {}, st.get("lungs") or {}, st.get("severity") or {}
         regions = sev.get("regions") or {}
         info = st.get("info") or {}
-        rows.append({"case": name, "right_lung_ml": r((lungs.get("right") or {}).get("volume_ml")),
-                     "left_lung_ml": r((lungs.get("left") or {}).get("volume_ml")),
-                     "lungs_ml": r((lungs.get("total") or {}).get("volume_ml")),
-                     **{f"{c}_{k}": r((les.get(c) or {}).get(f)) for c in ("ggo", "consolidation", "infection")
-                        for k, f in (("ml", "volume_ml"), ("percent_of_lung", "percent_of_lung"))},
-                     "severity_right_lung": (regions.get("right_lung") or {}).get("score", ""),
-                     "severity_left_lung": (regions.get("left_lung") or {}).get("score", ""),
-                     "severity_total": sev.get("total", ""), "severity_max": sev.get("max", ""),
-                     "lung_method": info.get("lung_method", ""),
-                     "figures_from": info.get("recomputed_by") or "ssalesionseg segment",
-                     "notes": " | ".join(info.get("notices") or ())})
+        row.update({"right_lung_ml": r((lungs.get("right") or {}).get("volume_ml")),
+                    "left_lung_ml": r((lungs.get("left") or {}).get("volume_ml")),
+                    "lungs_ml": r((lungs.get("total") or {}).get("volume_ml")),
+                    **{f"{c}_{k}": r((les.get(c) or {}).get(f)) for c in ("ggo", "consolidation", "infection")
+                       for k, f in (("ml", "volume_ml"), ("percent_of_lung", "percent_of_lung"))},
+                    "severity_right_lung": (regions.get("right_lung") or {}).get("score", ""),
+                    "severity_left_lung": (regions.get("left_lung") or {}).get("score", ""),
+                    "severity_total": sev.get("total", ""), "severity_max": sev.get("max", ""),
+                    "lung_method": info.get("lung_method", ""),
+                    "figures_from": info.get("recomputed_by") or "ssalesionseg segment",
+                    "notes": " | ".join(info.get("notices") or ())})
     if not rows:
         return None
     path = out / BATCH_SUMMARY

@@ -30,7 +30,7 @@ from .geometry import ap_flip_note, array_from_lps, image_like, to_lps
 from .io import (OPTIONAL_OUTPUT_SUFFIXES, NotPutInPlace, check_writable, read_ct, read_notes, validate_ct,
                  write_image, written_together)
 from .lungstep import compute_lungs
-from .outputs import RecordedRun, optional_outputs, output_paths
+from .outputs import RecordedRun, input_stamp, optional_outputs, output_paths
 from .stats import compute_stats, label_names_for, lung_coverage_note, lung_size_note, write_stats
 
 ProgressFn = Callable[[str, float], None]
@@ -292,6 +292,7 @@ def process_case(input_path, out_dir, name: str | None = None, progress: Progres
     t_read = time.perf_counter() - t
     result = segment_image(ct, progress=progress, source=str(Path(input_path).absolute()), **kwargs)
     result.info["input"] = read_info
+    result.info["input_stamp"] = input_stamp(input_path)   # a rerun tells a CT replaced at this path
     result.notices[:0] = read_notes(read_info)   # what reading decided comes first, and into the JSON
     if result.notices:
         result.info["notices"] = result.notices

@@ -2087,3 +2087,92 @@ def test_a_ct_turned_upside_down_by_its_header_is_noted(tmp_path):
         # stats and Slicer's Recompute say it too (figure_notes with the CT)
         assert any(said in n for n in figure_notes(res.stats, res.lungs, img)) == bool(notes[what])
     assert notes["sample"] == [] and notes["header"] == [] and len(notes["flipped"]) == 1
+
+
+def _summary_rows(out):
+    import csv
+    with open(out / cli.BATCH_SUMMARY, encoding="utf-8", newline="") as f:
+        return {r["case"]: r for r in csv.DictReader(f)}
+
+
+def test_the_batch_summary_has_every_case_with_its_status_also_after_ctrl_c(tmp_path, tiny_ckpt, capsys):
+    """ssalesionseg_summary.csv held only the cases with figures: a failed case was simply not
+    in it (nor written at all when every case failed or was skipped), and Ctrl-C left no summary."""
+    import signal
+    import subprocess
+    import sys
+
+    cases = tmp_path / "my cases"
+    cases.mkdir()
+    img, _ = synthetic_chest_ct(3, 96, spacing=SP)
+    for n in ("a", "b"):
+        write_image(img, cases / f"{n}.nii.gz")
+    (cases / "c.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    # Ctrl-C while the second case is being segmented
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "ssanet.cli", *_segment_args(cases, out, tiny_ckpt)],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    err = []
+    for line in p.stderr:
+        err.append(line)
+        if line.startswith("[2/3] b: lungs"):
+            p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=300) == 130, "".join(err)
+    rows = _summary_rows(out)
+    assert [(n, r["status"]) for n, r in rows.items()] == [("a", "segmented"), ("b", "not run"), ("c", "not run")]
+    assert rows["a"]["ggo_ml"] != "" and rows["b"]["ggo_ml"] == "" and "interrupted" in rows["b"]["reason"]
+    assert rows["a"]["input"] == str(cases / "a.nii.gz")
+
+    # the rerun: a is skipped, b segmented, c fails with its reason -- every case has a row
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 1
+    rows = _summary_rows(out)
+    assert [(n, r["status"]) for n, r in rows.items()] == [("a", "skipped"), ("b", "segmented"), ("c", "failed")]
+    assert rows["c"]["ggo_ml"] == "" and "c.nii.gz" in rows["c"]["reason"] and rows["b"]["ggo_ml"] != ""
+    st = json.loads((out / "b_stats.json").read_text())
+    assert float(rows["b"]["ggo_ml"]) == round(st["lesions"]["ggo"]["volume_ml"], 1)
+    # nothing left to segment (a and b skipped, c fails): still a summary of this run
+    (out / cli.BATCH_SUMMARY).unlink()
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 1
+    assert [r["status"] for r in _summary_rows(out).values()] == ["skipped", "skipped", "failed"]
+    assert "every case, one row each" in capsys.readouterr().err
+    # a batch where every case fails has its summary too
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for n in ("x", "y"):
+        (bad / f"{n}.nii.gz").write_bytes(b"not an image")
+    assert cli.main(_segment_args(bad, tmp_path / "out_bad", tiny_ckpt)) == 1
+    assert [r["status"] for r in _summary_rows(tmp_path / "out_bad").values()] == ["failed", "failed"]
+
+
+def test_a_ct_replaced_at_the_same_path_is_not_skipped_as_done(tmp_path, tiny_ckpt, capsys):
+    """A rerun skipped a case whose CT had been replaced at the same path (a re-export, the full
+    scan instead of a part) and kept the old figures as if they were the new CT's."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    img, _ = synthetic_chest_ct(3, 96, spacing=SP)
+    write_image(img, cases / "p1.nii.gz")
+    _write_dicom_series(img, cases / "p2", "1.2.826.0.1.3680043.2.1125.11.1", "ct", "i")
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 0
+    stamp = json.loads((out / "p2_stats.json").read_text())["info"]["input_stamp"]
+    assert stamp["files"] == 3 and len(stamp["sha256"]) == 64
+    # the same files copied anew (new times, same contents) are the same input: skipped
+    for f in [cases / "p1.nii.gz", *sorted((cases / "p2").iterdir())]:
+        f.write_bytes(f.read_bytes())
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 5 * 10**9))
+    capsys.readouterr()
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 0
+    assert capsys.readouterr().err.count("outputs exist, skipped") == 2
+    # another scan at p1's path, and a slice removed from p2's series: both fail, outputs kept
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    write_image(synthetic_chest_ct(4, 96, spacing=SP)[0], cases / "p1.nii.gz")
+    (cases / "p2" / "i002.dcm").unlink()
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 1
+    err = capsys.readouterr().err
+    assert f"outputs of 'p1' made from {cases / 'p1.nii.gz'} before it changed (1 file" in err
+    assert "3 files, " in err and "2 files, " in err and "--overwrite segments it anew" in err
+    assert all((out / n).read_bytes() == b for n, b in before.items() if n != cli.BATCH_SUMMARY)
+    assert cli.main(_segment_args(cases, out, tiny_ckpt, "--overwrite")) == 0
+    assert json.loads((out / "p1_stats.json").read_text())["info"]["size"][2] == 4
+    assert json.loads((out / "p2_stats.json").read_text())["info"]["input_stamp"]["files"] == 2

@@ -193,7 +193,8 @@ def test_batch_processes_a_dicom_folder_and_a_nifti(input_folder, tmp_path, mrml
     assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
 
     assert sorted(os.listdir(out)) == ["patient_dicom.seg.nrrd", "patient_dicom_stats.json",
-                                       "patient_nifti.seg.nrrd", "patient_nifti_stats.json"]
+                                       "patient_nifti.seg.nrrd", "patient_nifti_stats.json",
+                                       "ssalesionseg_summary.csv"]
     for case in ("patient_dicom", "patient_nifti"):
         segmentation = slicerio.read_segmentation(str(out / f"{case}.seg.nrrd"))
         assert {s["name"] for s in segmentation["segments"]} == {s.name for s in mrml.segment_specs()}
@@ -236,6 +237,17 @@ def test_batch_goes_on_after_a_bad_case_and_fails_at_the_end(input_folder, tmp_p
     assert (out / "patient_nifti.seg.nrrd").exists() and (out / "patient_dicom.seg.nrrd").exists()
     assert not (out / "broken.seg.nrrd").exists()
     assert lines[-1] == "1 of 3 cases failed: broken (2 segmented, 0 skipped)"
+    # the summary `segment` writes: every case, the failure with its reason, the others' figures
+    import csv
+    with open(out / "ssalesionseg_summary.csv", encoding="utf-8", newline="") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert {n: r["status"] for n, r in rows.items()} == {"broken": "failed", "patient_nifti": "segmented",
+                                                         "patient_dicom": "segmented"}
+    assert "broken.nrrd" in rows["broken"]["reason"] and rows["broken"]["ggo_ml"] == ""
+    stats = json.loads((out / "patient_dicom_stats.json").read_text())
+    assert float(rows["patient_dicom"]["ggo_ml"]) == round(stats["lesions"]["ggo"]["volume_ml"], 1)
+    assert rows["patient_dicom"]["input"] == str(input_folder.path / "patient_dicom")
+    assert any(line.startswith("Every case, one row each:") for line in lines)
 
 
 def test_batch_reads_with_the_engines_checks_and_reruns_by_segments_rules(input_folder, tmp_path, mrml_scene,
@@ -276,6 +288,25 @@ def test_batch_reads_with_the_engines_checks_and_reruns_by_segments_rules(input_
     lines.clear()
     assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
     assert (out / "patient_nifti.seg.nrrd.bak").read_bytes() == edited and any("kept as" in x for x in lines)
+
+
+def test_batch_does_not_skip_a_ct_replaced_at_the_same_path(input_folder, tmp_path, mrml_scene, fake_engine):
+    """As `segment`: outputs of a CT that was replaced since at the same path are not passed off
+    as the new CT's; the same contents copied anew are still skipped."""
+    out = tmp_path / "out"
+    args = batch.parse_args(["--input", str(input_folder.path), "--output", str(out)])
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=print) == 0
+    nifti = input_folder.path / "patient_nifti.nii.gz"
+    nifti.write_bytes(nifti.read_bytes())   # a fresh copy: new time, same contents
+    lines = []
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
+    assert sum("outputs exist, skipped" in line for line in lines) == 2
+    before = (out / "patient_nifti_stats.json").read_bytes()
+    sitk.WriteImage(sitk.Flip(sitk.ReadImage(str(nifti)), [True, False, False]), str(nifti))   # another scan
+    lines.clear()
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 1
+    assert any("patient_nifti: FAILED" in line and "before it changed" in line for line in lines), lines
+    assert (out / "patient_nifti_stats.json").read_bytes() == before
 
 
 def test_batch_script_runs_under_slicer_core_without_qt(input_folder, tmp_path, fake_engine_dir):
