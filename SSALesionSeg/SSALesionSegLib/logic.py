@@ -257,7 +257,6 @@ class ProcessingLogic:
                          f"Is it this CT's segmentation? (Select '{other.GetName()}' as input CT for its figures.)")
         _, stats, classNames = self._segmentFigures(inputVolume, segmentationNode, notes)
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
-        mrml.stats_to_table(stats, tableNode)
         # the table's run info: marked as recomputed, the last Apply's settings kept, its notes not
         # (they were about the figures now replaced)
         try:
@@ -271,8 +270,28 @@ class ProcessingLogic:
             info["run"] = run
         if notes:
             info["notices"] = notes
+        stats["info"] = self._recomputedStatsInfo(inputVolume, segmentationNode, run, notes)
+        mrml.stats_to_table(stats, tableNode)
         tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
         return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notes), classNames)
+
+    def _recomputedStatsInfo(self, inputVolume, segmentationNode, run, notes):
+        """The ``info`` of recomputed figures, with the keys ``ssalesionseg stats`` writes (its
+        ``cmd_stats``) where Slicer has the facts: the CT (its file, else its name), its grid, the
+        labels (the segmentation's file, else its name), the lungs as the segmentation's own,
+        ``recomputed_by`` (so ``segment`` keeps a saved JSON as the user's work), what made the
+        labels (the last Apply's settings) and the notes."""
+        outputs = mrml._engine_module("outputs")
+        read = mrml.volume_info(inputVolume)
+        info = {"source": read["input"], "size": read["size"], "spacing_mm": read["spacing_mm"], "input": read,
+                "labels": mrml.file_or_name(segmentationNode), "lung_method": outputs.LUNGS_FROM_LABELS,
+                "recomputed_by": "SSALesionSeg Recompute statistics (3D Slicer)"}
+        madeBy = run.get("labels_made_by") or {key: run[key] for key in outputs.MADE_BY if key in run}
+        if madeBy:
+            info["labels_made_by"] = madeBy
+        if notes:
+            info["notices"] = list(notes)
+        return info
 
     def exportTrainingCase(self, inputVolume, segmentationNode, outputDir, caseName=None, overwrite=False,
                            notes=None):
@@ -291,6 +310,10 @@ class ProcessingLogic:
             # the stats JSON lists the .seg.nrrd with its hash, as `segment` does: a rerun can then
             # tell this file from one corrected in place
             info = result.stats.setdefault("info", {})
+            # the notes the panel showed (its own, the engine's, on kept segments), not the engine's alone
+            notices = _unique(list((result.info or {}).get("notices") or []) + list(info.get("notices") or []))
+            if notices:
+                info["notices"] = notices
             info["outputs"] = {"segmentation": os.path.abspath(segPath), "stats_json": os.path.abspath(statsPath)}
             engine_.import_engine_package(self.moduleDir)
             from ssanet.checkpoint import sha256_of   # the hash `segment` records, by the same function

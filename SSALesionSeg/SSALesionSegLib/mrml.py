@@ -174,6 +174,29 @@ def image_from_volume_node(volumeNode):
     return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
 
 
+def file_or_name(node):
+    """Where a node's data come from, as a stats JSON records its input: the absolute path of
+    the file it was loaded from or last saved to (its storage node), else its name."""
+    storage = node.GetStorageNode() if node is not None and node.IsA("vtkMRMLStorableNode") else None
+    path = storage.GetFileName() if storage is not None else None
+    return os.path.abspath(path) if path else node.GetName()
+
+
+def volume_info(volumeNode):
+    """What ``io.read_ct`` records of a CT file (``input``, ``size``, ``spacing_mm``,
+    ``orientation``), for a volume node: its file (:func:`file_or_name`), its voxel grid."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    axes = numpy_matrix(matrix)[:3, :3]
+    directionLps = LPS_TO_RAS @ (axes / np.linalg.norm(axes, axis=0))
+    return {"input": file_or_name(volumeNode),
+            "size": [int(n) for n in volumeNode.GetImageData().GetDimensions()],
+            # the node's own spacing: the IJK-to-RAS matrix carries ~1e-16 of noise
+            "spacing_mm": [float(s) for s in volumeNode.GetSpacing()],
+            "orientation": sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(
+                [float(v) for v in directionLps.ravel()])}
+
+
 def is_labelmap_volume(volumeNode):
     return volumeNode is not None and volumeNode.IsA("vtkMRMLLabelMapVolumeNode")
 

@@ -1276,3 +1276,76 @@ def test_recompute_of_a_cli_seg_nrrd_gives_the_figures_and_notes_of_ssalesionseg
             assert recomputed.stats is not None and mrml.table_values(recomputed.tableNode)[key] == \
                 pytest.approx(value, rel=1e-9), key
     assert recomputed.info.get("notices", []) == expected["info"]["notices"]
+
+
+def test_stats_json_saved_after_recompute_records_what_ssalesionseg_stats_records(mrml_scene, tmp_path):
+    """saveResults after Recompute wrote the figures with only the outputs' names under ``info``:
+    no CT, grid, labels, lung method, ``recomputed_by`` nor notes — a reader (or ``segment``
+    rerun into that folder) could not tell corrected figures from the model's, nor of which CT."""
+    real_engine_or_skip()
+    from ssalesionseg import cli
+    from ssalesionseg.geometry import image_like
+    from ssalesionseg.io import read_ct
+    from ssalesionseg.lungstep import compute_lungs
+    from ssalesionseg.outputs import edited_outputs
+    from ssalesionseg.segfile import write_seg_nrrd
+    from ssanet.checkpoint import sha256_of
+
+    ctPath = os.path.join(MODULE_DIR, "Resources", "Sample", "covid_ct_sample.nii.gz")
+    ct, _ = read_ct(ctPath)
+    lungs = compute_lungs(ct, method="classical").labels
+    hu = sitk.GetArrayFromImage(ct)
+    lesions = np.where(lungs > 0, np.where(hu > -300, 2, np.where(hu > -700, 1, 0)), 0).astype(np.uint8)
+    segPath = tmp_path / "demo.seg.nrrd"
+    write_seg_nrrd(segPath, image_like(lesions, ct), image_like(lungs, ct), ["background", "ggo", "consolidation"])
+    assert cli.main(["stats", "--ct", ctPath, "--labels", str(segPath), "--out", str(tmp_path / "cli")]) == 0
+    expected = json.loads((tmp_path / "cli" / "covid_ct_sample_stats.json").read_text())
+
+    volume = mrml_scene.volumesLogic.AddArchetypeVolume(ctPath, "covid_ct_sample", 0, None)
+    node = mrml_scene.segmentationsLogic.LoadSegmentationFromFile(str(segPath), False)
+    logic = logic_.ProcessingLogic(mrml_scene.scene, moduleDir=MODULE_DIR)
+    recomputed = logic.recomputeStatistics(volume, node)
+    out = tmp_path / "slicer"
+    seg, statsJson = logic.saveResults(recomputed, str(out), "covid_ct_sample")
+    saved = json.loads(open(statsJson, encoding="utf-8").read())
+
+    info, want = saved["info"], expected["info"]
+    assert set(want) <= set(info), set(want) - set(info)
+    for key in ("source", "size", "labels", "lung_method", "notices"):
+        assert info[key] == want[key], key
+    # Slicer's NIfTI reader gives 0.7500000000000001 where ITK's gives 0.75
+    assert info["spacing_mm"] == pytest.approx(want["spacing_mm"], abs=1e-12)
+    assert {**info["input"], "spacing_mm": want["input"]["spacing_mm"]} == want["input"]
+    assert info["input"]["spacing_mm"] == pytest.approx(want["input"]["spacing_mm"], abs=1e-12)
+    assert info["recomputed_by"] and info["outputs_sha256"]["segmentation"] == sha256_of(seg)
+    for key, value in mrml.flatten_stats(expected):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert mrml.flatten_stats(saved) and dict(mrml.flatten_stats(saved))[key] == pytest.approx(value), key
+    # a `segment` rerun into that folder keeps the corrected figures as the user's work (.bak)
+    assert statsJson in [str(p) for p in edited_outputs(out, "covid_ct_sample")]
+
+
+def test_stats_json_saved_after_apply_and_recompute_names_the_run_that_made_the_labels(case, fake_engine, tmp_path):
+    """After Apply → edit → Recompute the saved JSON says what made the labels (the Apply's
+    settings, as ``stats`` keeps them under ``labels_made_by``), of which CT (the node's name
+    when it has no file), and the notes the panel showed."""
+    logic = make_logic(case, fake_engine)
+    applied = logic.process(case.volume, None, "classical", None, "cpu")
+    node = applied.segmentationNode
+    ggo = mrml.lesion_specs()[0]
+    outside = np.zeros(case.labels.shape, bool)
+    outside[0, :4, :4] = True   # a GGO voxel painted outside the lungs
+    assert not (outside & (case.lungs > 0)).any()
+    mrml.set_segment_from_array(node, ggo, (case.labels == 1) | outside, mrml.ijk_to_ras_from_image(case.ct))
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    _, statsJson = logic.saveResults(recomputed, str(tmp_path), "case")
+    info = json.loads(open(statsJson, encoding="utf-8").read())["info"]
+    assert info["source"] == "Phantom CT" and info["labels"] == "Phantom CT lesions"
+    assert info["size"] == list(case.ct.GetSize())
+    assert info["spacing_mm"] == pytest.approx(list(case.ct.GetSpacing()), abs=1e-12)
+    assert info["input"]["orientation"] == sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(
+        case.ct.GetDirection())
+    assert info["labels_made_by"]["lung_method"] == "classical" and info["labels_made_by"]["device"] == "cpu"
+    assert info["lung_method"] == "segmentation file" and info["recomputed_by"]
+    assert info["notices"] == recomputed.info["notices"] and any("outside the lung mask" in n
+                                                                  for n in info["notices"])
