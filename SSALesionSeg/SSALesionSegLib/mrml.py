@@ -676,7 +676,7 @@ def save_segmentation(segmentationNode, path):
 # Statistics table
 # ---------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("Structure", "Measurement", "Value", "Unit", "Key")
+TABLE_COLUMNS = ("Structure", "Measurement", "Value", "Unit", "Note", "Key")
 # The clinical part of the engine's statistics; the rest (input, timings, model) stays
 # in the JSON attribute of the table.
 TABLE_SECTIONS = ("lesions", "lungs", "lobes", "severity")
@@ -751,12 +751,35 @@ def describe_stat(key):
     return structure, measurement[:1].upper() + measurement[1:], unit
 
 
+def missing_value_note(key):
+    """Why a figure of the engine's statistics has no value (None), for the table's Note column."""
+    parts = key.split(".")
+    field = parts[-1]
+    if key in _STRUCTURES:
+        return "n/a: not a class of this model"
+    if field in ("mean_hu", "std_hu"):
+        return "n/a: no voxels of this lesion"
+    if field == "percent_of_lung":
+        return "n/a: the lung mask is empty"
+    if field in ("percent_of_right_lung", "percent_of_left_lung"):
+        return f"n/a: the lung mask has no {field[len('percent_of_'):].replace('_', ' ')}"
+    if parts[:2] == ["severity", "regions"] and len(parts) == 4:
+        region = parts[2]
+        if region in ("right_lung", "left_lung"):
+            return f"n/a: the lung mask has no {_words(region)}, so it is not scored"
+        return f"n/a: the lobe mask has no {_words(region)} lobe, so it is not scored"
+    return "n/a: not computed"
+
+
 def stats_to_table(stats, tableNode):
     """Fill a table node with the clinical part of the engine's statistics.
 
-    One row per numeric value; the Key column holds the dotted JSON path so scripts
-    can find a value. Text values (e.g. the severity scheme) and the full JSON go
-    into node attributes.
+    One row per numeric value, and one per figure without a value (None: a lung the mask
+    lacks, the attenuation of an empty lesion class, a class the model does not make), its
+    Value empty (NaN) and its Note saying why, so "0" and "not computed" are told apart — the
+    rows the CLI's CSV (``stats.write_stats``) writes with an empty value. The Key column
+    holds the dotted JSON path so scripts can find a value. Text values (e.g. the severity
+    scheme) and the full JSON go into node attributes.
     """
     tableNode.RemoveAllColumns()
     table = tableNode.GetTable()
@@ -767,12 +790,15 @@ def stats_to_table(stats, tableNode):
         table.AddColumn(column)
         columns[name] = column
     for key, value in flatten_stats(stats):
-        if _is_number(value):
+        if _is_number(value) or value is None:
             structure, measurement, unit = describe_stat(key)
+            if key in _STRUCTURES:   # a whole class without figures (lesions.ggo of a binary model)
+                measurement, unit = "All measurements", ""
             columns["Structure"].InsertNextValue(structure)
             columns["Measurement"].InsertNextValue(measurement)
-            columns["Value"].InsertNextValue(float(value))
+            columns["Value"].InsertNextValue(float("nan") if value is None else float(value))
             columns["Unit"].InsertNextValue(unit)
+            columns["Note"].InsertNextValue("" if value is not None else missing_value_note(key))
             columns["Key"].InsertNextValue(key)
         elif isinstance(value, str):
             tableNode.SetAttribute(f"SSALesionSeg.{key}", value)

@@ -305,7 +305,7 @@ def test_table_values_equal_engine_stats(case, fake_engine):
     assert values["lesions.ggo.volume_ml"] == pytest.approx(
         (case.labels == 1).sum() * np.prod(case.ct.GetSpacing()) / 1000.0)
 
-    rows = {table.GetCellText(r, 4): [table.GetCellText(r, c) for c in range(4)] for r in range(table.GetNumberOfRows())}
+    rows = {table.GetCellText(r, 5): [table.GetCellText(r, c) for c in range(4)] for r in range(table.GetNumberOfRows())}
     assert rows["lesions.ggo.volume_ml"][:2] == ["Ground-glass opacity", "Volume"]
     assert rows["lesions.ggo.volume_ml"][3] == "mL"
     assert rows["lesions.consolidation.percent_of_left_lung"][1] == "% of left lung"
@@ -1349,3 +1349,52 @@ def test_stats_json_saved_after_apply_and_recompute_names_the_run_that_made_the_
     assert info["lung_method"] == "segmentation file" and info["recomputed_by"]
     assert info["notices"] == recomputed.info["notices"] and any("outside the lung mask" in n
                                                                   for n in info["notices"])
+
+
+def _csv_rows(path):
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["measure"]: row["value"] for row in csv.DictReader(f)}
+
+
+def test_table_shows_figures_without_a_value_as_the_cli_csv_does_and_says_why(case, fake_engine, tmp_path,
+                                                                              monkeypatch):
+    """A lung side without lung, the attenuation of a deleted lesion class, the severity of a lung
+    not scored: the table left those rows out, so a reader could not tell 0 from "not computed";
+    the CLI's CSV writes them with an empty value."""
+    from ssalesionseg import cli
+    logic = make_logic(case, fake_engine)
+    rightOnly = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "right lung only")
+    mrml.set_segment_from_array(rightOnly, mrml.lung_specs()[0], case.lungs == 1, mrml.ijk_to_ras_from_image(case.ct))
+    node = logic.process(case.volume, None, "existing", None, "cpu", lungSegmentation=rightOnly).segmentationNode
+    node.GetSegmentation().RemoveSegment("Consolidation")
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    table = recomputed.tableNode
+    rows = {table.GetCellText(r, list(mrml.TABLE_COLUMNS).index("Key")):
+            {c: table.GetCellText(r, i) for i, c in enumerate(mrml.TABLE_COLUMNS)} for r in range(table.GetNumberOfRows())}
+    values = mrml.table_values(table)
+    # the same segmentation and CT through `ssalesionseg stats`: the CSV's rows of these sections
+    ctPath, segPath = tmp_path / "case.nrrd", tmp_path / "case.seg.nrrd"
+    sitk.WriteImage(case.ct, str(ctPath))
+    mrml.save_segmentation(node, segPath)
+    assert cli.main(["stats", "--ct", str(ctPath), "--labels", str(segPath), "--out", str(tmp_path / "o")]) == 0
+    csvRows = _csv_rows(tmp_path / "o" / "case_stats.csv")
+    text = {k for k, v in mrml.flatten_stats(recomputed.stats) if not (v is None or mrml._is_number(v))}
+    expected = {k: v for k, v in csvRows.items() if k.split(".")[0] in mrml.TABLE_SECTIONS and k not in text}
+    assert set(rows) == set(expected)
+    empty = {k for k, v in expected.items() if v == ""}
+    assert empty >= {"lesions.ggo.percent_of_left_lung", "lesions.consolidation.mean_hu",
+                     "severity.regions.left_lung.score", "severity.regions.left_lung.percent_involved"}
+    assert {k for k, v in values.items() if math.isnan(v)} == empty
+    for key in set(expected) - empty:
+        assert values[key] == pytest.approx(float(expected[key]), rel=1e-6), key
+    assert values["lesions.consolidation.volume_ml"] == 0 and rows["lesions.consolidation.volume_ml"]["Note"] == ""
+    assert rows["lesions.ggo.percent_of_left_lung"]["Note"] == "n/a: the lung mask has no left lung"
+    assert rows["lesions.consolidation.mean_hu"]["Note"] == "n/a: no voxels of this lesion"
+    assert rows["severity.regions.left_lung.score"]["Note"] == "n/a: the lung mask has no left lung, so it is not scored"
+    # a binary model: no GGO or consolidation class, said as such
+    monkeypatch.setenv("FAKE_ENGINE_BINARY", "1")
+    binary = logic.process(case.volume, None, "auto", None, "cpu").tableNode
+    rows = {binary.GetCellText(r, 5): [binary.GetCellText(r, c) for c in range(5)] for r in range(binary.GetNumberOfRows())}
+    assert rows["lesions.ggo"] == ["Ground-glass opacity", "All measurements", "nan", "",
+                                   "n/a: not a class of this model"]
