@@ -157,8 +157,8 @@ class ProcessingLogic:
         if reason:
             raise ValueError(reason)
         checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
+        mrml.check_ct(inputVolume)   # before a worker starts, naming the volume
         ct = mrml.image_from_volume_node(inputVolume)
-        mrml.check_ct(inputVolume, ct)   # before a worker starts, naming the volume
         lungMask = None
         notes = []   # the panel's own, before the engine's
         if lungMethod == "existing":
@@ -244,11 +244,24 @@ class ProcessingLogic:
 
     # -- correction loop -------------------------------------------------------
 
+    @staticmethod
+    def _checkCorrectionInputs(inputVolume, segmentationNode):
+        """Recompute and Export measure the segments on the CT's HU: the CT is checked as Apply
+        checks it (as ``ssalesionseg stats`` and ``export-case`` read ``--ct``), so a labelmap, an
+        RGB image or stored values without the rescale give an error naming the volume, not
+        figures of non-HU values."""
+        if inputVolume is None:
+            raise ValueError("Select the input CT volume the segmentation was made on.")
+        if segmentationNode is None:
+            raise ValueError("Select the segmentation to measure (the output segmentation of Apply).")
+        mrml.check_ct(inputVolume)
+
     def recomputeStatistics(self, inputVolume, segmentationNode, statisticsTable=None):
         """Statistics from the (edited) segments, written to the segmentation's table, read
         and checked as ``ssalesionseg stats`` reads a ``.seg.nrrd``; its notes are in
         ``info["notices"]`` and the summary — among them when the segmentation was made from
         another CT than ``inputVolume`` (as ``stats`` notes labels of another run)."""
+        self._checkCorrectionInputs(inputVolume, segmentationNode)
         notes = []
         other = mrml.other_ct_of(segmentationNode, inputVolume)
         if other is not None:
@@ -297,6 +310,7 @@ class ProcessingLogic:
                            notes=None):
         """The (edited) result as a training case (``mrml.export_training_case``); what the
         export has to say (segments not used, lesions outside the lung mask) goes into ``notes``."""
+        self._checkCorrectionInputs(inputVolume, segmentationNode)
         return mrml.export_training_case(inputVolume, segmentationNode, outputDir, caseName, overwrite, notes)
 
     def saveResults(self, result, outputDir, caseName):

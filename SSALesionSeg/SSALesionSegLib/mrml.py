@@ -207,6 +207,11 @@ def check_ct(volumeNode, image=None):
     here, before a run starts, so the message names the volume and comes at once."""
     if is_labelmap_volume(volumeNode):
         raise ValueError(f"'{volumeNode.GetName()}' is a labelmap volume, not a CT: select the CT as input")
+    imageData = volumeNode.GetImageData()
+    if imageData is not None and imageData.GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"'{volumeNode.GetName()}' is a vector/colour volume with "
+                         f"{imageData.GetNumberOfScalarComponents()} components per voxel (e.g. an RGB image), "
+                         "not a CT: select a scalar CT in Hounsfield units as input")
     image = image if image is not None else image_from_volume_node(volumeNode)
     _engine_module("io").validate_ct(image, f"'{volumeNode.GetName()}'")
 

@@ -1398,3 +1398,37 @@ def test_table_shows_figures_without_a_value_as_the_cli_csv_does_and_says_why(ca
     rows = {binary.GetCellText(r, 5): [binary.GetCellText(r, c) for c in range(5)] for r in range(binary.GetNumberOfRows())}
     assert rows["lesions.ggo"] == ["Ground-glass opacity", "All measurements", "nan", "",
                                    "n/a: not a class of this model"]
+
+
+def test_recompute_and_export_refuse_a_volume_that_is_not_a_ct_as_apply_does(case, fake_engine, tmp_path):
+    """Recompute measured the segments on whatever volume was selected: on a labelmap, or on a CT
+    loaded without its rescale (0..4095, no voxel below -1000 HU), it gave a table of mean "HU"
+    that are not HU, where Apply and ``ssalesionseg stats --ct`` refuse that volume."""
+    logic = make_logic(case, fake_engine)
+    result = logic.process(case.volume, None, "auto", None, "cpu")
+    node, table = result.segmentationNode, result.tableNode
+    before = table.GetAttribute(mrml.STATS_ATTRIBUTE)
+    stored = sitk.GetImageFromArray((sitk.GetArrayFromImage(case.ct).astype(np.int32) + 1024).astype(np.uint16))
+    stored.CopyInformation(case.ct)
+    raw = mrml.add_volume_node_from_image(case.scene, stored, "CT without rescale")
+    labelmap = mrml.add_volume_node_from_image(case.scene, _image(case.labels, case.ct), "labels", labelmap=True)
+    rgb = case.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "screenshot")
+    import vtk
+    pixels = vtk.vtkImageData()
+    pixels.SetDimensions(48, 40, 8)
+    pixels.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    rgb.SetAndObserveImageData(pixels)
+    for volume, message in ((raw, r"^'CT without rescale' does not look like a CT in Hounsfield units"),
+                            (labelmap, r"^'labels' is a labelmap( volume)?, not a CT"),
+                            (rgb, r"^'screenshot' is a vector/colour volume with 3 components.*select a scalar CT")):
+        with pytest.raises(ValueError, match=message):
+            logic.recomputeStatistics(volume, node)
+        with pytest.raises(ValueError, match=message):
+            logic.exportTrainingCase(volume, node, str(tmp_path / "cases"))
+        with pytest.raises(ValueError, match=message):
+            logic.process(volume, None, "auto", None, "cpu")
+    assert table.GetAttribute(mrml.STATS_ATTRIBUTE) == before and not (tmp_path / "cases").exists()
+    with pytest.raises(ValueError, match="Select the input CT volume"):
+        logic.recomputeStatistics(None, node)
+    with pytest.raises(ValueError, match="Select the segmentation"):
+        logic.exportTrainingCase(case.volume, None, str(tmp_path / "cases"))
