@@ -157,8 +157,7 @@ class ProcessingLogic:
         if reason:
             raise ValueError(reason)
         checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
-        mrml.check_ct(inputVolume)   # before a worker starts, naming the volume
-        ct = mrml.image_from_volume_node(inputVolume)
+        ct = mrml.check_ct(inputVolume)   # before a worker starts, naming the volume
         lungMask = None
         notes = []   # the panel's own, before the engine's
         if lungMethod == "existing":
@@ -230,12 +229,12 @@ class ProcessingLogic:
             note += "; the per-lobe figures of this run (the model's labels alone) are left out"
         return figures, [note] + notes
 
-    def _segmentFigures(self, inputVolume, segmentationNode, notes):
+    def _segmentFigures(self, inputVolume, segmentationNode, notes, ct=None):
         """(result, stats, classNames) of the segments as they stand (``mrml.result_from_segments``,
         the engine's ``compute_stats``); what either has to say goes into ``notes``."""
         result = mrml.result_from_segments(segmentationNode, inputVolume, notes=notes)
         classNames = ["background", "infection"] if result.binary else mrml._default_class_names()
-        ct = mrml.image_from_volume_node(inputVolume)
+        ct = ct if ct is not None else mrml.image_from_volume_node(inputVolume)
         lungs = mrml._image_on_volume(result.lungs, inputVolume)
         stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume), lungs,
                                           label_names=self.engine.label_names_for(classNames))
@@ -254,21 +253,21 @@ class ProcessingLogic:
             raise ValueError("Select the input CT volume the segmentation was made on.")
         if segmentationNode is None:
             raise ValueError("Select the segmentation to measure (the output segmentation of Apply).")
-        mrml.check_ct(inputVolume)
+        return mrml.check_ct(inputVolume)
 
     def recomputeStatistics(self, inputVolume, segmentationNode, statisticsTable=None):
         """Statistics from the (edited) segments, written to the segmentation's table, read
         and checked as ``ssalesionseg stats`` reads a ``.seg.nrrd``; its notes are in
         ``info["notices"]`` and the summary — among them when the segmentation was made from
         another CT than ``inputVolume`` (as ``stats`` notes labels of another run)."""
-        self._checkCorrectionInputs(inputVolume, segmentationNode)
+        ct = self._checkCorrectionInputs(inputVolume, segmentationNode)
         notes = []
         other = mrml.other_ct_of(segmentationNode, inputVolume)
         if other is not None:
             notes.append(f"'{segmentationNode.GetName()}' was made from '{other.GetName()}', not from "
                          f"'{inputVolume.GetName()}': these are its segments measured on '{inputVolume.GetName()}'. "
                          f"Is it this CT's segmentation? (Select '{other.GetName()}' as input CT for its figures.)")
-        _, stats, classNames = self._segmentFigures(inputVolume, segmentationNode, notes)
+        _, stats, classNames = self._segmentFigures(inputVolume, segmentationNode, notes, ct)
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
         # the table's run info: marked as recomputed, the last Apply's settings kept, its notes not
         # (they were about the figures now replaced)
@@ -366,6 +365,7 @@ class BackgroundRun:
         self.log = []
         self.process = None
         self.workDir = None
+        self.inputPath = None
         self._lines = queue.Queue()
         self._reader = None
         self._done = None
@@ -383,7 +383,7 @@ class BackgroundRun:
     def start(self, ct, lungMask, lungMethod, checkpoint, device, flipTTA="model"):
         self.workDir = tempfile.mkdtemp(prefix="SSALesionSeg-")
         try:
-            inputPath = os.path.join(self.workDir, "input.nrrd")
+            inputPath = self.inputPath = os.path.join(self.workDir, "input.nrrd")
             sitk.WriteImage(ct, inputPath)
             lungMaskPath = None
             if lungMask is not None:
@@ -478,14 +478,29 @@ class BackgroundRun:
         if self.inputVolume.GetScene() is None:
             raise RuntimeError(f"The input CT '{self.inputVolume.GetName()}' was deleted during the run: its results "
                                "were not put into the scene")
-        # Files drop the geometry's last few bits; the CT's grid is the reference.
-        mrml.check_same_grid(labels, self.inputVolume)
         reference = mrml.image_from_volume_node(self.inputVolume)
+        changed = self._inputChange(labels, reference)
+        if changed:
+            raise RuntimeError(f"The input CT '{self.inputVolume.GetName()}' was changed during the run ({changed}): "
+                               "its results were not put into the scene. Press Apply again to segment it as it is now")
+        # Files drop the geometry's last few bits; the CT's grid is the reference.
         labels.CopyInformation(reference)
         if lungs is not None:
             lungs.CopyInformation(reference)
         return self.logic.applyResult(self.inputVolume, self.outputSegmentation, labels, lungs, stats, info,
                                       self.statisticsTable, self._done.get("class_names"), self.notes)
+
+    def _inputChange(self, labels, reference):
+        """What of the input CT changed since the run started (e.g. resampled or filtered in place
+        meanwhile), or None: the results would be put on, and measured against, another image."""
+        try:
+            mrml.check_same_grid(labels, self.inputVolume)
+        except ValueError:
+            return "its voxel grid is not the one segmented"
+        segmented = sitk.ReadImage(self.inputPath)
+        if not np.array_equal(sitk.GetArrayViewFromImage(segmented), sitk.GetArrayViewFromImage(reference)):
+            return "its voxel values are not those segmented"
+        return None
 
     def cancel(self):
         """Stop the worker (and anything it started); the scene is not touched."""

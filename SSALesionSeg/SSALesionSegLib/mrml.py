@@ -204,7 +204,8 @@ def is_labelmap_volume(volumeNode):
 def check_ct(volumeNode, image=None):
     """Raise (a ValueError naming the volume) when ``volumeNode`` is not a CT the engine takes:
     a labelmap volume, or what the engine's own check (``io.validate_ct``) refuses — checked
-    here, before a run starts, so the message names the volume and comes at once."""
+    here, before a run starts, so the message names the volume and comes at once. Returns the
+    volume's image (``image``, or :func:`image_from_volume_node`'s)."""
     if is_labelmap_volume(volumeNode):
         raise ValueError(f"'{volumeNode.GetName()}' is a labelmap volume, not a CT: select the CT as input")
     imageData = volumeNode.GetImageData()
@@ -214,6 +215,7 @@ def check_ct(volumeNode, image=None):
                          "not a CT: select a scalar CT in Hounsfield units as input")
     image = image if image is not None else image_from_volume_node(volumeNode)
     _engine_module("io").validate_ct(image, f"'{volumeNode.GetName()}'")
+    return image
 
 
 def update_volume_node_from_image(volumeNode, image):

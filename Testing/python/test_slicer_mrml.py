@@ -1432,3 +1432,27 @@ def test_recompute_and_export_refuse_a_volume_that_is_not_a_ct_as_apply_does(cas
         logic.recomputeStatistics(None, node)
     with pytest.raises(ValueError, match="Select the segmentation"):
         logic.exportTrainingCase(case.volume, None, str(tmp_path / "cases"))
+
+
+def test_input_ct_changed_during_a_background_run_gets_no_results(case, fake_engine_dir, monkeypatch):
+    """The CT filtered in place (or resampled into itself) while the worker ran: its results —
+    labels and figures of the voxels as they were — were put onto the changed CT without a word."""
+    monkeypatch.setenv("FAKE_ENGINE_DELAY", "0.3")
+    logic = background_logic(case, fake_engine_dir)
+    mine = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    mine.GetSegmentation().AddEmptySegment("note", "My note")
+    run = logic.process(case.volume, mine, "auto", None, "cpu", waitForCompletion=False)
+    array = slicer.util.arrayFromVolume(case.volume)
+    slicer.util.updateVolumeFromArray(case.volume, (array - 100).astype(array.dtype))   # e.g. a filter in place
+    with pytest.raises(RuntimeError, match=r"The input CT 'Phantom CT' was changed during the run \(its voxel "
+                                           r"values are not those segmented\).*Press Apply again"):
+        run.wait()
+    assert run.state == run.FAILED and not os.path.exists(run.outputDir)
+    assert mine.GetSegmentation().GetNumberOfSegments() == 1
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
+    # resampled into itself: another grid
+    run = logic.process(case.volume, None, "auto", None, "cpu", waitForCompletion=False)
+    slicer.util.updateVolumeFromArray(case.volume, np.ascontiguousarray(slicer.util.arrayFromVolume(case.volume)[::2]))
+    with pytest.raises(RuntimeError, match=r"was changed during the run \(its voxel grid is not the one segmented\)"):
+        run.wait()
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
