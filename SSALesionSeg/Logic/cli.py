@@ -585,12 +585,6 @@ def format_summary(result, paths) -> str:
 
 # --------------------------------------------------------------------------- stats
 
-# what segment's stats JSON says of the run that made the labels, kept by stats when it
-# replaces those figures with the corrected ones (info.labels_made_by)
-_MADE_BY = ("checkpoint", "device", "precision", "flip_tta", "min_lesion_mm2", "class_names", "lung_method",
-            "lung_details")
-
-
 def cmd_stats(args) -> int:
     import numpy as np
     import SimpleITK as sitk
@@ -601,7 +595,7 @@ def cmd_stats(args) -> int:
     from .io import (OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES, check_writable, labels_run_name, read_ct,
                      read_result_labels, result_case_name, written_together)
     from .lungstep import compute_lungs
-    from .outputs import RecordedRun, outputs_from_other_input
+    from .outputs import LUNGS_FROM_LABELS, MADE_BY, RecordedRun, outputs_from_other_input
     from .report import write_overlay
     from .segfile import write_seg_nrrd
     from .stats import BINARY_NAMES, MULTICLASS_NAMES, compute_stats, figure_notes, write_stats
@@ -629,7 +623,7 @@ def cmd_stats(args) -> int:
             relabel["segmentation"] = seg
     run = labels_run_name(args.labels)   # the labels are a run's output: its stats JSON says of which CT
     # the labels are this folder's run's own outputs: what made them is kept with the new figures
-    made_by = (recorded.info.get("labels_made_by") or {k: recorded.info[k] for k in _MADE_BY if k in recorded.info}
+    made_by = (recorded.info.get("labels_made_by") or {k: recorded.info[k] for k in MADE_BY if k in recorded.info}
                if run == name and Path(args.labels).resolve().parent == out.resolve() else None)
     check_writable(out, create=False)   # created once the labels and lungs have been read
     ct, info = read_ct(args.ct)
@@ -644,7 +638,7 @@ def cmd_stats(args) -> int:
     lab, lung_labels = result.lesions, result.lungs
     names = dict(BINARY_NAMES) if result.binary else dict(MULTICLASS_NAMES)
     lobes = None
-    method = "segmentation file"
+    method = LUNGS_FROM_LABELS
     run_lungs = None
     if lung_labels is None and run and not (args.lung_mask or args.lung_weights or args.lobe_weights) \
             and args.lungs == "auto":

@@ -13,6 +13,13 @@ from pathlib import Path
 
 from .io import OPTIONAL_OUTPUT_SUFFIXES, OUTPUT_SUFFIXES
 
+# what segment's stats JSON says of the run that made the labels, kept by ``stats`` (and Slicer's
+# Recompute) when it replaces those figures with the corrected ones (info.labels_made_by)
+MADE_BY = ("checkpoint", "device", "precision", "flip_tta", "min_lesion_mm2", "class_names", "lung_method",
+           "lung_details")
+# info.lung_method of figures recomputed from labels that hold their own lung segments
+LUNGS_FROM_LABELS = "segmentation file"
+
 
 def optional_outputs(save_probability: bool = False, labelmaps: bool = False) -> tuple:
     """The keys of :data:`~.io.OPTIONAL_OUTPUT_SUFFIXES` a run asks for."""

@@ -157,8 +157,7 @@ class ProcessingLogic:
         if reason:
             raise ValueError(reason)
         checkpoint = check_choices(lungMethod, checkpoint, device, flipTTA)
-        ct = mrml.image_from_volume_node(inputVolume)
-        mrml.check_ct(inputVolume, ct)   # before a worker starts, naming the volume
+        ct = mrml.check_ct(inputVolume)   # before a worker starts, naming the volume
         lungMask = None
         notes = []   # the panel's own, before the engine's
         if lungMethod == "existing":
@@ -230,12 +229,12 @@ class ProcessingLogic:
             note += "; the per-lobe figures of this run (the model's labels alone) are left out"
         return figures, [note] + notes
 
-    def _segmentFigures(self, inputVolume, segmentationNode, notes):
+    def _segmentFigures(self, inputVolume, segmentationNode, notes, ct=None):
         """(result, stats, classNames) of the segments as they stand (``mrml.result_from_segments``,
         the engine's ``compute_stats``); what either has to say goes into ``notes``."""
         result = mrml.result_from_segments(segmentationNode, inputVolume, notes=notes)
         classNames = ["background", "infection"] if result.binary else mrml._default_class_names()
-        ct = mrml.image_from_volume_node(inputVolume)
+        ct = ct if ct is not None else mrml.image_from_volume_node(inputVolume)
         lungs = mrml._image_on_volume(result.lungs, inputVolume)
         stats = self.engine.compute_stats(ct, mrml._image_on_volume(result.lesions, inputVolume), lungs,
                                           label_names=self.engine.label_names_for(classNames))
@@ -244,20 +243,32 @@ class ProcessingLogic:
 
     # -- correction loop -------------------------------------------------------
 
+    @staticmethod
+    def _checkCorrectionInputs(inputVolume, segmentationNode):
+        """Recompute and Export measure the segments on the CT's HU: the CT is checked as Apply
+        checks it (as ``ssalesionseg stats`` and ``export-case`` read ``--ct``), so a labelmap, an
+        RGB image or stored values without the rescale give an error naming the volume, not
+        figures of non-HU values."""
+        if inputVolume is None:
+            raise ValueError("Select the input CT volume the segmentation was made on.")
+        if segmentationNode is None:
+            raise ValueError("Select the segmentation to measure (the output segmentation of Apply).")
+        return mrml.check_ct(inputVolume)
+
     def recomputeStatistics(self, inputVolume, segmentationNode, statisticsTable=None):
         """Statistics from the (edited) segments, written to the segmentation's table, read
         and checked as ``ssalesionseg stats`` reads a ``.seg.nrrd``; its notes are in
         ``info["notices"]`` and the summary — among them when the segmentation was made from
         another CT than ``inputVolume`` (as ``stats`` notes labels of another run)."""
+        ct = self._checkCorrectionInputs(inputVolume, segmentationNode)
         notes = []
         other = mrml.other_ct_of(segmentationNode, inputVolume)
         if other is not None:
             notes.append(f"'{segmentationNode.GetName()}' was made from '{other.GetName()}', not from "
                          f"'{inputVolume.GetName()}': these are its segments measured on '{inputVolume.GetName()}'. "
                          f"Is it this CT's segmentation? (Select '{other.GetName()}' as input CT for its figures.)")
-        _, stats, classNames = self._segmentFigures(inputVolume, segmentationNode, notes)
+        _, stats, classNames = self._segmentFigures(inputVolume, segmentationNode, notes, ct)
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
-        mrml.stats_to_table(stats, tableNode)
         # the table's run info: marked as recomputed, the last Apply's settings kept, its notes not
         # (they were about the figures now replaced)
         try:
@@ -271,13 +282,34 @@ class ProcessingLogic:
             info["run"] = run
         if notes:
             info["notices"] = notes
+        stats["info"] = self._recomputedStatsInfo(inputVolume, segmentationNode, run, notes)
+        mrml.stats_to_table(stats, tableNode)
         tableNode.SetAttribute("SSALesionSeg.Info", json.dumps(info, default=mrml._json_default))
         return ProcessResult(segmentationNode, tableNode, stats, info, mrml.summary_text(stats, notes), classNames)
+
+    def _recomputedStatsInfo(self, inputVolume, segmentationNode, run, notes):
+        """The ``info`` of recomputed figures, with the keys ``ssalesionseg stats`` writes (its
+        ``cmd_stats``) where Slicer has the facts: the CT (its file, else its name), its grid, the
+        labels (the segmentation's file, else its name), the lungs as the segmentation's own,
+        ``recomputed_by`` (so ``segment`` keeps a saved JSON as the user's work), what made the
+        labels (the last Apply's settings) and the notes."""
+        outputs = mrml._engine_module("outputs")
+        read = mrml.volume_info(inputVolume)
+        info = {"source": read["input"], "size": read["size"], "spacing_mm": read["spacing_mm"], "input": read,
+                "labels": mrml.file_or_name(segmentationNode), "lung_method": outputs.LUNGS_FROM_LABELS,
+                "recomputed_by": "SSALesionSeg Recompute statistics (3D Slicer)"}
+        madeBy = run.get("labels_made_by") or {key: run[key] for key in outputs.MADE_BY if key in run}
+        if madeBy:
+            info["labels_made_by"] = madeBy
+        if notes:
+            info["notices"] = list(notes)
+        return info
 
     def exportTrainingCase(self, inputVolume, segmentationNode, outputDir, caseName=None, overwrite=False,
                            notes=None):
         """The (edited) result as a training case (``mrml.export_training_case``); what the
         export has to say (segments not used, lesions outside the lung mask) goes into ``notes``."""
+        self._checkCorrectionInputs(inputVolume, segmentationNode)
         return mrml.export_training_case(inputVolume, segmentationNode, outputDir, caseName, overwrite, notes)
 
     def saveResults(self, result, outputDir, caseName):
@@ -291,6 +323,10 @@ class ProcessingLogic:
             # the stats JSON lists the .seg.nrrd with its hash, as `segment` does: a rerun can then
             # tell this file from one corrected in place
             info = result.stats.setdefault("info", {})
+            # the notes the panel showed (its own, the engine's, on kept segments), not the engine's alone
+            notices = _unique(list((result.info or {}).get("notices") or []) + list(info.get("notices") or []))
+            if notices:
+                info["notices"] = notices
             info["outputs"] = {"segmentation": os.path.abspath(segPath), "stats_json": os.path.abspath(statsPath)}
             engine_.import_engine_package(self.moduleDir)
             from ssanet.checkpoint import sha256_of   # the hash `segment` records, by the same function
@@ -329,6 +365,7 @@ class BackgroundRun:
         self.log = []
         self.process = None
         self.workDir = None
+        self.inputPath = None
         self._lines = queue.Queue()
         self._reader = None
         self._done = None
@@ -346,7 +383,7 @@ class BackgroundRun:
     def start(self, ct, lungMask, lungMethod, checkpoint, device, flipTTA="model"):
         self.workDir = tempfile.mkdtemp(prefix="SSALesionSeg-")
         try:
-            inputPath = os.path.join(self.workDir, "input.nrrd")
+            inputPath = self.inputPath = os.path.join(self.workDir, "input.nrrd")
             sitk.WriteImage(ct, inputPath)
             lungMaskPath = None
             if lungMask is not None:
@@ -441,14 +478,29 @@ class BackgroundRun:
         if self.inputVolume.GetScene() is None:
             raise RuntimeError(f"The input CT '{self.inputVolume.GetName()}' was deleted during the run: its results "
                                "were not put into the scene")
-        # Files drop the geometry's last few bits; the CT's grid is the reference.
-        mrml.check_same_grid(labels, self.inputVolume)
         reference = mrml.image_from_volume_node(self.inputVolume)
+        changed = self._inputChange(labels, reference)
+        if changed:
+            raise RuntimeError(f"The input CT '{self.inputVolume.GetName()}' was changed during the run ({changed}): "
+                               "its results were not put into the scene. Press Apply again to segment it as it is now")
+        # Files drop the geometry's last few bits; the CT's grid is the reference.
         labels.CopyInformation(reference)
         if lungs is not None:
             lungs.CopyInformation(reference)
         return self.logic.applyResult(self.inputVolume, self.outputSegmentation, labels, lungs, stats, info,
                                       self.statisticsTable, self._done.get("class_names"), self.notes)
+
+    def _inputChange(self, labels, reference):
+        """What of the input CT changed since the run started (e.g. resampled or filtered in place
+        meanwhile), or None: the results would be put on, and measured against, another image."""
+        try:
+            mrml.check_same_grid(labels, self.inputVolume)
+        except ValueError:
+            return "its voxel grid is not the one segmented"
+        segmented = sitk.ReadImage(self.inputPath)
+        if not np.array_equal(sitk.GetArrayViewFromImage(segmented), sitk.GetArrayViewFromImage(reference)):
+            return "its voxel values are not those segmented"
+        return None
 
     def cancel(self):
         """Stop the worker (and anything it started); the scene is not touched."""

@@ -174,6 +174,29 @@ def image_from_volume_node(volumeNode):
     return set_image_geometry_from_ijk_to_ras(image, numpy_matrix(matrix))
 
 
+def file_or_name(node):
+    """Where a node's data come from, as a stats JSON records its input: the absolute path of
+    the file it was loaded from or last saved to (its storage node), else its name."""
+    storage = node.GetStorageNode() if node is not None and node.IsA("vtkMRMLStorableNode") else None
+    path = storage.GetFileName() if storage is not None else None
+    return os.path.abspath(path) if path else node.GetName()
+
+
+def volume_info(volumeNode):
+    """What ``io.read_ct`` records of a CT file (``input``, ``size``, ``spacing_mm``,
+    ``orientation``), for a volume node: its file (:func:`file_or_name`), its voxel grid."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    axes = numpy_matrix(matrix)[:3, :3]
+    directionLps = LPS_TO_RAS @ (axes / np.linalg.norm(axes, axis=0))
+    return {"input": file_or_name(volumeNode),
+            "size": [int(n) for n in volumeNode.GetImageData().GetDimensions()],
+            # the node's own spacing: the IJK-to-RAS matrix carries ~1e-16 of noise
+            "spacing_mm": [float(s) for s in volumeNode.GetSpacing()],
+            "orientation": sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(
+                [float(v) for v in directionLps.ravel()])}
+
+
 def is_labelmap_volume(volumeNode):
     return volumeNode is not None and volumeNode.IsA("vtkMRMLLabelMapVolumeNode")
 
@@ -181,11 +204,18 @@ def is_labelmap_volume(volumeNode):
 def check_ct(volumeNode, image=None):
     """Raise (a ValueError naming the volume) when ``volumeNode`` is not a CT the engine takes:
     a labelmap volume, or what the engine's own check (``io.validate_ct``) refuses — checked
-    here, before a run starts, so the message names the volume and comes at once."""
+    here, before a run starts, so the message names the volume and comes at once. Returns the
+    volume's image (``image``, or :func:`image_from_volume_node`'s)."""
     if is_labelmap_volume(volumeNode):
         raise ValueError(f"'{volumeNode.GetName()}' is a labelmap volume, not a CT: select the CT as input")
+    imageData = volumeNode.GetImageData()
+    if imageData is not None and imageData.GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"'{volumeNode.GetName()}' is a vector/colour volume with "
+                         f"{imageData.GetNumberOfScalarComponents()} components per voxel (e.g. an RGB image), "
+                         "not a CT: select a scalar CT in Hounsfield units as input")
     image = image if image is not None else image_from_volume_node(volumeNode)
     _engine_module("io").validate_ct(image, f"'{volumeNode.GetName()}'")
+    return image
 
 
 def update_volume_node_from_image(volumeNode, image):
@@ -653,7 +683,7 @@ def save_segmentation(segmentationNode, path):
 # Statistics table
 # ---------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("Structure", "Measurement", "Value", "Unit", "Key")
+TABLE_COLUMNS = ("Structure", "Measurement", "Value", "Unit", "Note", "Key")
 # The clinical part of the engine's statistics; the rest (input, timings, model) stays
 # in the JSON attribute of the table.
 TABLE_SECTIONS = ("lesions", "lungs", "lobes", "severity")
@@ -728,12 +758,35 @@ def describe_stat(key):
     return structure, measurement[:1].upper() + measurement[1:], unit
 
 
+def missing_value_note(key):
+    """Why a figure of the engine's statistics has no value (None), for the table's Note column."""
+    parts = key.split(".")
+    field = parts[-1]
+    if key in _STRUCTURES:
+        return "n/a: not a class of this model"
+    if field in ("mean_hu", "std_hu"):
+        return "n/a: no voxels of this lesion"
+    if field == "percent_of_lung":
+        return "n/a: the lung mask is empty"
+    if field in ("percent_of_right_lung", "percent_of_left_lung"):
+        return f"n/a: the lung mask has no {field[len('percent_of_'):].replace('_', ' ')}"
+    if parts[:2] == ["severity", "regions"] and len(parts) == 4:
+        region = parts[2]
+        if region in ("right_lung", "left_lung"):
+            return f"n/a: the lung mask has no {_words(region)}, so it is not scored"
+        return f"n/a: the lobe mask has no {_words(region)} lobe, so it is not scored"
+    return "n/a: not computed"
+
+
 def stats_to_table(stats, tableNode):
     """Fill a table node with the clinical part of the engine's statistics.
 
-    One row per numeric value; the Key column holds the dotted JSON path so scripts
-    can find a value. Text values (e.g. the severity scheme) and the full JSON go
-    into node attributes.
+    One row per numeric value, and one per figure without a value (None: a lung the mask
+    lacks, the attenuation of an empty lesion class, a class the model does not make), its
+    Value empty (NaN) and its Note saying why, so "0" and "not computed" are told apart — the
+    rows the CLI's CSV (``stats.write_stats``) writes with an empty value. The Key column
+    holds the dotted JSON path so scripts can find a value. Text values (e.g. the severity
+    scheme) and the full JSON go into node attributes.
     """
     tableNode.RemoveAllColumns()
     table = tableNode.GetTable()
@@ -744,12 +797,15 @@ def stats_to_table(stats, tableNode):
         table.AddColumn(column)
         columns[name] = column
     for key, value in flatten_stats(stats):
-        if _is_number(value):
+        if _is_number(value) or value is None:
             structure, measurement, unit = describe_stat(key)
+            if key in _STRUCTURES:   # a whole class without figures (lesions.ggo of a binary model)
+                measurement, unit = "All measurements", ""
             columns["Structure"].InsertNextValue(structure)
             columns["Measurement"].InsertNextValue(measurement)
-            columns["Value"].InsertNextValue(float(value))
+            columns["Value"].InsertNextValue(float("nan") if value is None else float(value))
             columns["Unit"].InsertNextValue(unit)
+            columns["Note"].InsertNextValue("" if value is not None else missing_value_note(key))
             columns["Key"].InsertNextValue(key)
         elif isinstance(value, str):
             tableNode.SetAttribute(f"SSALesionSeg.{key}", value)

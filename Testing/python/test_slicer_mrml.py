@@ -305,7 +305,7 @@ def test_table_values_equal_engine_stats(case, fake_engine):
     assert values["lesions.ggo.volume_ml"] == pytest.approx(
         (case.labels == 1).sum() * np.prod(case.ct.GetSpacing()) / 1000.0)
 
-    rows = {table.GetCellText(r, 4): [table.GetCellText(r, c) for c in range(4)] for r in range(table.GetNumberOfRows())}
+    rows = {table.GetCellText(r, 5): [table.GetCellText(r, c) for c in range(4)] for r in range(table.GetNumberOfRows())}
     assert rows["lesions.ggo.volume_ml"][:2] == ["Ground-glass opacity", "Volume"]
     assert rows["lesions.ggo.volume_ml"][3] == "mL"
     assert rows["lesions.consolidation.percent_of_left_lung"][1] == "% of left lung"
@@ -1276,3 +1276,183 @@ def test_recompute_of_a_cli_seg_nrrd_gives_the_figures_and_notes_of_ssalesionseg
             assert recomputed.stats is not None and mrml.table_values(recomputed.tableNode)[key] == \
                 pytest.approx(value, rel=1e-9), key
     assert recomputed.info.get("notices", []) == expected["info"]["notices"]
+
+
+def test_stats_json_saved_after_recompute_records_what_ssalesionseg_stats_records(mrml_scene, tmp_path):
+    """saveResults after Recompute wrote the figures with only the outputs' names under ``info``:
+    no CT, grid, labels, lung method, ``recomputed_by`` nor notes — a reader (or ``segment``
+    rerun into that folder) could not tell corrected figures from the model's, nor of which CT."""
+    real_engine_or_skip()
+    from ssalesionseg import cli
+    from ssalesionseg.geometry import image_like
+    from ssalesionseg.io import read_ct
+    from ssalesionseg.lungstep import compute_lungs
+    from ssalesionseg.outputs import edited_outputs
+    from ssalesionseg.segfile import write_seg_nrrd
+    from ssanet.checkpoint import sha256_of
+
+    ctPath = os.path.join(MODULE_DIR, "Resources", "Sample", "covid_ct_sample.nii.gz")
+    ct, _ = read_ct(ctPath)
+    lungs = compute_lungs(ct, method="classical").labels
+    hu = sitk.GetArrayFromImage(ct)
+    lesions = np.where(lungs > 0, np.where(hu > -300, 2, np.where(hu > -700, 1, 0)), 0).astype(np.uint8)
+    segPath = tmp_path / "demo.seg.nrrd"
+    write_seg_nrrd(segPath, image_like(lesions, ct), image_like(lungs, ct), ["background", "ggo", "consolidation"])
+    assert cli.main(["stats", "--ct", ctPath, "--labels", str(segPath), "--out", str(tmp_path / "cli")]) == 0
+    expected = json.loads((tmp_path / "cli" / "covid_ct_sample_stats.json").read_text())
+
+    volume = mrml_scene.volumesLogic.AddArchetypeVolume(ctPath, "covid_ct_sample", 0, None)
+    node = mrml_scene.segmentationsLogic.LoadSegmentationFromFile(str(segPath), False)
+    logic = logic_.ProcessingLogic(mrml_scene.scene, moduleDir=MODULE_DIR)
+    recomputed = logic.recomputeStatistics(volume, node)
+    out = tmp_path / "slicer"
+    seg, statsJson = logic.saveResults(recomputed, str(out), "covid_ct_sample")
+    saved = json.loads(open(statsJson, encoding="utf-8").read())
+
+    info, want = saved["info"], expected["info"]
+    assert set(want) <= set(info), set(want) - set(info)
+    for key in ("source", "size", "labels", "lung_method", "notices"):
+        assert info[key] == want[key], key
+    # Slicer's NIfTI reader gives 0.7500000000000001 where ITK's gives 0.75
+    assert info["spacing_mm"] == pytest.approx(want["spacing_mm"], abs=1e-12)
+    assert {**info["input"], "spacing_mm": want["input"]["spacing_mm"]} == want["input"]
+    assert info["input"]["spacing_mm"] == pytest.approx(want["input"]["spacing_mm"], abs=1e-12)
+    assert info["recomputed_by"] and info["outputs_sha256"]["segmentation"] == sha256_of(seg)
+    for key, value in mrml.flatten_stats(expected):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert mrml.flatten_stats(saved) and dict(mrml.flatten_stats(saved))[key] == pytest.approx(value), key
+    # a `segment` rerun into that folder keeps the corrected figures as the user's work (.bak)
+    assert statsJson in [str(p) for p in edited_outputs(out, "covid_ct_sample")]
+
+
+def test_stats_json_saved_after_apply_and_recompute_names_the_run_that_made_the_labels(case, fake_engine, tmp_path):
+    """After Apply → edit → Recompute the saved JSON says what made the labels (the Apply's
+    settings, as ``stats`` keeps them under ``labels_made_by``), of which CT (the node's name
+    when it has no file), and the notes the panel showed."""
+    logic = make_logic(case, fake_engine)
+    applied = logic.process(case.volume, None, "classical", None, "cpu")
+    node = applied.segmentationNode
+    ggo = mrml.lesion_specs()[0]
+    outside = np.zeros(case.labels.shape, bool)
+    outside[0, :4, :4] = True   # a GGO voxel painted outside the lungs
+    assert not (outside & (case.lungs > 0)).any()
+    mrml.set_segment_from_array(node, ggo, (case.labels == 1) | outside, mrml.ijk_to_ras_from_image(case.ct))
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    _, statsJson = logic.saveResults(recomputed, str(tmp_path), "case")
+    info = json.loads(open(statsJson, encoding="utf-8").read())["info"]
+    assert info["source"] == "Phantom CT" and info["labels"] == "Phantom CT lesions"
+    assert info["size"] == list(case.ct.GetSize())
+    assert info["spacing_mm"] == pytest.approx(list(case.ct.GetSpacing()), abs=1e-12)
+    assert info["input"]["orientation"] == sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(
+        case.ct.GetDirection())
+    assert info["labels_made_by"]["lung_method"] == "classical" and info["labels_made_by"]["device"] == "cpu"
+    assert info["lung_method"] == "segmentation file" and info["recomputed_by"]
+    assert info["notices"] == recomputed.info["notices"] and any("outside the lung mask" in n
+                                                                  for n in info["notices"])
+
+
+def _csv_rows(path):
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["measure"]: row["value"] for row in csv.DictReader(f)}
+
+
+def test_table_shows_figures_without_a_value_as_the_cli_csv_does_and_says_why(case, fake_engine, tmp_path,
+                                                                              monkeypatch):
+    """A lung side without lung, the attenuation of a deleted lesion class, the severity of a lung
+    not scored: the table left those rows out, so a reader could not tell 0 from "not computed";
+    the CLI's CSV writes them with an empty value."""
+    from ssalesionseg import cli
+    logic = make_logic(case, fake_engine)
+    rightOnly = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "right lung only")
+    mrml.set_segment_from_array(rightOnly, mrml.lung_specs()[0], case.lungs == 1, mrml.ijk_to_ras_from_image(case.ct))
+    node = logic.process(case.volume, None, "existing", None, "cpu", lungSegmentation=rightOnly).segmentationNode
+    node.GetSegmentation().RemoveSegment("Consolidation")
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    table = recomputed.tableNode
+    rows = {table.GetCellText(r, list(mrml.TABLE_COLUMNS).index("Key")):
+            {c: table.GetCellText(r, i) for i, c in enumerate(mrml.TABLE_COLUMNS)} for r in range(table.GetNumberOfRows())}
+    values = mrml.table_values(table)
+    # the same segmentation and CT through `ssalesionseg stats`: the CSV's rows of these sections
+    ctPath, segPath = tmp_path / "case.nrrd", tmp_path / "case.seg.nrrd"
+    sitk.WriteImage(case.ct, str(ctPath))
+    mrml.save_segmentation(node, segPath)
+    assert cli.main(["stats", "--ct", str(ctPath), "--labels", str(segPath), "--out", str(tmp_path / "o")]) == 0
+    csvRows = _csv_rows(tmp_path / "o" / "case_stats.csv")
+    text = {k for k, v in mrml.flatten_stats(recomputed.stats) if not (v is None or mrml._is_number(v))}
+    expected = {k: v for k, v in csvRows.items() if k.split(".")[0] in mrml.TABLE_SECTIONS and k not in text}
+    assert set(rows) == set(expected)
+    empty = {k for k, v in expected.items() if v == ""}
+    assert empty >= {"lesions.ggo.percent_of_left_lung", "lesions.consolidation.mean_hu",
+                     "severity.regions.left_lung.score", "severity.regions.left_lung.percent_involved"}
+    assert {k for k, v in values.items() if math.isnan(v)} == empty
+    for key in set(expected) - empty:
+        assert values[key] == pytest.approx(float(expected[key]), rel=1e-6), key
+    assert values["lesions.consolidation.volume_ml"] == 0 and rows["lesions.consolidation.volume_ml"]["Note"] == ""
+    assert rows["lesions.ggo.percent_of_left_lung"]["Note"] == "n/a: the lung mask has no left lung"
+    assert rows["lesions.consolidation.mean_hu"]["Note"] == "n/a: no voxels of this lesion"
+    assert rows["severity.regions.left_lung.score"]["Note"] == "n/a: the lung mask has no left lung, so it is not scored"
+    # a binary model: no GGO or consolidation class, said as such
+    monkeypatch.setenv("FAKE_ENGINE_BINARY", "1")
+    binary = logic.process(case.volume, None, "auto", None, "cpu").tableNode
+    rows = {binary.GetCellText(r, 5): [binary.GetCellText(r, c) for c in range(5)] for r in range(binary.GetNumberOfRows())}
+    assert rows["lesions.ggo"] == ["Ground-glass opacity", "All measurements", "nan", "",
+                                   "n/a: not a class of this model"]
+
+
+def test_recompute_and_export_refuse_a_volume_that_is_not_a_ct_as_apply_does(case, fake_engine, tmp_path):
+    """Recompute measured the segments on whatever volume was selected: on a labelmap, or on a CT
+    loaded without its rescale (0..4095, no voxel below -1000 HU), it gave a table of mean "HU"
+    that are not HU, where Apply and ``ssalesionseg stats --ct`` refuse that volume."""
+    logic = make_logic(case, fake_engine)
+    result = logic.process(case.volume, None, "auto", None, "cpu")
+    node, table = result.segmentationNode, result.tableNode
+    before = table.GetAttribute(mrml.STATS_ATTRIBUTE)
+    stored = sitk.GetImageFromArray((sitk.GetArrayFromImage(case.ct).astype(np.int32) + 1024).astype(np.uint16))
+    stored.CopyInformation(case.ct)
+    raw = mrml.add_volume_node_from_image(case.scene, stored, "CT without rescale")
+    labelmap = mrml.add_volume_node_from_image(case.scene, _image(case.labels, case.ct), "labels", labelmap=True)
+    rgb = case.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "screenshot")
+    import vtk
+    pixels = vtk.vtkImageData()
+    pixels.SetDimensions(48, 40, 8)
+    pixels.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    rgb.SetAndObserveImageData(pixels)
+    for volume, message in ((raw, r"^'CT without rescale' does not look like a CT in Hounsfield units"),
+                            (labelmap, r"^'labels' is a labelmap( volume)?, not a CT"),
+                            (rgb, r"^'screenshot' is a vector/colour volume with 3 components.*select a scalar CT")):
+        with pytest.raises(ValueError, match=message):
+            logic.recomputeStatistics(volume, node)
+        with pytest.raises(ValueError, match=message):
+            logic.exportTrainingCase(volume, node, str(tmp_path / "cases"))
+        with pytest.raises(ValueError, match=message):
+            logic.process(volume, None, "auto", None, "cpu")
+    assert table.GetAttribute(mrml.STATS_ATTRIBUTE) == before and not (tmp_path / "cases").exists()
+    with pytest.raises(ValueError, match="Select the input CT volume"):
+        logic.recomputeStatistics(None, node)
+    with pytest.raises(ValueError, match="Select the segmentation"):
+        logic.exportTrainingCase(case.volume, None, str(tmp_path / "cases"))
+
+
+def test_input_ct_changed_during_a_background_run_gets_no_results(case, fake_engine_dir, monkeypatch):
+    """The CT filtered in place (or resampled into itself) while the worker ran: its results —
+    labels and figures of the voxels as they were — were put onto the changed CT without a word."""
+    monkeypatch.setenv("FAKE_ENGINE_DELAY", "0.3")
+    logic = background_logic(case, fake_engine_dir)
+    mine = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    mine.GetSegmentation().AddEmptySegment("note", "My note")
+    run = logic.process(case.volume, mine, "auto", None, "cpu", waitForCompletion=False)
+    array = slicer.util.arrayFromVolume(case.volume)
+    slicer.util.updateVolumeFromArray(case.volume, (array - 100).astype(array.dtype))   # e.g. a filter in place
+    with pytest.raises(RuntimeError, match=r"The input CT 'Phantom CT' was changed during the run \(its voxel "
+                                           r"values are not those segmented\).*Press Apply again"):
+        run.wait()
+    assert run.state == run.FAILED and not os.path.exists(run.outputDir)
+    assert mine.GetSegmentation().GetNumberOfSegments() == 1
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
+    # resampled into itself: another grid
+    run = logic.process(case.volume, None, "auto", None, "cpu", waitForCompletion=False)
+    slicer.util.updateVolumeFromArray(case.volume, np.ascontiguousarray(slicer.util.arrayFromVolume(case.volume)[::2]))
+    with pytest.raises(RuntimeError, match=r"was changed during the run \(its voxel grid is not the one segmented\)"):
+        run.wait()
+    assert case.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
