@@ -389,24 +389,22 @@ def _segment(args, prog) -> int:
                   ("not run", "the batch was interrupted before it" if interrupted else "") for n, _ in cases}
         return write_batch_summary(out, cases, status)
 
-    if not todo:
+    def finish():
         prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
                    failed=[n for n, _ in failures])
         path = summary()
         if path and not args.progress_json:
             print(f"every case, one row each: {path}", file=sys.stderr)
         return _report(failures, len(cases), done, skipped, out, args.progress_json)
+
+    if not todo:
+        return finish()
     try:
         _segment_cases(args, prog, cases, todo, out, wanted, fail, done, said)
     except (KeyboardInterrupt, Cancelled):
         summary(interrupted=True)   # what was done so far; the rerun's summary replaces it
         raise
-    prog.event(event="finished", n_cases=len(cases), n_failed=len(failures), n_skipped=len(skipped),
-               failed=[n for n, _ in failures])
-    path = summary()
-    if path and not args.progress_json:
-        print(f"every case, one row each: {path}", file=sys.stderr)
-    return _report(failures, len(cases), done, skipped, out, args.progress_json)
+    return finish()
 
 
 def _segment_cases(args, prog, cases, todo, out, wanted, fail, done, said) -> None:

@@ -1244,13 +1244,9 @@ def test_self_test_logic_with_the_bundled_model(mrml_scene, monkeypatch, tmp_pat
     assert mrml_scene.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
 
-def test_recompute_of_a_cli_seg_nrrd_gives_the_figures_and_notes_of_ssalesionseg_stats(mrml_scene, tmp_path):
-    """The researcher's loop across the two faces: `segment`'s .seg.nrrd opened in Slicer next to
-    its CT (NIfTI, read by Slicer's own volumes logic), Recompute gives what `ssalesionseg stats`
-    gives for the same file — figures and notes, the CT-based one on lungs running into the
-    padding around the scanned field included (the demo CT has it)."""
-    real_engine_or_skip()
-    from ssalesionseg import cli
+def _sample_cli_segmentation(tmp_path):
+    """(the sample CT's path, a .seg.nrrd of it as the CLI writes one: classical lungs, GGO /
+    consolidation by HU inside them)."""
     from ssalesionseg.geometry import image_like
     from ssalesionseg.io import read_ct
     from ssalesionseg.lungstep import compute_lungs
@@ -1263,6 +1259,18 @@ def test_recompute_of_a_cli_seg_nrrd_gives_the_figures_and_notes_of_ssalesionseg
     lesions = np.where(lungs > 0, np.where(hu > -300, 2, np.where(hu > -700, 1, 0)), 0).astype(np.uint8)
     segPath = tmp_path / "demo.seg.nrrd"
     write_seg_nrrd(segPath, image_like(lesions, ct), image_like(lungs, ct), ["background", "ggo", "consolidation"])
+    return ctPath, segPath
+
+
+def test_recompute_of_a_cli_seg_nrrd_gives_the_figures_and_notes_of_ssalesionseg_stats(mrml_scene, tmp_path):
+    """The researcher's loop across the two faces: `segment`'s .seg.nrrd opened in Slicer next to
+    its CT (NIfTI, read by Slicer's own volumes logic), Recompute gives what `ssalesionseg stats`
+    gives for the same file — figures and notes, the CT-based one on lungs running into the
+    padding around the scanned field included (the demo CT has it)."""
+    real_engine_or_skip()
+    from ssalesionseg import cli
+
+    ctPath, segPath = _sample_cli_segmentation(tmp_path)
     assert cli.main(["stats", "--ct", ctPath, "--labels", str(segPath), "--out", str(tmp_path / "o")]) == 0
     expected = json.loads((tmp_path / "o" / "covid_ct_sample_stats.json").read_text())
     assert any("scanned field" in n for n in expected["info"]["notices"])
@@ -1284,20 +1292,10 @@ def test_stats_json_saved_after_recompute_records_what_ssalesionseg_stats_record
     rerun into that folder) could not tell corrected figures from the model's, nor of which CT."""
     real_engine_or_skip()
     from ssalesionseg import cli
-    from ssalesionseg.geometry import image_like
-    from ssalesionseg.io import read_ct
-    from ssalesionseg.lungstep import compute_lungs
     from ssalesionseg.outputs import edited_outputs
-    from ssalesionseg.segfile import write_seg_nrrd
     from ssanet.checkpoint import sha256_of
 
-    ctPath = os.path.join(MODULE_DIR, "Resources", "Sample", "covid_ct_sample.nii.gz")
-    ct, _ = read_ct(ctPath)
-    lungs = compute_lungs(ct, method="classical").labels
-    hu = sitk.GetArrayFromImage(ct)
-    lesions = np.where(lungs > 0, np.where(hu > -300, 2, np.where(hu > -700, 1, 0)), 0).astype(np.uint8)
-    segPath = tmp_path / "demo.seg.nrrd"
-    write_seg_nrrd(segPath, image_like(lesions, ct), image_like(lungs, ct), ["background", "ggo", "consolidation"])
+    ctPath, segPath = _sample_cli_segmentation(tmp_path)
     assert cli.main(["stats", "--ct", ctPath, "--labels", str(segPath), "--out", str(tmp_path / "cli")]) == 0
     expected = json.loads((tmp_path / "cli" / "covid_ct_sample_stats.json").read_text())
 
