@@ -18,7 +18,7 @@ another model or other settings, or the .seg.nrrd was edited since (that case fa
 --overwrite redoes it, keeping an edited .seg.nrrd as .bak). A failing case is reported and the rest
 continue; the exit code is 1 if any case failed or there was nothing to process (no
 cases, or inputs that would write the same outputs), 2 on bad arguments or an error
-outside the cases.
+outside the cases, 130 on Ctrl-C (finished cases kept, the summary written).
 
 Slicer also loads every .py file of a module folder as a module; this file therefore
 does its work only when run as a script (see the hidden module class at the end).
@@ -226,6 +226,12 @@ def run_batch(args, context=None, out=print):
                     said.add(message)
             out(f"{prefix}: {mrml.summary_line(result.stats)} ({time.time() - started:.1f} s)")
             status[caseName] = ("segmented", "")
+        except KeyboardInterrupt:   # Ctrl-C: the summary of what was done, then one line (main)
+            for name, _ in cases:
+                status.setdefault(name, ("not run", "the batch was interrupted before it"))
+            if len(cases) > 1:
+                _engine_module("cli").write_batch_summary(Path(args.output), cases, status)
+            raise
         except Exception as e:
             failed.append(caseName)
             status[caseName] = ("failed", f"{type(e).__name__}: {e}")
@@ -249,6 +255,10 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run_batch(args)
+    except KeyboardInterrupt:   # as `ssalesionseg segment` says it, with its exit status
+        print("\nSSALesionSegBatch.py: interrupted: finished cases are kept (the same command without "
+              "--overwrite skips them and segments the rest)", file=sys.stderr)
+        return 130
     except Exception as e:
         # Slicer --no-main-window --python-script keeps running after an uncaught error:
         # report it and exit, so that a batch job never hangs.

@@ -345,3 +345,31 @@ def test_real_engine_batch(tmp_path, monkeypatch, mrml_scene, tiny_checkpoint):
                              "--device", "cpu", "--checkpoint", tiny_checkpoint])
     assert batch.run_batch(args, _context(mrml_scene, real), out=print) == 0
     assert (out / "patient_dicom.seg.nrrd").exists() and (out / "patient_nifti_stats.json").exists()
+
+
+def test_ctrl_c_in_the_batch_keeps_finished_cases_and_writes_the_summary(input_folder, tmp_path, mrml_scene,
+                                                                        fake_engine, monkeypatch, capsys):
+    """Ctrl-C during the second case: as `segment` does, the first case's outputs stay, the
+    summary lists the rest as not run, and main() ends with one line and exit status 130
+    (before: a traceback and no summary)."""
+    import csv
+
+    out = tmp_path / "out"
+    context = _context(mrml_scene, fake_engine)
+    real_process, calls = context.logic.process, []
+
+    def process(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_process(*a, **kw)
+
+    monkeypatch.setattr(context.logic, "process", process)
+    monkeypatch.setattr(batch, "_Context", lambda: context)
+    assert batch.main(["--input", str(input_folder.path), "--output", str(out), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: finished cases are kept" in err and "Traceback" not in err
+    with open(out / "ssalesionseg_summary.csv", encoding="utf-8", newline="") as f:
+        rows = {r["case"]: r["status"] for r in csv.DictReader(f)}
+    assert rows == {"patient_nifti": "segmented", "patient_dicom": "not run"}
+    assert (out / "patient_nifti.seg.nrrd").is_file() and not (out / "patient_dicom.seg.nrrd").exists()
