@@ -958,6 +958,10 @@ def result_labels_from_segments(segs, reference: sitk.Image) -> ResultLabels:
             notes.append(f"GGO and consolidation segments overlap in {both} voxels ({ml:.1f} mL): counted as "
                          "consolidation")
         value = {"ggo", "consolidation"}
+        missing = [name for role, name in (("ggo", "GGO"), ("consolidation", "consolidation")) if role not in roles]
+        if len(missing) == 1:   # segment and Slicer write both, empty or not: deleted (or renamed past recognition)
+            notes.append(f"no {missing[0]} segment: counted as 0 mL (deleted? A segment renamed is still "
+                         "recognised by its terminology or ID; add one back to count it)")
     ignored = [n for n, role, _ in segs if role not in value and role not in LUNG_ROLES]
     unknown = [n for n, role, _ in segs if role is None]
     if unknown:

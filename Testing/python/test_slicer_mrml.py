@@ -633,7 +633,7 @@ def test_recompute_and_export_read_segments_as_the_cli_reads_the_seg_nrrd(case, 
     notes = []
     logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "c", notes=notes)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cases" / "labels" / "c.nii.gz")))
-    assert np.count_nonzero(labels == 1) == (expected_ggo | consolidation).sum() and "segments not used" in notes[0]
+    assert np.count_nonzero(labels == 1) == (expected_ggo | consolidation).sum() and any("segments not used" in n for n in notes)
 
 
 def test_export_training_case_writes_the_pair_the_training_kit_reads(case, fake_engine, tmp_path):
@@ -734,7 +734,8 @@ def test_export_without_lesions_says_the_case_is_lesion_free(case, fake_engine, 
     node.GetSegmentation().RemoveSegment(consolidation.segmentId)
     notes = []
     logic.exportTrainingCase(case.volume, node, str(tmp_path / "cases"), "erased", notes=notes)
-    assert notes == ["the lesion segments of 'Phantom CT lesions' are empty: the case was exported as lesion-free "
+    assert notes[0].startswith("no consolidation segment: counted as 0 mL") and notes[1:] == [
+                     "the lesion segments of 'Phantom CT lesions' are empty: the case was exported as lesion-free "
                      "(its labels are all background). If the CT has lesions, paint them (or press Apply) and "
                      "export again, overwriting the case"]
     node.GetSegmentation().RemoveSegment(ggo.segmentId)
@@ -1367,6 +1368,7 @@ def test_table_shows_figures_without_a_value_as_the_cli_csv_does_and_says_why(ca
     node = logic.process(case.volume, None, "existing", None, "cpu", lungSegmentation=rightOnly).segmentationNode
     node.GetSegmentation().RemoveSegment("Consolidation")
     recomputed = logic.recomputeStatistics(case.volume, node)
+    assert any(n.startswith("no consolidation segment: counted as 0 mL") for n in recomputed.info["notices"])
     table = recomputed.tableNode
     rows = {table.GetCellText(r, list(mrml.TABLE_COLUMNS).index("Key")):
             {c: table.GetCellText(r, i) for i, c in enumerate(mrml.TABLE_COLUMNS)} for r in range(table.GetNumberOfRows())}
