@@ -201,18 +201,26 @@ def is_labelmap_volume(volumeNode):
     return volumeNode is not None and volumeNode.IsA("vtkMRMLLabelMapVolumeNode")
 
 
+def not_a_ct(volumeNode):
+    """Why ``volumeNode`` is plainly not a CT — a labelmap, or a vector/colour volume — from the
+    node alone, without reading its voxels (the panel asks it at every selection), or None."""
+    if is_labelmap_volume(volumeNode):
+        return f"'{volumeNode.GetName()}' is a labelmap volume, not a CT: select the CT as input"
+    imageData = volumeNode.GetImageData()
+    if imageData is not None and imageData.GetNumberOfScalarComponents() != 1:
+        return (f"'{volumeNode.GetName()}' is a vector/colour volume with {imageData.GetNumberOfScalarComponents()} "
+                "components per voxel (e.g. an RGB image), not a CT: select a scalar CT in Hounsfield units as input")
+    return None
+
+
 def check_ct(volumeNode, image=None):
     """Raise (a ValueError naming the volume) when ``volumeNode`` is not a CT the engine takes:
     a labelmap volume, or what the engine's own check (``io.validate_ct``) refuses — checked
     here, before a run starts, so the message names the volume and comes at once. Returns the
     volume's image (``image``, or :func:`image_from_volume_node`'s)."""
-    if is_labelmap_volume(volumeNode):
-        raise ValueError(f"'{volumeNode.GetName()}' is a labelmap volume, not a CT: select the CT as input")
-    imageData = volumeNode.GetImageData()
-    if imageData is not None and imageData.GetNumberOfScalarComponents() != 1:
-        raise ValueError(f"'{volumeNode.GetName()}' is a vector/colour volume with "
-                         f"{imageData.GetNumberOfScalarComponents()} components per voxel (e.g. an RGB image), "
-                         "not a CT: select a scalar CT in Hounsfield units as input")
+    reason = not_a_ct(volumeNode)
+    if reason:
+        raise ValueError(reason)
     image = image if image is not None else image_from_volume_node(volumeNode)
     _engine_module("io").validate_ct(image, f"'{volumeNode.GetName()}'")
     return image

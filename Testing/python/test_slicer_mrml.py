@@ -1418,6 +1418,12 @@ def test_recompute_and_export_refuse_a_volume_that_is_not_a_ct_as_apply_does(cas
     pixels.SetDimensions(48, 40, 8)
     pixels.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
     rgb.SetAndObserveImageData(pixels)
+    # the panel's disabled Apply says it at selection, in the words the run would refuse it with
+    for volume in (labelmap, rgb):
+        with pytest.raises(ValueError) as refused:
+            mrml.check_ct(volume)
+        assert logic_.missing_choice(volume, "auto") == str(refused.value) + "."
+    assert logic_.missing_choice(raw, "auto") is None   # only the voxels tell: the run refuses it
     for volume, message in ((raw, r"^'CT without rescale' does not look like a CT in Hounsfield units"),
                             (labelmap, r"^'labels' is a labelmap( volume)?, not a CT"),
                             (rgb, r"^'screenshot' is a vector/colour volume with 3 components.*select a scalar CT")):
