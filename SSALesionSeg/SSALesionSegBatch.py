@@ -7,18 +7,21 @@ Python with the slicer-core wheel:
 
 The cases are found as `ssalesionseg segment` finds them (the engine's
 cli.find_cases): each NIfTI/NRRD/MHA file and each subfolder of --input (its DICOM
-series — the CT series with the most slices, searched in its subfolders too — or the
-one CT file it holds), or --input itself when it is one DICOM series, and read by the
-engine's reader with its checks. --output receives <case>.seg.nrrd and <case>_stats.json
+series — the CT series with the most slices, searched in its subfolders at any depth —
+or the one CT file it holds, also deeper when none lies in the subfolder itself), or
+--input itself when it is one DICOM series, and read by the engine's reader with its
+checks; subfolders without images (empty, or only e.g. notes.txt) are no cases, which
+one note says. --output receives <case>.seg.nrrd and <case>_stats.json
 (and, for several cases, ssalesionseg_summary.csv as `segment` writes it: every case, its
 status, the reason it failed, its figures);
 a rerun skips a case whose outputs exist unless they were made from another input (or
 from the same path before the CT there was replaced), with
 another model or other settings, or the .seg.nrrd was edited since (that case fails;
 --overwrite redoes it, keeping an edited .seg.nrrd as .bak). A failing case is reported and the rest
-continue; the exit code is 1 if any case failed or there was nothing to process (no
-cases, or inputs that would write the same outputs), 2 on bad arguments or an error
-outside the cases, 130 on Ctrl-C (finished cases kept, the summary written).
+continue; the exit code is 1 if any case failed, 2 on bad arguments, when there is
+nothing to process (no cases, or inputs that would write the same outputs) or on an
+error outside the cases, as `segment`'s, and 130 on Ctrl-C (finished cases kept, the
+summary written).
 
 Slicer also loads every .py file of a module folder as a module; this file therefore
 does its work only when run as a script (see the hidden module class at the end).
@@ -82,12 +85,14 @@ def _engine_module(name):
     return importlib.import_module(f"{engine.ENGINE_PACKAGE}.{name}")
 
 
-def find_cases(inputDir, outputDir=None):
+def find_cases(inputDir, outputDir=None, notes=None):
     """[(case name, path)] as `ssalesionseg segment` finds them; the tool's own outputs and
-    the output folder are left out, so --output may lie inside --input. Raises the
-    engine's InputError (with what to do) when there is nothing to process or two inputs
-    would write the same outputs."""
-    return _engine_module("cli").find_cases(inputDir, out=outputDir)
+    the output folder are left out, so --output may lie inside --input. ``notes`` (a list,
+    when given) receives what the user should hear: folders skipped for holding no images,
+    CT files beside a DICOM series that are not cases. Raises the engine's InputError
+    (with what to do) when there is nothing to process or two inputs would write the same
+    outputs."""
+    return _engine_module("cli").find_cases(inputDir, out=outputDir, notes=notes)
 
 
 def read_case(path):
@@ -162,11 +167,14 @@ def run_batch(args, context=None, out=print):
     context = context or _Context()
     InputError = _engine_module("errors").InputError
     outputs = _engine_module("outputs")
+    notes = []
     try:
-        cases = find_cases(args.input, args.output)
-    except InputError as e:
+        cases = find_cases(args.input, args.output, notes)
+    except InputError as e:   # an input error, as `segment` ends on it
         out(f"Nothing processed: {e}")
-        return 1
+        return 2
+    for note in notes:
+        out(f"note: {note}")
     os.makedirs(args.output, exist_ok=True)
     modelSha = functools.lru_cache(maxsize=None)(lambda: outputs.checkpoint_sha256(args.checkpoint))
     failed, skipped, said = [], [], set()

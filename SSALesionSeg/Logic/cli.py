@@ -25,9 +25,11 @@ def add_subcommands(subparsers) -> None:
     s = subparsers.add_parser(
         "segment", help="segment GGO / consolidation in a CT (file, DICOM folder, or a folder of cases)",
         description="Writes DIR/<name>.seg.nrrd, <name>_stats.json, <name>_stats.csv and <name>_overlay.png. "
-                    "A folder of cases (CT files and/or one subfolder of DICOM files per case) is processed "
-                    "case by case; finished cases are skipped unless --overwrite, a failing case does not "
-                    "stop the others, and the exit status is 1 if any case failed.")
+                    "A folder of cases (CT files and/or one subfolder per case: its DICOM series at any depth, "
+                    "or its one CT file) is processed case by case; subfolders without images are skipped, "
+                    "with a note; finished cases are skipped unless --overwrite, a failing case does not "
+                    "stop the others, and the exit status is 1 if any case failed, 2 if there is nothing "
+                    "to process.")
     s.add_argument("input", help="CT file (NIfTI/NRRD/MHA/DICOM), DICOM folder, or folder of cases")
     s.add_argument("--out", required=True, help="output folder (created if missing)")
     s.add_argument("--checkpoint", help="SSA-Net model file (default: the default model)")
@@ -135,14 +137,18 @@ def add_subcommands(subparsers) -> None:
 def find_cases(path, out=None, notes=None) -> list:
     """[(name, path)] of the CTs in ``path``: the file itself, a DICOM folder as one case,
     or a folder whose CT files and subfolders are one case each (a subfolder: its DICOM
-    series, or the one CT file it holds, named after the subfolder). The engine's own
-    outputs (``.seg.nrrd``, optional outputs), hidden files (macOS ``._`` copies), a
-    ``DICOMDIR`` index, the output folder ``out`` and subfolders holding only an earlier
-    run's results are not cases, so results may be written into or under the input folder
-    and the run repeated. A folder with DICOM files of its own, or a ``DICOMDIR`` (an
-    exported disc), is one DICOM case, as a case subfolder is; CT files beside its DICOM
-    files (e.g. a lung mask) are then not cases, which is said in ``notes`` (a list, when
-    given). An unreadable subfolder is a case that fails with a message."""
+    series, at any depth below it, or the one CT file it holds, named after the subfolder;
+    that file may lie deeper, ``patient1/series/ct.mha``, when the subfolder holds no CT file
+    of its own). The engine's own outputs (``.seg.nrrd``, optional outputs), hidden files
+    (macOS ``._`` copies), a ``DICOMDIR`` index, the output folder ``out`` and subfolders
+    holding only an earlier run's results are not cases, so results may be written into or
+    under the input folder and the run repeated. Nor is a subfolder without images (empty,
+    or only e.g. ``notes.txt``): it is skipped, and ``notes`` (a list, when given) names the
+    folders skipped. A folder with DICOM files of its own, or a ``DICOMDIR`` (an exported
+    disc), is one DICOM case, as a case subfolder is; CT files beside its DICOM files (e.g. a
+    lung mask) are then not cases, which is said in ``notes``. An unreadable subfolder, or
+    one with files that are images but not read as a CT (``.png``, ``.zip`` ...), is a case
+    that fails with a message."""
     from .io import case_name, is_dicom_file, is_engine_output, is_volume_file
 
     p = Path(path)
@@ -176,9 +182,8 @@ def find_cases(path, out=None, notes=None) -> list:
                          f"{', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}")
         return [(p.resolve().name or "case", p)]   # "--input ." names the case after the folder
     cases = [(case_name(e), e) for e in volumes]
-    for e in entries:
-        if not e.is_dir():
-            continue
+    imageless = []   # subfolders that are no case: nothing in them is an image
+    for e in subfolders:
         try:
             inside = listing(e)
         except OSError:   # unreadable: reading it fails as this case, with the reason
@@ -186,13 +191,28 @@ def find_cases(path, out=None, notes=None) -> list:
             continue
         inner = [f for f in inside if is_volume_file(f) and not is_engine_output(f)]
         dicom = _holds_dicom(e)   # in it or its subfolders (an output folder inside holds none)
-        if not inner and not dicom and any(f.name.endswith("_stats.json") for f in inside):
-            continue   # an earlier run's output folder
+        if not inner and not dicom:
+            if any(f.name.endswith("_stats.json") for f in inside):
+                continue   # an earlier run's output folder
+            files = _files_below(e, out)
+            deeper = [f for f in files if is_volume_file(f) and not is_engine_output(f)]
+            if len(deeper) == 1:   # patient1/series/ct.mha: still patient1's one CT
+                cases.append((e.name, deeper[0]))
+                continue
+            if not deeper and any(f.name.endswith("_stats.json") for f in files):
+                continue   # earlier runs' output folders deeper (--out runs/r1)
+            if not deeper and not _image_like(files, e):
+                imageless.append(e.name + "/")
+                continue
         if dicom and inner and notes is not None:   # as for the folder given itself
             notes.append(f"{e} is read as one DICOM case (it holds DICOM files); not cases of their own: "
                          f"{', '.join(f.name for f in inner[:4])}{', ...' if len(inner) > 4 else ''}")
+        # several CT files (here or deeper) and no DICOM: reading the folder names them, not guessed
         cases.append((e.name, inner[0] if len(inner) == 1 and not dicom else e))
-    if not cases and entries and not any(e.is_dir() for e in entries):
+    skipped = (f"skipped {len(imageless)} folder{'s' if len(imageless) > 1 else ''} without images (no "
+               f"NIfTI/NRRD/MHA or DICOM file in {'them' if len(imageless) > 1 else 'it'}): "
+               f"{', '.join(imageless[:6])}{', ...' if len(imageless) > 6 else ''}") if imageless else ""
+    if not cases and any(not e.is_dir() for e in entries):
         from .io import dicom_series_choice
         try:   # DICOM files without a .dcm name or the 128-byte preamble: GDCM still reads them
             dicom_series_choice(p)
@@ -205,13 +225,16 @@ def find_cases(path, out=None, notes=None) -> list:
             raise InputError(f"{p} holds the outputs of an earlier run ({', '.join(results[:3])}"
                              f"{', ...' if len(results) > 3 else ''}), not CTs: give the folder or file of the CTs")
         raise InputError(f"{p}: the folder is empty" if not entries else
-                         f"{p}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM) or case folders found")
+                         f"{p}: no CT files (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM) or case folders found"
+                         + (f"; {skipped}" if skipped else ""))
     # names equal but for letter case are one file on Windows and macOS file systems
     keys = [n.casefold() for n, _ in cases]
     dup = sorted({f"{n} ({path.relative_to(p)})" for n, path in cases if keys.count(n.casefold()) > 1})
     if dup:
         raise InputError(f"{p}: several inputs would write the same outputs: {', '.join(dup)}; "
                          "rename one of each, or segment them into different --out folders")
+    if skipped and notes is not None:
+        notes.append(f"{p}: {skipped}")
     return cases
 
 
@@ -224,6 +247,26 @@ def _holds_dicom(folder: Path) -> bool:
         if any(is_dicom_file(Path(d, f)) for f in files):
             return True
     return False
+
+
+def _files_below(folder: Path, out=None) -> list:
+    """The files in ``folder`` and its subfolders at any depth, in order; hidden files and
+    folders and the output folder ``out`` (an absolute path) are left out."""
+    found = []
+    for d, dirs, files in os.walk(folder):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and os.path.abspath(os.path.join(d, x)) != out)
+        found += [Path(d, f) for f in sorted(files) if not f.startswith(".")]
+    return found
+
+
+def _image_like(files, folder: Path) -> bool:
+    """Whether some of ``files`` (those below ``folder``, which holds no CT file and no DICOM
+    file by name or preamble) are images all the same: of a format not read as a CT, or
+    DICOM files GDCM reads without a DICOM name or preamble."""
+    from .io import OTHER_IMAGE_SUFFIXES, holds_dicom_series
+
+    return bool(files) and (any(f.name.lower().endswith(OTHER_IMAGE_SUFFIXES) for f in files)
+                            or holds_dicom_series(folder))
 
 
 class _Progress:

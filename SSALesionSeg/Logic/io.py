@@ -26,6 +26,10 @@ from .errors import InputError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# images that are not read as a CT (pictures, Analyze, VTK, MINC) and archives that may hold
+# one: a case folder of them fails with its reason instead of being passed over as imageless
+OTHER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".hdr", ".img", ".vtk", ".vti", ".mnc",
+                        ".gipl", ".zip", ".tar", ".tar.gz", ".tgz", ".7z")
 MIN_INPLANE_PX = 16
 
 
@@ -617,13 +621,7 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
     series = []  # (n files, series uid, dir, files)
     with _quiet_itk():
         for d, _, files in os.walk(folder):
-            if not files:
-                continue
-            try:
-                uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(d)
-            except RuntimeError:
-                uids = ()
-            for uid in uids:
+            for uid in (_gdcm_series_ids(d) if files else ()):
                 names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(d, uid)
                 if names:
                     series.append((len(names), uid, d, list(names)))
@@ -635,7 +633,11 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
                              f"{len(volumes)} CT file(s) ({', '.join(volumes[:3])}{', ...' if len(volumes) > 3 else ''}); "
                              "give those files, or the folder that holds them, as the input")
         has_files = any(files for _, _, files in os.walk(folder))
-        what = "no DICOM series" if has_files else "nothing (empty folder)"
+        other = sorted(str(Path(d, f).relative_to(folder)) for d, _, files in os.walk(folder) for f in files
+                       if f.lower().endswith(OTHER_IMAGE_SUFFIXES) and not f.startswith("."))
+        what = ("nothing (empty folder)" if not has_files else "no DICOM series" if not other else
+                f"no DICOM series, only {len(other)} file(s) of a format not read as a CT ({', '.join(other[:3])}"
+                f"{', ...' if len(other) > 3 else ''}; an archive: unpack it first)")
         raise InputError(f"{folder}: found {what}; give a CT file (NIfTI/NRRD/MHA/DICOM) or a folder of DICOM files")
     described = []
     for n, uid, d, names in series:
@@ -687,6 +689,26 @@ def dicom_series_choice(folder: Path) -> tuple[list[str], dict]:
                                      f"{best.get('description') or best['series_uid']}); "
                                      f"not read: {'; '.join(others[:3])}{'; ...' if len(others) > 3 else ''}")
     return list(names), info
+
+
+def _gdcm_series_ids(d) -> tuple:
+    """The UIDs of the DICOM series GDCM finds in the folder ``d`` itself (call under
+    :func:`_quiet_itk`)."""
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)))
+    except RuntimeError:
+        return ()
+
+
+def holds_dicom_series(folder: Path) -> bool:
+    """Some DICOM series GDCM reads in ``folder`` or below, also of files without a DICOM
+    name or preamble, which :func:`is_dicom_file` does not know; hidden folders do not count."""
+    with _quiet_itk():
+        for d, dirs, files in os.walk(folder):
+            dirs[:] = [x for x in dirs if not x.startswith(".")]
+            if any(not f.startswith(".") for f in files) and _gdcm_series_ids(d):
+                return True
+    return False
 
 
 # modalities that are images but not CT: segmenting them as CT would give figures of nothing

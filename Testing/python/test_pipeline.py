@@ -1275,6 +1275,67 @@ def test_per_patient_subfolders_and_their_messages(tmp_path, phantom):
         read_ct(cases["p2"])
 
 
+def test_folders_without_images_are_no_cases_and_images_deeper_are_found(tmp_path, phantom):
+    """As nnU-Net and TotalSegmentator users have folders: an empty subfolder, or one of notes
+    only, is no case (before: a failed case each) and one note names them; a case subfolder's
+    one CT file or DICOM series is found however deep (before: patient1/series/ct.mha failed);
+    a subfolder of images not read as a CT (a picture) or of several CTs still fails as a case."""
+    import pydicom
+
+    img, _ = phantom
+    root = tmp_path / "in"
+    root.mkdir()
+    write_image(img, root / "a.nii.gz")
+    (root / "empty").mkdir()
+    (root / "docs" / "more").mkdir(parents=True)
+    (root / "docs" / "notes.txt").write_text("scanned 2020-04-01")
+    (root / "docs" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "docs" / "more" / "protocol.pdf").write_bytes(b"%PDF-1.4")
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._a.nii.gz").write_bytes(b"\0\5\26\7")
+    (root / "p1" / "series").mkdir(parents=True)
+    write_image(img, root / "p1" / "series" / "ct.mha")
+    _write_dicom_series(img, root / "p2" / "DICOM" / "ST000" / "SE000", "1.2.826.0.1.3680043.2.1125.6.1", "deep", "i")
+    bare = root / "p3" / "export"   # a PACS export: files without a DICOM name or preamble
+    _write_dicom_series(img, bare, "1.2.826.0.1.3680043.2.1125.6.2", "bare", "s")
+    for f in sorted(bare.iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.preamble = None
+        ds.save_as(str(bare / f.stem), enforce_file_format=False)
+        f.unlink()
+    (root / "pics").mkdir()
+    sitk.WriteImage(sitk.Cast(img[:, :, 0] > -500, sitk.sitkUInt8), str(root / "pics" / "slice.png"))
+    (root / "runs" / "r1").mkdir(parents=True)   # an earlier run's outputs, --out in/runs/r1: passed over quietly
+    for suffix in (".seg.nrrd", "_stats.json", "_stats.csv", "_overlay.png"):
+        (root / "runs" / "r1" / f"a{suffix}").write_bytes(b"x")
+    for sub in ("x", "y"):
+        (root / "two" / sub).mkdir(parents=True)
+        write_image(img, root / "two" / sub / "ct.nii.gz")
+    notes = []
+    cases = cli.find_cases(root, notes=notes)
+    assert [n for n, _ in cases] == ["a", "p1", "p2", "p3", "pics", "two"]
+    assert notes == [f"{root}: skipped 3 folders without images (no NIfTI/NRRD/MHA or DICOM file in them): "
+                     "__MACOSX/, docs/, empty/"]
+    cases = dict(cases)
+    assert cases["p1"] == root / "p1" / "series" / "ct.mha"   # named after the case folder, as ever
+    for name in ("p1", "p2", "p3"):
+        ct, _ = read_ct(cases[name])
+        assert ct.GetSize() == img.GetSize(), name
+        np.testing.assert_allclose(ct.GetSpacing(), img.GetSpacing(), atol=1e-4)
+    with pytest.raises(InputError, match=r"only 1 file\(s\) of a format not read as a CT \(slice\.png"):
+        read_ct(cases["pics"])
+    with pytest.raises(InputError, match=r"holds none but 2 CT file\(s\) \(x/ct\.nii\.gz, y/ct\.nii\.gz\)"):
+        read_ct(cases["two"])
+    # nothing but folders without images: nothing to process, and the message says what was passed over
+    nothing = tmp_path / "nothing"
+    (nothing / "empty").mkdir(parents=True)
+    (nothing / "docs").mkdir()
+    (nothing / "docs" / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match=r"no CT files .* or case folders found; skipped 2 folders without "
+                                         r"images .*: docs/, empty/"):
+        cli.find_cases(nothing)
+
+
 def test_inputs_that_would_write_the_same_outputs_are_named(tmp_path, phantom):
     img, _ = phantom
     root = tmp_path / "in"
@@ -2176,3 +2237,43 @@ def test_a_ct_replaced_at_the_same_path_is_not_skipped_as_done(tmp_path, tiny_ck
     assert cli.main(_segment_args(cases, out, tiny_ckpt, "--overwrite")) == 0
     assert json.loads((out / "p1_stats.json").read_text())["info"]["size"][2] == 4
     assert json.loads((out / "p2_stats.json").read_text())["info"]["input_stamp"]["files"] == 2
+
+
+def test_segment_passes_over_folders_without_images_and_finds_a_ct_nested_deeper(tmp_path, tiny_ckpt, capsys):
+    """A batch whose folder holds an empty subfolder and one of notes only: 0, not 1, with one
+    note naming them, and the summary lists the cases only (before: each was a failed case);
+    patient1/series/ct.mha is segmented as patient1, on its own grid (before: a failed case).
+    Nothing but such folders is nothing to process: exit status 2, as for any input error."""
+    cases = tmp_path / "cases"
+    (cases / "empty").mkdir(parents=True)
+    (cases / "docs").mkdir()
+    (cases / "docs" / "notes.txt").write_text("not an image")
+    (cases / "patient1" / "series").mkdir(parents=True)
+    img, _ = synthetic_chest_ct(3, 96, spacing=SP)
+    write_image(img, cases / "a.nii.gz")
+    write_image(img[::-1, :, :], cases / "patient1" / "series" / "ct.mha")   # another grid than a's
+    out = tmp_path / "out"
+    assert cli.main(_segment_args(cases, out, tiny_ckpt)) == 0
+    err = capsys.readouterr().err
+    assert err.count("without images") == 1
+    assert "skipped 2 folders without images (no NIfTI/NRRD/MHA or DICOM file in them): docs/, empty/" in err
+    rows = _summary_rows(out)
+    assert [(n, r["status"]) for n, r in rows.items()] == [("a", "segmented"), ("patient1", "segmented")]
+    assert rows["patient1"]["input"] == str(cases / "patient1" / "series" / "ct.mha")
+    seg = sitk.ReadImage(str(out / "patient1.seg.nrrd"))
+    ct = sitk.ReadImage(str(cases / "patient1" / "series" / "ct.mha"))
+    assert seg.GetSize()[:3] == ct.GetSize()
+    np.testing.assert_allclose(seg.GetOrigin(), ct.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(seg.GetDirection(), ct.GetDirection(), atol=1e-6)
+    assert json.loads((out / "patient1_stats.json").read_text())["info"]["source"] == \
+        str((cases / "patient1" / "series" / "ct.mha").absolute())
+    # --progress-json hears the note as a notice, before the cases
+    assert cli.main(_segment_args(cases, out, tiny_ckpt, "--progress-json")) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[0]["event"] == "notice" and events[0]["case"] is None and "docs/, empty/" in events[0]["message"]
+    nothing = tmp_path / "nothing"
+    (nothing / "empty").mkdir(parents=True)
+    assert cli.main(_segment_args(nothing, tmp_path / "o2", tiny_ckpt)) == 2
+    assert "skipped 1 folder without images (no NIfTI/NRRD/MHA or DICOM file in it): empty/" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -143,9 +143,50 @@ def test_inputs_that_would_share_outputs_are_refused_before_anything_runs(tmp_pa
     sitk.WriteImage(ct, str(folder / "Patient_1.nrrd"))   # one file with it on Windows and macOS
     lines = []
     args = batch.parse_args(["--input", str(folder), "--output", str(tmp_path / "out")])
-    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 1
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 2   # as `segment`
     assert "several inputs would write the same outputs" in lines[-1] and "rename" in lines[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_folders_without_images_are_passed_over_and_a_ct_nested_deeper_is_a_case(input_folder, tmp_path,
+                                                                                 mrml_scene, fake_engine):
+    """As `segment` finds cases: an empty subfolder and one of notes only are no cases, said in
+    one note (before: two failed cases, exit code 1); patient_nested/series/ct.nii.gz is the
+    case patient_nested (before: a failed case). Nothing to process is exit code 2, as
+    `segment`'s (before: 1)."""
+    import csv
+
+    (input_folder.path / "empty").mkdir()
+    (input_folder.path / "docs").mkdir()
+    (input_folder.path / "docs" / "readme.txt").write_text("not an image")
+    nested = input_folder.path / "patient_nested" / "series" / "ct.nii.gz"
+    nested.parent.mkdir(parents=True)
+    shutil.copy(input_folder.path / "patient_nifti.nii.gz", nested)
+    out = tmp_path / "out"
+    args = batch.parse_args(["--input", str(input_folder.path), "--output", str(out), "--device", "cpu"])
+    lines = []
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 0
+    notes = [line for line in lines if "without images" in line]
+    assert notes == [f"note: {input_folder.path}: skipped 2 folders without images (no NIfTI/NRRD/MHA or DICOM "
+                     "file in them): docs/, empty/"]
+    assert lines[-1].startswith("All 3 cases done (3 segmented")
+    with open(out / "ssalesionseg_summary.csv", encoding="utf-8", newline="") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert {n: r["status"] for n, r in rows.items()} == {"patient_nifti": "segmented", "patient_nested": "segmented",
+                                                         "patient_dicom": "segmented"}
+    assert rows["patient_nested"]["input"] == str(nested)
+    seg = sitk.ReadImage(str(out / "patient_nested.seg.nrrd"))
+    np.testing.assert_allclose(seg.GetSpacing()[:3], DICOM_SPACING, atol=1e-4)
+    stats = json.loads((out / "patient_nested_stats.json").read_text())
+    assert stats["info"]["source"] == str(nested.absolute())
+
+    nothing = tmp_path / "nothing"
+    (nothing / "empty").mkdir(parents=True)
+    lines.clear()
+    args = batch.parse_args(["--input", str(nothing), "--output", str(tmp_path / "o2")])
+    assert batch.run_batch(args, _context(mrml_scene, fake_engine), out=lines.append) == 2
+    assert lines[-1].startswith("Nothing processed:") and "skipped 1 folder without images" in lines[-1]
+    assert not (tmp_path / "o2").exists()
 
 
 def test_an_error_outside_the_cases_ends_the_script_with_code_2(tmp_path, monkeypatch, capsys):
