@@ -411,13 +411,9 @@ def same_scan(volumeNode, otherNode, tolerance=1e-3):
     if transform is not None and not transform.IsA("vtkLinearTransform"):
         return False
     otherToVolume = np.eye(4) if transform is None else numpy_matrix(transform.GetMatrix())
-    # voxel index of the volume -> voxel index of the other volume
-    indexMap = np.linalg.inv(otherToVolume @ _ijk_to_ras(otherNode)) @ _ijk_to_ras(volumeNode)
-    offset = indexMap[:3, 3]
-    if not (np.allclose(indexMap[:3, :3], np.eye(3), atol=tolerance)
-            and np.allclose(offset, np.round(offset), atol=tolerance)):
+    offset = lattice_offset(_ijk_to_ras(volumeNode), otherToVolume @ _ijk_to_ras(otherNode), tolerance)
+    if offset is None:
         return False
-    offset = np.round(offset).astype(int)                       # i, j, k
     dims = np.array(volumeNode.GetImageData().GetDimensions())
     otherDims = np.array(otherNode.GetImageData().GetDimensions())
     low, high = np.maximum(0, -offset), np.minimum(dims, otherDims - offset)
@@ -428,6 +424,17 @@ def same_scan(volumeNode, otherNode, tolerance=1e-3):
                                                     low[1] + offset[1]:high[1] + offset[1],
                                                     low[0] + offset[0]:high[0] + offset[0]]
     return mine.shape == theirs.shape and np.array_equal(mine, theirs)
+
+
+def lattice_offset(ijkToRas, otherIjkToRas, tolerance=1e-3):
+    """The (i, j, k) voxel offset from a grid's voxels to another's when both are one lattice
+    (same spacing and axes, origins whole voxels apart), else None."""
+    indexMap = np.linalg.inv(otherIjkToRas) @ ijkToRas   # voxel index of one -> voxel index of the other
+    offset = indexMap[:3, 3]
+    if not (np.allclose(indexMap[:3, :3], np.eye(3), atol=tolerance)
+            and np.allclose(offset, np.round(offset), atol=tolerance)):
+        return None
+    return np.round(offset).astype(int)
 
 
 def _same_grid(volumeNode, otherNode, tolerance=1e-3):
@@ -446,6 +453,24 @@ def other_ct_of(segmentationNode, volumeNode):
     return None if same_scan(volumeNode, source) else source
 
 
+def _own_layer_unless_on(segmentation, segmentId, ijkToRas):
+    """Give a segment a labelmap layer of its own when it shares one, holding voxels, on another
+    lattice than ``ijkToRas``: writing it there would resample the layer, and with it the other
+    segments of that layer (e.g. one the user painted on another volume)."""
+    sharing = []
+    segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segmentId, sharing, False)
+    if not sharing:
+        return
+    layer = segmentation.GetSegment(segmentId).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if layer is None or layer.IsEmpty():
+        return
+    matrix = vtk.vtkMatrix4x4()
+    layer.GetImageToWorldMatrix(matrix)
+    if lattice_offset(ijkToRas, numpy_matrix(matrix)) is None:
+        segmentation.SeparateSegmentLabelmap(segmentId)
+
+
 def set_segment_from_array(segmentationNode, spec, mask, ijkToRas):
     """Create or update one segment from a binary (k, j, i) mask on the grid ``ijkToRas`` (in the
     segmentation's own coordinates), marked as ``spec``'s result; returns its ID."""
@@ -458,6 +483,7 @@ def set_segment_from_array(segmentationNode, spec, mask, ijkToRas):
     segment.SetTag(_result_tag(), spec.segmentId)
     segment.SetColor(*spec.color)
     segment.SetTerminology(spec.terminology)
+    _own_layer_unless_on(segmentation, segmentId, ijkToRas)
     labelmap = oriented_image_from_array(mask, ijkToRas)
     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             labelmap, segmentationNode, segmentId,

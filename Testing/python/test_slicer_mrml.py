@@ -675,6 +675,44 @@ def test_apply_keeps_a_users_segment_named_as_a_result_and_writes_beside_it(case
         "To keep them, choose 'Create new segmentation' as output instead.")
 
 
+def _segment_as_stored(node, segmentId):
+    """(mask, IJK-to-RAS) of a segment's own labelmap, on the lattice it is stored on."""
+    import vtk
+    image = slicer.vtkOrientedImageData()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(node, segmentId, image, False)
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    labelValue = node.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    return mrml.array_from_oriented_image(image) == labelValue, mrml.numpy_matrix(matrix)
+
+
+def test_apply_never_resamples_a_users_segment_drawn_on_another_lattice(case, fake_engine):
+    """A segment the user drew on another volume's grid (here half a voxel off the CT's) shared its
+    labelmap layer with the results written after it: Apply resampled the layer onto the CT's
+    grid, and the user's segment grew from 84 to 112 voxels."""
+    node = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "My reading")
+    node.CreateDefaultDisplayNodes()
+    offLattice = mrml.ijk_to_ras_from_image(case.ct)
+    offLattice[:3, 3] += offLattice[:3, :3] @ [0.5, 0.5, 0.0]
+    nodule = np.zeros(case.labels.shape, bool)
+    nodule[3:5, 10:16, 20:27] = True
+    noduleId = _paint(node, "Nodule", nodule, offLattice)
+    before, beforeMatrix = _segment_as_stored(node, noduleId)
+    assert before.sum() == nodule.sum()
+
+    result = make_logic(case, fake_engine).process(case.volume, node, "auto", None, "cpu")
+    after, afterMatrix = _segment_as_stored(node, noduleId)
+    np.testing.assert_array_equal(after, before)
+    np.testing.assert_allclose(afterMatrix, beforeMatrix, atol=1e-9)
+    for spec in mrml.segment_specs():
+        np.testing.assert_array_equal(
+            mrml.segment_mask_array(node, mrml.find_segment_id(node.GetSegmentation(), spec), case.volume) > 0,
+            expected_mask(case, spec), err_msg=spec.name)
+    assert result.segmentationNode is node
+    # segments on one lattice still share layers: a fresh result is not split into a layer per segment
+    fresh = make_logic(case, fake_engine).process(case.volume, None, "auto", None, "cpu").segmentationNode
+    assert fresh.GetSegmentation().GetNumberOfLayers() < len(mrml.segment_specs())
+
 @pytest.mark.parametrize("tagged", [True, False], ids=["cli", "cli-before-tags"])
 def test_apply_into_a_cli_seg_nrrd_updates_its_segments_in_place(case, fake_engine, tmp_path, tagged):
     """The engine's .seg.nrrd loaded into Slicer is this module's result (its segments carry the
