@@ -69,8 +69,10 @@ def output_for(inputVolume, outputSegmentation):
     """(segmentation, why): the segmentation Apply writes ``inputVolume``'s results into — None
     for a new one — and, when that is not ``outputSegmentation``, a function of the new node's
     name giving the note that says why. Patient A's segmentation (made from another scan,
-    ``mrml.other_ct_of``) is never overwritten with patient B's results, and a segmentation
-    deleted while the run went on is replaced by a new one."""
+    ``mrml.other_ct_of``) is never overwritten with patient B's results, a segmentation under
+    a transform that is non-linear relative to the CT (a warp) is not written into (the results
+    would have to be warped), and a segmentation deleted while the run went on is replaced by a
+    new one."""
     if outputSegmentation is None:
         return None, None
     name = outputSegmentation.GetName()
@@ -82,18 +84,36 @@ def output_for(inputVolume, outputSegmentation):
         return None, lambda new: (f"'{name}' was made from '{other.GetName()}', not from '{inputVolume.GetName()}': "
                                   f"it was left as it was, with its table, and the results of "
                                   f"'{inputVolume.GetName()}' are in a new segmentation, '{new}'")
+    warp = mrml.nonlinear_transform_between(outputSegmentation, inputVolume)
+    if warp is not None:
+        return None, lambda new: (f"'{name}' and '{inputVolume.GetName()}' are under different parent transforms, "
+                                  f"and '{warp}' is non-linear: '{name}' was left as it was, as the results would "
+                                  f"have been warped into it, and they are in a new segmentation, '{new}', under "
+                                  f"the transform of '{inputVolume.GetName()}'")
     return outputSegmentation, None
 
 
 def replace_question(inputVolume, outputSegmentation):
-    """What the panel asks before Apply overwrites segments (a sentence), or None when nothing
-    is overwritten (no segments, or a new segmentation is made: :func:`output_for`)."""
+    """What the panel asks before Apply overwrites segments (a sentence naming them), or None
+    when nothing is overwritten (no result segments of this module in it, or a new segmentation
+    is made: :func:`output_for`). Segments of the user's named as results are said to be kept."""
     if outputSegmentation is None or outputSegmentation.GetSegmentation().GetNumberOfSegments() == 0:
         return None
     if output_for(inputVolume, outputSegmentation)[0] is None:
         return None
-    return (f"The result segments in '{outputSegmentation.GetName()}', including any edits, will be replaced.\n\n"
-            "To keep them, choose 'Create new segmentation' as output instead.")
+    replaced = mrml.result_segment_names(outputSegmentation)
+    if not replaced:
+        return None
+
+    question = (f"The result segments {mrml.quoted_names(replaced)} in '{outputSegmentation.GetName()}', including "
+                "any edits, will be replaced.")
+    kept = mrml.namesake_segment_names(outputSegmentation)
+    if kept:
+        question += (f" Your own segment {mrml.quoted_names(kept)} (not made by this module) will be kept, the "
+                     "result written into a new segment beside it." if len(kept) == 1 else
+                     f" Your own segments {mrml.quoted_names(kept)} (not made by this module) will be kept, the "
+                     "results written into new segments beside them.")
+    return question + "\n\nTo keep them, choose 'Create new segmentation' as output instead."
 
 
 def _unique(notes):
@@ -192,10 +212,12 @@ class ProcessingLogic:
         outputSegmentation, why = output_for(inputVolume, outputSegmentation)
         if statisticsTable is not None and statisticsTable.GetScene() is None:
             statisticsTable = None   # deleted during the run
+        written = []
         segmentationNode = mrml.import_result_to_segmentation(
-            self.scene, inputVolume, labels, lungs, outputSegmentation, classNames)
+            self.scene, inputVolume, labels, lungs, outputSegmentation, classNames, notes=written)
         if why:
             notes.append(why(segmentationNode.GetName()))
+        notes += written
         tableNode = mrml.ensure_statistics_table(self.scene, segmentationNode, statisticsTable, notes=notes)
         info = dict(info or {})
         notices = notes + list(info.get("notices") or [])

@@ -285,14 +285,87 @@ def check_same_grid(image, volumeNode, tolerance=1e-3):
 # Segmentation node
 # ---------------------------------------------------------------------------
 
+def _result_tag():
+    """The segment tag marking a result segment of this module (its value: the spec's ID), as
+    Apply and the engine's .seg.nrrd writer set it; Slicer keeps it in scenes and .seg.nrrd files."""
+    return _engine_module("segfile").RESULT_TAG
+
+
+def _tag(segment, name):
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else None
+
+
+def is_result_segment(segmentation, segmentId, spec):
+    """Whether segment ``segmentId`` is ``spec``'s result, written by this module (an Apply, or the
+    engine's .seg.nrrd loaded into Slicer): it carries the result tag naming the spec, or — made
+    before segments were tagged — it has the spec's ID and name both. A segment of the user's
+    with the same name (e.g. a hand-painted "Consolidation") is not."""
+    segment = segmentation.GetSegment(segmentId)
+    if segment is None:
+        return False
+    tag = _tag(segment, _result_tag())
+    if tag is not None:
+        return tag == spec.segmentId
+    return segmentId == spec.segmentId and segment.GetName() == spec.name
+
+
+def _segment_ids_named(segmentation, name):
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+            if segmentation.GetNthSegment(i).GetName() == name]
+
+
 def find_segment_id(segmentation, spec):
-    """Segment of a spec in a segmentation when writing results: by our ID, else by name
-    (files loaded from .seg.nrrd get new IDs but keep names). Never by terminology: a segment
-    the user added is not taken over (results are read back by the engine's rule,
+    """Segment of a spec in a segmentation when writing results, or None: by our ID, else by name
+    (a segment copied in from another segmentation may get another ID), and only one this
+    module wrote (:func:`is_result_segment`): a segment of the user's of the same name is not
+    taken over. Never by terminology either (results are read back by the engine's rule,
     ``io.result_labels_from_segments``)."""
-    if segmentation.GetSegment(spec.segmentId):
-        return spec.segmentId
-    return segmentation.GetSegmentIdBySegmentName(spec.name) or None
+    candidates = ([spec.segmentId] if segmentation.GetSegment(spec.segmentId) else []) + \
+        _segment_ids_named(segmentation, spec.name)
+    return next((segmentId for segmentId in candidates if is_result_segment(segmentation, segmentId, spec)), None)
+
+
+def all_result_specs():
+    """The specs of every result segment a model of this module may write (multi-class and binary)."""
+    return lesion_specs() + lesion_specs(["background", "infection"]) + lung_specs()
+
+
+def result_segment_names(segmentationNode, specs=None):
+    """Names of the result segments of this module (of ``specs``, default :func:`all_result_specs`)
+    that ``segmentationNode`` holds: what an Apply into it replaces."""
+    segmentation = segmentationNode.GetSegmentation()
+    found = [find_segment_id(segmentation, spec) for spec in specs or all_result_specs()]
+    return [segmentation.GetSegment(segmentId).GetName() for segmentId in found if segmentId]
+
+
+def namesake_segment_names(segmentationNode, specs=None):
+    """Names of the user's segments in ``segmentationNode`` named as a result segment of ``specs``
+    (default :func:`all_result_specs`) that it does not hold: an Apply keeps them and writes that
+    result into a new segment beside them."""
+    segmentation = segmentationNode.GetSegmentation()
+    return [spec.name for spec in specs or all_result_specs()
+            if find_segment_id(segmentation, spec) is None and _segment_ids_named(segmentation, spec.name)]
+
+
+def quoted_names(names):
+    """'A', 'B', 'C': names as the notes and questions list them."""
+    return ", ".join(f"'{name}'" for name in names)
+
+
+def _result_segment_name(segmentation, spec, segmentId=None):
+    """The name of ``spec``'s result segment ``segmentId`` (None: one about to be added): the
+    spec's name, unless another segment has it (the user's own) and this one does not already:
+    then the first free "<name>_1", "<name>_2", ..., as Slicer makes IDs unique."""
+    def free(name):
+        return all(other == segmentId for other in _segment_ids_named(segmentation, name))
+
+    if free(spec.name) or (segmentId is not None and segmentation.GetSegment(segmentId).GetName() == spec.name):
+        return spec.name
+    index = 1
+    while not free(f"{spec.name}_{index}"):
+        index += 1
+    return f"{spec.name}_{index}"
 
 
 def terminology_codes(entry):
@@ -308,14 +381,18 @@ def terminology_codes(entry):
 
 
 def ensure_segmentation_node(scene, segmentationNode, referenceVolumeNode, name=None):
+    """A new segmentation for results of ``referenceVolumeNode`` (``segmentationNode`` None),
+    under the CT's parent transform, or the given one set up for them. A given segmentation keeps
+    its own parent transform: moving it would move the user's segments in it too (the results are
+    written into its frame, :func:`import_result_to_segmentation`)."""
     if segmentationNode is None:   # a unique name, as Slicer gives one: two runs on a CT are told apart
         segmentationNode = scene.AddNewNodeByClass(
             "vtkMRMLSegmentationNode", scene.GenerateUniqueName(name or f"{referenceVolumeNode.GetName()} lesions"))
+        segmentationNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
     if segmentationNode.GetDisplayNode() is None:
         segmentationNode.CreateDefaultDisplayNodes()
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
     segmentationNode.SetNodeReferenceID(SOURCE_VOLUME_REFERENCE_ROLE, referenceVolumeNode.GetID())
-    segmentationNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
     return segmentationNode
 
 
@@ -342,13 +419,9 @@ def same_scan(volumeNode, otherNode, tolerance=1e-3):
     if transform is not None and not transform.IsA("vtkLinearTransform"):
         return False
     otherToVolume = np.eye(4) if transform is None else numpy_matrix(transform.GetMatrix())
-    # voxel index of the volume -> voxel index of the other volume
-    indexMap = np.linalg.inv(otherToVolume @ _ijk_to_ras(otherNode)) @ _ijk_to_ras(volumeNode)
-    offset = indexMap[:3, 3]
-    if not (np.allclose(indexMap[:3, :3], np.eye(3), atol=tolerance)
-            and np.allclose(offset, np.round(offset), atol=tolerance)):
+    offset = lattice_offset(_ijk_to_ras(volumeNode), otherToVolume @ _ijk_to_ras(otherNode), tolerance)
+    if offset is None:
         return False
-    offset = np.round(offset).astype(int)                       # i, j, k
     dims = np.array(volumeNode.GetImageData().GetDimensions())
     otherDims = np.array(otherNode.GetImageData().GetDimensions())
     low, high = np.maximum(0, -offset), np.minimum(dims, otherDims - offset)
@@ -359,6 +432,17 @@ def same_scan(volumeNode, otherNode, tolerance=1e-3):
                                                     low[1] + offset[1]:high[1] + offset[1],
                                                     low[0] + offset[0]:high[0] + offset[0]]
     return mine.shape == theirs.shape and np.array_equal(mine, theirs)
+
+
+def lattice_offset(ijkToRas, otherIjkToRas, tolerance=1e-3):
+    """The (i, j, k) voxel offset from a grid's voxels to another's when both are one lattice
+    (same spacing and axes, origins whole voxels apart), else None."""
+    indexMap = np.linalg.inv(otherIjkToRas) @ ijkToRas   # voxel index of one -> voxel index of the other
+    offset = indexMap[:3, 3]
+    if not (np.allclose(indexMap[:3, :3], np.eye(3), atol=tolerance)
+            and np.allclose(offset, np.round(offset), atol=tolerance)):
+        return None
+    return np.round(offset).astype(int)
 
 
 def _same_grid(volumeNode, otherNode, tolerance=1e-3):
@@ -377,16 +461,37 @@ def other_ct_of(segmentationNode, volumeNode):
     return None if same_scan(volumeNode, source) else source
 
 
+def _own_layer_unless_on(segmentation, segmentId, ijkToRas):
+    """Give a segment a labelmap layer of its own when it shares one, holding voxels, on another
+    lattice than ``ijkToRas``: writing it there would resample the layer, and with it the other
+    segments of that layer (e.g. one the user painted on another volume)."""
+    sharing = []
+    segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segmentId, sharing, False)
+    if not sharing:
+        return
+    layer = segmentation.GetSegment(segmentId).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if layer is None or layer.IsEmpty():
+        return
+    matrix = vtk.vtkMatrix4x4()
+    layer.GetImageToWorldMatrix(matrix)
+    if lattice_offset(ijkToRas, numpy_matrix(matrix)) is None:
+        segmentation.SeparateSegmentLabelmap(segmentId)
+
+
 def set_segment_from_array(segmentationNode, spec, mask, ijkToRas):
-    """Create or update one segment from a binary (k, j, i) mask; returns its ID."""
+    """Create or update one segment from a binary (k, j, i) mask on the grid ``ijkToRas`` (in the
+    segmentation's own coordinates), marked as ``spec``'s result; returns its ID."""
     segmentation = segmentationNode.GetSegmentation()
     segmentId = find_segment_id(segmentation, spec)
-    if segmentId is None:
-        segmentId = segmentation.AddEmptySegment(spec.segmentId, spec.name, spec.color)
+    if segmentId is None:   # Slicer makes the ID unique when the user's segment has it
+        segmentId = segmentation.AddEmptySegment(spec.segmentId, _result_segment_name(segmentation, spec), spec.color)
     segment = segmentation.GetSegment(segmentId)
-    segment.SetName(spec.name)
+    segment.SetName(_result_segment_name(segmentation, spec, segmentId))
+    segment.SetTag(_result_tag(), spec.segmentId)
     segment.SetColor(*spec.color)
     segment.SetTerminology(spec.terminology)
+    _own_layer_unless_on(segmentation, segmentId, ijkToRas)
     labelmap = oriented_image_from_array(mask, ijkToRas)
     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             labelmap, segmentationNode, segmentId,
@@ -400,32 +505,68 @@ def set_segment_from_array(segmentationNode, spec, mask, ijkToRas):
     return segmentId
 
 
+def nonlinear_transform_between(node, volumeNode):
+    """The parent transform (its name) that makes the way from ``node``'s coordinates to
+    ``volumeNode``'s non-linear (e.g. a grid or B-spline warp), or None when it is linear."""
+    transform = transform_to_volume(node, volumeNode)
+    if transform is None or transform.IsA("vtkLinearTransform"):
+        return None
+    for parent in (node.GetParentTransformNode(), volumeNode.GetParentTransformNode()):
+        if parent is not None and not parent.IsTransformToWorldLinear():
+            return parent.GetName()
+    return "a non-linear transform"
+
+
 def import_result_to_segmentation(scene, volumeNode, labels, lungs, segmentationNode=None, classNames=None,
-                                  specs=None):
+                                  specs=None, notes=None):
     """Write the engine's labelmaps into segments of a (new or existing) segmentation.
 
-    Re-running updates the same segments in place; segments the user added
-    themselves are left alone. ``classNames`` are the model's (binary models give
-    one "Infection" segment instead of GGO and consolidation).
+    Re-running updates the same segments in place; segments the user added themselves
+    are left alone, also one named as a result segment (e.g. a hand-painted
+    "Consolidation"): that result then goes into a new segment, said in ``notes``.
+    ``classNames`` are the model's (binary models give one "Infection" segment instead of
+    GGO and consolidation). An existing segmentation keeps its parent transform: the
+    labelmaps are written in its coordinates, where the CT's voxels are in world space
+    (the way from it to the CT must be linear; :func:`nonlinear_transform_between`).
     """
     sources = {"labels": labels, "lungs": lungs}
     for source in sources.values():
         if source is not None:
             check_same_grid(source, volumeNode)
     specs = specs if specs is not None else segment_specs(classNames)
+    if segmentationNode is not None:
+        warp = nonlinear_transform_between(segmentationNode, volumeNode)
+        if warp is not None:
+            raise ValueError(f"'{segmentationNode.GetName()}' and '{volumeNode.GetName()}' are under different "
+                             f"parent transforms, and '{warp}' is non-linear: the results cannot be written into "
+                             "it without warping them. Write them into a new segmentation")
     segmentationNode = ensure_segmentation_node(scene, segmentationNode, volumeNode)
+    segmentToVolume = transform_to_volume(segmentationNode, volumeNode)
+    # the CT's voxels in the segmentation's coordinates: (segmentation-to-world)^-1 . CT-to-world
+    volumeToSegment = np.eye(4) if segmentToVolume is None else np.linalg.inv(numpy_matrix(segmentToVolume.GetMatrix()))
+    segmentation = segmentationNode.GetSegmentation()
+    namesakes = []
     wasModifying = segmentationNode.StartModify()
     try:
         arrays = {key: sitk.GetArrayViewFromImage(img) for key, img in sources.items() if img is not None}
         for spec in specs:
             if spec.source not in arrays:
                 continue
-            ijkToRas = ijk_to_ras_from_image(sources[spec.source])
-            set_segment_from_array(segmentationNode, spec, arrays[spec.source] == spec.labelValue, ijkToRas)
+            ijkToRas = volumeToSegment @ ijk_to_ras_from_image(sources[spec.source])
+            kept = find_segment_id(segmentation, spec) is None and _segment_ids_named(segmentation, spec.name)
+            segmentId = set_segment_from_array(segmentationNode, spec, arrays[spec.source] == spec.labelValue,
+                                               ijkToRas)
+            if kept:
+                namesakes.append((spec.name, segmentation.GetSegment(segmentId).GetName()))
         if labels is not None:
             segmentationNode.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps(list(classNames or _default_class_names())))
     finally:
         segmentationNode.EndModify(wasModifying)
+    if namesakes and notes is not None:
+        notes.append(f"'{segmentationNode.GetName()}' has segments of its own named as results of this module "
+                     f"({quoted_names(name for name, _ in namesakes)}; not made by it, e.g. painted by hand): "
+                     f"they were left as they were, and this run's are in new segments, "
+                     f"{quoted_names(new for _, new in namesakes)}")
     return segmentationNode
 
 

@@ -521,6 +521,221 @@ def test_output_segmentation_follows_the_volume_transform(case, fake_engine):
     assert result.segmentationNode.GetTransformNodeID() == transform.GetID()
 
 
+def _paint(node, name, mask, ijkToRas):
+    """A segment as the user paints it (no tag of this module); returns its ID (Slicer's own)."""
+    segmentId = node.GetSegmentation().AddEmptySegment("", name)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        mrml.oriented_image_from_array(mask, ijkToRas), node, segmentId,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    return segmentId
+
+
+def _rigid_transform(case, angle=0.4, shift=(6.5, -3.25, 4.0)):
+    """A linear transform node: a rotation about an oblique axis, then a shift (e.g. a registration)."""
+    axis = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+    matrix[:3, 3] = shift
+    transform = case.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(mrml.vtk_matrix(matrix))
+    return transform, matrix
+
+
+@pytest.mark.parametrize("moved", ["segmentation", "ct"])
+def test_apply_into_a_segmentation_under_another_transform_keeps_it_where_it_is(case, fake_engine, moved):
+    """Apply put an existing segmentation under the CT's transform: a segmentation the user had
+    under a registration (or a CT moved by one) jumped, the user's own segments with it."""
+    logic = make_logic(case, fake_engine)
+    fresh = mrml.table_values(logic.process(case.volume, None, "auto", None, "cpu").tableNode)
+    transform, matrix = _rigid_transform(case)
+    node = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Reader's segmentation")
+    node.CreateDefaultDisplayNodes()
+    if moved == "segmentation":
+        node.SetAndObserveTransformNodeID(transform.GetID())
+        drawnAt = np.linalg.inv(matrix) @ mrml.ijk_to_ras_from_image(case.ct)   # shown on the CT where it is
+    else:
+        case.volume.SetAndObserveTransformNodeID(transform.GetID())
+        drawnAt = matrix @ mrml.ijk_to_ras_from_image(case.ct)
+    nodule = np.zeros(case.labels.shape, bool)
+    nodule[3:5, 10:16, 20:27] = True
+    noduleId = _paint(node, "Nodule", nodule, drawnAt)
+    transformId = node.GetTransformNodeID()
+    assert (mrml.segment_mask_array(node, noduleId, case.volume) > 0).sum() == nodule.sum()
+
+    applied = logic.process(case.volume, node, "auto", None, "cpu")
+    assert applied.segmentationNode is node and node.GetTransformNodeID() == transformId
+    np.testing.assert_array_equal(mrml.segment_mask_array(node, noduleId, case.volume) > 0, nodule)
+    for spec in mrml.segment_specs():   # where the CT shows them, voxel for voxel
+        np.testing.assert_array_equal(
+            mrml.segment_mask_array(node, mrml.find_segment_id(node.GetSegmentation(), spec), case.volume) > 0,
+            expected_mask(case, spec), err_msg=spec.name)
+    assert mrml.table_values(applied.tableNode) == pytest.approx(fresh, rel=1e-12)
+    recomputed = logic.recomputeStatistics(case.volume, node)
+    assert mrml.table_values(recomputed.tableNode) == pytest.approx(fresh, rel=1e-12)
+    assert node.GetTransformNodeID() == transformId
+    # the labels exported from it are the model's, on the CT's grid
+    labels, lungs = mrml.labelmaps_from_result_segments(node, case.volume)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), case.labels)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(lungs), case.lungs)
+
+
+def _displacement_grid():
+    """A smooth displacement field (up to 3 mm along x) over the phantom: a warp, as a deformable
+    registration gives."""
+    import vtk
+    from vtk.util import numpy_support
+    field = vtk.vtkImageData()
+    field.SetDimensions(4, 4, 4)
+    field.SetOrigin(-200.0, -200.0, -200.0)
+    field.SetSpacing(150.0, 150.0, 150.0)
+    field.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    displacements = numpy_support.vtk_to_numpy(field.GetPointData().GetScalars())
+    displacements[:] = 0.0
+    displacements[:, 0] = np.linspace(0.0, 3.0, len(displacements))
+    return field
+
+def test_apply_never_warps_results_into_a_segmentation_under_a_non_linear_transform(case, fake_engine):
+    """A segmentation under a warp (e.g. a deformable registration's grid transform) is left as it is:
+    the results go into a new segmentation where the CT is, said in a note."""
+    logic = make_logic(case, fake_engine)
+    grid = slicer.vtkOrientedGridTransform()
+    grid.SetDisplacementGridData(_displacement_grid())
+    warp = case.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "deformable registration")
+    warp.SetAndObserveTransformFromParent(grid)
+    node = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Warped reading")
+    node.SetAndObserveTransformNodeID(warp.GetID())
+    mine = _paint(node, "Consolidation", case.labels == 2, mrml.ijk_to_ras_from_image(case.ct))
+    assert logic_.replace_question(case.volume, node) is None
+
+    result = logic.process(case.volume, node, "auto", None, "cpu")
+    assert result.segmentationNode is not node and result.segmentationNode.GetName() == "Phantom CT lesions"
+    assert result.segmentationNode.GetTransformNodeID() is None
+    assert node.GetTransformNodeID() == warp.GetID() and node.GetSegmentation().GetNumberOfSegments() == 1
+    assert node.GetSegmentation().GetSegment(mine).GetName() == "Consolidation"
+    note = ("'Warped reading' and 'Phantom CT' are under different parent transforms, and 'deformable registration' "
+            "is non-linear: 'Warped reading' was left as it was, as the results would have been warped into it, and "
+            "they are in a new segmentation, 'Phantom CT lesions', under the transform of 'Phantom CT'")
+    assert note in result.info["notices"] and f"Note: {note}" in result.summary
+    with pytest.raises(ValueError, match="'deformable registration' is non-linear"):
+        mrml.import_result_to_segmentation(case.scene, case.volume, _image(case.labels, case.ct), None, node)
+
+
+def test_apply_keeps_a_users_segment_named_as_a_result_and_writes_beside_it(case, fake_engine, tmp_path):
+    """A segmentation of the user's with a hand-painted "Consolidation" and "Right lung": Apply
+    overwrote them with the model's (matched by name), without a word."""
+    logic = make_logic(case, fake_engine)
+    node = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "My reading")
+    node.CreateDefaultDisplayNodes()
+    ijkToRas = mrml.ijk_to_ras_from_image(case.ct)
+    painted = {"Consolidation": np.zeros(case.labels.shape, bool), "Right lung": case.lungs > 0}
+    painted["Consolidation"][2:4, 5:9, 5:9] = True
+    mine = {name: _paint(node, name, mask, ijkToRas) for name, mask in painted.items()}
+    assert logic_.replace_question(case.volume, node) is None   # nothing of this module's to replace
+
+    applied = logic.process(case.volume, node, "auto", None, "cpu")
+    segmentation = node.GetSegmentation()
+    assert applied.segmentationNode is node
+    for name, segmentId in mine.items():
+        assert segmentation.GetSegment(segmentId).GetName() == name
+        np.testing.assert_array_equal(mrml.segment_mask_array(node, segmentId, case.volume) > 0, painted[name])
+    names = {spec.name: segmentation.GetSegment(mrml.find_segment_id(segmentation, spec)).GetName()
+             for spec in mrml.segment_specs()}
+    assert names == {"Ground-glass opacity": "Ground-glass opacity", "Consolidation": "Consolidation_1",
+                     "Right lung": "Right lung_1", "Left lung": "Left lung"}
+    for spec in mrml.segment_specs():
+        np.testing.assert_array_equal(
+            mrml.segment_mask_array(node, mrml.find_segment_id(segmentation, spec), case.volume) > 0,
+            expected_mask(case, spec), err_msg=spec.name)
+    note = ("'My reading' has segments of its own named as results of this module ('Consolidation', 'Right lung'; "
+            "not made by it, e.g. painted by hand): they were left as they were, and this run's are in new segments, "
+            "'Consolidation_1', 'Right lung_1'")
+    assert note in applied.info["notices"] and f"Note: {note}" in applied.summary
+    assert logic_.replace_question(case.volume, node).startswith(
+        "The result segments 'Ground-glass opacity', 'Consolidation_1', 'Right lung_1', 'Left lung' in 'My reading', "
+        "including any edits, will be replaced.")
+
+    # a re-Apply updates this module's segments in place, the user's still kept; also after a save and load
+    again = logic.process(case.volume, node, "auto", None, "cpu")
+    assert segmentation.GetNumberOfSegments() == 6 and not any("named as results" in n for n in again.info["notices"])
+    loaded = case.headless.segmentationsLogic.LoadSegmentationFromFile(
+        mrml.save_segmentation(node, tmp_path / "reading.seg.nrrd"), False)
+    logic.process(case.volume, loaded, "auto", None, "cpu")
+    assert loaded.GetSegmentation().GetNumberOfSegments() == 6
+    assert sorted(loaded.GetSegmentation().GetSegment(i).GetName() for i in mine.values()) == sorted(painted)
+
+    # the question names what is replaced and what is kept
+    result = logic.process(case.volume, None, "auto", None, "cpu").segmentationNode
+    result.GetSegmentation().RemoveSegment("Consolidation")
+    _paint(result, "Consolidation", painted["Consolidation"], ijkToRas)
+    assert logic_.replace_question(case.volume, result) == (
+        "The result segments 'Ground-glass opacity', 'Right lung', 'Left lung' in 'Phantom CT lesions', including "
+        "any edits, will be replaced. Your own segment 'Consolidation' (not made by this module) will be kept, the "
+        "result written into a new segment beside it.\n\n"
+        "To keep them, choose 'Create new segmentation' as output instead.")
+
+
+def _segment_as_stored(node, segmentId):
+    """(mask, IJK-to-RAS) of a segment's own labelmap, on the lattice it is stored on."""
+    import vtk
+    image = slicer.vtkOrientedImageData()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(node, segmentId, image, False)
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    labelValue = node.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    return mrml.array_from_oriented_image(image) == labelValue, mrml.numpy_matrix(matrix)
+
+
+def test_apply_never_resamples_a_users_segment_drawn_on_another_lattice(case, fake_engine):
+    """A segment the user drew on another volume's grid (here half a voxel off the CT's) shared its
+    labelmap layer with the results written after it: Apply resampled the layer onto the CT's
+    grid, and the user's segment grew from 84 to 112 voxels."""
+    node = case.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "My reading")
+    node.CreateDefaultDisplayNodes()
+    offLattice = mrml.ijk_to_ras_from_image(case.ct)
+    offLattice[:3, 3] += offLattice[:3, :3] @ [0.5, 0.5, 0.0]
+    nodule = np.zeros(case.labels.shape, bool)
+    nodule[3:5, 10:16, 20:27] = True
+    noduleId = _paint(node, "Nodule", nodule, offLattice)
+    before, beforeMatrix = _segment_as_stored(node, noduleId)
+    assert before.sum() == nodule.sum()
+
+    result = make_logic(case, fake_engine).process(case.volume, node, "auto", None, "cpu")
+    after, afterMatrix = _segment_as_stored(node, noduleId)
+    np.testing.assert_array_equal(after, before)
+    np.testing.assert_allclose(afterMatrix, beforeMatrix, atol=1e-9)
+    for spec in mrml.segment_specs():
+        np.testing.assert_array_equal(
+            mrml.segment_mask_array(node, mrml.find_segment_id(node.GetSegmentation(), spec), case.volume) > 0,
+            expected_mask(case, spec), err_msg=spec.name)
+    assert result.segmentationNode is node
+    # segments on one lattice still share layers: a fresh result is not split into a layer per segment
+    fresh = make_logic(case, fake_engine).process(case.volume, None, "auto", None, "cpu").segmentationNode
+    assert fresh.GetSegmentation().GetNumberOfLayers() < len(mrml.segment_specs())
+
+@pytest.mark.parametrize("tagged", [True, False], ids=["cli", "cli-before-tags"])
+def test_apply_into_a_cli_seg_nrrd_updates_its_segments_in_place(case, fake_engine, tmp_path, tagged):
+    """The engine's .seg.nrrd loaded into Slicer is this module's result (its segments carry the
+    result tag; files written before the tag have the result's IDs and names)."""
+    nrrd = pytest.importorskip("nrrd")
+    from ssalesionseg.segfile import RESULT_TAG, write_seg_nrrd
+
+    path = tmp_path / "cli.seg.nrrd"
+    write_seg_nrrd(path, _image(case.labels, case.ct), _image(case.lungs, case.ct), ["background", "ggo", "consolidation"])
+    if not tagged:
+        data, header = nrrd.read(str(path))
+        for key in [k for k in header if k.endswith("_Tags")]:
+            header[key] = "|".join(t for t in header[key].split("|") if not t.startswith(RESULT_TAG))
+        nrrd.write(str(path), data, header)
+    loaded = case.headless.segmentationsLogic.LoadSegmentationFromFile(str(path), False)
+    assert logic_.replace_question(case.volume, loaded).startswith(
+        "The result segments 'Ground-glass opacity', 'Consolidation', 'Right lung', 'Left lung' in")
+    make_logic(case, fake_engine).process(case.volume, loaded, "auto", None, "cpu")
+    segmentation = loaded.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 4
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(4)] == [s.name for s in mrml.segment_specs()]
+
+
 # ---------------------------------------------------------------------------
 # Correction loop
 # ---------------------------------------------------------------------------
