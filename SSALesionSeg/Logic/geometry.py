@@ -43,8 +43,8 @@ def image_like(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 # Bone: at or above the lung window's top (what an 8-bit rendering saturates, so renderings
 # mapped back to HU keep it). Testing/benchmarks/ap_orientation.py: on 1121 COVID-SemiSeg
-# unlabeled slices of 17 patients (canonical orientation) it lies behind the lungs' centre on
-# all but 2 (slice median +0.29 of their height; per-patient medians +0.21..+0.37).
+# unlabeled slices of 17 series (canonical orientation) it lies behind the lungs' centre on
+# all but 2 (slice median +0.29 of their height; per-series medians +0.21..+0.37).
 BONE_HU = 250.0
 SPINE_BAND_MM = 15.0     # half-width of the midline column band between the lungs
 FLIPPED_SCORE = -0.05    # median (bone row - lung row) / lung height below this: spine in front
