@@ -14,41 +14,26 @@ Data root: ``--data``, else $SSALESIONSEG_DATA, else ``<repo>/../shared/data``.
 """
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
-
 import numpy as np
+
+from unlabeled_pool import parse_args, windowed_slices
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help="data root (holds covid-semiseg/)")
-    p.add_argument("--slices", type=int, default=240, help="random unlabeled slices to score (default 240)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    root = Path(a.data or os.environ.get("SSALESIONSEG_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
+    a = parse_args(__doc__.splitlines()[0], argv)
 
     from ssalesionseg.geometry import FLIPPED_SCORE, spine_score
-    from ssanet.data import NOMINAL_SPACING_MM, load_unlabeled
-    from ssanet.lungs import lung_mask_from_window, unclip_soft_tissue
-    from ssanet.preprocess import hu_from_window
 
-    recs = load_unlabeled(root)   # coronacases mapped onto the labeled set's window, as training reads them
-    pick = np.random.default_rng(a.seed).choice(len(recs), min(a.slices, len(recs)), replace=False)
-    sp = (NOMINAL_SPACING_MM, NOMINAL_SPACING_MM)
+    n, slices = windowed_slices(a)
     scores = {"as stored": [], "flipped": []}
     patients = {}   # volume -> {what: its slices' scores} (the note takes a CT's median)
-    for i in pick:
-        s = recs[i].load()
-        hu = hu_from_window(unclip_soft_tissue(s.image))
-        lung = lung_mask_from_window(s.image, sp)
+    for rec, hu, lung, sp in slices:
         for what, (h, m) in (("as stored", (hu, lung)), ("flipped", (hu[::-1], lung[::-1]))):
             v = spine_score(h, m, sp)
             if v is not None:
                 scores[what].append(v)
-                patients.setdefault(recs[i].volume, {}).setdefault(what, []).append(v)
-    print(f"{len(pick)} random unlabeled slices (seed {a.seed}); scored: {len(scores['as stored'])} "
+                patients.setdefault(rec.volume, {}).setdefault(what, []).append(v)
+    print(f"{n} random unlabeled slices (seed {a.seed}); scored: {len(scores['as stored'])} "
           f"from {len(patients)} patients; per-slice flip threshold {FLIPPED_SCORE}")
     for what, v in scores.items():
         v = np.asarray(v)

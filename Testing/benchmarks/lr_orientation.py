@@ -26,11 +26,9 @@ Data root: ``--data``, else $SSALESIONSEG_DATA, else ``<repo>/../shared/data``.
 """
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
-
 import numpy as np
+
+from unlabeled_pool import parse_args, windowed_slices
 
 MARGIN = 0.01
 
@@ -59,30 +57,16 @@ def lr_scores(hu, lung, spacing=(1.0, 1.0)) -> dict | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help="data root (holds covid-semiseg/)")
-    p.add_argument("--slices", type=int, default=240, help="random unlabeled slices to score (default 240)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    root = Path(a.data or os.environ.get("SSALESIONSEG_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
+    a = parse_args(__doc__.splitlines()[0], argv)
 
-    from ssanet.data import NOMINAL_SPACING_MM, load_unlabeled
-    from ssanet.lungs import lung_mask_from_window, unclip_soft_tissue
-    from ssanet.preprocess import hu_from_window
-
-    recs = load_unlabeled(root)   # coronacases mapped onto the labeled set's window, as training reads them
-    pick = np.random.default_rng(a.seed).choice(len(recs), min(a.slices, len(recs)), replace=False)
-    sp = (NOMINAL_SPACING_MM, NOMINAL_SPACING_MM)
+    n, slices = windowed_slices(a)
     series = {}   # volume -> [(slice index, {what: scores})]
-    for i in pick:
-        s = recs[i].load()
-        hu = hu_from_window(unclip_soft_tissue(s.image))
-        lung = lung_mask_from_window(s.image, sp)
+    for rec, hu, lung, sp in slices:
         got = {what: lr_scores(h, m, sp) for what, (h, m) in (("as stored", (hu, lung)),
                                                              ("mirrored", (hu[:, ::-1], lung[:, ::-1])))}
         if got["as stored"] is not None:
-            series.setdefault(recs[i].volume, []).append((recs[i].index, got))
-    print(f"{len(pick)} random unlabeled slices (seed {a.seed}) from {len(series)} series; "
+            series.setdefault(rec.volume, []).append((rec.index, got))
+    print(f"{n} random unlabeled slices (seed {a.seed}) from {len(series)} series; "
           f"a series is called mirrored when its median score < {-MARGIN:+.2f}")
     for score in ("mediastinum", "lung area"):
         print(f"\n{score} score (> 0: patient's left / right as expected), per series: median of its slices "
