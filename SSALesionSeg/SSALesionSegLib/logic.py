@@ -46,8 +46,9 @@ def missing_choice(inputVolume, lungMethod, lungSegmentation=None, checkpoint=No
     """
     if inputVolume is None:
         return "Select an input CT volume."
-    if mrml.not_a_ct(inputVolume):
-        return mrml.not_a_ct(inputVolume) + "."
+    notCT = mrml.not_a_ct(inputVolume)
+    if notCT:
+        return notCT + "."
     if lungMethod == "existing" and lungSegmentation is None:
         return "Select the segmentation that holds the lungs, or choose another lung method."
     if checkpointRequired and not (checkpoint and os.path.isfile(os.fspath(checkpoint))):

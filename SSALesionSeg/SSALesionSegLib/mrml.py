@@ -31,8 +31,7 @@ class SegmentSpec:
 
     def __init__(self, name, source, labelValue, color, terminology, fillOpacity2D=None, visible3D=True):
         self.name = name
-        # The ID rule of the engine's .seg.nrrd writer, so its files match by ID too.
-        self.segmentId = name.replace(" ", "_").replace("-", "_")
+        self.segmentId = _engine_module("segfile").segment_id(name)   # the engine's .seg.nrrd IDs
         self.source = source  # "labels" or "lungs": which engine labelmap holds it
         self.labelValue = labelValue
         self.color = tuple(color)
@@ -553,7 +552,7 @@ def import_result_to_segmentation(scene, volumeNode, labels, lungs, segmentation
             if spec.source not in arrays:
                 continue
             ijkToRas = volumeToSegment @ ijk_to_ras_from_image(sources[spec.source])
-            kept = find_segment_id(segmentation, spec) is None and _segment_ids_named(segmentation, spec.name)
+            kept = namesake_segment_names(segmentationNode, [spec])
             segmentId = set_segment_from_array(segmentationNode, spec, arrays[spec.source] == spec.labelValue,
                                                ijkToRas)
             if kept:
